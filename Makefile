@@ -1,0 +1,59 @@
+# The two commands: `make run` and `make test`. Both work on a fresh Debian 12
+# machine (root, Python 3.11): they create .venv and install what is missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+SRC := src tests benchmarks
+
+# Debian packages the test suite drives as real components.
+APT_PACKAGES := nix-bin b3sum fuse3
+
+.PHONY: run test lint fmt bench system-deps protos protos-check venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+system-deps:
+	@missing=""; \
+	command -v nix-store >/dev/null 2>&1 || missing="$$missing nix-bin"; \
+	command -v b3sum >/dev/null 2>&1 || missing="$$missing b3sum"; \
+	command -v fusermount3 >/dev/null 2>&1 || missing="$$missing fuse3"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+lint: $(STAMP)
+	$(BIN)/ruff format --check $(SRC)
+	$(BIN)/ruff check $(SRC)
+	$(BIN)/mypy $(SRC)
+	$(BIN)/lint-imports
+	$(MAKE) --no-print-directory protos-check
+
+fmt: $(STAMP)
+	$(BIN)/ruff format $(SRC)
+	$(BIN)/ruff check --fix $(SRC)
+
+protos: $(STAMP)
+	$(BIN)/python scripts/gen_protos.py
+
+protos-check: $(STAMP)
+	$(BIN)/python scripts/gen_protos.py --check
+
+test: system-deps $(STAMP) lint
+	$(BIN)/pytest -q
+
+bench: system-deps $(STAMP)
+	$(BIN)/python -m benchmarks
+
+run: $(STAMP)
+	$(BIN)/tvix-store daemon
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
