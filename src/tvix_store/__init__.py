@@ -1,0 +1,1 @@
+"""The Nix store on top of castore: PathInfo, NAR <-> castore, CLI, daemon."""
