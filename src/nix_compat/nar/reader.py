@@ -271,7 +271,7 @@ class NarReader:
         executable = False
         if tag == b"executable":
             estart = inp.offset
-            if inp.read_str(0, "executable marker") != b"":
+            if inp.read_u64() != 0:
                 raise NarError("'executable' must be followed by an empty string", estart)
             executable = True
             tstart = inp.offset
