@@ -1,0 +1,201 @@
+"""The BlobService contract: content-addressed byte streams keyed by BLAKE3.
+
+A blob is identified by the BLAKE3 digest of its bytes, independent of how a
+backend chunks it. Absent blobs give ``None``/``False``, never an exception.
+Every reader verifies what it returns against the digest it was opened for
+(whole blob or per chunk) and raises :class:`~tvix_castore.errors.ChecksumMismatch`
+instead of handing out wrong bytes.
+"""
+
+from __future__ import annotations
+
+import abc
+import io
+from dataclasses import dataclass
+from types import TracebackType
+
+from tvix_castore.digests import B3Digest
+from tvix_castore.errors import ChecksumMismatch
+
+__all__ = ["BlobReader", "BlobService", "BlobWriter", "BytesBlobReader", "ChunkMeta", "checked"]
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkMeta:
+    """One chunk of a blob: its digest and length."""
+
+    digest: B3Digest
+    size: int
+
+
+class BlobReader(abc.ABC):
+    """An async, seekable reader over one blob."""
+
+    @abc.abstractmethod
+    async def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes (the rest if ``n < 0``); ``b""`` at the end."""
+
+    @abc.abstractmethod
+    async def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        """Move to ``offset``; seeking past the end raises ``ValueError``."""
+
+    @abc.abstractmethod
+    def tell(self) -> int:
+        """Current position."""
+
+    async def aclose(self) -> None:
+        """Release resources (default: nothing to release)."""
+
+    async def readexactly(self, n: int) -> bytes:
+        """Exactly ``n`` bytes, or fewer only at the end of the blob."""
+        parts: list[bytes] = []
+        while n > 0:
+            chunk = await self.read(n)
+            if not chunk:
+                break
+            parts.append(chunk)
+            n -= len(chunk)
+        return b"".join(parts)
+
+    async def __aenter__(self) -> BlobReader:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class BytesBlobReader(BlobReader):
+    """A reader over bytes already in memory (and already verified)."""
+
+    def __init__(self, data: bytes | memoryview) -> None:
+        self._data = memoryview(data)
+        self._pos = 0
+
+    @property
+    def size(self) -> int:
+        return len(self._data)
+
+    async def read(self, n: int = -1) -> bytes:
+        end = len(self._data) if n < 0 else min(len(self._data), self._pos + n)
+        out = bytes(self._data[self._pos : end])
+        self._pos = max(self._pos, end)
+        return out
+
+    async def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._pos = _resolve_seek(self._pos, len(self._data), offset, whence)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+def _resolve_seek(pos: int, size: int, offset: int, whence: int) -> int:
+    if whence == io.SEEK_SET:
+        new = offset
+    elif whence == io.SEEK_CUR:
+        new = pos + offset
+    elif whence == io.SEEK_END:
+        new = size + offset
+    else:
+        raise ValueError(f"invalid whence {whence}")
+    if new < 0:
+        raise ValueError("seek to a negative offset")
+    if new > size:
+        raise ValueError("seeked beyond EOF")
+    return new
+
+
+class BlobWriter(abc.ABC):
+    """Streams bytes in; :meth:`close` publishes the blob and returns its digest.
+
+    Nothing becomes visible before ``close``; :meth:`abort` (or leaving an
+    ``async with`` block by an exception) discards everything.
+    """
+
+    @abc.abstractmethod
+    async def write(self, data: bytes | memoryview) -> None:
+        """Append ``data``."""
+
+    @abc.abstractmethod
+    async def close(self) -> B3Digest:
+        """Publish and return the digest of everything written."""
+
+    async def abort(self) -> None:
+        """Discard what was written (default: nothing to clean up)."""
+
+    async def __aenter__(self) -> BlobWriter:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is not None:
+            await self.abort()
+
+
+class BlobService(abc.ABC):
+    """Stores blobs by BLAKE3 digest. Implementations must be safe for concurrent use."""
+
+    @abc.abstractmethod
+    async def has(self, digest: B3Digest) -> bool:
+        """Whether the blob (or, for chunking backends, a chunk) is present."""
+
+    @abc.abstractmethod
+    async def open_read(self, digest: B3Digest) -> BlobReader | None:
+        """A verified, seekable reader, or ``None`` if the blob is absent."""
+
+    @abc.abstractmethod
+    def open_write(self) -> BlobWriter:
+        """A writer for a new blob; its digest is known at ``close``."""
+
+    async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
+        """The blob's chunk list: ``[]`` if it has no finer chunking, ``None`` if absent."""
+        return [] if await self.has(digest) else None
+
+    async def put(self, data: bytes) -> B3Digest:
+        """Store a blob held in memory (small blobs, tests)."""
+        w = self.open_write()
+        try:
+            await w.write(data)
+        except BaseException:
+            await w.abort()
+            raise
+        return await w.close()
+
+    async def read_all(self, digest: B3Digest) -> bytes | None:
+        """The whole blob in memory (small blobs, tests), or ``None``."""
+        reader = await self.open_read(digest)
+        if reader is None:
+            return None
+        async with reader:
+            return await reader.read()
+
+    async def aclose(self) -> None:
+        """Release resources."""
+
+    async def __aenter__(self) -> BlobService:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+def checked(digest: B3Digest, data: bytes, what: str = "blob") -> bytes:
+    """Return ``data`` if it hashes to ``digest``, else raise ChecksumMismatch."""
+    actual = B3Digest.of(data)
+    if actual != digest:
+        raise ChecksumMismatch(f"{what} {digest} has wrong contents (hashes to {actual})")
+    return data

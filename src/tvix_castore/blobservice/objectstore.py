@@ -1,0 +1,253 @@
+"""``objectstore+file://`` / ``objectstore+memory://``: chunked blobs, B §7.1 layout.
+
+Blobs are cut with FastCDC (2020, normalisation 1; min = avg/2, max = 2·avg),
+each chunk stored zstd-compressed at ``chunks/b3/<hex[0:2]>/<hex>``, and a blob
+made of two or more chunks gets an index ``blobs/b3/<hex[0:2]>/<hex>``
+holding a ``StatBlobResponse`` with the chunk list. A one-chunk blob *is* its
+chunk (same digest), so it needs no index object: this saves one object per
+small file compared with tvix, and tvix reads such blobs the same way
+(``open_read`` looks for a chunk object first).
+
+Every chunk is verified against its BLAKE3 digest when read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import io
+from collections.abc import Awaitable, Callable
+
+import blake3
+import pyfastcdc
+import zstandard
+
+from tvix_castore.blobservice.base import (
+    BlobReader,
+    BlobService,
+    BlobWriter,
+    BytesBlobReader,
+    ChunkMeta,
+    _resolve_seek,
+    checked,
+)
+from tvix_castore.digests import EMPTY_DIGEST, B3Digest
+from tvix_castore.errors import DataCorruption, NotFound
+from tvix_castore.objectstore import ObjectStore
+from tvix_castore.protos import rpc_blobstore_pb2 as pb
+
+__all__ = [
+    "DEFAULT_AVG_CHUNK_SIZE",
+    "ChunkLoader",
+    "ChunkedReader",
+    "ObjectStoreBlobService",
+    "blob_key",
+    "chunk_key",
+]
+
+DEFAULT_AVG_CHUNK_SIZE = 256 * 1024
+_MAX_CHUNK_OUTPUT = 64 << 20  # refuse chunk objects claiming to inflate beyond this
+_ZSTD_LEVEL = 3
+
+ChunkLoader = Callable[[B3Digest, int], Awaitable[bytes | None]]
+"""``await load(digest, size)`` returns the verified chunk bytes or ``None``."""
+
+
+def chunk_key(digest: B3Digest) -> str:
+    """Object key of a chunk."""
+    h = digest.hex()
+    return f"chunks/b3/{h[:4]}/{h}"
+
+
+def blob_key(digest: B3Digest) -> str:
+    """Object key of a blob index."""
+    h = digest.hex()
+    return f"blobs/b3/{h[:4]}/{h}"
+
+
+def _decompress(data: bytes, digest: B3Digest, limit: int) -> bytes:
+    try:
+        size = zstandard.frame_content_size(data)
+        if size > limit:
+            raise DataCorruption(f"chunk {digest} claims {size} bytes, more than {limit}")
+        return zstandard.ZstdDecompressor().decompress(data, max_output_size=limit)
+    except zstandard.ZstdError as exc:
+        raise DataCorruption(f"chunk {digest} is not valid zstd: {exc}") from exc
+
+
+class ChunkedReader(BlobReader):
+    """Seekable reader over an ordered chunk list (B §7.2).
+
+    Chunks are fetched (and verified by ``load``) one at a time, on demand;
+    only the current chunk is held in memory.
+    """
+
+    def __init__(self, chunks: list[ChunkMeta], load: ChunkLoader) -> None:
+        self._chunks = chunks
+        self._load = load
+        self._starts: list[int] = []
+        total = 0
+        for c in chunks:
+            self._starts.append(total)
+            total += c.size
+        self.size = total
+        self._pos = 0
+        self._cur_index = -1
+        self._cur: bytes = b""
+
+    def tell(self) -> int:
+        return self._pos
+
+    async def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._pos = _resolve_seek(self._pos, self.size, offset, whence)
+        return self._pos
+
+    async def read(self, n: int = -1) -> bytes:
+        if n < 0:
+            parts = []
+            while chunk := await self.read(1 << 20):
+                parts.append(chunk)
+            return b"".join(parts)
+        if self._pos >= self.size or n == 0:
+            return b""
+        i = bisect.bisect_right(self._starts, self._pos) - 1
+        if i != self._cur_index:
+            meta = self._chunks[i]
+            data = await self._load(meta.digest, meta.size)
+            if data is None:
+                raise NotFound(f"chunk {meta.digest} not found")
+            if len(data) != meta.size:
+                raise DataCorruption(
+                    f"chunk {meta.digest} has {len(data)} bytes, index says {meta.size}"
+                )
+            self._cur, self._cur_index = data, i
+        off = self._pos - self._starts[i]
+        out = self._cur[off : off + n]
+        self._pos += len(out)
+        return out
+
+
+class _Writer(BlobWriter):
+    def __init__(self, svc: ObjectStoreBlobService) -> None:
+        self._svc = svc
+        self._buf = bytearray()
+        self._hashed = 0  # leading bytes of _buf already fed to the hasher
+        self._hasher = blake3.blake3()
+        self._chunks: list[ChunkMeta] = []
+        self._closed = False
+
+    async def write(self, data: bytes | memoryview) -> None:
+        if self._closed:
+            raise ValueError("write to a closed blob writer")
+        self._buf += data
+        if len(self._buf) >= self._svc._flush_at:
+            await asyncio.to_thread(self._cut, False)
+
+    def _cut(self, final: bool) -> None:
+        """Hash, chunk and store what is buffered (runs in a worker thread).
+
+        Unless ``final``, the last piece found is kept back: it may continue
+        in the next write, and FastCDC decides a cut only from a chunk's start.
+        """
+        svc = self._svc
+        buf = self._buf
+        with memoryview(buf) as view:
+            self._hasher.update(view[self._hashed :])
+            if final and len(buf) <= svc.min_size:
+                cuts = [(0, len(buf))] if buf else []
+            else:
+                cuts = [(c.offset, c.length) for c in svc._cdc.cut_buf(view)]
+                if not final and cuts:
+                    cuts.pop()
+            consumed = 0
+            for off, length in cuts:
+                svc._store_chunk_sync(view[off : off + length], self._chunks)
+                consumed = off + length
+        del buf[:consumed]
+        self._hashed = len(buf)
+
+    async def close(self) -> B3Digest:
+        if self._closed:
+            raise ValueError("blob writer already closed")
+        self._closed = True
+        await asyncio.to_thread(self._cut, True)
+        digest = B3Digest(self._hasher.digest())
+        await self._svc._publish(digest, self._chunks)
+        return digest
+
+    async def abort(self) -> None:
+        self._closed = True
+        self._buf.clear()
+
+
+class ObjectStoreBlobService(BlobService):
+    """Chunked, compressed, verified blobs over an :class:`ObjectStore`."""
+
+    def __init__(self, store: ObjectStore, avg_chunk_size: int = DEFAULT_AVG_CHUNK_SIZE) -> None:
+        self.store = store
+        self.avg_size = avg_chunk_size
+        self.min_size = avg_chunk_size // 2
+        self.max_size = avg_chunk_size * 2
+        self._cdc = pyfastcdc.FastCDC(
+            avg_chunk_size, min_size=self.min_size, max_size=self.max_size, normalized_chunking=1
+        )
+        self._flush_at = max(4 * self.max_size, 1 << 21)
+
+    # -- writing ----------------------------------------------------------
+    def _store_chunk_sync(self, data: memoryview, out: list[ChunkMeta]) -> None:
+        digest = B3Digest(blake3.blake3(data).digest())
+        key = chunk_key(digest)
+        if not self.store.exists_sync(key):
+            self.store.put_sync(key, zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(data))
+        out.append(ChunkMeta(digest, len(data)))
+
+    async def _publish(self, digest: B3Digest, chunks: list[ChunkMeta]) -> None:
+        if len(chunks) == 1:
+            return  # the chunk object is the blob
+        key = blob_key(digest)
+        if await self.store.exists(key):
+            return
+        index = pb.StatBlobResponse(
+            chunks=[pb.StatBlobResponse.ChunkMeta(digest=c.digest.raw, size=c.size) for c in chunks]
+        )
+        await self.store.put(key, index.SerializeToString())
+
+    def open_write(self) -> BlobWriter:
+        return _Writer(self)
+
+    # -- reading ----------------------------------------------------------
+    async def has(self, digest: B3Digest) -> bool:
+        return await self.store.exists(blob_key(digest)) or await self.store.exists(
+            chunk_key(digest)
+        )
+
+    async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
+        raw = await self.store.get(blob_key(digest))
+        if raw is None:
+            return [] if await self.store.exists(chunk_key(digest)) else None
+        index = pb.StatBlobResponse()
+        try:
+            index.ParseFromString(raw)
+            return [ChunkMeta(B3Digest(c.digest), c.size) for c in index.chunks]
+        except Exception as exc:
+            raise DataCorruption(f"blob index {digest} is corrupt: {exc}") from exc
+
+    async def _load_chunk(self, digest: B3Digest, size: int | None = None) -> bytes | None:
+        raw = await self.store.get(chunk_key(digest))
+        if raw is None:
+            return None
+        limit = _MAX_CHUNK_OUTPUT if size is None else size
+        return await asyncio.to_thread(
+            lambda: checked(digest, _decompress(raw, digest, limit), "chunk")
+        )
+
+    async def open_read(self, digest: B3Digest) -> BlobReader | None:
+        if digest == EMPTY_DIGEST:
+            return BytesBlobReader(b"")
+        data = await self._load_chunk(digest)
+        if data is not None:
+            return BytesBlobReader(data)
+        chunks = await self.chunks(digest)
+        if not chunks:
+            return None
+        return ChunkedReader(chunks, self._load_chunk)

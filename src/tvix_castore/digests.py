@@ -1,0 +1,97 @@
+"""BLAKE3 digests, the keys of everything in castore (B §2.1).
+
+A ``B3Digest`` is always exactly 32 bytes, so code holding one never
+re-checks lengths; raw ``bytes`` from the wire become digests at the edge::
+
+    >>> d = B3Digest.of(b"")
+    >>> str(d)
+    'b3:rxNJufX5oaagQE3qNtzJSZvLJcmtwRK3zJqTyuQfMmI='
+    >>> B3Digest.parse(str(d)) == d
+    True
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+from typing import Final
+
+import blake3
+
+from tvix_castore.errors import InvalidDigest
+
+__all__ = ["B3_DIGEST_LENGTH", "EMPTY_DIGEST", "B3Digest"]
+
+B3_DIGEST_LENGTH: Final = 32
+_PREFIX: Final = "b3:"
+# Below this, spawning hashing threads costs more than it saves.
+_THREADED_MIN: Final = 1 << 20
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class B3Digest:
+    """A 32-byte BLAKE3-256 digest; ordered bytewise, hashable, immutable."""
+
+    raw: bytes
+    """The 32 digest bytes."""
+
+    def __post_init__(self) -> None:
+        raw = self.raw
+        if type(raw) is not bytes:
+            raw = bytes(raw)
+            object.__setattr__(self, "raw", raw)
+        if len(raw) != B3_DIGEST_LENGTH:
+            raise InvalidDigest(f"invalid digest length {len(raw)}", length=len(raw))
+
+    @classmethod
+    def of(cls, data: bytes | bytearray | memoryview) -> B3Digest:
+        """Hash ``data`` (multi-threaded for large inputs)."""
+        threads = blake3.blake3.AUTO if len(data) >= _THREADED_MIN else 1
+        return cls(blake3.blake3(data, max_threads=threads).digest())
+
+    @classmethod
+    def from_hex(cls, text: str) -> B3Digest:
+        """Parse 64 hex digits (either case)."""
+        try:
+            raw = bytes.fromhex(text)
+        except ValueError as exc:
+            raise InvalidDigest(f"invalid hex digest {text!r}") from exc
+        return cls(raw)
+
+    @classmethod
+    def from_b64(cls, text: str) -> B3Digest:
+        """Parse standard, padded base64 (as in ``b3:`` strings and proto JSON)."""
+        try:
+            raw = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise InvalidDigest(f"invalid base64 digest {text!r}") from exc
+        return cls(raw)
+
+    @classmethod
+    def parse(cls, text: str) -> B3Digest:
+        """Parse the display form ``b3:<base64>``."""
+        if not text.startswith(_PREFIX):
+            raise InvalidDigest(f"digest {text!r} does not start with {_PREFIX!r}")
+        return cls.from_b64(text.removeprefix(_PREFIX))
+
+    def hex(self) -> str:
+        """Lowercase hex, as used in object-store keys."""
+        return self.raw.hex()
+
+    def b64(self) -> str:
+        """Standard base64 with padding."""
+        return base64.b64encode(self.raw).decode("ascii")
+
+    def __bytes__(self) -> bytes:
+        return self.raw
+
+    def __str__(self) -> str:
+        return _PREFIX + self.b64()
+
+    def __repr__(self) -> str:
+        return f"B3Digest({str(self)!r})"
+
+
+EMPTY_DIGEST: Final = B3Digest.of(b"")
+"""Digest of the empty blob, which is also the digest of the empty Directory."""

@@ -1,0 +1,140 @@
+"""The DirectoryService contract: Directories by digest, closures as graphs.
+
+``get`` returns ``None`` for absent directories. ``get_recursive`` yields a
+closure root first, breadth-first, each Directory once (nothing if the root
+is absent). Uploads of closures go through a :class:`DirectoryPutter`: leaves
+first, validated as a graph, and committed atomically at ``close()`` —
+nothing is persisted if any part is invalid.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from types import TracebackType
+
+from tvix_castore.digests import B3Digest
+from tvix_castore.directoryservice.graph import DirectoryGraph
+from tvix_castore.errors import DataCorruption, DirectoryGraphError
+from tvix_castore.nodes import DEFAULT_SIZE_MODE, Directory, SizeMode
+
+__all__ = ["DirectoryPutter", "DirectoryService", "GraphPutter"]
+
+
+class DirectoryPutter(abc.ABC):
+    """Receives one closure leaves → root; ``close()`` commits it and returns the root."""
+
+    @abc.abstractmethod
+    async def put(self, directory: Directory) -> None:
+        """Add the next Directory (children before parents)."""
+
+    @abc.abstractmethod
+    async def close(self) -> B3Digest:
+        """Validate the whole closure, commit it, and return the root digest."""
+
+    async def abort(self) -> None:
+        """Discard everything received."""
+
+    async def __aenter__(self) -> DirectoryPutter:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is not None:
+            await self.abort()
+
+
+class DirectoryService(abc.ABC):
+    """Stores Directories by digest. Implementations must be safe for concurrent use."""
+
+    size_mode: SizeMode = DEFAULT_SIZE_MODE
+
+    @abc.abstractmethod
+    async def get(self, digest: B3Digest) -> Directory | None:
+        """The Directory, verified against ``digest``, or ``None``."""
+
+    @abc.abstractmethod
+    async def _commit(self, directories: Sequence[Directory]) -> None:
+        """Persist already-validated directories, leaves first, atomically."""
+
+    async def put(self, directory: Directory) -> B3Digest:
+        """Store one Directory whose children are already in this service."""
+        for child in directory.directories:
+            stored = await self.get(child.digest)
+            if stored is None:
+                raise DirectoryGraphError(
+                    f"directory {directory.digest} refers to unknown directory {child.digest}"
+                )
+            if stored.size(self.size_mode) != child.size:
+                raise DirectoryGraphError(
+                    f"child {child.digest} has size {stored.size(self.size_mode)},"
+                    f" referred with {child.size}"
+                )
+        await self._commit([directory])
+        return directory.digest
+
+    def put_multiple_start(self) -> DirectoryPutter:
+        """A putter for one closure (leaves → root)."""
+        return GraphPutter(self)
+
+    async def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
+        """The closure of ``root``: root first, breadth-first, each once."""
+        first = await self.get(root)
+        if first is None:
+            return
+        seen = {root}
+        queue: deque[Directory] = deque([first])
+        while queue:
+            directory = queue.popleft()
+            yield directory
+            for child in directory.directories:
+                if child.digest in seen:
+                    continue
+                seen.add(child.digest)
+                found = await self.get(child.digest)
+                if found is None:
+                    raise DataCorruption(f"directory {child.digest} missing from closure of {root}")
+                queue.append(found)
+
+    async def aclose(self) -> None:
+        """Release resources."""
+
+    async def __aenter__(self) -> DirectoryService:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+class GraphPutter(DirectoryPutter):
+    """Collects a closure in a :class:`DirectoryGraph`, commits it on ``close``."""
+
+    def __init__(self, service: DirectoryService) -> None:
+        self._service = service
+        self._graph: DirectoryGraph | None = DirectoryGraph(service.size_mode)
+
+    async def put(self, directory: Directory) -> None:
+        if self._graph is None:
+            raise DirectoryGraphError("putter already closed")
+        self._graph.add(directory)
+
+    async def close(self) -> B3Digest:
+        if self._graph is None:
+            raise DirectoryGraphError("putter already closed")
+        graph, self._graph = self._graph, None
+        closure = graph.finalize()
+        await self._service._commit(closure.leaves_to_root())
+        return closure.root
+
+    async def abort(self) -> None:
+        self._graph = None

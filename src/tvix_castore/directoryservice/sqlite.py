@@ -1,0 +1,128 @@
+"""``sqlite:///abs/path``: Directories in SQLite (WAL), canonical bytes by digest.
+
+A closure is committed in one transaction, so readers (also in other
+processes) see all of it or nothing. Every read re-hashes the stored bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+from tvix_castore.digests import B3Digest
+from tvix_castore.directoryservice.base import DirectoryService
+from tvix_castore.errors import ChecksumMismatch, DataCorruption, StorageError, ValidationError
+from tvix_castore.nodes import Directory
+
+__all__ = ["SqliteDirectoryService", "connect"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS directories (
+    digest BLOB PRIMARY KEY,
+    data BLOB NOT NULL
+) WITHOUT ROWID;
+"""
+_BATCH = 500
+
+
+def connect(path: str | Path) -> sqlite3.Connection:
+    """A connection in WAL mode, tuned for many small transactions."""
+    try:
+        conn = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA busy_timeout=30000")
+    except sqlite3.Error as exc:
+        raise StorageError(f"cannot open SQLite database {path}: {exc}") from exc
+    return conn
+
+
+class SqliteDirectoryService(DirectoryService):
+    """Directories in a SQLite database file."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._conn = connect(self.path)
+        self._lock = threading.Lock()
+        with self._lock:
+            self._conn.executescript(_SCHEMA)
+
+    def _decode(self, digest: B3Digest, data: bytes) -> Directory:
+        if B3Digest.of(data) != digest:
+            raise ChecksumMismatch(f"stored directory {digest} does not match its digest")
+        try:
+            return Directory.from_bytes(data)
+        except ValidationError as exc:
+            raise DataCorruption(f"stored directory {digest} is invalid: {exc}") from exc
+
+    def _get_many(self, digests: Sequence[B3Digest]) -> dict[B3Digest, Directory]:
+        out: dict[B3Digest, Directory] = {}
+        with self._lock:
+            try:
+                for i in range(0, len(digests), _BATCH):
+                    batch = digests[i : i + _BATCH]
+                    marks = ",".join("?" * len(batch))
+                    rows = self._conn.execute(
+                        f"SELECT digest, data FROM directories WHERE digest IN ({marks})",
+                        [d.raw for d in batch],
+                    ).fetchall()
+                    for raw, data in rows:
+                        digest = B3Digest(raw)
+                        out[digest] = self._decode(digest, data)
+            except sqlite3.Error as exc:
+                raise StorageError(f"reading directories: {exc}") from exc
+        return out
+
+    async def get(self, digest: B3Digest) -> Directory | None:
+        found = await asyncio.to_thread(self._get_many, [digest])
+        return found.get(digest)
+
+    async def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
+        level = [root]
+        seen = {root}
+        first = True
+        while level:
+            found = await asyncio.to_thread(self._get_many, level)
+            if first and root not in found:
+                return
+            first = False
+            queue: deque[B3Digest] = deque(level)
+            nxt: list[B3Digest] = []
+            while queue:
+                digest = queue.popleft()
+                directory = found.get(digest)
+                if directory is None:
+                    raise DataCorruption(f"directory {digest} missing from closure of {root}")
+                yield directory
+                for child in directory.directories:
+                    if child.digest not in seen:
+                        seen.add(child.digest)
+                        nxt.append(child.digest)
+            level = nxt
+
+    def _commit_sync(self, directories: Sequence[Directory]) -> None:
+        rows = [(d.digest.raw, d.encode()) for d in directories]
+        with self._lock:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    self._conn.executemany(
+                        "INSERT OR IGNORE INTO directories (digest, data) VALUES (?, ?)", rows
+                    )
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise StorageError(f"writing directories: {exc}") from exc
+
+    async def _commit(self, directories: Sequence[Directory]) -> None:
+        await asyncio.to_thread(self._commit_sync, directories)
+
+    async def aclose(self) -> None:
+        with self._lock:
+            self._conn.close()

@@ -1,0 +1,140 @@
+"""Every error tvix_castore raises, under one root.
+
+Callers tell misuse from storage failure by class, and the gRPC/HTTP edges map
+classes to status codes in one table each::
+
+    CastoreError
+    ├── ValidationError            input breaks a rule         -> INVALID_ARGUMENT
+    │   ├── InvalidDigest          digest of the wrong length or encoding
+    │   ├── DirectoryError         a Directory breaks B §2.3 (carries kind, name)
+    │   │   └── NodeError          a single (root) node is invalid
+    │   └── DirectoryGraphError    an uploaded closure is not a valid graph
+    ├── NotFound                   something required is absent -> NOT_FOUND
+    ├── StorageError               a backend failed            -> INTERNAL
+    │   ├── DataCorruption         bytes don't match their key -> DATA_LOSS
+    │   │   └── ChecksumMismatch   ... detected by re-hashing
+    │   └── StorageUnavailable     backend unreachable         -> UNAVAILABLE
+    └── ConfigError                bad service URL or composition
+        ├── UnknownScheme          no backend registered for a URL scheme
+        └── CompositionError       bad or cyclic composition graph
+
+Lookups of absent data return ``None`` rather than raising ``NotFound``;
+``NotFound`` is for absences that make an operation fail (a missing chunk in
+the middle of a blob, a missing child during a closure walk).
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = [
+    "CastoreError",
+    "ChecksumMismatch",
+    "CompositionError",
+    "ConfigError",
+    "DataCorruption",
+    "DirectoryError",
+    "DirectoryErrorKind",
+    "DirectoryGraphError",
+    "InvalidDigest",
+    "NodeError",
+    "NotFound",
+    "StorageError",
+    "StorageUnavailable",
+    "UnknownScheme",
+    "ValidationError",
+    "show_name",
+]
+
+
+class CastoreError(Exception):
+    """Root of every error raised by tvix_castore."""
+
+
+class ValidationError(CastoreError):
+    """Input (from a caller or the wire) breaks a rule; nothing was changed."""
+
+
+class InvalidDigest(ValidationError):
+    """A digest has the wrong length (or cannot be decoded at all)."""
+
+    def __init__(self, message: str, *, length: int | None = None) -> None:
+        super().__init__(message)
+        #: Length in bytes of the rejected digest, when it decoded at all.
+        self.length = length
+
+
+class DirectoryErrorKind(enum.Enum):
+    """Which rule of B §2.3 was broken; the value is the human wording."""
+
+    WRONG_SORTING = "wrong sorting"
+    DUPLICATE_NAME = "duplicate name"
+    INVALID_NAME = "invalid name"
+    NAME_TOO_LONG = "name too long"
+    INVALID_DIGEST = "invalid digest"
+    INVALID_SIZE = "invalid size"
+    INVALID_SYMLINK_TARGET = "invalid symlink target"
+    SYMLINK_TARGET_TOO_LONG = "symlink target too long"
+    SIZE_OVERFLOW = "size overflow"
+    NO_NODE_SET = "no node set"
+    UNEXPECTED_NAME = "root node must not have a name"
+
+
+def show_name(name: bytes) -> str:
+    """Render a raw name for messages: quoted, with non-printables escaped."""
+    return repr(name)[1:]
+
+
+class DirectoryError(ValidationError):
+    """A Directory (or one of its entries) is invalid.
+
+    ``kind`` says which rule, ``name`` which entry (``None`` when the problem
+    is not tied to one entry).
+    """
+
+    def __init__(self, kind: DirectoryErrorKind, name: bytes | None, detail: str = "") -> None:
+        self.kind = kind
+        self.name = name
+        self.detail = detail
+        message = kind.value if name is None else f"{show_name(name)}: {kind.value}"
+        super().__init__(f"{message}: {detail}" if detail else message)
+
+
+class NodeError(DirectoryError):
+    """A node is invalid on its own (outside of, or before, any Directory rule)."""
+
+
+class DirectoryGraphError(ValidationError):
+    """A Directory closure upload is not a connected, consistent graph (B §2.6)."""
+
+
+class NotFound(CastoreError):
+    """Something an operation needs does not exist."""
+
+
+class StorageError(CastoreError):
+    """A storage backend failed; the cause is chained (``raise ... from exc``)."""
+
+
+class DataCorruption(StorageError):
+    """Stored or received data does not match what was asked for."""
+
+
+class ChecksumMismatch(DataCorruption):
+    """Bytes re-hashed to a different digest than the one requested."""
+
+
+class StorageUnavailable(StorageError):
+    """A backend could not be reached; retrying later may help."""
+
+
+class ConfigError(CastoreError):
+    """A service address or composition is invalid."""
+
+
+class UnknownScheme(ConfigError):
+    """No backend is registered for a URL scheme."""
+
+
+class CompositionError(ConfigError):
+    """A composition graph is invalid (unknown reference, cycle, wrong kind)."""

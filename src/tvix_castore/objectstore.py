@@ -1,0 +1,125 @@
+"""A minimal key → bytes object store: local directory or memory.
+
+Backends in B §7 layouts (blobs, chunks, directory closures) sit on this.
+Writes are atomic: a key either holds a complete object or does not exist
+(temp file in the same directory, then ``os.replace``), so a crash never
+leaves a partial object visible and concurrent writers of the same
+(content-addressed) key are harmless.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import os
+import uuid
+from pathlib import Path
+
+from tvix_castore.errors import StorageError
+
+__all__ = ["LocalObjectStore", "MemoryObjectStore", "ObjectStore"]
+
+
+class ObjectStore(abc.ABC):
+    """Keys are ``/``-separated relative paths; values are immutable bytes.
+
+    The ``*_sync`` methods run on the caller's thread (use them from worker
+    threads to batch many small operations); the async ones never block the loop.
+    """
+
+    @abc.abstractmethod
+    def get_sync(self, key: str) -> bytes | None:
+        """The object's bytes, or ``None``."""
+
+    @abc.abstractmethod
+    def put_sync(self, key: str, data: bytes) -> None:
+        """Atomically store ``data`` under ``key`` (overwriting is allowed)."""
+
+    @abc.abstractmethod
+    def exists_sync(self, key: str) -> bool:
+        """Whether ``key`` exists."""
+
+    async def get(self, key: str) -> bytes | None:
+        """The object's bytes, or ``None``."""
+        return await asyncio.to_thread(self.get_sync, key)
+
+    async def put(self, key: str, data: bytes) -> None:
+        """Atomically store ``data`` under ``key``."""
+        await asyncio.to_thread(self.put_sync, key, data)
+
+    async def exists(self, key: str) -> bool:
+        """Whether ``key`` exists."""
+        return await asyncio.to_thread(self.exists_sync, key)
+
+
+class MemoryObjectStore(ObjectStore):
+    """Objects in a dict (``objectstore+memory:///``)."""
+
+    def __init__(self) -> None:
+        self._objects: dict[str, bytes] = {}
+
+    def get_sync(self, key: str) -> bytes | None:
+        return self._objects.get(key)
+
+    def put_sync(self, key: str, data: bytes) -> None:
+        self._objects[key] = bytes(data)
+
+    def exists_sync(self, key: str) -> bool:
+        return key in self._objects
+
+    async def get(self, key: str) -> bytes | None:
+        return self._objects.get(key)
+
+    async def put(self, key: str, data: bytes) -> None:
+        self._objects[key] = bytes(data)
+
+    async def exists(self, key: str) -> bool:
+        return key in self._objects
+
+
+class LocalObjectStore(ObjectStore):
+    """Objects as files under ``root`` (``objectstore+file:///abs/dir``)."""
+
+    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = False) -> None:
+        self.root = Path(root)
+        self._fsync = fsync
+        self._made: set[Path] = set()
+
+    def _path(self, key: str) -> Path:
+        if key.startswith("/") or ".." in key.split("/"):
+            raise StorageError(f"invalid object key {key!r}")
+        return self.root / key
+
+    def get_sync(self, key: str) -> bytes | None:
+        try:
+            with open(self._path(key), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StorageError(f"reading object {key}: {exc}") from exc
+
+    def put_sync(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        parent = path.parent
+        tmp = parent / f".tmp-{uuid.uuid4().hex}"
+        try:
+            if parent not in self._made:
+                parent.mkdir(parents=True, exist_ok=True)
+                self._made.add(parent)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                if self._fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise StorageError(f"writing object {key}: {exc}") from exc
+
+    def exists_sync(self, key: str) -> bool:
+        return self._path(key).exists()

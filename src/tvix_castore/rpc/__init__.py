@@ -1,0 +1,1 @@
+"""gRPC plumbing shared by castore's servers and clients."""

@@ -1,0 +1,68 @@
+"""Build and start a ``grpc.aio`` server: our servicers, reflection and health.
+
+Binding is strict: ``SO_REUSEPORT`` is off, so a busy port raises instead of
+silently sharing it (grpc.aio turns it on by default).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import _async as health_aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from tvix_castore.errors import ConfigError
+from tvix_castore.rpc.channel import channel_options
+
+__all__ = ["Registration", "bind_address", "start_server"]
+
+Registration = tuple[Callable[[grpc.aio.Server], None], str]
+"""How to add one servicer to a server, and its full service name (for reflection)."""
+
+
+def bind_address(listen: str) -> str:
+    """``host:port``, ``[::1]:port``, ``unix:/p``, or an absolute socket path → gRPC form."""
+    if listen.startswith("unix:"):
+        return listen
+    if listen.startswith("/"):
+        return f"unix:{listen}"
+    if ":" not in listen:
+        raise ConfigError(f"listen address {listen!r} needs host:port or an absolute socket path")
+    return listen
+
+
+async def start_server(
+    listen: str, registrations: Iterable[Registration]
+) -> tuple[grpc.aio.Server, str]:
+    """Start a server on ``listen``; return it and the address it actually bound.
+
+    Port 0 picks a free port; the returned address names it.
+    """
+    options: list[tuple[str, int]] = [*channel_options(), ("grpc.so_reuseport", 0)]
+    server = grpc.aio.server(options=options)
+    names = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+    for add, name in registrations:
+        add(server)
+        names.append(name)
+    checker = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(checker, server)
+    reflection.enable_server_reflection(names, server)
+    addr = bind_address(listen)
+    if addr.startswith("unix:"):
+        path = addr[len("unix:") :]
+        if os.path.exists(path):
+            raise ConfigError(f"socket {path} already exists (another daemon running?)")
+    try:
+        port = server.add_insecure_port(addr)
+    except RuntimeError as exc:
+        raise ConfigError(f"cannot listen on {listen}: {exc}") from exc
+    if not addr.startswith("unix:"):
+        host = addr.rsplit(":", 1)[0]
+        addr = f"{host}:{port}"
+    await server.start()
+    await checker.set("", health_pb2.HealthCheckResponse.SERVING)
+    return server, addr

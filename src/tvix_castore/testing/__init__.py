@@ -1,0 +1,1 @@
+"""Shared test material for castore services and their consumers."""

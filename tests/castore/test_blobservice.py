@@ -1,0 +1,252 @@
+"""One conformance suite for every BlobService backend."""
+
+import hashlib
+import io
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import blake3
+import pytest
+
+from tvix_castore.blobservice import (
+    BlobService,
+    ChunkedReader,
+    ChunkMeta,
+    MemoryBlobService,
+    ObjectStoreBlobService,
+)
+from tvix_castore.blobservice.grpc import GrpcBlobService
+from tvix_castore.blobservice.objectstore import blob_key, chunk_key
+from tvix_castore.digests import EMPTY_DIGEST, B3Digest
+from tvix_castore.errors import ChecksumMismatch, DataCorruption, NotFound
+from tvix_castore.objectstore import LocalObjectStore, MemoryObjectStore
+from tvix_castore.protos import rpc_blobstore_pb2_grpc as pb_grpc
+from tvix_castore.rpc.blob_server import BlobServiceServicer
+from tvix_castore.rpc.server import start_server
+
+BLOB_B = bytes(range(255)) * 4096
+HELLOWORLD = b"Hello World!"
+
+
+def pseudo_random(n: int, seed: int = 0) -> bytes:
+    out = bytearray()
+    counter = 0
+    while len(out) < n:
+        out += hashlib.sha512(f"{seed}:{counter}".encode()).digest()
+        counter += 1
+    return bytes(out[:n])
+
+
+Factory = Callable[[Path], BlobService]
+
+BACKENDS: dict[str, Factory] = {
+    "memory": lambda _: MemoryBlobService(),
+    "objectstore+memory": lambda _: ObjectStoreBlobService(MemoryObjectStore()),
+    "objectstore+file": lambda p: ObjectStoreBlobService(LocalObjectStore(p / "objects")),
+}
+
+
+@asynccontextmanager
+async def served(backend: BlobService, listen: str) -> AsyncIterator[GrpcBlobService]:
+    """A real gRPC server on loopback (or a unix socket) and a client to it."""
+    server, addr = await start_server(
+        listen,
+        [(lambda s: pb_grpc.add_BlobServiceServicer_to_server(BlobServiceServicer(backend), s),
+          "tvix.castore.v1.BlobService")],
+    )  # fmt: skip
+    url = f"grpc+unix://{addr[5:]}" if addr.startswith("unix:") else f"grpc+http://{addr}"
+    client = GrpcBlobService.from_url(url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+        await server.stop(None)
+
+
+@pytest.fixture(params=[*sorted(BACKENDS), "grpc->memory", "grpc->objectstore", "grpc-unix"])
+async def svc(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[BlobService]:
+    name: str = request.param
+    if name == "grpc->memory":
+        async with served(MemoryBlobService(), "127.0.0.1:0") as client:
+            yield client
+    elif name == "grpc->objectstore":
+        async with served(ObjectStoreBlobService(MemoryObjectStore()), "[::1]:0") as client:
+            yield client
+    elif name == "grpc-unix":
+        async with served(ObjectStoreBlobService(MemoryObjectStore()), str(tmp_path / "s")) as c:
+            yield c
+    else:
+        async with BACKENDS[name](tmp_path) as service:
+            yield service
+
+
+@pytest.mark.parametrize(
+    ("data", "hexdigest"),
+    [
+        (b"", "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"),
+        (HELLOWORLD, "5ca7815adcb484e9a136c11efe69c1d530176d549b5d18d038eb5280b4b3470c"),
+        (b"\x00\x01", "7b7015bb92cf0b318037702a6cdd81dee41224f734684c2c122cd6359cb1ee63"),
+        (BLOB_B, "a82c5154a7a0c262c6fdb929a317585646f8fbcf80326d0a7b8747edaf2d99d2"),
+        (b"\x01\x02\x03", "b177ec1bf26dfb3b7010d473e6d44713b29b765b99c6e60ecbfae742de496543"),
+        (b"\x04\x05", "5f805527aa94f2a9a3a782cad8cc18b63cf6017e7bc65ca96aeada8392d4c525"),
+        (b"\x01", "48fc721fbbc172e0925fa27af1671de225ba927134802998b10a1568a188652b"),
+    ],
+)
+async def test_put_get_vectors(svc: BlobService, data: bytes, hexdigest: str) -> None:
+    digest = B3Digest.from_hex(hexdigest)
+    if data:
+        assert not await svc.has(digest)
+        assert await svc.open_read(digest) is None
+        assert await svc.chunks(digest) is None
+    assert await svc.put(data) == digest
+    assert await svc.has(digest)
+    assert await svc.read_all(digest) == data
+    assert await svc.chunks(digest) is not None
+
+
+async def test_readme_example(svc: BlobService) -> None:
+    digest = await svc.put(b"x86_64-linux")
+    assert digest.b64() == "KOM3/IHEx7YfInAnlJpAElYezq0Sxn9fRz7xuClwNfA="
+
+
+async def test_streamed_writes_in_odd_pieces(svc: BlobService) -> None:
+    data = pseudo_random(3_000_000)
+    w = svc.open_write()
+    for i in range(0, len(data), 77_777):
+        await w.write(data[i : i + 77_777])
+    digest = await w.close()
+    assert digest.raw == blake3.blake3(data).digest()
+    assert await svc.read_all(digest) == data
+
+
+async def test_seek_and_partial_reads(svc: BlobService) -> None:
+    data = pseudo_random(2_500_000, seed=1)
+    digest = await svc.put(data)
+    reader = await svc.open_read(digest)
+    assert reader is not None
+    async with reader:
+        for offset in (0, 1, 131_071, 262_144, 1_000_003, 2_499_999, 2_500_000):
+            assert await reader.seek(offset) == offset
+            assert await reader.readexactly(100_000) == data[offset : offset + 100_000]
+        await reader.seek(-10, io.SEEK_END)
+        assert await reader.read() == data[-10:]
+        with pytest.raises(ValueError, match="beyond EOF"):
+            await reader.seek(len(data) + 1)
+
+
+async def test_abort_publishes_nothing(svc: BlobService) -> None:
+    data = b"never published"
+    with pytest.raises(RuntimeError):
+        async with svc.open_write() as w:
+            await w.write(data)
+            raise RuntimeError("client went away")
+    assert not await svc.has(B3Digest.of(data))
+
+
+async def test_idempotent_put(svc: BlobService) -> None:
+    a = await svc.put(HELLOWORLD)
+    b = await svc.put(HELLOWORLD)
+    assert a == b
+
+
+async def test_objectstore_layout_and_chunks(tmp_path: Path) -> None:
+    svc = ObjectStoreBlobService(LocalObjectStore(tmp_path))
+    data = pseudo_random(4_000_000, seed=2)
+    digest = await svc.put(data)
+    chunks = await svc.chunks(digest)
+    assert chunks is not None and len(chunks) > 4
+    assert sum(c.size for c in chunks) == len(data)
+    assert all(svc.min_size <= c.size <= svc.max_size for c in chunks[:-1])
+    h = digest.hex()
+    assert (tmp_path / "blobs" / "b3" / h[:4] / h).is_file()
+    for c in chunks:
+        assert (tmp_path / "chunks" / "b3" / c.digest.hex()[:4] / c.digest.hex()).is_file()
+        assert await svc.has(c.digest)  # chunks answer has() too
+        assert await svc.chunks(c.digest) == []
+    # a small blob is a single chunk object and needs no index
+    small = await svc.put(HELLOWORLD)
+    assert (tmp_path / chunk_key(small)).is_file()
+    assert not (tmp_path / blob_key(small)).exists()
+    assert await svc.chunks(small) == []
+    # no temp files are left behind
+    assert not [p for p in tmp_path.rglob(".tmp-*")]
+
+
+async def test_chunking_is_deterministic_across_write_patterns(tmp_path: Path) -> None:
+    data = pseudo_random(3_000_000, seed=3)
+    a = ObjectStoreBlobService(MemoryObjectStore())
+    b = ObjectStoreBlobService(MemoryObjectStore())
+    da = await a.put(data)
+    w = b.open_write()
+    for i in range(0, len(data), 4096):
+        await w.write(data[i : i + 4096])
+    assert await w.close() == da
+    assert await a.chunks(da) == await b.chunks(da)
+
+
+async def test_corrupt_chunk_is_detected(tmp_path: Path) -> None:
+    store = LocalObjectStore(tmp_path)
+    svc = ObjectStoreBlobService(store)
+    digest = await svc.put(HELLOWORLD)
+    import zstandard
+
+    (tmp_path / chunk_key(digest)).write_bytes(zstandard.compress(b"Hello World?"))
+    with pytest.raises(ChecksumMismatch):
+        await svc.open_read(digest)
+    (tmp_path / chunk_key(digest)).write_bytes(b"not zstd at all")
+    with pytest.raises(DataCorruption):
+        await svc.open_read(digest)
+
+
+async def test_corrupt_chunk_in_large_blob(tmp_path: Path) -> None:
+    svc = ObjectStoreBlobService(LocalObjectStore(tmp_path))
+    data = pseudo_random(2_000_000, seed=4)
+    digest = await svc.put(data)
+    chunks = await svc.chunks(digest)
+    assert chunks
+    import zstandard
+
+    bad = bytearray(data[: chunks[0].size])
+    bad[10] ^= 1
+    (tmp_path / chunk_key(chunks[0].digest)).write_bytes(zstandard.compress(bytes(bad)))
+    reader = await svc.open_read(digest)
+    assert reader is not None
+    await reader.seek(chunks[0].size)  # other chunks still read fine
+    assert await reader.readexactly(10) == data[chunks[0].size : chunks[0].size + 10]
+    await reader.seek(0)
+    with pytest.raises(ChecksumMismatch):
+        await reader.read(10)
+    os.unlink(tmp_path / chunk_key(chunks[1].digest))
+    fresh = await svc.open_read(digest)
+    assert fresh is not None
+    await fresh.seek(chunks[0].size)
+    with pytest.raises(NotFound):
+        await fresh.read(10)
+
+
+async def test_chunked_reader_vector() -> None:
+    pieces = [
+        b"\x00\x01",
+        b"\x02\x03\x04\x05",
+        b"\x06",
+        b"\x07\x08",
+        b"\x09\x0a\x0b\x0c\x0d\x0e\x0f",
+    ]
+    blobs = {B3Digest.of(p): p for p in pieces}
+
+    async def load(digest: B3Digest, size: int) -> bytes | None:
+        return blobs.get(digest)
+
+    metas = [ChunkMeta(B3Digest.of(p), len(p)) for p in pieces]
+    reader = ChunkedReader(metas, load)
+    full = bytes(range(16))
+    for offset in range(17):
+        await reader.seek(offset)
+        assert await reader.read() == full[offset:]
+
+
+async def test_empty_digest_always_readable() -> None:
+    svc = ObjectStoreBlobService(MemoryObjectStore())
+    assert await svc.read_all(EMPTY_DIGEST) == b""
