@@ -10,6 +10,7 @@ classes to status codes in one table each::
     │   │   └── NodeError          a single (root) node is invalid
     │   └── DirectoryGraphError    an uploaded closure is not a valid graph
     ├── NotFound                   something required is absent -> NOT_FOUND
+    ├── IngestionError             a local tree cannot be ingested (names the path)
     ├── StorageError               a backend failed            -> INTERNAL
     │   ├── DataCorruption         bytes don't match their key -> DATA_LOSS
     │   │   └── ChecksumMismatch   ... detected by re-hashing
@@ -36,6 +37,7 @@ __all__ = [
     "DirectoryError",
     "DirectoryErrorKind",
     "DirectoryGraphError",
+    "IngestionError",
     "InvalidDigest",
     "NodeError",
     "NotFound",
@@ -110,6 +112,15 @@ class DirectoryGraphError(ValidationError):
 
 class NotFound(CastoreError):
     """Something an operation needs does not exist."""
+
+
+class IngestionError(CastoreError):
+    """A filesystem tree cannot be ingested (special file, unreadable, changed)."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
 
 
 class StorageError(CastoreError):

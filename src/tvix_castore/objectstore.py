@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import os
 import uuid
 from pathlib import Path
@@ -82,13 +83,14 @@ class LocalObjectStore(ObjectStore):
 
     def __init__(self, root: str | os.PathLike[str], *, fsync: bool = False) -> None:
         self.root = Path(root)
+        self._root = os.fspath(root).rstrip("/") + "/"
         self._fsync = fsync
-        self._made: set[Path] = set()
+        self._made: set[str] = set()
 
-    def _path(self, key: str) -> Path:
-        if key.startswith("/") or ".." in key.split("/"):
+    def _path(self, key: str) -> str:
+        if key.startswith("/") or "/../" in f"/{key}/":
             raise StorageError(f"invalid object key {key!r}")
-        return self.root / key
+        return self._root + key
 
     def get_sync(self, key: str) -> bytes | None:
         try:
@@ -101,11 +103,11 @@ class LocalObjectStore(ObjectStore):
 
     def put_sync(self, key: str, data: bytes) -> None:
         path = self._path(key)
-        parent = path.parent
-        tmp = parent / f".tmp-{uuid.uuid4().hex}"
+        parent = path.rpartition("/")[0]
+        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
         try:
             if parent not in self._made:
-                parent.mkdir(parents=True, exist_ok=True)
+                os.makedirs(parent, exist_ok=True)
                 self._made.add(parent)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
@@ -118,8 +120,9 @@ class LocalObjectStore(ObjectStore):
                 os.close(fd)
             os.replace(tmp, path)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
             raise StorageError(f"writing object {key}: {exc}") from exc
 
     def exists_sync(self, key: str) -> bool:
-        return self._path(key).exists()
+        return os.path.exists(self._path(key))

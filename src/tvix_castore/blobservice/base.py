@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -169,6 +170,47 @@ class BlobService(abc.ABC):
             await w.abort()
             raise
         return await w.close()
+
+    async def ingest_file(self, path: str | bytes, size: int) -> B3Digest:
+        """Store the regular file at ``path`` (``size`` bytes, per ``lstat``).
+
+        Raises ``OSError`` if it cannot be read and ``ValueError`` if its size
+        changed. Backends override this to do all the work in one thread.
+        """
+        import asyncio
+
+        f = await asyncio.to_thread(open, path, "rb")
+        w = self.open_write()
+        try:
+            total = 0
+            while data := await asyncio.to_thread(f.read, 1 << 20):
+                total += len(data)
+                if total > size:
+                    raise ValueError(f"file grew while reading (expected {size} bytes)")
+                await w.write(data)
+            if total != size:
+                raise ValueError(f"file shrank while reading ({total} of {size} bytes)")
+        except BaseException:
+            await w.abort()
+            raise
+        finally:
+            f.close()
+        return await w.close()
+
+    async def ingest_files(
+        self, files: Sequence[tuple[str | bytes, int]]
+    ) -> list[B3Digest | Exception]:
+        """Store several (small) files; per file its digest or the ``OSError``/``ValueError``.
+
+        Batching lets backends amortise thread hand-offs over many small files.
+        """
+        results: list[B3Digest | Exception] = []
+        for path, size in files:
+            try:
+                results.append(await self.ingest_file(path, size))
+            except (OSError, ValueError) as exc:
+                results.append(exc)
+        return results
 
     async def read_all(self, digest: B3Digest) -> bytes | None:
         """The whole blob in memory (small blobs, tests), or ``None``."""

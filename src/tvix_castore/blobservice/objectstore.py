@@ -16,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import bisect
 import io
-from collections.abc import Awaitable, Callable
+import threading
+from collections.abc import Awaitable, Callable, Sequence
 
 import blake3
 import pyfastcdc
@@ -48,6 +49,7 @@ __all__ = [
 DEFAULT_AVG_CHUNK_SIZE = 256 * 1024
 _MAX_CHUNK_OUTPUT = 64 << 20  # refuse chunk objects claiming to inflate beyond this
 _ZSTD_LEVEL = 3
+_KNOWN_LIMIT = 1 << 20
 
 ChunkLoader = Callable[[B3Digest, int], Awaitable[bytes | None]]
 """``await load(digest, size)`` returns the verified chunk bytes or ``None``."""
@@ -192,14 +194,32 @@ class ObjectStoreBlobService(BlobService):
             avg_chunk_size, min_size=self.min_size, max_size=self.max_size, normalized_chunking=1
         )
         self._flush_at = max(4 * self.max_size, 1 << 21)
+        self._local = threading.local()
+        # Chunks known to exist (written or seen here): skips a stat per chunk.
+        self._known: set[B3Digest] = set()
 
     # -- writing ----------------------------------------------------------
-    def _store_chunk_sync(self, data: memoryview, out: list[ChunkMeta]) -> None:
-        digest = B3Digest(blake3.blake3(data).digest())
-        key = chunk_key(digest)
-        if not self.store.exists_sync(key):
-            self.store.put_sync(key, zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(data))
+    def _store_chunk_sync(
+        self, data: memoryview, out: list[ChunkMeta], digest: B3Digest | None = None
+    ) -> None:
+        if digest is None:
+            digest = B3Digest(blake3.blake3(data).digest())
+        if digest not in self._known:
+            key = chunk_key(digest)
+            if not self.store.exists_sync(key):
+                self.store.put_sync(key, self._compressor().compress(data))
+            if len(self._known) >= _KNOWN_LIMIT:
+                self._known.clear()
+            self._known.add(digest)
         out.append(ChunkMeta(digest, len(data)))
+
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        """One compressor per thread: creating a context per chunk is costly."""
+        cctx: zstandard.ZstdCompressor | None = getattr(self._local, "cctx", None)
+        if cctx is None:
+            cctx = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
+            self._local.cctx = cctx
+        return cctx
 
     async def _publish(self, digest: B3Digest, chunks: list[ChunkMeta]) -> None:
         if len(chunks) == 1:
@@ -214,6 +234,54 @@ class ObjectStoreBlobService(BlobService):
 
     def open_write(self) -> BlobWriter:
         return _Writer(self)
+
+    def _ingest_file_sync(self, path: str | bytes, size: int) -> tuple[B3Digest, list[ChunkMeta]]:
+        chunks: list[ChunkMeta] = []
+        with open(path, "rb") as f:
+            if size <= self.min_size:  # FastCDC cannot cut below min_size: one chunk
+                data = f.read(size + 1)
+                if len(data) != size:
+                    raise ValueError(f"file changed size while reading ({len(data)} != {size})")
+                if size == 0:
+                    return EMPTY_DIGEST, chunks
+                digest = B3Digest(blake3.blake3(data).digest())
+                self._store_chunk_sync(memoryview(data), chunks, digest)
+                return digest, chunks
+            hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+            total = 0
+            for c in self._cdc.cut_stream(f):
+                hasher.update(c.data)
+                total += c.length
+                self._store_chunk_sync(c.data, chunks)
+            if total != size:
+                raise ValueError(f"file changed size while reading ({total} != {size})")
+        return B3Digest(hasher.digest()), chunks
+
+    async def ingest_file(self, path: str | bytes, size: int) -> B3Digest:
+        digest, chunks = await asyncio.to_thread(self._ingest_file_sync, path, size)
+        await self._publish(digest, chunks)
+        return digest
+
+    async def ingest_files(
+        self, files: Sequence[tuple[str | bytes, int]]
+    ) -> list[B3Digest | Exception]:
+        def work() -> list[tuple[B3Digest, list[ChunkMeta]] | Exception]:
+            out: list[tuple[B3Digest, list[ChunkMeta]] | Exception] = []
+            for path, size in files:
+                try:
+                    out.append(self._ingest_file_sync(path, size))
+                except (OSError, ValueError) as exc:
+                    out.append(exc)
+            return out
+
+        results: list[B3Digest | Exception] = []
+        for r in await asyncio.to_thread(work):
+            if isinstance(r, Exception):
+                results.append(r)
+            else:
+                await self._publish(*r)
+                results.append(r[0])
+        return results
 
     # -- reading ----------------------------------------------------------
     async def has(self, digest: B3Digest) -> bool:

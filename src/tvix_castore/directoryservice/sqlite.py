@@ -15,10 +15,16 @@ from pathlib import Path
 
 from tvix_castore.digests import B3Digest
 from tvix_castore.directoryservice.base import DirectoryService
-from tvix_castore.errors import ChecksumMismatch, DataCorruption, StorageError, ValidationError
+from tvix_castore.errors import (
+    ChecksumMismatch,
+    DataCorruption,
+    StorageError,
+    StorageUnavailable,
+    ValidationError,
+)
 from tvix_castore.nodes import Directory
 
-__all__ = ["SqliteDirectoryService", "connect"]
+__all__ = ["SqliteDirectoryService", "connect", "storage_error"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS directories (
@@ -27,6 +33,20 @@ CREATE TABLE IF NOT EXISTS directories (
 ) WITHOUT ROWID;
 """
 _BATCH = 500
+# SQLite's own corruption reports are DATA_LOSS, not a generic failure (SPEC A2).
+_CORRUPT = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+_BUSY = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
+
+
+def storage_error(what: str, exc: sqlite3.Error) -> StorageError:
+    """Our error for a failed SQLite operation, classed by SQLite's primary result code."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    primary = None if code is None else code & 0xFF  # extended codes keep it in the low byte
+    if primary in _CORRUPT:
+        return DataCorruption(f"{what}: {exc}")
+    if primary in _BUSY:
+        return StorageUnavailable(f"{what}: {exc}")
+    return StorageError(f"{what}: {exc}")
 
 
 def connect(path: str | Path) -> sqlite3.Connection:
@@ -37,7 +57,7 @@ def connect(path: str | Path) -> sqlite3.Connection:
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA busy_timeout=30000")
     except sqlite3.Error as exc:
-        raise StorageError(f"cannot open SQLite database {path}: {exc}") from exc
+        raise storage_error(f"cannot open SQLite database {path}", exc) from exc
     return conn
 
 
@@ -49,7 +69,11 @@ class SqliteDirectoryService(DirectoryService):
         self._conn = connect(self.path)
         self._lock = threading.Lock()
         with self._lock:
-            self._conn.executescript(_SCHEMA)
+            try:
+                self._conn.executescript(_SCHEMA)
+            except sqlite3.Error as exc:
+                self._conn.close()
+                raise storage_error(f"cannot set up SQLite database {path}", exc) from exc
 
     def _decode(self, digest: B3Digest, data: bytes) -> Directory:
         if B3Digest.of(data) != digest:
@@ -74,7 +98,7 @@ class SqliteDirectoryService(DirectoryService):
                         digest = B3Digest(raw)
                         out[digest] = self._decode(digest, data)
             except sqlite3.Error as exc:
-                raise StorageError(f"reading directories: {exc}") from exc
+                raise storage_error("reading directories", exc) from exc
         return out
 
     async def get(self, digest: B3Digest) -> Directory | None:
@@ -118,7 +142,7 @@ class SqliteDirectoryService(DirectoryService):
                     raise
                 self._conn.execute("COMMIT")
             except sqlite3.Error as exc:
-                raise StorageError(f"writing directories: {exc}") from exc
+                raise storage_error("writing directories", exc) from exc
 
     async def _commit(self, directories: Sequence[Directory]) -> None:
         await asyncio.to_thread(self._commit_sync, directories)
