@@ -186,11 +186,6 @@ def test_nix_restores_every_mutant_our_reader_accepts(
 DEEP_LEVELS = 1200  # 2.4 KB of path: well inside PATH_MAX, beyond Python's recursion limit
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RecursionError,
-    reason="nix_compat bug: dump_path recurses once per directory level",
-)
 def test_very_deep_tree_matches_nix(nix: Nix, tmp_path: Path) -> None:
     root = tmp_path / "deep-1200"
     p = root

@@ -16,6 +16,7 @@ names as it goes.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import stat
 from typing import Protocol
@@ -32,7 +33,7 @@ _READ_CHUNK = 1 << 20
 class Sink(Protocol):
     """Anything with a binary ``write``."""
 
-    def write(self, data: bytes, /) -> object: ...
+    def write(self, data: bytes | bytearray, /) -> object: ...
 
 
 class _HashSink:
@@ -42,7 +43,7 @@ class _HashSink:
         self.hasher = hashlib.sha256()
         self.size = 0
 
-    def write(self, data: bytes, /) -> int:
+    def write(self, data: bytes | bytearray, /) -> int:
         self.hasher.update(data)
         self.size += len(data)
         return len(data)
@@ -189,43 +190,145 @@ class NarWriter:
         self.flush()
 
 
-def _dump(w: NarWriter, path: bytes, st: os.stat_result) -> None:
-    mode = st.st_mode
+_SMALL = 1 << 20
+_ENTRY_NODE = (wire.ENTRY_NAME, wire.NODE_OPEN_TYPE)
+_CLOSE_ENTRY = wire.CLOSE + wire.CLOSE
+_ZEROS = b"\0" * 8
+_DIR, _FILE, _LINK = 0, 1, 2
+
+
+def _kind(entry: os.DirEntry[bytes]) -> int:
+    """Entry type from ``d_type`` (no extra syscall on most filesystems)."""
+    if entry.is_symlink():
+        return _LINK
+    if entry.is_dir(follow_symlinks=False):
+        return _DIR
+    if entry.is_file(follow_symlinks=False):
+        return _FILE
+    mode = entry.stat(follow_symlinks=False).st_mode
+    raise NarWriteError(f"{os.fsdecode(entry.path)}: unsupported file type {stat.filemode(mode)}")
+
+
+def _kind_of_mode(path: bytes, mode: int) -> int:
     if stat.S_ISLNK(mode):
-        w.symlink(os.readlink(path))
-    elif stat.S_ISREG(mode):
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        return _LINK
+    if stat.S_ISDIR(mode):
+        return _DIR
+    if stat.S_ISREG(mode):
+        return _FILE
+    raise NarWriteError(f"{os.fsdecode(path)}: unsupported file type {stat.filemode(mode)}")
+
+
+def _copy_fd(fd: int, size: int, sink: Sink, path: bytes) -> None:
+    """Stream ``size`` bytes of ``fd`` to ``sink`` (sendfile when the sink is a real fd)."""
+    left = size
+    out_fd = -1
+    fileno = getattr(sink, "fileno", None)
+    if fileno is not None and hasattr(sink, "flush"):
         try:
-            size = os.fstat(fd).st_size
-            w.regular(size, bool(mode & stat.S_IXUSR))
-            w.write_fd(fd, size)
-            if os.read(fd, 1):
-                raise NarWriteError(f"{os.fsdecode(path)}: file grew while reading")
-        finally:
-            os.close(fd)
-        w.end_regular()
-    elif stat.S_ISDIR(mode):
-        with os.scandir(path) as it:
-            names = sorted(e.name for e in it)
-        w.directory()
-        for name in names:
-            child = path + b"/" + name
-            w.entry(name)
-            _dump(w, child, os.lstat(child))
-        w.end_directory()
-    else:
-        raise NarWriteError(f"{os.fsdecode(path)}: unsupported file type {stat.filemode(mode)}")
+            out_fd = fileno()
+            sink.flush()
+        except (OSError, ValueError, io.UnsupportedOperation):
+            out_fd = -1
+    while left and out_fd >= 0:
+        try:
+            sent = os.sendfile(out_fd, fd, None, min(left, 1 << 30))
+        except OSError:
+            out_fd = -1  # not supported for this pair: fall back to read/write
+            break
+        if sent == 0:
+            break
+        left -= sent
+    while left:
+        chunk = os.read(fd, min(left, _READ_CHUNK))
+        if not chunk:
+            break
+        sink.write(chunk)
+        left -= len(chunk)
+    if left:
+        raise NarWriteError(f"{os.fsdecode(path)}: file shrank while reading")
+    if os.read(fd, 1):
+        raise NarWriteError(f"{os.fsdecode(path)}: file grew while reading")
+
+
+def _list_dir(path: bytes) -> list[tuple[bytes, int]]:
+    with os.scandir(path) as it:
+        entries = [(e.name, _kind(e)) for e in it]
+    entries.sort()
+    return entries
 
 
 def dump_path(path: str | bytes | os.PathLike[str], sink: Sink) -> None:
     """Write the NAR of ``path`` to ``sink``, byte-identical to ``nix-store --dump``.
 
     Symlinks are never followed; the executable bit is the owner's x bit.
+    The walk is iterative (any depth), buffers small pieces into ~1 MiB
+    writes and streams large files straight through (``sendfile`` when the
+    sink is a file descriptor). This is the hot loop of ``tvix-store dump``
+    and imports, so it is written flat, with local names.
     """
-    p = os.fsencode(path)
-    w = NarWriter(sink)
-    _dump(w, p, os.lstat(p))
-    w.close()
+    root = os.fsencode(path)
+    pack = wire.U64.pack
+    zeros = _ZEROS
+    regular, executable, symlink = wire.REGULAR, wire.EXECUTABLE, wire.SYMLINK
+    directory, close, close_entry = wire.DIRECTORY, wire.CLOSE, _CLOSE_ENTRY
+    entry_head, node_head = _ENTRY_NODE
+    open_flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    os_open, os_fstat, os_read, os_close = os.open, os.fstat, os.read, os.close
+    buf = bytearray(wire.MAGIC + wire.OPEN_TYPE)
+    # Open directories: (path, sorted (name, kind) entries, next index).
+    stack: list[tuple[bytes, list[tuple[bytes, int]], list[int]]] = []
+
+    p = root
+    kind = _kind_of_mode(root, os.lstat(root).st_mode)
+    while True:
+        # Emit the node at p (of type kind); directories are pushed.
+        if kind == _FILE:
+            fd = os_open(p, open_flags)
+            try:
+                st = os_fstat(fd)
+                size = st.st_size
+                buf += executable if st.st_mode & 0o100 else regular
+                buf += pack(size)
+                if size <= _SMALL:
+                    data = os_read(fd, size + 1)
+                    if len(data) != size:
+                        raise NarWriteError(f"{os.fsdecode(p)}: file changed while reading")
+                    buf += data
+                else:
+                    sink.write(buf)
+                    buf = bytearray()
+                    _copy_fd(fd, size, sink, p)
+            finally:
+                os_close(fd)
+            buf += zeros[: -size % 8]
+            buf += close_entry if stack else close
+        elif kind == _LINK:
+            target = os.readlink(p)
+            buf += symlink + pack(len(target)) + target + zeros[: -len(target) % 8]
+            buf += close_entry if stack else close
+        else:
+            buf += directory
+            stack.append((p, _list_dir(p), [0]))
+        if len(buf) >= _FLUSH_AT:
+            sink.write(buf)
+            buf = bytearray()
+        # Find the next node: the next entry of the innermost unfinished directory.
+        while stack:
+            dir_path, entries, pos = stack[-1]
+            i = pos[0]
+            if i < len(entries):
+                pos[0] = i + 1
+                name, kind = entries[i]
+                buf += entry_head + pack(len(name)) + name + zeros[: -len(name) % 8] + node_head
+                p = dir_path + b"/" + name
+                break
+            stack.pop()
+            buf += close_entry if stack else close
+        else:
+            break
+    if buf:
+        sink.write(buf)
 
 
 def nar_hash_path(path: str | bytes | os.PathLike[str]) -> tuple[int, bytes]:
