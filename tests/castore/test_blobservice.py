@@ -19,6 +19,7 @@ from tvix_castore.blobservice import (
 )
 from tvix_castore.blobservice.grpc import GrpcBlobService
 from tvix_castore.blobservice.objectstore import blob_key, chunk_key
+from tvix_castore.blobservice.packed import PackedBlobService
 from tvix_castore.digests import EMPTY_DIGEST, B3Digest
 from tvix_castore.errors import ChecksumMismatch, DataCorruption, NotFound
 from tvix_castore.objectstore import LocalObjectStore, MemoryObjectStore
@@ -45,6 +46,9 @@ BACKENDS: dict[str, Factory] = {
     "memory": lambda _: MemoryBlobService(),
     "objectstore+memory": lambda _: ObjectStoreBlobService(MemoryObjectStore()),
     "objectstore+file": lambda p: ObjectStoreBlobService(LocalObjectStore(p / "objects")),
+    "packed": lambda p: PackedBlobService(
+        p / "blobs.sqlite", ObjectStoreBlobService(LocalObjectStore(p / "objects"))
+    ),
 }
 
 

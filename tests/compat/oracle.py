@@ -39,7 +39,7 @@ class DigestSink:
         self.size = 0
         self._kept: bytearray | None = bytearray() if keep else None
 
-    def write(self, data: bytes, /) -> int:
+    def write(self, data: bytes | bytearray, /) -> int:
         self._h.update(data)
         self.size += len(data)
         if self._kept is not None:

@@ -56,6 +56,7 @@ def connect(path: str | Path) -> sqlite3.Connection:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA busy_timeout=30000")
+        conn.execute("PRAGMA wal_autocheckpoint=16384")
     except sqlite3.Error as exc:
         raise storage_error(f"cannot open SQLite database {path}", exc) from exc
     return conn

@@ -1,0 +1,291 @@
+"""NAR → castore (B §4.4), streaming, with NarHash/NarSize computed on the way.
+
+The NAR is parsed by :mod:`nix_compat.nar.reader` in a worker thread (the
+parser and sha256 run off the event loop); the loop side uploads blobs — small
+files concurrently with a bound on count and bytes in flight, large files
+streamed — and sends all Directories of the NAR through **one** putter,
+committed only after the whole NAR parsed and every blob is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import threading
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+from nix_compat.errors import NarError
+from nix_compat.nar import NarDirectory, NarDirectoryEnd, NarFile, NarSymlink, read_nar
+from tvix_castore.blobservice.base import BlobService
+from tvix_castore.directoryservice.base import DirectoryService
+from tvix_castore.errors import ValidationError
+from tvix_castore.nodes import Directory, DirectoryNode, FileNode, Node, SymlinkNode
+
+__all__ = ["IngestedNar", "InvalidNar", "ingest_nar", "ingest_nar_file"]
+
+_SMALL = 1 << 20  # files up to this are read whole and uploaded concurrently
+_MAX_IN_FLIGHT_BYTES = 128 << 20
+_MAX_IN_FLIGHT = 64
+_BATCH_BYTES = 1 << 20
+_BATCH_OPS = 256
+
+Read = Callable[[int], Coroutine[Any, Any, bytes]]
+
+
+class InvalidNar(ValidationError):
+    """The uploaded bytes are not a valid NAR (offset in the message)."""
+
+
+@dataclass(frozen=True, slots=True)
+class IngestedNar:
+    """What ingesting a NAR produced: the nameless root node, NAR size and sha256."""
+
+    node: Node
+    nar_size: int
+    nar_sha256: bytes
+
+
+# Operations sent from the parser thread to the loop.
+@dataclass(slots=True)
+class _SmallFile:
+    name: bytes
+    executable: bool
+    data: bytes
+
+
+@dataclass(slots=True)
+class _BigStart:
+    name: bytes
+    executable: bool
+    size: int
+
+
+@dataclass(slots=True)
+class _Chunk:
+    data: bytes
+
+
+@dataclass(slots=True)
+class _BigEnd:
+    pass
+
+
+@dataclass(slots=True)
+class _Link:
+    name: bytes
+    target: bytes
+
+
+@dataclass(slots=True)
+class _DirStart:
+    name: bytes
+
+
+@dataclass(slots=True)
+class _DirEnd:
+    pass
+
+
+_Op = _SmallFile | _BigStart | _Chunk | _BigEnd | _Link | _DirStart | _DirEnd
+
+
+@dataclass(slots=True)
+class _Frame:
+    name: bytes
+    entries: list[Node | asyncio.Future[Node]] = field(default_factory=list)
+
+
+class _Stop(Exception):
+    """The loop side gave up; the parser thread should stop quietly."""
+
+
+class _ThreadSource:
+    """Blocking ``read`` for the parser thread, fed by the loop; hashes what passes."""
+
+    def __init__(self, read: Read, loop: asyncio.AbstractEventLoop, stop: threading.Event) -> None:
+        self._read = read
+        self._loop = loop
+        self._stop = stop
+        self.hasher = hashlib.sha256()
+        self.size = 0
+
+    def read(self, n: int = -1, /) -> bytes:
+        if self._stop.is_set():
+            raise _Stop
+        data = asyncio.run_coroutine_threadsafe(self._read(max(n, 1 << 16)), self._loop).result()
+        self.hasher.update(data)
+        self.size += len(data)
+        return data
+
+
+def _name(path: bytes) -> bytes:
+    return path.rpartition(b"/")[2]
+
+
+def _parse(source: _ThreadSource, emit: Callable[[list[_Op]], None]) -> None:
+    """Parser thread: turn NAR events into batches of operations."""
+    batch: list[_Op] = []
+    batch_bytes = 0
+
+    def push(op: _Op, nbytes: int = 0) -> None:
+        nonlocal batch, batch_bytes
+        batch.append(op)
+        batch_bytes += nbytes
+        if batch_bytes >= _BATCH_BYTES or len(batch) >= _BATCH_OPS:
+            emit(batch)
+            batch, batch_bytes = [], 0
+
+    for ev in read_nar(source):
+        if isinstance(ev, NarFile):
+            if ev.size <= _SMALL:
+                push(_SmallFile(_name(ev.path), ev.executable, ev.contents.read()), ev.size)
+            else:
+                push(_BigStart(_name(ev.path), ev.executable, ev.size))
+                for chunk in ev.contents.chunks(1 << 20):
+                    push(_Chunk(chunk), len(chunk))
+                push(_BigEnd())
+        elif isinstance(ev, NarSymlink):
+            push(_Link(_name(ev.path), ev.target))
+        elif isinstance(ev, NarDirectory):
+            push(_DirStart(_name(ev.path)))
+        elif isinstance(ev, NarDirectoryEnd):
+            push(_DirEnd())
+    if batch:
+        emit(batch)
+
+
+async def ingest_nar(read: Read, blobs: BlobService, dirs: DirectoryService) -> IngestedNar:
+    """Ingest the NAR produced by ``await read(n)`` (b"" at its end).
+
+    Raises:
+        InvalidNar: the bytes are not a valid NAR (nothing is committed).
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[list[_Op] | BaseException | None] = asyncio.Queue(maxsize=16)
+    stop = threading.Event()
+    source = _ThreadSource(read, loop, stop)
+
+    def emit(batch: list[_Op]) -> None:
+        if stop.is_set():
+            raise _Stop
+        asyncio.run_coroutine_threadsafe(queue.put(batch), loop).result()
+
+    def run() -> None:
+        try:
+            _parse(source, emit)
+            result: BaseException | None = None
+        except _Stop:
+            return
+        except BaseException as exc:  # delivered to the loop side
+            result = exc
+        with contextlib.suppress(RuntimeError):  # the loop may be closing
+            asyncio.run_coroutine_threadsafe(queue.put(result), loop).result()
+
+    thread = threading.Thread(target=run, name="nar-parser", daemon=True)
+    thread.start()
+    sem = asyncio.Semaphore(_MAX_IN_FLIGHT)
+    budget = asyncio.Semaphore(_MAX_IN_FLIGHT_BYTES >> 16)  # in 64 KiB units
+    tasks: list[asyncio.Future[Node]] = []
+    putter = dirs.put_multiple_start()
+    stack: list[_Frame] = []
+    root: Node | asyncio.Future[Node] | None = None
+    big_writer = None
+    big: _BigStart | None = None
+
+    async def upload_small(op: _SmallFile, units: int) -> Node:
+        try:
+            digest = await blobs.put(op.data)
+            return FileNode(op.name, digest, len(op.data), op.executable)
+        finally:
+            sem.release()
+            for _ in range(units):
+                budget.release()
+
+    def place(node: Node | asyncio.Future[Node]) -> None:
+        nonlocal root
+        if stack:
+            stack[-1].entries.append(node)
+        else:
+            root = node
+
+    try:
+        while True:
+            item = await queue.get()
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                if isinstance(item, NarError):
+                    raise InvalidNar(f"invalid NAR: {item}") from item
+                raise item
+            for op in item:
+                if isinstance(op, _SmallFile):
+                    units = max(1, len(op.data) >> 16)
+                    await sem.acquire()
+                    for _ in range(units):
+                        await budget.acquire()
+                    task = asyncio.ensure_future(upload_small(op, units))
+                    tasks.append(task)
+                    place(task)
+                elif isinstance(op, _BigStart):
+                    big, big_writer = op, blobs.open_write()
+                elif isinstance(op, _Chunk):
+                    assert big_writer is not None
+                    await big_writer.write(op.data)
+                elif isinstance(op, _BigEnd):
+                    assert big is not None and big_writer is not None
+                    digest = await big_writer.close()
+                    place(FileNode(big.name, digest, big.size, big.executable))
+                    big, big_writer = None, None
+                elif isinstance(op, _Link):
+                    place(SymlinkNode(op.name, op.target))
+                elif isinstance(op, _DirStart):
+                    stack.append(_Frame(op.name))
+                else:
+                    frame = stack.pop()
+                    nodes = [
+                        e if not isinstance(e, asyncio.Future) else await e for e in frame.entries
+                    ]
+                    directory = Directory.from_nodes(nodes)
+                    await putter.put(directory)
+                    place(directory.to_node(frame.name, dirs.size_mode))
+        await asyncio.to_thread(thread.join)
+        if root is None:  # pragma: no cover - the reader never ends without a root
+            raise InvalidNar("empty NAR")
+        node = await root if isinstance(root, asyncio.Future) else root
+        await asyncio.gather(*tasks)
+        if stack or big_writer is not None:  # pragma: no cover
+            raise InvalidNar("NAR ended inside a node")
+        if isinstance(node, DirectoryNode):
+            await putter.close()
+        else:
+            await putter.abort()  # a lone file or symlink: no directories
+        return IngestedNar(node, source.size, source.hasher.digest())
+    except BaseException:
+        stop.set()
+        while not queue.empty():  # unblock the parser if it waits on a full queue
+            queue.get_nowait()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if big_writer is not None:
+            await big_writer.abort()
+        await putter.abort()
+        raise
+
+
+async def ingest_nar_file(
+    f: BinaryIO | str | os.PathLike[str], blobs: BlobService, dirs: DirectoryService
+) -> IngestedNar:
+    """Ingest a NAR from a binary file object or path (reads happen off the loop)."""
+    if isinstance(f, (str, os.PathLike)):
+        with open(f, "rb") as fh:
+            return await ingest_nar_file(fh, blobs, dirs)
+
+    async def read(n: int) -> bytes:
+        return await asyncio.to_thread(f.read, n)
+
+    return await ingest_nar(read, blobs, dirs)

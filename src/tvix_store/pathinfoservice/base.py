@@ -1,0 +1,46 @@
+"""The PathInfoService contract: PathInfo by the 20-byte store-path digest.
+
+``get`` returns ``None`` when absent; ``put`` replaces any entry for the same
+digest and returns what was stored (a signing wrapper may add signatures);
+``list`` streams every entry in no particular order.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from types import TracebackType
+
+from tvix_store.pathinfo import PathInfo
+
+__all__ = ["PathInfoService"]
+
+
+class PathInfoService(abc.ABC):
+    """Stores PathInfos. Implementations must be safe for concurrent use."""
+
+    @abc.abstractmethod
+    async def get(self, digest: bytes) -> PathInfo | None:
+        """The PathInfo whose store path has this 20-byte digest, or ``None``."""
+
+    @abc.abstractmethod
+    async def put(self, info: PathInfo) -> PathInfo:
+        """Store ``info`` (last write wins); return the stored PathInfo."""
+
+    @abc.abstractmethod
+    def list(self) -> AsyncIterator[PathInfo]:
+        """Every PathInfo."""
+
+    async def aclose(self) -> None:
+        """Release resources."""
+
+    async def __aenter__(self) -> PathInfoService:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()

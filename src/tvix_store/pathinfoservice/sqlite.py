@@ -1,0 +1,100 @@
+"""``sqlite:///abs/path``: PathInfos in SQLite (WAL), protobuf bytes by digest.
+
+Shares the database file format (and, in the embedded store, the file) with
+the SQLite DirectoryService; each service keeps its own connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from tvix_castore.directoryservice.sqlite import connect, storage_error
+from tvix_castore.errors import DataCorruption, ValidationError
+from tvix_store.pathinfo import PathInfo
+from tvix_store.pathinfoservice.base import PathInfoService
+
+__all__ = ["SqlitePathInfoService"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS pathinfos (
+    digest BLOB PRIMARY KEY,
+    data BLOB NOT NULL
+) WITHOUT ROWID;
+"""
+_PAGE = 256
+
+
+class SqlitePathInfoService(PathInfoService):
+    """PathInfos in a SQLite database file."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._conn = connect(self.path)
+        self._lock = threading.Lock()
+        try:
+            self._conn.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            self._conn.close()
+            raise storage_error("creating the pathinfos table", exc) from exc
+
+    def _decode(self, digest: bytes, data: bytes) -> PathInfo:
+        try:
+            info = PathInfo.from_bytes(data)
+        except ValidationError as exc:
+            raise DataCorruption(f"stored PathInfo {digest.hex()} is invalid: {exc}") from exc
+        if info.digest != digest:
+            raise DataCorruption(f"stored PathInfo {digest.hex()} is for another path")
+        return info
+
+    def _get(self, digest: bytes) -> bytes | None:
+        with self._lock:
+            try:
+                row = self._conn.execute(
+                    "SELECT data FROM pathinfos WHERE digest = ?", (digest,)
+                ).fetchone()
+            except sqlite3.Error as exc:
+                raise storage_error("reading a PathInfo", exc) from exc
+        return None if row is None else bytes(row[0])
+
+    async def get(self, digest: bytes) -> PathInfo | None:
+        data = await asyncio.to_thread(self._get, digest)
+        return None if data is None else self._decode(digest, data)
+
+    def _put(self, digest: bytes, data: bytes) -> None:
+        with self._lock:
+            try:
+                self._conn.execute(
+                    "INSERT OR REPLACE INTO pathinfos (digest, data) VALUES (?, ?)", (digest, data)
+                )
+            except sqlite3.Error as exc:
+                raise storage_error("writing a PathInfo", exc) from exc
+
+    async def put(self, info: PathInfo) -> PathInfo:
+        await asyncio.to_thread(self._put, info.digest, info.encode())
+        return info
+
+    def _page(self, after: bytes) -> list[tuple[bytes, bytes]]:
+        with self._lock:
+            try:
+                rows = self._conn.execute(
+                    "SELECT digest, data FROM pathinfos WHERE digest > ? ORDER BY digest LIMIT ?",
+                    (after, _PAGE),
+                ).fetchall()
+            except sqlite3.Error as exc:
+                raise storage_error("listing PathInfos", exc) from exc
+        return [(bytes(d), bytes(v)) for d, v in rows]
+
+    async def list(self) -> AsyncIterator[PathInfo]:
+        after = b""
+        while rows := await asyncio.to_thread(self._page, after):
+            for digest, data in rows:
+                yield self._decode(digest, data)
+            after = rows[-1][0]
+
+    async def aclose(self) -> None:
+        with self._lock:
+            self._conn.close()

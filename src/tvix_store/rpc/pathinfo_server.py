@@ -1,0 +1,100 @@
+"""``tvix.store.v1.PathInfoService`` over any PathInfoService (a thin adapter)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc.aio
+
+from tvix_castore.blobservice.base import BlobService
+from tvix_castore.directoryservice.base import DirectoryService
+from tvix_castore.errors import CastoreError, NotFound, ValidationError
+from tvix_castore.nodes import NameRule, node_from_proto
+from tvix_castore.protos import castore_pb2
+from tvix_castore.rpc.status import abort_with
+from tvix_store.content import check_content
+from tvix_store.nar.render import NarRenderError, calculate_nar
+from tvix_store.pathinfo import PathInfo
+from tvix_store.pathinfoservice.base import PathInfoService
+from tvix_store.protos import pathinfo_pb2, rpc_pathinfo_pb2
+from tvix_store.protos import rpc_pathinfo_pb2_grpc as pb_grpc
+
+__all__ = ["PathInfoServiceServicer"]
+
+Ctx = grpc.aio.ServicerContext[object, object]
+
+
+class PathInfoServiceServicer(pb_grpc.PathInfoServiceServicer):
+    """Serves Get/Put/CalculateNAR/List.
+
+    ``Put`` validates the PathInfo (B §2.9) and, unless ``metadata_only``,
+    that its content is in ``blobs``/``directories`` (A3).
+    """
+
+    def __init__(
+        self,
+        pathinfos: PathInfoService,
+        blobs: BlobService,
+        directories: DirectoryService,
+        *,
+        metadata_only: bool = False,
+    ) -> None:
+        self._infos = pathinfos
+        self._blobs = blobs
+        self._dirs = directories
+        self._metadata_only = metadata_only
+
+    async def Get(
+        self, request: rpc_pathinfo_pb2.GetPathInfoRequest, context: Ctx
+    ) -> pathinfo_pb2.PathInfo:
+        if request.WhichOneof("by_what") != "by_output_hash":
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "by_what needs to be specified")
+        digest = request.by_output_hash
+        try:
+            if len(digest) != 20:
+                raise ValidationError("invalid output digest length")
+            info = await self._infos.get(digest)
+            if info is None:
+                raise NotFound("PathInfo not found")
+        except Exception as exc:
+            await abort_with(context, exc)
+        return info.to_proto()
+
+    async def Put(self, request: pathinfo_pb2.PathInfo, context: Ctx) -> pathinfo_pb2.PathInfo:
+        try:
+            try:
+                info = PathInfo.from_proto(request)
+            except ValidationError as exc:
+                raise ValidationError(f"Invalid path info: {exc}") from exc
+            if not self._metadata_only:
+                await check_content(info.node, self._blobs, self._dirs)
+            stored = await self._infos.put(info)
+        except NotFound as exc:  # missing content is the client's mistake
+            await abort_with(context, ValidationError(f"Invalid path info: {exc}"))
+        except Exception as exc:
+            await abort_with(context, exc)
+        return stored.to_proto()
+
+    async def CalculateNAR(
+        self, request: castore_pb2.Node, context: Ctx
+    ) -> rpc_pathinfo_pb2.CalculateNARResponse:
+        try:
+            try:
+                node = node_from_proto(request, name_rule=NameRule.EMPTY)
+            except CastoreError as exc:
+                raise ValidationError(f"invalid root node: {exc}") from exc
+            size, sha = await calculate_nar(node, self._blobs, self._dirs)
+        except NarRenderError as exc:
+            await abort_with(context, exc)
+        except Exception as exc:
+            await abort_with(context, exc)
+        return rpc_pathinfo_pb2.CalculateNARResponse(nar_size=size, nar_sha256=sha)
+
+    async def List(
+        self, request: rpc_pathinfo_pb2.ListPathInfoRequest, context: Ctx
+    ) -> AsyncIterator[pathinfo_pb2.PathInfo]:
+        try:
+            async for info in self._infos.list():
+                yield info.to_proto()
+        except Exception as exc:
+            await abort_with(context, exc)
