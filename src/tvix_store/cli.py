@@ -1,28 +1,108 @@
 """The ``tvix-store`` command line.
 
-Heavy modules (grpc, aiohttp) are imported inside the commands that need them,
-so ``tvix-store --help`` and quick commands start fast.
+Results go to stdout, logs and progress to stderr. Without service flags
+every command uses the embedded default store (see :mod:`tvix_store.config`),
+so nothing needs a daemon; ``grpc+http://[::1]:8000`` talks to one. Heavy
+modules (grpc) are imported only by the commands that need them.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
 import sys
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 import click
 
+from nix_compat.errors import NixCompatError
+from tvix_castore.errors import CastoreError
+
 __all__ = ["main"]
+
+log = logging.getLogger("tvix_store")
+_T = TypeVar("_T")
+DEFAULT_DAEMON_LISTEN = "[::1]:8000"
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "target": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def _run(coro: Coroutine[Any, Any, _T]) -> _T:
+    """Run a command's coroutine; our errors become a clean message and exit 1."""
+    try:
+        return asyncio.run(coro)
+    except (CastoreError, NixCompatError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def service_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The three service-address flags (with their tvix environment variables)."""
+    for name, env, what in reversed(
+        [
+            ("--blob-service-addr", "BLOB_SERVICE_ADDR", "blob service"),
+            ("--directory-service-addr", "DIRECTORY_SERVICE_ADDR", "directory service"),
+            ("--path-info-service-addr", "PATH_INFO_SERVICE_ADDR", "path info service"),
+        ]
+    ):
+        f = click.option(
+            name,
+            envvar=env,
+            default=None,
+            metavar="URL",
+            help=f"URL of the {what} (env {env}); default: the embedded store.",
+        )(f)
+    return f
+
+
+async def _open(kw: dict[str, Any]) -> Any:
+    from tvix_store.config import open_store
+
+    return await open_store(
+        kw.get("blob_service_addr"),
+        kw.get("directory_service_addr"),
+        kw.get("path_info_service_addr"),
+    )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="tvix-store-py")
-def main() -> None:
+@click.option(
+    "--log-level",
+    type=click.Choice(["TRACE", "DEBUG", "INFO", "WARN", "ERROR"], case_sensitive=False),
+    default="INFO",
+    show_default=True,
+    help="Log verbosity (logs go to stderr).",
+)
+@click.option("--json", "json_logs", is_flag=True, help="Log as JSON lines.")
+def main(log_level: str, json_logs: bool) -> None:
     """A content-addressed store for Nix (tvix protocols, Nix formats)."""
+    level = {"TRACE": "DEBUG", "WARN": "WARNING"}.get(log_level.upper(), log_level.upper())
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        _JsonFormatter() if json_logs else logging.Formatter("%(levelname)s %(name)s: %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
 
 
 @main.command()
-@click.argument("path", type=click.Path(exists=False, dir_okay=True, path_type=str))
+@click.argument("path", type=click.Path(path_type=str))
 def dump(path: str) -> None:
-    """Write the NAR of PATH to stdout (like ``nix-store --dump``)."""
+    """Write the NAR of a filesystem PATH to stdout (like ``nix-store --dump``)."""
     from nix_compat.nar import dump_path
 
     out = sys.stdout.buffer
@@ -32,10 +112,193 @@ def dump(path: str) -> None:
         raise click.ClickException(f"{path}: no such file or directory") from exc
     except OSError as exc:
         raise click.ClickException(f"{path}: {exc.strerror}") from exc
+    except NixCompatError as exc:
+        raise click.ClickException(str(exc)) from exc
     out.flush()
 
 
 @main.command()
-def daemon() -> None:
-    """Serve the store over gRPC (not implemented yet)."""
-    raise click.ClickException("the gRPC daemon is not implemented yet (see issue 4)")
+@click.option(
+    "-l",
+    "--listen-address",
+    default=DEFAULT_DAEMON_LISTEN,
+    show_default=True,
+    help="host:port, or an absolute unix socket path. Loopback by default: no auth yet.",
+)
+@service_options
+def daemon(listen_address: str, **kw: Any) -> None:
+    """Serve BlobService, DirectoryService and PathInfoService over gRPC.
+
+    Also serves gRPC reflection (grpcurl, evans) and the standard health service.
+    Stops cleanly on SIGINT/SIGTERM.
+    """
+    from tvix_store.daemon import serve
+
+    async def run() -> None:
+        store = await _open(kw)
+        async with store:
+            await serve(store, listen_address)
+
+    _run(run())
+
+
+@main.command("import")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
+@service_options
+def import_(paths: tuple[str, ...], **kw: Any) -> None:
+    """Import filesystem PATHS; print each store path (as ``nix-store --add`` would)."""
+    from tvix_store.importer import import_path
+
+    async def run() -> None:
+        store = await _open(kw)
+        async with store:
+            for path in paths:
+                if sys.stderr.isatty():
+                    print(f"importing {path} ...", file=sys.stderr, flush=True)
+                info = await import_path(path, store)
+                print(info.store_path.absolute, flush=True)
+
+    _run(run())
+
+
+def _store_path_arg(text: str) -> tuple[Any, str]:
+    from nix_compat.store_path import StorePath
+
+    if text.startswith("/"):
+        return StorePath.from_absolute_path_full(text)
+    base, _, sub = text.partition("/")
+    return StorePath.from_basename(base), sub.strip("/")
+
+
+async def _lookup(store: Any, text: str) -> tuple[Any, Any, str]:
+    sp, sub = _store_path_arg(text)
+    info = await store.pathinfos.get(sp.digest)
+    if info is None or info.store_path != sp:
+        raise click.ClickException(f"{sp.absolute} is not in the store")
+    from tvix_store.browse import resolve
+
+    node = await resolve(info.node, sub, store.directories)
+    return info, node, sub
+
+
+@main.command()
+@click.argument("store_path")
+@service_options
+def export(store_path: str, **kw: Any) -> None:
+    """Write the NAR of STORE_PATH to stdout (byte-equal to ``nix-store --dump``)."""
+    import hashlib
+
+    from tvix_store.nar.render import render_nar
+
+    async def run() -> None:
+        store = await _open(kw)
+        async with store:
+            info, _, sub = await _lookup(store, store_path)
+            if sub:
+                raise click.ClickException("export takes a store path, not a path inside one")
+            out = sys.stdout.buffer
+            h = hashlib.sha256()
+            size = 0
+            async for piece in render_nar(info.node, store.blobs, store.directories):
+                h.update(piece)
+                size += len(piece)
+                out.write(piece)
+            out.flush()
+            if size != info.nar_size or h.digest() != info.nar_sha256:
+                raise click.ClickException(
+                    f"{info.store_path}: rendered NAR does not match its recorded NarHash/NarSize"
+                )
+
+    _run(run())
+
+
+@main.command()
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@service_options
+def ls(path: str, as_json: bool, **kw: Any) -> None:
+    """List a directory (or describe a file/symlink) inside the store: STORE_PATH[/sub]."""
+    from tvix_store.browse import describe, listing
+
+    async def run() -> None:
+        store = await _open(kw)
+        async with store:
+            _, node, _ = await _lookup(store, path)
+            entries = await listing(node, store.directories)
+            if as_json:
+                print(json.dumps([describe(e) for e in entries], indent=1))
+                return
+            for e in entries:
+                d = describe(e)
+                line = f"{d['mode']} {d['size']:>12} {d['name']}"
+                if d["type"] == "symlink":
+                    line += f" -> {d['target']}"
+                print(line)
+
+    _run(run())
+
+
+@main.command()
+@click.argument("path")
+@service_options
+def cat(path: str, **kw: Any) -> None:
+    """Write the contents of a file inside the store (STORE_PATH/sub/file) to stdout."""
+    from tvix_castore.nodes import FileNode
+
+    async def run() -> None:
+        store = await _open(kw)
+        async with store:
+            _, node, _ = await _lookup(store, path)
+            if not isinstance(node, FileNode):
+                raise click.ClickException(f"{path} is not a regular file")
+            reader = await store.blobs.open_read(node.digest)
+            if reader is None:
+                raise click.ClickException(f"{path}: blob {node.digest} is missing")
+            out = sys.stdout.buffer
+            left = node.size
+            async with reader:
+                while left and (data := await reader.read(min(left, 1 << 20))):
+                    out.write(data)
+                    left -= len(data)
+            out.flush()
+            if left:
+                raise click.ClickException(f"{path}: blob is shorter than the file size")
+
+    _run(run())
+
+
+@main.command()
+@click.argument("store_path")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of narinfo text.")
+@service_options
+def info(store_path: str, as_json: bool, **kw: Any) -> None:
+    """Show the metadata of STORE_PATH (narinfo text, or --json)."""
+    from nix_compat import nixbase32
+
+    async def run() -> None:
+        store = await _open(kw)
+        async with store:
+            pi, _, _ = await _lookup(store, store_path)
+            if as_json:
+                from tvix_store.browse import describe
+
+                print(
+                    json.dumps(
+                        {
+                            "path": pi.store_path.absolute,
+                            "narHash": "sha256:" + nixbase32.encode(pi.nar_sha256),
+                            "narSize": pi.nar_size,
+                            "references": [r.absolute for r in pi.references],
+                            "deriver": pi.deriver.absolute + ".drv" if pi.deriver else None,
+                            "ca": pi.ca.render() if pi.ca else None,
+                            "signatures": [s.render() for s in pi.signatures],
+                            "root": describe(pi.node),
+                        },
+                        indent=1,
+                    )
+                )
+            else:
+                url = f"nar/{nixbase32.encode(pi.nar_sha256)}.nar"
+                sys.stdout.write(pi.to_narinfo(url).render())
+
+    _run(run())

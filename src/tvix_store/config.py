@@ -1,0 +1,201 @@
+"""Opening the store: the embedded default, or services named by URLs.
+
+Precedence is flag, then environment variable (``BLOB_SERVICE_ADDR``,
+``DIRECTORY_SERVICE_ADDR``, ``PATH_INFO_SERVICE_ADDR``), then the embedded
+default. The embedded default keeps everything in one data directory
+(``$TVIX_STORE_HOME``, else ``$XDG_DATA_HOME/tvix-store``, else
+``~/.local/share/tvix-store``):
+
+* ``store.sqlite`` (WAL): directories, path infos and blobs up to 128 KiB,
+* ``blobs/``: larger blobs as zstd chunk objects in the B §7.1 layout.
+
+Several processes (daemon, CLI, nar-bridge) may use it at once: SQLite WAL
+serialises writers and objects are published by atomic renames.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from tvix_castore.blobservice.base import BlobService
+from tvix_castore.blobservice.objectstore import ObjectStoreBlobService
+from tvix_castore.blobservice.packed import PackedBlobService
+from tvix_castore.directoryservice.base import DirectoryService
+from tvix_castore.directoryservice.sqlite import SqliteDirectoryService
+from tvix_castore.errors import ConfigError
+from tvix_castore.nodes import Node
+from tvix_castore.objectstore import LocalObjectStore
+from tvix_castore.registry import ServiceUrl, blob_service_from_url, directory_service_from_url
+from tvix_store.nar.render import calculate_nar
+from tvix_store.pathinfoservice.base import PathInfoService
+
+__all__ = [
+    "ENV_BLOB",
+    "ENV_DIRECTORY",
+    "ENV_PATH_INFO",
+    "Store",
+    "data_dir",
+    "open_store",
+    "path_info_service_from_url",
+    "register_path_info_service",
+]
+
+ENV_BLOB = "BLOB_SERVICE_ADDR"
+ENV_DIRECTORY = "DIRECTORY_SERVICE_ADDR"
+ENV_PATH_INFO = "PATH_INFO_SERVICE_ADDR"
+STORE_DB = "store.sqlite"
+
+PathInfoFactory = Callable[[ServiceUrl], PathInfoService]
+_PATH_INFO_SERVICES: dict[str, PathInfoFactory] = {}
+
+
+def register_path_info_service(scheme: str, factory: PathInfoFactory) -> None:
+    """Make ``scheme://`` URLs build PathInfoServices with ``factory``."""
+    _PATH_INFO_SERVICES[scheme] = factory
+
+
+def _memory(url: ServiceUrl) -> PathInfoService:
+    url.no_host()
+    url.no_path()
+    url.check_query()
+    from tvix_store.pathinfoservice.memory import MemoryPathInfoService
+
+    return MemoryPathInfoService()
+
+
+def _sqlite(url: ServiceUrl) -> PathInfoService:
+    url.no_host()
+    url.check_query()
+    from tvix_store.pathinfoservice.sqlite import SqlitePathInfoService
+
+    return SqlitePathInfoService(url.absolute_path("database"))
+
+
+def _grpc(url: ServiceUrl) -> PathInfoService:
+    url.check_query("wait-connect")
+    from tvix_store.pathinfoservice.grpc import GrpcPathInfoService
+
+    return GrpcPathInfoService.from_url(url.url.split("?", 1)[0])
+
+
+register_path_info_service("memory", _memory)
+register_path_info_service("sqlite", _sqlite)
+for _scheme in ("grpc+http", "grpc+https", "grpc+unix"):
+    register_path_info_service(_scheme, _grpc)
+
+
+def path_info_service_from_url(url: str) -> PathInfoService:
+    """Build a PathInfoService from its URL (``memory://``, ``sqlite:///…``, ``grpc+…``)."""
+    parsed = ServiceUrl.parse(url)
+    factory = _PATH_INFO_SERVICES.get(parsed.scheme)
+    if factory is None:
+        known = ", ".join(f"{s}://" for s in sorted(_PATH_INFO_SERVICES))
+        from tvix_castore.errors import UnknownScheme
+
+        raise UnknownScheme(f"{url!r}: unknown path info service scheme (known: {known})")
+    return factory(parsed)
+
+
+def data_dir() -> Path:
+    """Where the embedded store lives."""
+    home = os.environ.get("TVIX_STORE_HOME")
+    if home:
+        return Path(home)
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
+    return base / "tvix-store"
+
+
+@dataclass
+class Store:
+    """The three services (and a NAR calculator), closed together."""
+
+    blobs: BlobService
+    directories: DirectoryService
+    pathinfos: PathInfoService
+    description: str = ""
+    _closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list, repr=False)
+
+    async def calculate_nar(self, node: Node) -> tuple[int, bytes]:
+        """NAR size and sha256 of ``node``: remotely if the path info service is gRPC."""
+        from tvix_store.pathinfoservice.grpc import GrpcPathInfoService
+
+        if isinstance(self.pathinfos, GrpcPathInfoService):
+            return await self.pathinfos.calculate_nar(node)
+        return await calculate_nar(node, self.blobs, self.directories)
+
+    async def aclose(self) -> None:
+        """Close every service (once)."""
+        closers, self._closers = self._closers, []
+        for close in reversed(closers):
+            await close()
+
+    async def __aenter__(self) -> Store:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+async def open_store(
+    blob_url: str | None = None,
+    directory_url: str | None = None,
+    path_info_url: str | None = None,
+    *,
+    home: Path | None = None,
+) -> Store:
+    """Open the store: each service from its URL, the embedded default otherwise."""
+    closers: list[Callable[[], Awaitable[None]]] = []
+    parts: list[str] = []
+    home = home or data_dir()
+    db = home / STORE_DB
+
+    def embedded() -> None:
+        try:
+            home.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the data directory {home}: {exc}") from exc
+
+    try:
+        if blob_url:
+            blobs = blob_service_from_url(blob_url)
+            parts.append(f"blobs={blob_url}")
+        else:
+            embedded()
+            blobs = PackedBlobService(db, ObjectStoreBlobService(LocalObjectStore(home / "blobs")))
+            parts.append(f"blobs=embedded:{home}")
+        closers.append(blobs.aclose)
+        if directory_url:
+            directories = directory_service_from_url(directory_url)
+            parts.append(f"directories={directory_url}")
+        else:
+            embedded()
+            directories = SqliteDirectoryService(db)
+            parts.append(f"directories=embedded:{home}")
+        closers.append(directories.aclose)
+        if path_info_url:
+            pathinfos = path_info_service_from_url(path_info_url)
+            parts.append(f"pathinfos={path_info_url}")
+        else:
+            embedded()
+            from tvix_store.pathinfoservice.sqlite import SqlitePathInfoService
+
+            pathinfos = SqlitePathInfoService(db)
+            parts.append(f"pathinfos=embedded:{home}")
+        closers.append(pathinfos.aclose)
+    except BaseException:
+        for close in reversed(closers):
+            with contextlib.suppress(Exception):
+                await close()
+        raise
+    return Store(blobs, directories, pathinfos, ", ".join(parts), closers)

@@ -1,0 +1,66 @@
+"""``tvix-store daemon``: one gRPC server for the three services."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+
+from tvix_castore.protos import rpc_blobstore_pb2_grpc, rpc_directory_pb2_grpc
+from tvix_castore.rpc.blob_server import BlobServiceServicer
+from tvix_castore.rpc.directory_server import DirectoryServiceServicer
+from tvix_castore.rpc.server import Registration, start_server
+from tvix_store.config import Store
+from tvix_store.protos import rpc_pathinfo_pb2_grpc
+from tvix_store.rpc.pathinfo_server import PathInfoServiceServicer
+
+__all__ = ["registrations", "serve"]
+
+log = logging.getLogger(__name__)
+
+
+def registrations(store: Store) -> list[Registration]:
+    """The servicers of ``store`` for :func:`start_server`."""
+    blob = BlobServiceServicer(store.blobs)
+    directory = DirectoryServiceServicer(store.directories)
+    pathinfo = PathInfoServiceServicer(store.pathinfos, store.blobs, store.directories)
+    return [
+        (
+            lambda s: rpc_blobstore_pb2_grpc.add_BlobServiceServicer_to_server(blob, s),
+            "tvix.castore.v1.BlobService",
+        ),
+        (
+            lambda s: rpc_directory_pb2_grpc.add_DirectoryServiceServicer_to_server(directory, s),
+            "tvix.castore.v1.DirectoryService",
+        ),
+        (
+            lambda s: rpc_pathinfo_pb2_grpc.add_PathInfoServiceServicer_to_server(pathinfo, s),
+            "tvix.store.v1.PathInfoService",
+        ),
+    ]
+
+
+async def serve(store: Store, listen: str, ready: asyncio.Event | None = None) -> None:
+    """Serve until SIGINT/SIGTERM (or cancellation), then stop gracefully."""
+    server, addr = await start_server(listen, registrations(store))
+    print(f"tvix-store listening on {addr} ({store.description})", file=sys.stderr, flush=True)
+    log.info("serving gRPC on %s", addr)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+        print("tvix-store: shutting down", file=sys.stderr, flush=True)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await server.stop(2)
+        if addr.startswith("unix:"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(addr[len("unix:") :])
