@@ -53,6 +53,7 @@ bench: system-deps $(STAMP)
 	$(BIN)/python -m benchmarks
 
 run: $(STAMP)
+	@echo "tvix-store: gRPC daemon on the embedded store (TVIX_STORE_HOME, default ~/.local/share/tvix-store); Ctrl-C stops it"
 	$(BIN)/tvix-store daemon
 
 clean:

@@ -47,6 +47,15 @@ async def serve(store: Store, listen: str, ready: asyncio.Event | None = None) -
     """Serve until SIGINT/SIGTERM (or cancellation), then stop gracefully."""
     server, addr = await start_server(listen, registrations(store))
     print(f"tvix-store listening on {addr} ({store.description})", file=sys.stderr, flush=True)
+    url = f"grpc+unix://{addr[5:]}" if addr.startswith("unix:") else f"grpc+http://{addr}"
+    print(
+        "  talk to it:\n"
+        f"    grpcurl -plaintext '{addr}' list\n"
+        f"    PATH_INFO_SERVICE_ADDR={url} BLOB_SERVICE_ADDR={url} \\\n"
+        f"      DIRECTORY_SERVICE_ADDR={url} tvix-store import PATH",
+        file=sys.stderr,
+        flush=True,
+    )
     log.info("serving gRPC on %s", addr)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
