@@ -53,8 +53,8 @@ bench: system-deps $(STAMP)
 	$(BIN)/python -m benchmarks
 
 run: $(STAMP)
-	@echo "tvix-store: gRPC daemon on the embedded store (TVIX_STORE_HOME, default ~/.local/share/tvix-store); Ctrl-C stops it"
-	$(BIN)/tvix-store daemon
+	@echo "tvix-store: gRPC daemon + nar-bridge on the embedded store (TVIX_STORE_HOME, default ~/.local/share/tvix-store); Ctrl-C stops it"
+	$(BIN)/tvix-store daemon --nar-bridge "[::1]:9000"
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -67,6 +67,41 @@ def service_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+def nar_bridge_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Binary-cache options: priority, signing keys, upload bound."""
+    f = click.option(
+        "--max-nar-size",
+        type=int,
+        default=64 << 30,
+        show_default=True,
+        help="Refuse NAR uploads that decompress to more bytes than this.",
+    )(f)
+    f = click.option(
+        "--signing-key",
+        "signing_keys",
+        multiple=True,
+        type=click.Path(exists=True, dir_okay=False, path_type=str),
+        help="Nix secret key file; narinfos are signed with it on the fly (repeatable).",
+    )(f)
+    return click.option(
+        "--priority",
+        type=int,
+        default=39,
+        show_default=True,
+        help="Priority advertised in /nix-cache-info.",
+    )(f)
+
+
+def _nar_bridge_config(kw: dict[str, Any]) -> Any:
+    from nix_compat.signing import SigningKey
+    from tvix_store.nar_bridge.app import AppConfig
+
+    keys = [SigningKey.from_file(p) for p in kw.pop("signing_keys", ())]
+    return AppConfig(
+        priority=kw.pop("priority", 39), signing_keys=keys, max_nar_size=kw.pop("max_nar_size")
+    )
+
+
 async def _open(kw: dict[str, Any]) -> Any:
     from tvix_store.config import open_store
 
@@ -125,19 +160,57 @@ def dump(path: str) -> None:
     show_default=True,
     help="host:port, or an absolute unix socket path. Loopback by default: no auth yet.",
 )
+@click.option(
+    "--nar-bridge",
+    "nar_bridge_listen",
+    default=None,
+    metavar="ADDR",
+    help="Also serve the Nix binary cache (nar-bridge) on ADDR, e.g. [::1]:9000.",
+)
+@nar_bridge_options
 @service_options
-def daemon(listen_address: str, **kw: Any) -> None:
+def daemon(listen_address: str, nar_bridge_listen: str | None, **kw: Any) -> None:
     """Serve BlobService, DirectoryService and PathInfoService over gRPC.
 
-    Also serves gRPC reflection (grpcurl, evans) and the standard health service.
+    Also serves gRPC reflection (grpcurl, evans) and the standard health service,
+    and with --nar-bridge the HTTP binary cache from the same process.
     Stops cleanly on SIGINT/SIGTERM.
     """
     from tvix_store.daemon import serve
 
     async def run() -> None:
+        config = _nar_bridge_config(kw)
         store = await _open(kw)
         async with store:
-            await serve(store, listen_address)
+            await serve(
+                store,
+                listen_address,
+                nar_bridge_listen=nar_bridge_listen,
+                nar_bridge_config=config,
+            )
+
+    _run(run())
+
+
+@main.command("nar-bridge")
+@click.option(
+    "-l",
+    "--listen-address",
+    default="[::1]:9000",
+    show_default=True,
+    help="host:port, or an absolute unix socket path. Loopback by default: no auth yet.",
+)
+@nar_bridge_options
+@service_options
+def nar_bridge(listen_address: str, **kw: Any) -> None:
+    """Serve the store as a Nix HTTP binary cache (nix copy --to/--from, substituters)."""
+    from tvix_store.daemon import serve
+
+    async def run() -> None:
+        config = _nar_bridge_config(kw)
+        store = await _open(kw)
+        async with store:
+            await serve(store, None, nar_bridge_listen=listen_address, nar_bridge_config=config)
 
     _run(run())
 

@@ -32,6 +32,7 @@ from tvix_castore.nodes import Node
 from tvix_castore.objectstore import LocalObjectStore
 from tvix_castore.registry import ServiceUrl, blob_service_from_url, directory_service_from_url
 from tvix_store.nar.render import calculate_nar
+from tvix_store.narindex import MemoryNarIndex, NarIndex, SqliteNarIndex
 from tvix_store.pathinfoservice.base import PathInfoService
 
 __all__ = [
@@ -118,6 +119,7 @@ class Store:
     blobs: BlobService
     directories: DirectoryService
     pathinfos: PathInfoService
+    nar_index: NarIndex = field(default_factory=MemoryNarIndex)
     description: str = ""
     _closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list, repr=False)
 
@@ -183,19 +185,28 @@ async def open_store(
             directories = SqliteDirectoryService(db)
             parts.append(f"directories=embedded:{home}")
         closers.append(directories.aclose)
+        nar_index: NarIndex
         if path_info_url:
             pathinfos = path_info_service_from_url(path_info_url)
             parts.append(f"pathinfos={path_info_url}")
+            from tvix_store.pathinfoservice.sqlite import SqlitePathInfoService
+
+            if isinstance(pathinfos, SqlitePathInfoService):
+                nar_index = SqliteNarIndex(pathinfos.path)
+            else:  # memory:// or remote: no shared place to persist it
+                nar_index = MemoryNarIndex()
         else:
             embedded()
             from tvix_store.pathinfoservice.sqlite import SqlitePathInfoService
 
             pathinfos = SqlitePathInfoService(db)
+            nar_index = SqliteNarIndex(db)
             parts.append(f"pathinfos=embedded:{home}")
         closers.append(pathinfos.aclose)
+        closers.append(nar_index.aclose)
     except BaseException:
         for close in reversed(closers):
             with contextlib.suppress(Exception):
                 await close()
         raise
-    return Store(blobs, directories, pathinfos, ", ".join(parts), closers)
+    return Store(blobs, directories, pathinfos, nar_index, ", ".join(parts), closers)

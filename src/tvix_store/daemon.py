@@ -14,6 +14,7 @@ from tvix_castore.rpc.blob_server import BlobServiceServicer
 from tvix_castore.rpc.directory_server import DirectoryServiceServicer
 from tvix_castore.rpc.server import Registration, start_server
 from tvix_store.config import Store
+from tvix_store.nar_bridge.app import AppConfig as NarBridgeConfig
 from tvix_store.protos import rpc_pathinfo_pb2_grpc
 from tvix_store.rpc.pathinfo_server import PathInfoServiceServicer
 
@@ -43,33 +44,66 @@ def registrations(store: Store) -> list[Registration]:
     ]
 
 
-async def serve(store: Store, listen: str, ready: asyncio.Event | None = None) -> None:
-    """Serve until SIGINT/SIGTERM (or cancellation), then stop gracefully."""
-    server, addr = await start_server(listen, registrations(store))
-    print(f"tvix-store listening on {addr} ({store.description})", file=sys.stderr, flush=True)
-    url = f"grpc+unix://{addr[5:]}" if addr.startswith("unix:") else f"grpc+http://{addr}"
-    print(
-        "  talk to it:\n"
-        f"    grpcurl -plaintext '{addr}' list\n"
-        f"    PATH_INFO_SERVICE_ADDR={url} BLOB_SERVICE_ADDR={url} \\\n"
-        f"      DIRECTORY_SERVICE_ADDR={url} tvix-store import PATH",
-        file=sys.stderr,
-        flush=True,
-    )
-    log.info("serving gRPC on %s", addr)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    if ready is not None:
-        ready.set()
+async def serve(
+    store: Store,
+    listen: str | None,
+    ready: asyncio.Event | None = None,
+    *,
+    nar_bridge_listen: str | None = None,
+    nar_bridge_config: NarBridgeConfig | None = None,
+) -> None:
+    """Serve gRPC on ``listen`` and/or the binary cache on ``nar_bridge_listen``.
+
+    Runs until SIGINT/SIGTERM (or cancellation), then stops gracefully.
+    """
+    server = None
+    addr = ""
+    runner = None
     try:
-        await stop.wait()
-        print("tvix-store: shutting down", file=sys.stderr, flush=True)
-    finally:
+        if listen is not None:
+            server, addr = await start_server(listen, registrations(store))
+            url = f"grpc+unix://{addr[5:]}" if addr.startswith("unix:") else f"grpc+http://{addr}"
+            print(
+                f"tvix-store listening on {addr} ({store.description})\n"
+                "  talk to it:\n"
+                f"    grpcurl -plaintext '{addr}' list\n"
+                f"    PATH_INFO_SERVICE_ADDR={url} BLOB_SERVICE_ADDR={url} \\\n"
+                f"      DIRECTORY_SERVICE_ADDR={url} tvix-store import PATH",
+                file=sys.stderr,
+                flush=True,
+            )
+            log.info("serving gRPC on %s", addr)
+        if nar_bridge_listen is not None:
+            from tvix_store.nar_bridge.server import start_nar_bridge
+
+            runner, http_url = await start_nar_bridge(store, nar_bridge_listen, nar_bridge_config)
+            if not http_url.startswith("unix:"):
+                print(
+                    "  use it as a Nix binary cache:\n"
+                    f"    nix copy --to '{http_url}' /nix/store/…\n"
+                    f"    nix copy --from '{http_url}' --no-check-sigs /nix/store/…",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-        await server.stop(2)
-        if addr.startswith("unix:"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(addr[len("unix:") :])
+            loop.add_signal_handler(sig, stop.set)
+        if ready is not None:
+            ready.set()
+        try:
+            await stop.wait()
+            print("tvix-store: shutting down", file=sys.stderr, flush=True)
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+    finally:
+        if runner is not None:
+            from tvix_store.nar_bridge.server import stop_nar_bridge
+
+            await stop_nar_bridge(runner, nar_bridge_listen or "")
+        if server is not None:
+            await server.stop(2)
+            if addr.startswith("unix:"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(addr[len("unix:") :])

@@ -1,0 +1,136 @@
+"""Streaming decompression for every compression Nix produces, with an output bound.
+
+Each decompressor is fed compressed pieces and yields output in pieces of at
+most ``_OUT`` bytes, so a decompression bomb never balloons memory, and the
+total output is capped by ``limit`` (:class:`TooLarge` beyond it).
+"""
+
+from __future__ import annotations
+
+import bz2
+import lzma
+import zlib
+from collections.abc import Iterator
+
+import zstandard
+
+from tvix_castore.errors import ValidationError
+
+__all__ = ["COMPRESSIONS", "Decompressor", "InvalidCompressedData", "TooLarge", "decompressor"]
+
+_OUT = 1 << 20
+_ZSTD_IN = 8 << 10  # zstd has no output cap per call: feed it small pieces
+
+COMPRESSIONS = ("none", "xz", "bzip2", "gzip", "zstd")
+SUFFIXES = {
+    ".nar": "none",
+    ".nar.xz": "xz",
+    ".nar.bz2": "bzip2",
+    ".nar.gz": "gzip",
+    ".nar.zst": "zstd",
+}
+
+
+class InvalidCompressedData(ValidationError):
+    """The data is not valid for its declared compression."""
+
+
+class TooLarge(ValidationError):
+    """Decompressed output exceeds the allowed size."""
+
+
+class Decompressor:
+    """Feed compressed pieces, iterate decompressed ones; call :meth:`finish` at the end."""
+
+    def __init__(self, kind: str, limit: int) -> None:
+        if kind not in COMPRESSIONS:
+            raise ValidationError(f"unsupported compression {kind!r}")
+        self.kind = kind
+        self.limit = limit
+        self.out_size = 0
+        self._zstd = zstandard.ZstdDecompressor().decompressobj() if kind == "zstd" else None
+        self._obj: lzma.LZMADecompressor | bz2.BZ2Decompressor | zlib._Decompress | None
+        if kind == "xz":
+            self._obj = lzma.LZMADecompressor()
+        elif kind == "bzip2":
+            self._obj = bz2.BZ2Decompressor()
+        elif kind == "gzip":
+            self._obj = zlib.decompressobj(wbits=47)  # gzip or zlib header
+        else:
+            self._obj = None
+        self._ended = False
+
+    def _count(self, data: bytes) -> bytes:
+        self.out_size += len(data)
+        if self.out_size > self.limit:
+            raise TooLarge(f"decompressed data exceeds {self.limit} bytes")
+        return data
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        """Decompress ``data``; yields output pieces (≤ 1 MiB each)."""
+        try:
+            if self.kind == "none":
+                if data:
+                    yield self._count(data)
+            elif self._zstd is not None:
+                for i in range(0, len(data), _ZSTD_IN):
+                    out = self._zstd.decompress(data[i : i + _ZSTD_IN])
+                    for j in range(0, len(out), _OUT):
+                        yield self._count(out[j : j + _OUT])
+            elif isinstance(self._obj, (lzma.LZMADecompressor, bz2.BZ2Decompressor)):
+                obj = self._obj
+                pending = data
+                while True:
+                    if obj.eof:
+                        if pending or obj.unused_data:
+                            raise InvalidCompressedData(
+                                f"trailing data after the {self.kind} stream"
+                            )
+                        return
+                    out = obj.decompress(pending, max_length=_OUT)
+                    pending = b""
+                    if out:
+                        yield self._count(out)
+                    if obj.needs_input:
+                        return
+            else:
+                z = self._obj
+                assert z is not None
+                pending = data
+                while pending:
+                    out = z.decompress(pending, _OUT)
+                    pending = z.unconsumed_tail
+                    if out:
+                        yield self._count(out)
+                    if z.eof and (pending or z.unused_data):
+                        raise InvalidCompressedData("trailing data after the gzip stream")
+        except (lzma.LZMAError, OSError, zlib.error, zstandard.ZstdError, EOFError) as exc:
+            raise InvalidCompressedData(f"invalid {self.kind} data: {exc}") from exc
+
+    def finish(self) -> Iterator[bytes]:
+        """Flush; raise if the compressed stream was truncated."""
+        if self.kind == "none":
+            return
+        if self.kind == "gzip":
+            z = self._obj
+            assert z is not None and not isinstance(z, (lzma.LZMADecompressor, bz2.BZ2Decompressor))
+            out = z.flush()
+            if out:
+                yield self._count(out)
+            if not z.eof:
+                raise InvalidCompressedData("truncated gzip stream")
+        elif self.kind in ("xz", "bzip2"):
+            assert isinstance(self._obj, (lzma.LZMADecompressor, bz2.BZ2Decompressor))
+            if not self._obj.eof:
+                raise InvalidCompressedData(f"truncated {self.kind} stream")
+        elif self._zstd is not None:
+            out = self._zstd.flush()
+            if out:
+                yield self._count(out)
+            if not self._zstd.eof:
+                raise InvalidCompressedData("truncated zstd stream")
+
+
+def decompressor(kind: str, limit: int) -> Decompressor:
+    """A decompressor for a Nix compression name (none, xz, bzip2, gzip, zstd)."""
+    return Decompressor(kind, limit)

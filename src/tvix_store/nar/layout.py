@@ -1,0 +1,154 @@
+"""A NAR as a list of segments, for exact sizes and random access (HTTP Range).
+
+Literal bytes (headers, names, padding) alternate with references to file
+blobs. Built from a verified directory closure, so its size is exact before
+anything is read, and any byte range can be served by seeking into blobs.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+
+from nix_compat.nar import wire
+from tvix_castore.blobservice.base import BlobService
+from tvix_castore.digests import B3Digest
+from tvix_castore.directoryservice.base import DirectoryService
+from tvix_castore.errors import CastoreError
+from tvix_castore.nodes import Directory, DirectoryNode, FileNode, Node, SymlinkNode
+from tvix_store.nar.render import NarRenderError, fetch_closure
+
+__all__ = ["NarLayout", "nar_layout"]
+
+_READ = 1 << 20
+
+
+def _str(data: bytes) -> bytes:
+    return wire.U64.pack(len(data)) + data + b"\0" * wire.padding(len(data))
+
+
+@dataclass(frozen=True, slots=True)
+class NarLayout:
+    """Segments of one NAR: ``starts[i]`` is where ``segments[i]`` begins."""
+
+    segments: tuple[bytes | FileNode, ...]
+    starts: tuple[int, ...]
+    size: int
+
+    @property
+    def files(self) -> list[FileNode]:
+        """Every file segment (to check blobs exist before serving)."""
+        return [s for s in self.segments if isinstance(s, FileNode)]
+
+    async def read(
+        self, blobs: BlobService, start: int = 0, end: int | None = None
+    ) -> AsyncIterator[bytes]:
+        """Bytes ``[start, end)`` of the NAR, read from ``blobs`` as needed."""
+        end = self.size if end is None else min(end, self.size)
+        if start >= end:
+            return
+        i = bisect.bisect_right(self.starts, start) - 1
+        pos = start
+        while pos < end:
+            seg, seg_start = self.segments[i], self.starts[i]
+            off = pos - seg_start
+            if isinstance(seg, bytes):
+                piece = seg[off : off + (end - pos)]
+                yield piece
+                pos += len(piece)
+            else:
+                want = min(seg.size - off, end - pos)
+                async for piece in _blob_range(blobs, seg, off, want):
+                    yield piece
+                pos += want
+            i += 1
+
+
+async def _blob_range(
+    blobs: BlobService, node: FileNode, offset: int, length: int
+) -> AsyncIterator[bytes]:
+    try:
+        reader = await blobs.open_read(node.digest)
+        if reader is None:
+            raise NarRenderError(f"failed rendering nar: blob {node.digest} not found")
+        async with reader:
+            if offset:
+                await reader.seek(offset)
+            left = length
+            while left:
+                data = await reader.read(min(left, _READ))
+                if not data:
+                    raise NarRenderError(
+                        f"failed rendering nar: blob {node.digest}: unexpected EOF"
+                    )
+                left -= len(data)
+                yield data
+            if offset + length == node.size and await reader.read(1):
+                raise NarRenderError(
+                    f"failed rendering nar: blob {node.digest}: reader has more data"
+                )
+    except NarRenderError:
+        raise
+    except (CastoreError, ValueError) as exc:
+        raise NarRenderError(f"failed rendering nar: blob {node.digest}: {exc}") from exc
+
+
+def _build(node: Node, closure: Mapping[B3Digest, Directory]) -> NarLayout:
+    segments: list[bytes | FileNode] = []
+    lit = bytearray(wire.MAGIC + wire.OPEN_TYPE)
+
+    def body(n: Node) -> Directory | None:
+        nonlocal lit
+        if isinstance(n, SymlinkNode):
+            lit += wire.SYMLINK + _str(n.target)
+            return None
+        if isinstance(n, FileNode):
+            lit += (wire.EXECUTABLE if n.executable else wire.REGULAR) + wire.U64.pack(n.size)
+            if n.size:
+                segments.append(bytes(lit))
+                segments.append(n)
+                lit = bytearray()
+            lit += b"\0" * wire.padding(n.size)
+            return None
+        assert isinstance(n, DirectoryNode)
+        directory = closure.get(n.digest)
+        if directory is None:
+            raise NarRenderError(f"failed rendering nar: directory {n.digest} missing")
+        lit += wire.DIRECTORY
+        return directory
+
+    stack: list[tuple[list[Node], int]] = []
+    opened = body(node)
+    if opened is None:
+        lit += wire.CLOSE
+    else:
+        stack.append((list(opened.nodes()), 0))
+    while stack:
+        entries, i = stack[-1]
+        if i == len(entries):
+            stack.pop()
+            lit += wire.CLOSE + wire.CLOSE if stack else wire.CLOSE
+            continue
+        stack[-1] = (entries, i + 1)
+        child = entries[i]
+        lit += wire.ENTRY_NAME + _str(child.name) + wire.NODE_OPEN_TYPE
+        opened = body(child)
+        if opened is None:
+            lit += wire.CLOSE + wire.CLOSE
+        else:
+            stack.append((list(opened.nodes()), 0))
+    if lit:
+        segments.append(bytes(lit))
+    starts: list[int] = []
+    total = 0
+    for seg in segments:
+        starts.append(total)
+        total += len(seg) if isinstance(seg, bytes) else seg.size
+    return NarLayout(tuple(segments), tuple(starts), total)
+
+
+async def nar_layout(node: Node, dirs: DirectoryService) -> NarLayout:
+    """The layout of ``node``'s NAR (fetches and verifies its directory closure)."""
+    closure = await fetch_closure(node, dirs)
+    return _build(node, closure)

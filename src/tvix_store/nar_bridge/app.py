@@ -1,0 +1,359 @@
+"""The HTTP binary cache (SPEC A4): routes, checks, and the one error→status table.
+
+Handlers only translate: storage work is done by the store's services,
+``ingest_nar`` and the NAR layout. Uploads are verified before anything
+refers to them: a NAR is indexed (NarHash → root node) only after its hash
+matched the URL, and a narinfo becomes a PathInfo only if it names a NAR that
+was received, with the same size, under the store path its URL names.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from nix_compat import nixbase32
+from nix_compat.errors import NixCompatError
+from nix_compat.narinfo import NarInfo
+from nix_compat.signing import SigningKey
+from tvix_castore.errors import (
+    CastoreError,
+    NotFound,
+    StorageUnavailable,
+    ValidationError,
+)
+from tvix_castore.nodes import NameRule, Node, node_from_proto, node_to_proto
+from tvix_castore.protos import castore_pb2
+from tvix_store.compression import SUFFIXES, TooLarge, decompressor
+from tvix_store.config import Store
+from tvix_store.content import MissingContent, check_content
+from tvix_store.nar.ingest import ingest_nar
+from tvix_store.nar.layout import NarLayout, nar_layout
+from tvix_store.nar.render import NarRenderError
+from tvix_store.pathinfo import PathInfo
+
+__all__ = ["STORE_KEY", "AppConfig", "make_app"]
+
+log = logging.getLogger(__name__)
+
+MAX_NARINFO = 2 << 20
+MAX_NODE_URL = 4096
+_NAR_TYPE = "application/x-nix-nar"
+_NARINFO_TYPE = "text/x-nix-narinfo"
+_IMMUTABLE = "public, max-age=31536000, immutable"
+_NAR_NAME = re.compile(r"([0-9a-df-np-sv-z]{52})(\.nar(?:\.xz|\.bz2|\.gz|\.zst)?)")
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+
+
+@dataclass
+class AppConfig:
+    """How the binary cache behaves."""
+
+    priority: int = 39
+    signing_keys: list[SigningKey] = field(default_factory=list)
+    max_nar_size: int = 64 << 30
+    """Refuse uploads that decompress to more than this."""
+
+
+STORE_KEY = web.AppKey("store", Store)
+CONFIG_KEY = web.AppKey("config", AppConfig)
+
+
+class HttpError(Exception):
+    """A client-visible failure with its status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _status_for(exc: BaseException) -> int:
+    if isinstance(exc, HttpError):
+        return exc.status
+    if isinstance(exc, TooLarge):
+        return 413
+    if isinstance(exc, MissingContent):
+        return 400
+    if isinstance(exc, (ValidationError, NixCompatError)):
+        return 400
+    if isinstance(exc, NotFound):
+        return 404
+    if isinstance(exc, StorageUnavailable):
+        return 503
+    return 500
+
+
+@web.middleware
+async def _errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except (HttpError, CastoreError, NixCompatError) as exc:
+        status = _status_for(exc)
+        if status >= 500:
+            log.error("%s %s: %s", request.method, request.path, exc)
+        else:
+            log.info("%s %s: %d %s", request.method, request.path, status, exc)
+        return web.Response(status=status, text=f"{exc}\n")
+
+
+def _store(request: web.Request) -> Store:
+    return request.app[STORE_KEY]
+
+
+def _digest20(text: str) -> bytes:
+    try:
+        return nixbase32.decode(text, 20)
+    except NixCompatError as exc:
+        raise HttpError(404, f"{text}: not a store path hash") from exc
+
+
+async def cache_info(request: web.Request) -> web.Response:
+    prio = request.app[CONFIG_KEY].priority
+    return web.Response(
+        text=f"StoreDir: /nix/store\nWantMassQuery: 1\nPriority: {prio}\n",
+        content_type="text/x-nix-cache-info",
+    )
+
+
+async def root(request: web.Request) -> web.Response:
+    return web.Response(text="Hello from nar-bridge (tvix-store-py)\n")
+
+
+def node_url(node: Node, nar_size: int) -> str:
+    """The castore-node NAR URL (B §9.1): everything needed to render it."""
+    raw = node_to_proto(node.with_name(b"")).SerializeToString(deterministic=True)
+    b64 = base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+    return f"nar/tvix-castore/{b64}?narsize={nar_size}"
+
+
+async def get_narinfo(request: web.Request) -> web.Response:
+    digest = _digest20(request.match_info["hash"])
+    info = await _store(request).pathinfos.get(digest)
+    if info is None:
+        raise HttpError(404, f"{request.match_info['hash']}: no such path")
+    if request.method == "HEAD":
+        return web.Response(content_type=_NARINFO_TYPE)
+    keys = request.app[CONFIG_KEY].signing_keys
+    have = {s.name for s in info.signatures}
+    for key in keys:
+        if key.name not in have:
+            info = info.signed(key)
+    text = info.to_narinfo(node_url(info.node, info.nar_size)).render()
+    return web.Response(text=text, content_type=_NARINFO_TYPE)
+
+
+async def put_narinfo(request: web.Request) -> web.Response:
+    url_digest = _digest20(request.match_info["hash"])
+    if request.content_length is not None and request.content_length > MAX_NARINFO:
+        raise HttpError(413, f"narinfo larger than {MAX_NARINFO} bytes")
+    body = await request.content.read(MAX_NARINFO + 1)
+    if len(body) > MAX_NARINFO:
+        raise HttpError(413, f"narinfo larger than {MAX_NARINFO} bytes")
+    try:
+        info = NarInfo.parse(body)
+    except NixCompatError as exc:
+        raise HttpError(400, f"invalid narinfo: {exc}") from exc
+    if info.store_path.digest != url_digest:
+        raise HttpError(
+            400,
+            f"narinfo is for {info.store_path}, but was uploaded as {request.match_info['hash']}",
+        )
+    store = _store(request)
+    entry = await store.nar_index.get(info.nar_hash)
+    if entry is None:
+        raise HttpError(
+            400, f"NAR sha256:{nixbase32.encode(info.nar_hash)} was not uploaded to this cache"
+        )
+    node, nar_size = entry
+    if nar_size != info.nar_size:
+        raise HttpError(
+            400, f"NarSize {info.nar_size} does not match the uploaded NAR ({nar_size})"
+        )
+    pathinfo = PathInfo.from_narinfo(info, node)
+    await check_content(pathinfo.node, store.blobs, store.directories)
+    await store.pathinfos.put(pathinfo)
+    return web.Response(status=200)
+
+
+async def put_nar(request: web.Request) -> web.Response:
+    m = _NAR_NAME.fullmatch(request.match_info["name"])
+    if m is None:
+        raise HttpError(400, f"{request.match_info['name']}: not a NAR file name")
+    try:
+        url_hash = nixbase32.decode(m.group(1), 32)
+    except NixCompatError as exc:
+        raise HttpError(400, f"{m.group(1)}: invalid hash") from exc
+    kind = SUFFIXES[m.group(2)]
+    store = _store(request)
+    dec = decompressor(kind, request.app[CONFIG_KEY].max_nar_size)
+    file_hash = hashlib.sha256()
+    pending: list[bytes] = []
+    eof = False
+
+    async def read(n: int) -> bytes:
+        nonlocal eof
+        while not pending and not eof:
+            chunk = await request.content.read(max(n, 1 << 16))
+            if not chunk:
+                eof = True
+                pending.extend(dec.finish())
+                break
+            file_hash.update(chunk)
+            pending.extend(dec.feed(chunk))
+        return pending.pop(0) if pending else b""
+
+    result = await ingest_nar(read, store.blobs, store.directories)
+    # The URL names the file as uploaded: NarHash uncompressed, FileHash compressed.
+    got = result.nar_sha256 if kind == "none" else file_hash.digest()
+    if got != url_hash:
+        raise HttpError(
+            400,
+            f"uploaded {'NAR' if kind == 'none' else 'file'} has sha256 {nixbase32.encode(got)},"
+            f" not {m.group(1)}",
+        )
+    await store.nar_index.put(result.nar_sha256, result.node, result.nar_size)
+    return web.Response(status=200)
+
+
+async def _layout_for(store: Store, node: Node) -> NarLayout:
+    try:
+        layout = await nar_layout(node, store.directories)
+        missing = [f for f in layout.files if not await store.blobs.has(f.digest)]
+    except NarRenderError as exc:
+        raise HttpError(500, f"store is missing content for this NAR: {exc}") from exc
+    if missing:
+        raise HttpError(500, f"store is missing content for this NAR: blob {missing[0].digest}")
+    return layout
+
+
+def _parse_range(header: str, size: int) -> tuple[int, int] | None:
+    """``(start, end)`` (end exclusive) of a single byte range; ``None`` to ignore it."""
+    m = _RANGE.fullmatch(header.strip())
+    if m is None:
+        return None  # multiple or unsupported ranges: serve the whole NAR
+    first, last = m.group(1), m.group(2)
+    if first == "" and last == "":
+        return None
+    if first == "":
+        length = int(last)
+        if length == 0:
+            raise HttpError(416, "empty suffix range")
+        return max(0, size - length), size
+    start = int(first)
+    end = size if last == "" else min(int(last) + 1, size)
+    if start >= size or end <= start:
+        raise HttpError(416, f"range not satisfiable for {size} bytes")
+    return start, end
+
+
+async def _serve_nar(request: web.Request, node: Node) -> web.StreamResponse:
+    store = _store(request)
+    layout = await _layout_for(store, node)
+    headers = {
+        "Content-Type": _NAR_TYPE,
+        "Cache-Control": _IMMUTABLE,
+        "Accept-Ranges": "bytes",
+    }
+    start, end, status = 0, layout.size, 200
+    rng = request.headers.get("Range")
+    if rng is not None:
+        try:
+            parsed = _parse_range(rng, layout.size)
+        except HttpError:
+            return web.Response(
+                status=416, headers={"Content-Range": f"bytes */{layout.size}"}, text="416\n"
+            )
+        if parsed is not None:
+            start, end = parsed
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{layout.size}"
+    headers["Content-Length"] = str(end - start)
+    resp = web.StreamResponse(status=status, headers=headers)
+    await resp.prepare(request)
+    if request.method == "HEAD":
+        await resp.write_eof()
+        return resp
+    try:
+        async for piece in layout.read(store.blobs, start, end):
+            await resp.write(piece)
+    except (CastoreError, ConnectionError) as exc:
+        # Headers are out: all we can do is cut the connection short.
+        log.error("NAR stream for %s failed: %s", request.path, exc)
+        if request.transport is not None:
+            request.transport.close()
+        return resp
+    await resp.write_eof()
+    return resp
+
+
+async def get_nar_by_node(request: web.Request) -> web.StreamResponse:
+    text = request.match_info["node"]
+    if len(text) > MAX_NODE_URL:
+        raise HttpError(400, "node URL too long")
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        msg = castore_pb2.Node()
+        msg.ParseFromString(raw)
+    except (binascii.Error, ValueError, Exception) as exc:
+        raise HttpError(404, "not a castore node URL") from exc
+    try:
+        node = node_from_proto(msg, name_rule=NameRule.EMPTY)
+    except CastoreError as exc:
+        raise HttpError(400, f"invalid node: {exc}") from exc
+    narsize = request.query.get("narsize")
+    if narsize is not None and not narsize.isdigit():
+        raise HttpError(400, "narsize must be a decimal number")
+    return await _serve_nar(request, node)
+
+
+async def get_nar_classic(request: web.Request) -> web.StreamResponse:
+    m = _NAR_NAME.fullmatch(request.match_info["name"])
+    if m is None or m.group(2) != ".nar":
+        raise HttpError(404, f"{request.match_info['name']}: no such NAR")
+    try:
+        nar_hash = nixbase32.decode(m.group(1), 32)
+    except NixCompatError as exc:
+        raise HttpError(404, "invalid NAR hash") from exc
+    entry = await _store(request).nar_index.get(nar_hash)
+    if entry is None:
+        raise HttpError(404, f"{request.match_info['name']}: no such NAR")
+    return await _serve_nar(request, entry[0])
+
+
+async def put_ignored(request: web.Request) -> web.Response:
+    """Listings (``.ls``), logs and cache-info uploads are accepted and dropped."""
+    while await request.content.read(1 << 16):
+        pass
+    return web.Response(status=200)
+
+
+def make_app(store: Store, config: AppConfig | None = None) -> web.Application:
+    """The aiohttp application serving ``store`` as a binary cache."""
+    app = web.Application(middlewares=[_errors], client_max_size=MAX_NARINFO + 1)
+    app[STORE_KEY] = store
+    app[CONFIG_KEY] = config or AppConfig()
+    app.router.add_get("/", root)
+    app.router.add_get("/nix-cache-info", cache_info)
+    app.router.add_put("/nix-cache-info", put_ignored)
+    app.router.add_route("GET", r"/{hash:[^/.]+}.narinfo", get_narinfo)
+    app.router.add_route("HEAD", r"/{hash:[^/.]+}.narinfo", get_narinfo)
+    app.router.add_put(r"/{hash:[^/.]+}.narinfo", put_narinfo)
+    app.router.add_put(r"/{hash:[^/.]+}.ls", put_ignored)
+    app.router.add_put(r"/log/{name}", put_ignored)
+    app.router.add_route("GET", "/nar/tvix-castore/{node}", get_nar_by_node)
+    app.router.add_route("HEAD", "/nar/tvix-castore/{node}", get_nar_by_node)
+    app.router.add_put("/nar/{name}", put_nar)
+    app.router.add_route("GET", "/nar/{name}", get_nar_classic)
+    app.router.add_route("HEAD", "/nar/{name}", get_nar_classic)
+    return app
