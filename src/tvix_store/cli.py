@@ -50,6 +50,15 @@ def _run(coro: Coroutine[Any, Any, _T]) -> _T:
 
 def service_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """The three service-address flags (with their tvix environment variables)."""
+    f = click.option(
+        "--store-composition",
+        envvar="TVIX_STORE_COMPOSITION",
+        default=None,
+        metavar="FILE",
+        type=click.Path(dir_okay=False, path_type=str),
+        help="TOML file naming and wiring services (env TVIX_STORE_COMPOSITION);"
+        " replaces the three URLs.",
+    )(f)
     for name, env, what in reversed(
         [
             ("--blob-service-addr", "BLOB_SERVICE_ADDR", "blob service"),
@@ -230,6 +239,36 @@ def import_(paths: tuple[str, ...], **kw: Any) -> None:
                     print(f"importing {path} ...", file=sys.stderr, flush=True)
                 info = await import_path(path, store)
                 print(info.store_path.absolute, flush=True)
+
+    _run(run())
+
+
+@main.command()
+@click.argument("closure_file", envvar="NIX_ATTRS_JSON_FILE", type=click.Path(path_type=str))
+@click.option(
+    "--root",
+    default="/",
+    show_default=True,
+    help="Read /nix/store paths below this directory (e.g. a chroot store).",
+)
+@service_options
+def copy(closure_file: str, root: str, **kw: Any) -> None:
+    """Import the closure listed in CLOSURE_FILE, dependencies first.
+
+    CLOSURE_FILE is exportReferencesGraph JSON ({"closure": [...]}) or the output
+    of ``nix path-info --json --recursive``. Paths already present are skipped;
+    every NarHash/NarSize is recomputed from the files and must match.
+    Prints each imported store path.
+    """
+    from tvix_store.copy import copy_closure, read_closure_file
+
+    async def run() -> None:
+        entries = read_closure_file(closure_file)
+        store = await _open(kw)
+        async with store:
+            await copy_closure(
+                entries, store, root=root, on_imported=lambda p: print(p.absolute, flush=True)
+            )
 
     _run(run())
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from nix_compat.errors import NixCompatError
 from tvix_castore.blobservice.base import BlobService
 from tvix_castore.blobservice.objectstore import ObjectStoreBlobService
 from tvix_castore.blobservice.packed import PackedBlobService
@@ -34,6 +35,7 @@ from tvix_castore.registry import ServiceUrl, blob_service_from_url, directory_s
 from tvix_store.nar.render import calculate_nar
 from tvix_store.narindex import MemoryNarIndex, NarIndex, SqliteNarIndex
 from tvix_store.pathinfoservice.base import PathInfoService
+from tvix_store.pathinfoservice.combinators import CachePathInfoService
 
 __all__ = [
     "ENV_BLOB",
@@ -51,7 +53,9 @@ ENV_DIRECTORY = "DIRECTORY_SERVICE_ADDR"
 ENV_PATH_INFO = "PATH_INFO_SERVICE_ADDR"
 STORE_DB = "store.sqlite"
 
-PathInfoFactory = Callable[[ServiceUrl], PathInfoService]
+PathInfoFactory = Callable[[ServiceUrl, BlobService, DirectoryService], PathInfoService]
+"""Builds a PathInfoService from its URL; gets the store's blob and directory
+services (``nix+http`` ingests into them)."""
 _PATH_INFO_SERVICES: dict[str, PathInfoFactory] = {}
 
 
@@ -60,7 +64,7 @@ def register_path_info_service(scheme: str, factory: PathInfoFactory) -> None:
     _PATH_INFO_SERVICES[scheme] = factory
 
 
-def _memory(url: ServiceUrl) -> PathInfoService:
+def _memory(url: ServiceUrl, blobs: BlobService, dirs: DirectoryService) -> PathInfoService:
     url.no_host()
     url.no_path()
     url.check_query()
@@ -69,7 +73,7 @@ def _memory(url: ServiceUrl) -> PathInfoService:
     return MemoryPathInfoService()
 
 
-def _sqlite(url: ServiceUrl) -> PathInfoService:
+def _sqlite(url: ServiceUrl, blobs: BlobService, dirs: DirectoryService) -> PathInfoService:
     url.no_host()
     url.check_query()
     from tvix_store.pathinfoservice.sqlite import SqlitePathInfoService
@@ -77,21 +81,50 @@ def _sqlite(url: ServiceUrl) -> PathInfoService:
     return SqlitePathInfoService(url.absolute_path("database"))
 
 
-def _grpc(url: ServiceUrl) -> PathInfoService:
+def _grpc(url: ServiceUrl, blobs: BlobService, dirs: DirectoryService) -> PathInfoService:
     url.check_query("wait-connect")
     from tvix_store.pathinfoservice.grpc import GrpcPathInfoService
 
     return GrpcPathInfoService.from_url(url.url.split("?", 1)[0])
 
 
+def _nix(url: ServiceUrl, blobs: BlobService, dirs: DirectoryService) -> PathInfoService:
+    """``nix+https://host/prefix?trusted-public-keys=k1 k2`` (the key list may repeat)."""
+    url.check_query("trusted-public-keys")
+    from nix_compat.signing import VerifyingKey
+    from tvix_store.pathinfoservice.nix_http import NixHttpPathInfoService
+
+    keys = None
+    if url.get_all("trusted-public-keys"):
+        texts = [k for v in url.get_all("trusted-public-keys") for k in v.split()]
+        try:
+            keys = [VerifyingKey.parse(k) for k in texts]
+        except NixCompatError as exc:
+            raise url.error(f"invalid trusted public key: {exc}") from exc
+        if not keys:
+            raise url.error("trusted-public-keys is empty; give at least one key or omit it")
+    if not url.host:
+        raise url.error("nix+http(s):// needs a host")
+    base = url.url.split("?", 1)[0].removeprefix("nix+")
+    return NixHttpPathInfoService(base, blobs, dirs, keys)
+
+
 register_path_info_service("memory", _memory)
+register_path_info_service("nix+http", _nix)
+register_path_info_service("nix+https", _nix)
 register_path_info_service("sqlite", _sqlite)
 for _scheme in ("grpc+http", "grpc+https", "grpc+unix"):
     register_path_info_service(_scheme, _grpc)
 
 
-def path_info_service_from_url(url: str) -> PathInfoService:
-    """Build a PathInfoService from its URL (``memory://``, ``sqlite:///…``, ``grpc+…``)."""
+def path_info_service_from_url(
+    url: str, blobs: BlobService, directories: DirectoryService
+) -> PathInfoService:
+    """Build a PathInfoService from its URL.
+
+    Schemes: ``memory://``, ``sqlite:///…``, ``grpc+…``, ``nix+http(s)://…``;
+    ``blobs``/``directories`` are where ``nix+http`` ingests.
+    """
     parsed = ServiceUrl.parse(url)
     factory = _PATH_INFO_SERVICES.get(parsed.scheme)
     if factory is None:
@@ -99,7 +132,18 @@ def path_info_service_from_url(url: str) -> PathInfoService:
         from tvix_castore.errors import UnknownScheme
 
         raise UnknownScheme(f"{url!r}: unknown path info service scheme (known: {known})")
-    return factory(parsed)
+    return factory(parsed, blobs, directories)
+
+
+def embedded_blobs(home: Path) -> BlobService:
+    """The embedded blob service in ``home`` (small blobs in SQLite, large as chunks)."""
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the data directory {home}: {exc}") from exc
+    return PackedBlobService(
+        home / STORE_DB, ObjectStoreBlobService(LocalObjectStore(home / "blobs"))
+    )
 
 
 def data_dir() -> Path:
@@ -149,14 +193,52 @@ class Store:
         await self.aclose()
 
 
+def _nar_index_for(pathinfos: PathInfoService) -> NarIndex:
+    """A persistent NAR index next to SQLite path infos (also inside a cache), else memory."""
+    from tvix_store.pathinfoservice.sqlite import SqlitePathInfoService
+
+    while isinstance(pathinfos, CachePathInfoService):
+        pathinfos = pathinfos.near
+    if isinstance(pathinfos, SqlitePathInfoService):
+        return SqliteNarIndex(pathinfos.path)
+    return MemoryNarIndex()
+
+
+async def open_composition(path: str | Path) -> Store:
+    """Open the store described by a composition file (its ``default`` entries)."""
+    from tvix_store.composition import load_composition
+
+    comp = load_composition(path)
+    try:
+        blobs = comp.build("blobservices", "default")
+        directories = comp.build("directoryservices", "default")
+        pathinfos = comp.build("pathinfoservices", "default")
+        nar_index = _nar_index_for(pathinfos)
+    except BaseException:
+        for close in reversed(comp.closers):
+            with contextlib.suppress(Exception):
+                await close()
+        raise
+    closers = [*comp.closers, nar_index.aclose]
+    return Store(blobs, directories, pathinfos, nar_index, f"composition {path}", closers)
+
+
 async def open_store(
     blob_url: str | None = None,
     directory_url: str | None = None,
     path_info_url: str | None = None,
     *,
     home: Path | None = None,
+    composition: str | Path | None = None,
 ) -> Store:
-    """Open the store: each service from its URL, the embedded default otherwise."""
+    """Open the store: a composition file, or each service from its URL, else the embedded default.
+
+    A composition file replaces the three URLs (giving both is an error).
+    """
+    if composition is not None:
+        if blob_url or directory_url or path_info_url:
+            raise ConfigError("give either a store composition file or service URLs, not both")
+        return await open_composition(composition)
     closers: list[Callable[[], Awaitable[None]]] = []
     parts: list[str] = []
     home = home or data_dir()
@@ -173,8 +255,7 @@ async def open_store(
             blobs = blob_service_from_url(blob_url)
             parts.append(f"blobs={blob_url}")
         else:
-            embedded()
-            blobs = PackedBlobService(db, ObjectStoreBlobService(LocalObjectStore(home / "blobs")))
+            blobs = embedded_blobs(home)
             parts.append(f"blobs=embedded:{home}")
         closers.append(blobs.aclose)
         if directory_url:
@@ -187,11 +268,19 @@ async def open_store(
         closers.append(directories.aclose)
         nar_index: NarIndex
         if path_info_url:
-            pathinfos = path_info_service_from_url(path_info_url)
+            pathinfos = path_info_service_from_url(path_info_url, blobs, directories)
             parts.append(f"pathinfos={path_info_url}")
+            from tvix_store.pathinfoservice.nix_http import NixHttpPathInfoService
             from tvix_store.pathinfoservice.sqlite import SqlitePathInfoService
 
-            if isinstance(pathinfos, SqlitePathInfoService):
+            if isinstance(pathinfos, NixHttpPathInfoService):
+                # A substituter alone would re-download on every get: cache it locally.
+
+                embedded()
+                pathinfos = CachePathInfoService(SqlitePathInfoService(db), pathinfos)
+                nar_index = SqliteNarIndex(db)
+                parts.append(f"(cached in embedded:{home})")
+            elif isinstance(pathinfos, SqlitePathInfoService):
                 nar_index = SqliteNarIndex(pathinfos.path)
             else:  # memory:// or remote: no shared place to persist it
                 nar_index = MemoryNarIndex()

@@ -22,10 +22,10 @@ from nix_compat.errors import NarError
 from nix_compat.nar import NarDirectory, NarDirectoryEnd, NarFile, NarSymlink, read_nar
 from tvix_castore.blobservice.base import BlobService
 from tvix_castore.directoryservice.base import DirectoryService
-from tvix_castore.errors import ValidationError
+from tvix_castore.errors import DataCorruption, ValidationError
 from tvix_castore.nodes import Directory, DirectoryNode, FileNode, Node, SymlinkNode
 
-__all__ = ["IngestedNar", "InvalidNar", "ingest_nar", "ingest_nar_file"]
+__all__ = ["IngestedNar", "InvalidNar", "NarMismatch", "ingest_nar", "ingest_nar_file"]
 
 _SMALL = 1 << 20  # files up to this are read whole and uploaded concurrently
 _MAX_IN_FLIGHT_BYTES = 128 << 20
@@ -38,6 +38,10 @@ Read = Callable[[int], Coroutine[Any, Any, bytes]]
 
 class InvalidNar(ValidationError):
     """The uploaded bytes are not a valid NAR (offset in the message)."""
+
+
+class NarMismatch(DataCorruption):
+    """A NAR's size or sha256 differs from what it was announced with."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,11 +162,21 @@ def _parse(source: _ThreadSource, emit: Callable[[list[_Op]], None]) -> None:
         emit(batch)
 
 
-async def ingest_nar(read: Read, blobs: BlobService, dirs: DirectoryService) -> IngestedNar:
+async def ingest_nar(
+    read: Read,
+    blobs: BlobService,
+    dirs: DirectoryService,
+    *,
+    expect: tuple[int, bytes] | None = None,
+) -> IngestedNar:
     """Ingest the NAR produced by ``await read(n)`` (b"" at its end).
+
+    With ``expect=(nar_size, nar_sha256)`` the NAR must match them, checked
+    before its directories are committed.
 
     Raises:
         InvalidNar: the bytes are not a valid NAR (nothing is committed).
+        NarMismatch: the NAR differs from ``expect`` (nothing is committed).
     """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[list[_Op] | BaseException | None] = asyncio.Queue(maxsize=16)
@@ -259,6 +273,11 @@ async def ingest_nar(read: Read, blobs: BlobService, dirs: DirectoryService) -> 
         await asyncio.gather(*tasks)
         if stack or big_writer is not None:  # pragma: no cover
             raise InvalidNar("NAR ended inside a node")
+        if expect is not None:
+            if source.size != expect[0]:
+                raise NarMismatch(f"NarSize mismatch: got {source.size}, expected {expect[0]}")
+            if source.hasher.digest() != expect[1]:
+                raise NarMismatch("NarHash mismatch: the NAR does not hash to the expected sha256")
         if isinstance(node, DirectoryNode):
             await putter.close()
         else:

@@ -1,0 +1,188 @@
+"""``nix+http://`` / ``nix+https://``: substitute from a Nix binary cache (B §10, A5).
+
+``get`` fetches ``<hash>.narinfo``, checks it names the requested path and is
+signed by a trusted key (when keys are configured), then fetches the NAR
+relative to the base URL, decompresses it with an output bound of NarSize,
+ingests it into the configured blob/directory services and checks NarSize and
+NarHash before anything refers to it. Connections are reused; transient
+failures (5xx, connection errors, timeouts) are retried with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from urllib.parse import urljoin
+
+import aiohttp
+
+from nix_compat import nixbase32
+from nix_compat.errors import NixCompatError
+from nix_compat.narinfo import NarInfo
+from nix_compat.signing import VerifyingKey
+from tvix_castore.blobservice.base import BlobService
+from tvix_castore.directoryservice.base import DirectoryService
+from tvix_castore.errors import (
+    ConfigError,
+    DataCorruption,
+    StorageError,
+    StorageUnavailable,
+    ValidationError,
+)
+from tvix_castore.nodes import Node
+from tvix_store.compression import COMPRESSIONS, TooLarge, decompressor
+from tvix_store.nar.ingest import ingest_nar
+from tvix_store.pathinfo import PathInfo
+from tvix_store.pathinfoservice.base import PathInfoService
+
+__all__ = ["NixHttpPathInfoService", "UntrustedPath"]
+
+log = logging.getLogger(__name__)
+_MAX_NARINFO = 2 << 20
+
+
+class UntrustedPath(DataCorruption):
+    """The upstream narinfo is not signed by any trusted key."""
+
+
+class NixHttpPathInfoService(PathInfoService):
+    """A read-only PathInfoService backed by an HTTP binary cache."""
+
+    def __init__(
+        self,
+        base_url: str,
+        blobs: BlobService,
+        directories: DirectoryService,
+        trusted_keys: list[VerifyingKey] | None = None,
+        *,
+        retries: int = 3,
+        backoff: float = 0.2,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 60.0,
+    ) -> None:
+        if not base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"{base_url!r}: not an http(s) URL")
+        if trusted_keys is not None and not trusted_keys:
+            raise ConfigError(
+                f"{base_url}: trusted-public-keys is empty; give at least one key or omit it"
+            )
+        self.base_url = base_url if base_url.endswith("/") else base_url + "/"
+        self._blobs = blobs
+        self._dirs = directories
+        self._keys = trusted_keys
+        self._retries = retries
+        self._backoff = backoff
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, connect=connect_timeout, sock_read=read_timeout
+        )
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=self._timeout, connector=aiohttp.TCPConnector(limit=32)
+            )
+        return self._session
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _open(self, url: str) -> aiohttp.ClientResponse | None:
+        """GET ``url`` with retries; ``None`` for 404/403; raise for other failures."""
+        delay = self._backoff
+        for attempt in range(self._retries + 1):
+            last = attempt == self._retries
+            try:
+                resp = await self._client().get(url)
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                if last:
+                    raise StorageUnavailable(f"upstream {url} unreachable: {exc!r}") from exc
+            else:
+                if resp.status in (403, 404):
+                    resp.release()
+                    return None
+                if resp.status < 300:
+                    return resp
+                resp.release()
+                if resp.status < 500 or last:
+                    cls = StorageUnavailable if resp.status >= 500 else StorageError
+                    raise cls(f"upstream {url} answered HTTP {resp.status}")
+            log.info("retrying %s in %.1fs", url, delay)
+            await asyncio.sleep(delay)
+            delay *= 2
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def get(self, digest: bytes) -> PathInfo | None:
+        hash_part = nixbase32.encode(digest)
+        url = urljoin(self.base_url, f"{hash_part}.narinfo")
+        resp = await self._open(url)
+        if resp is None:
+            return None
+        try:
+            body = await resp.content.read(_MAX_NARINFO + 1)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise StorageUnavailable(f"reading {url}: {exc!r}") from exc
+        finally:
+            resp.release()
+        if len(body) > _MAX_NARINFO:
+            raise DataCorruption(f"{url}: narinfo larger than {_MAX_NARINFO} bytes")
+        try:
+            info = NarInfo.parse(body)
+        except NixCompatError as exc:
+            raise DataCorruption(f"{url}: unable to parse narinfo: {exc}") from exc
+        if info.store_path.digest != digest:
+            raise DataCorruption(f"{url}: narinfo is for {info.store_path}, not {hash_part}")
+        if self._keys is not None and not info.verify(self._keys):
+            raise UntrustedPath(f"{info.store_path}: no valid signature by a trusted key")
+        compression = info.effective_compression
+        if compression not in COMPRESSIONS:
+            raise DataCorruption(f"{info.store_path}: unsupported compression {compression!r}")
+        node = await self._fetch_nar(info, compression)
+        return PathInfo.from_narinfo(info, node)
+
+    async def _fetch_nar(self, info: NarInfo, compression: str) -> Node:
+        nar_url = urljoin(self.base_url, info.url)
+        resp = await self._open(nar_url)
+        if resp is None:
+            raise StorageError(f"unable to retrieve NAR at {nar_url}: not found")
+        dec = decompressor(compression, info.nar_size)
+        pending: list[bytes] = []
+        eof = False
+
+        async def read(n: int) -> bytes:
+            nonlocal eof
+            while not pending and not eof:
+                try:
+                    chunk = await resp.content.read(max(n, 1 << 16))
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    raise StorageUnavailable(f"reading {nar_url}: {exc!r}") from exc
+                if not chunk:
+                    eof = True
+                    pending.extend(dec.finish())
+                    break
+                pending.extend(dec.feed(chunk))
+            return pending.pop(0) if pending else b""
+
+        try:
+            result = await ingest_nar(
+                read, self._blobs, self._dirs, expect=(info.nar_size, info.nar_hash)
+            )
+        except TooLarge as exc:
+            raise DataCorruption(
+                f"{info.store_path}: NAR at {nar_url} is larger than its NarSize {info.nar_size}"
+            ) from exc
+        except ValidationError as exc:
+            raise DataCorruption(f"{info.store_path}: bad NAR at {nar_url}: {exc}") from exc
+        finally:
+            resp.release()
+        return result.node
+
+    async def put(self, info: PathInfo) -> PathInfo:
+        raise ValidationError("put not supported for this backend (nix+http is read-only)")
+
+    async def list(self) -> AsyncIterator[PathInfo]:
+        raise ValidationError("list not supported for this backend (nix+http)")
+        yield  # pragma: no cover
