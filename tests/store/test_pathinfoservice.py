@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from nix_compat.store_path import StorePath
+from tvix_castore.blobservice import MemoryBlobService
 from tvix_castore.digests import B3Digest
+from tvix_castore.directoryservice import MemoryDirectoryService
 from tvix_castore.nodes import FileNode
 from tvix_castore.rpc.server import start_server
 from tvix_store.config import open_store, path_info_service_from_url
@@ -67,7 +69,7 @@ async def test_grpc_put_refuses_missing_content(tmp_path: Path) -> None:
 
     store = await open_store(home=tmp_path)
     server, addr = await start_server("127.0.0.1:0", registrations(store))
-    client = path_info_service_from_url(f"grpc+http://{addr}")
+    client = path_info_service_from_url(f"grpc+http://{addr}", store.blobs, store.directories)
     try:
         with pytest.raises(ValidationError, match="not in the store"):
             await client.put(info_for(1, B3Digest(bytes(32))))
@@ -95,4 +97,4 @@ def test_bad_urls(url: str) -> None:
     from tvix_castore.errors import ConfigError
 
     with pytest.raises(ConfigError):
-        path_info_service_from_url(url)
+        path_info_service_from_url(url, MemoryBlobService(), MemoryDirectoryService())

@@ -50,6 +50,7 @@ _NARINFO_TYPE = "text/x-nix-narinfo"
 _IMMUTABLE = "public, max-age=31536000, immutable"
 _NAR_NAME = re.compile(r"([0-9a-df-np-sv-z]{52})(\.nar(?:\.xz|\.bz2|\.gz|\.zst)?)")
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+_GZIP_MAGIC = b"\x1f\x8b"
 
 
 @dataclass
@@ -75,6 +76,11 @@ class HttpError(Exception):
 
 
 def _status_for(exc: BaseException) -> int:
+    cause: BaseException | None = exc
+    while cause is not None:  # a bound hit deep inside the NAR reader is still "too large"
+        if isinstance(cause, TooLarge):
+            return 413
+        cause = cause.__cause__
     if isinstance(exc, HttpError):
         return exc.status
     if isinstance(exc, TooLarge):
@@ -157,7 +163,7 @@ async def put_narinfo(request: web.Request) -> web.Response:
     url_digest = _digest20(request.match_info["hash"])
     if request.content_length is not None and request.content_length > MAX_NARINFO:
         raise HttpError(413, f"narinfo larger than {MAX_NARINFO} bytes")
-    body = await request.content.read(MAX_NARINFO + 1)
+    body = await request.read()  # until EOF; over client_max_size → 413
     if len(body) > MAX_NARINFO:
         raise HttpError(413, f"narinfo larger than {MAX_NARINFO} bytes")
     try:
@@ -196,10 +202,13 @@ async def put_nar(request: web.Request) -> web.Response:
         raise HttpError(400, f"{m.group(1)}: invalid hash") from exc
     kind = SUFFIXES[m.group(2)]
     store = _store(request)
+    first = await request.content.read(1 << 16)
+    if kind == "none" and first.startswith(_GZIP_MAGIC):
+        kind = "gzip"  # Nix names gzip-compressed NARs plain ".nar"
     dec = decompressor(kind, request.app[CONFIG_KEY].max_nar_size)
-    file_hash = hashlib.sha256()
-    pending: list[bytes] = []
-    eof = False
+    file_hash = hashlib.sha256(first)
+    pending: list[bytes] = list(dec.feed(first))
+    eof = not first
 
     async def read(n: int) -> bytes:
         nonlocal eof
@@ -213,9 +222,11 @@ async def put_nar(request: web.Request) -> web.Response:
             pending.extend(dec.feed(chunk))
         return pending.pop(0) if pending else b""
 
+    if eof:
+        pending.extend(dec.finish())
     result = await ingest_nar(read, store.blobs, store.directories)
-    # The URL names the file as uploaded: NarHash uncompressed, FileHash compressed.
-    got = result.nar_sha256 if kind == "none" else file_hash.digest()
+    # The URL names the file as uploaded (FileHash; for an uncompressed NAR, its NarHash).
+    got = file_hash.digest()
     if got != url_hash:
         raise HttpError(
             400,

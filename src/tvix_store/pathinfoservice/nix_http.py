@@ -31,12 +31,12 @@ from tvix_castore.errors import (
     ValidationError,
 )
 from tvix_castore.nodes import Node
-from tvix_store.compression import COMPRESSIONS, TooLarge, decompressor
+from tvix_store.compression import COMPRESSIONS, decompressor
 from tvix_store.nar.ingest import ingest_nar
 from tvix_store.pathinfo import PathInfo
 from tvix_store.pathinfoservice.base import PathInfoService
 
-__all__ = ["NixHttpPathInfoService", "UntrustedPath"]
+__all__ = ["NarTooLarge", "NixHttpPathInfoService", "UntrustedPath"]
 
 log = logging.getLogger(__name__)
 _MAX_NARINFO = 2 << 20
@@ -44,6 +44,10 @@ _MAX_NARINFO = 2 << 20
 
 class UntrustedPath(DataCorruption):
     """The upstream narinfo is not signed by any trusted key."""
+
+
+class NarTooLarge(DataCorruption):
+    """The upstream NAR inflates beyond the NarSize its narinfo announced."""
 
 
 class NixHttpPathInfoService(PathInfoService):
@@ -170,11 +174,12 @@ class NixHttpPathInfoService(PathInfoService):
             result = await ingest_nar(
                 read, self._blobs, self._dirs, expect=(info.nar_size, info.nar_hash)
             )
-        except TooLarge as exc:
-            raise DataCorruption(
-                f"{info.store_path}: NAR at {nar_url} is larger than its NarSize {info.nar_size}"
-            ) from exc
         except ValidationError as exc:
+            if dec.out_size > dec.limit:
+                raise NarTooLarge(
+                    f"{info.store_path}: NAR at {nar_url} is larger than its NarSize"
+                    f" {info.nar_size}"
+                ) from exc
             raise DataCorruption(f"{info.store_path}: bad NAR at {nar_url}: {exc}") from exc
         finally:
             resp.release()
