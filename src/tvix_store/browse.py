@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from tvix_castore.directoryservice.base import DirectoryService
@@ -21,7 +22,7 @@ async def resolve(root: Node, sub: str, dirs: DirectoryService) -> Node:
         directory = await dirs.get(node.digest)
         if directory is None:
             raise NotFound(f"directory {node.digest} is missing from the store")
-        child = directory.lookup(part.encode())
+        child = directory.lookup(os.fsencode(part))
         walked.append(part)
         if child is None:
             raise NotFound(f"{'/'.join(walked)}: no such file or directory")

@@ -118,6 +118,7 @@ async def _open(kw: dict[str, Any]) -> Any:
         kw.get("blob_service_addr"),
         kw.get("directory_service_addr"),
         kw.get("path_info_service_addr"),
+        composition=kw.get("store_composition"),
     )
 
 

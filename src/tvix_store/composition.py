@@ -191,7 +191,7 @@ class Composition:
         where = f"{self.source}: {kind}.{name}"
         try:
             return self._make_inner(kind, typ, e)
-        except (ConfigError, NixCompatError) as exc:
+        except (ConfigError, NixCompatError, OSError) as exc:
             if isinstance(exc, CompositionError):
                 raise
             raise CompositionError(f"{where}: {exc}") from exc

@@ -6,7 +6,7 @@ import asyncio
 
 from tvix_castore.blobservice.base import BlobService
 from tvix_castore.directoryservice.base import DirectoryService
-from tvix_castore.errors import NotFound
+from tvix_castore.errors import NotFound, ValidationError
 from tvix_castore.nodes import DirectoryNode, FileNode, Node
 
 __all__ = ["MissingContent", "check_content"]
@@ -19,21 +19,37 @@ class MissingContent(NotFound):
 
 
 async def check_content(node: Node, blobs: BlobService, dirs: DirectoryService) -> None:
-    """Raise :class:`MissingContent` unless ``node``'s whole closure is present."""
+    """Raise unless ``node``'s whole closure is present and consistent.
+
+    Every blob must exist with the size its FileNode states, and a root
+    DirectoryNode must state its directory's size: a PathInfo passing this
+    can always be rendered.
+
+    Raises:
+        MissingContent: a directory or blob is absent.
+        ValidationError: a stated size does not match the stored content.
+    """
     files: list[FileNode] = []
     if isinstance(node, FileNode):
         files.append(node)
     elif isinstance(node, DirectoryNode):
-        found = False
+        root = None
         async for directory in dirs.get_recursive(node.digest):
-            found = True
+            root = root or directory
             files.extend(directory.files)
-        if not found:
+        if root is None:
             raise MissingContent(f"directory {node.digest} is not in the store")
-    unique = list({f.digest: f for f in files}.values())
+        actual = root.size(dirs.size_mode)
+        if actual != node.size:
+            raise ValidationError(f"root directory has size {actual}, the node states {node.size}")
+    unique = list({(f.digest, f.size): f for f in files}.values())
     for i in range(0, len(unique), _PARALLEL):
         batch = unique[i : i + _PARALLEL]
-        present = await asyncio.gather(*(blobs.has(f.digest) for f in batch))
-        for f, ok in zip(batch, present, strict=True):
-            if not ok:
+        sizes = await asyncio.gather(*(blobs.size(f.digest) for f in batch))
+        for f, size in zip(batch, sizes, strict=True):
+            if size is None:
                 raise MissingContent(f"blob {f.digest} (file {f.name!r}) is not in the store")
+            if size != f.size:
+                raise ValidationError(
+                    f"file {f.name!r}: blob {f.digest} has {size} bytes, the node states {f.size}"
+                )

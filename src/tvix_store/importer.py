@@ -12,7 +12,18 @@ from tvix_castore.ingest import ingest_path
 from tvix_store.config import Store
 from tvix_store.pathinfo import PathInfo
 
-__all__ = ["import_path"]
+__all__ = ["base_name_of", "import_path"]
+
+
+def base_name_of(path: str) -> str:
+    """The store-path name Nix gives ``path``: its last component, one trailing ``/`` ignored.
+
+    Like Nix, no normalisation happens (``foo/.`` is named ``.``, ``foo//`` has no name).
+    """
+    end = len(path)
+    if end > 1 and path.endswith("/"):
+        end -= 1
+    return path[path.rfind("/", 0, end) + 1 : end]
 
 
 async def import_path(path: str | os.PathLike[str], store: Store) -> PathInfo:
@@ -22,7 +33,7 @@ async def import_path(path: str | os.PathLike[str], store: Store) -> PathInfo:
     second read hits the page cache); the PathInfo is written only after all
     content is committed, so an interrupted import leaves no dangling path.
     """
-    name = validate_name(os.path.basename(os.path.abspath(os.fspath(path))))
+    name = validate_name(base_name_of(os.fspath(path)))
     node, (nar_size, nar_sha256) = await asyncio.gather(
         ingest_path(path, store.blobs, store.directories),
         asyncio.to_thread(nar_hash_path, path),

@@ -108,6 +108,7 @@ async def test_put_get_vectors(svc: BlobService, data: bytes, hexdigest: str) ->
     assert await svc.has(digest)
     assert await svc.read_all(digest) == data
     assert await svc.chunks(digest) is not None
+    assert await svc.size(digest) == len(data)
 
 
 async def test_readme_example(svc: BlobService) -> None:

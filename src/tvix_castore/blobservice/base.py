@@ -161,6 +161,19 @@ class BlobService(abc.ABC):
         """The blob's chunk list: ``[]`` if it has no finer chunking, ``None`` if absent."""
         return [] if await self.has(digest) else None
 
+    async def size(self, digest: B3Digest) -> int | None:
+        """The blob's length, or ``None`` if absent (backends answer without reading it all)."""
+        chunks = await self.chunks(digest)
+        if chunks is None:
+            return None
+        if chunks:
+            return sum(c.size for c in chunks)
+        reader = await self.open_read(digest)
+        if reader is None:
+            return None
+        async with reader:
+            return await reader.seek(0, io.SEEK_END)
+
     async def put(self, data: bytes) -> B3Digest:
         """Store a blob held in memory (small blobs, tests)."""
         w = self.open_write()

@@ -177,6 +177,27 @@ class PackedBlobService(BlobService):
             return True
         return await self.large.has(digest)
 
+    def _small_size(self, digest: B3Digest) -> tuple[int, int] | None:
+        with self._lock:
+            try:
+                row = self._conn.execute(
+                    "SELECT compressed, length(data) FROM blobs WHERE digest = ?", (digest.raw,)
+                ).fetchone()
+            except sqlite3.Error as exc:
+                raise storage_error("reading a blob size", exc) from exc
+        return None if row is None else (int(row[0]), int(row[1]))
+
+    async def size(self, digest: B3Digest) -> int | None:
+        if digest == EMPTY_DIGEST:
+            return 0
+        row = await asyncio.to_thread(self._small_size, digest)
+        if row is None:
+            return await self.large.size(digest)
+        if not row[0]:
+            return row[1]
+        data = await asyncio.to_thread(self._read_small, digest)
+        return None if data is None else len(data)
+
     async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
         if digest == EMPTY_DIGEST or await asyncio.to_thread(self._select, digest) is not None:
             return []

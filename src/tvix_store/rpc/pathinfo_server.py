@@ -67,10 +67,11 @@ class PathInfoServiceServicer(pb_grpc.PathInfoServiceServicer):
             except ValidationError as exc:
                 raise ValidationError(f"Invalid path info: {exc}") from exc
             if not self._metadata_only:
-                await check_content(info.node, self._blobs, self._dirs)
+                try:
+                    await check_content(info.node, self._blobs, self._dirs)
+                except (NotFound, ValidationError) as exc:  # the client's mistake
+                    raise ValidationError(f"Invalid path info: {exc}") from exc
             stored = await self._infos.put(info)
-        except NotFound as exc:  # missing content is the client's mistake
-            await abort_with(context, ValidationError(f"Invalid path info: {exc}"))
         except Exception as exc:
             await abort_with(context, exc)
         return stored.to_proto()
