@@ -152,12 +152,17 @@ class Composition:
             svc: Any = blob_service_from_url(url)
         elif kind == "directoryservices":
             svc = directory_service_from_url(url)
-        else:
+        elif url.startswith("nix+"):  # substituters ingest into the default services
             svc = path_info_service_from_url(
                 url,
                 self.build("blobservices", "default"),
                 self.build("directoryservices", "default"),
             )
+        else:
+            from tvix_castore.blobservice.memory import MemoryBlobService
+            from tvix_castore.directoryservice.memory import MemoryDirectoryService
+
+            svc = path_info_service_from_url(url, MemoryBlobService(), MemoryDirectoryService())
         self._closers.append(svc.aclose)
         return svc
 

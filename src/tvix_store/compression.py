@@ -19,7 +19,9 @@ from tvix_castore.errors import ValidationError
 __all__ = ["COMPRESSIONS", "Decompressor", "InvalidCompressedData", "TooLarge", "decompressor"]
 
 _OUT = 1 << 20
-_ZSTD_IN = 8 << 10  # zstd has no output cap per call: feed it small pieces
+# zstd's decompressobj has no output cap per call, and a block may inflate
+# ~32000:1: feeding 1 KiB at a time bounds one call's output to ~32 MiB.
+_ZSTD_IN = 1 << 10
 
 COMPRESSIONS = ("none", "xz", "bzip2", "gzip", "zstd")
 SUFFIXES = {

@@ -197,12 +197,14 @@ def test_huge_declared_length_is_not_allocated() -> None:
         events(nar)
 
 
-def test_source_errors_become_nar_errors() -> None:
+def test_source_errors_propagate_unchanged() -> None:
+    """An I/O error of the source is not a format error: callers must see it as it is."""
+
     class Broken:
         def read(self, n: int = -1, /) -> bytes:
             raise OSError("disk on fire")
 
-    with pytest.raises(NarError, match="disk on fire"):
+    with pytest.raises(OSError, match="disk on fire"):
         list(read_nar(Broken()))
 
 

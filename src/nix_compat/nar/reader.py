@@ -4,7 +4,8 @@
 carries a reader for its contents, valid until the next event is requested;
 contents left unread are skipped (and still checked for padding). Every
 violation of the format raises :class:`~nix_compat.errors.NarError` with the
-byte offset where it was detected, and nothing else escapes the reader.
+byte offset where it was detected; exceptions raised by the source itself
+(I/O errors) propagate unchanged.
 
 >>> import io
 >>> from nix_compat.nar.writer import NarWriter
@@ -62,12 +63,9 @@ class _Input:
         have = len(self._buf) - self._pos
         parts = [self._buf[self._pos :]] if have else []
         while have < want:
-            try:
-                chunk = self._src.read(max(self._bufsize, want - have))
-            except NarError:
-                raise
-            except Exception as exc:
-                raise NarError(f"reading the NAR failed: {exc!r}", self.offset + have) from exc
+            # Errors of the source itself (I/O, network) are not format errors:
+            # they propagate unchanged, so callers can tell them apart.
+            chunk = self._src.read(max(self._bufsize, want - have))
             if not chunk:
                 self._buf = b"".join(parts)
                 self._pos = 0

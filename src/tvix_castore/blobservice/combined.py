@@ -5,6 +5,7 @@ from __future__ import annotations
 from tvix_castore.blobservice.base import BlobReader, BlobService, BlobWriter, ChunkMeta
 from tvix_castore.blobservice.objectstore import ChunkedReader
 from tvix_castore.digests import B3Digest
+from tvix_castore.errors import ChecksumMismatch
 
 __all__ = ["CombinedBlobService"]
 
@@ -42,7 +43,9 @@ class CombinedBlobService(BlobService):
             except BaseException:
                 await w.abort()
                 raise
-            await w.close()
+            got = await w.close()
+        if got != digest:
+            raise ChecksumMismatch(f"remote sent wrong contents for blob {digest} (got {got})")
         return True
 
     async def _load_chunk(self, digest: B3Digest, size: int) -> bytes | None:

@@ -33,23 +33,20 @@ class CachePathInfoService(PathInfoService):
         hit = await self.near.get(digest)
         if hit is not None:
             return hit
-        pending = self._inflight.get(digest)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        fut: asyncio.Future[PathInfo | None] = asyncio.get_running_loop().create_future()
-        self._inflight[digest] = fut
-        try:
-            info = await self.far.get(digest)
-            if info is not None:
-                info = await self.near.put(info)
-            fut.set_result(info)
-            return info
-        except BaseException as exc:
-            fut.set_exception(exc)
-            fut.exception()  # mark retrieved: waiters re-raise it
-            raise
-        finally:
-            del self._inflight[digest]
+        task = self._inflight.get(digest)
+        if task is None:
+            # The fetch is a task of its own: cancelling one waiter (even the
+            # first) does not cancel it for the others.
+            task = asyncio.ensure_future(self._fetch(digest))
+            self._inflight[digest] = task
+            task.add_done_callback(lambda _: self._inflight.pop(digest, None))
+        return await asyncio.shield(task)
+
+    async def _fetch(self, digest: bytes) -> PathInfo | None:
+        info = await self.far.get(digest)
+        if info is not None:
+            info = await self.near.put(info)
+        return info
 
     async def put(self, info: PathInfo) -> PathInfo:
         return await self.near.put(info)
