@@ -225,6 +225,18 @@ class BlobService(abc.ABC):
                 results.append(exc)
         return results
 
+    async def read_many(self, digests: Sequence[B3Digest]) -> dict[B3Digest, bytes]:
+        """Several (small) blobs at once, verified; absent ones are left out.
+
+        Readers of many small files (NAR rendering) use this to hide per-blob
+        latency; backends answer from one query or with concurrent requests.
+        """
+        import asyncio
+
+        unique = list(dict.fromkeys(digests))
+        found = await asyncio.gather(*(self.read_all(d) for d in unique))
+        return {d: data for d, data in zip(unique, found, strict=True) if data is not None}
+
     async def read_all(self, digest: B3Digest) -> bytes | None:
         """The whole blob in memory (small blobs, tests), or ``None``."""
         reader = await self.open_read(digest)

@@ -80,13 +80,17 @@ def _decompress(data: bytes, digest: B3Digest, limit: int) -> bytes:
 class ChunkedReader(BlobReader):
     """Seekable reader over an ordered chunk list (B §7.2).
 
-    Chunks are fetched (and verified by ``load``) one at a time, on demand;
-    only the current chunk is held in memory.
+    Chunks are fetched (and verified by ``load``) on demand; while one is
+    read, the next ``read_ahead`` are already being fetched, so sequential
+    reads overlap fetching, decompressing and hashing with consuming. Memory
+    is bounded by ``read_ahead + 1`` chunks.
     """
 
-    def __init__(self, chunks: list[ChunkMeta], load: ChunkLoader) -> None:
+    def __init__(self, chunks: list[ChunkMeta], load: ChunkLoader, read_ahead: int = 2) -> None:
         self._chunks = chunks
         self._load = load
+        self._read_ahead = read_ahead
+        self._pending: dict[int, asyncio.Task[bytes | None]] = {}
         self._starts: list[int] = []
         total = 0
         for c in chunks:
@@ -115,7 +119,15 @@ class ChunkedReader(BlobReader):
         i = bisect.bisect_right(self._starts, self._pos) - 1
         if i != self._cur_index:
             meta = self._chunks[i]
-            data = await self._load(meta.digest, meta.size)
+            for j in list(self._pending):  # a seek elsewhere: drop unneeded fetches
+                if not i <= j <= i + self._read_ahead:
+                    self._pending.pop(j).cancel()
+            task = self._pending.pop(i, None)
+            for j in range(i + 1, min(i + 1 + self._read_ahead, len(self._chunks))):
+                if j not in self._pending:
+                    m = self._chunks[j]
+                    self._pending[j] = asyncio.ensure_future(self._load(m.digest, m.size))
+            data = await task if task is not None else await self._load(meta.digest, meta.size)
             if data is None:
                 raise NotFound(f"chunk {meta.digest} not found")
             if len(data) != meta.size:
@@ -127,6 +139,11 @@ class ChunkedReader(BlobReader):
         out = self._cur[off : off + n]
         self._pos += len(out)
         return out
+
+    async def aclose(self) -> None:
+        for task in self._pending.values():
+            task.cancel()
+        self._pending.clear()
 
 
 class _Writer(BlobWriter):

@@ -170,6 +170,45 @@ class PackedBlobService(BlobService):
                 raise DataCorruption(f"blob {digest} is not valid zstd: {exc}") from exc
         return checked(digest, data)
 
+    def _read_many_small(self, digests: Sequence[B3Digest]) -> dict[B3Digest, bytes]:
+        rows: list[tuple[bytes, int, bytes]] = []
+        with self._lock:
+            try:
+                for i in range(0, len(digests), 500):
+                    batch = [d.raw for d in digests[i : i + 500]]
+                    marks = ",".join("?" * len(batch))
+                    rows.extend(
+                        self._conn.execute(
+                            f"SELECT digest, compressed, data FROM blobs WHERE digest IN ({marks})",
+                            batch,
+                        )
+                    )
+            except sqlite3.Error as exc:
+                raise storage_error("reading blobs", exc) from exc
+        out: dict[B3Digest, bytes] = {}
+        for raw, compressed, data in rows:
+            digest = B3Digest(bytes(raw))
+            data = bytes(data)
+            if compressed:
+                try:
+                    data = zstandard.ZstdDecompressor().decompress(
+                        data, max_output_size=max(self.threshold, 1 << 20)
+                    )
+                except zstandard.ZstdError as exc:
+                    raise DataCorruption(f"blob {digest} is not valid zstd: {exc}") from exc
+            out[digest] = checked(digest, data)
+        return out
+
+    async def read_many(self, digests: Sequence[B3Digest]) -> dict[B3Digest, bytes]:
+        unique = list(dict.fromkeys(digests))
+        found = await asyncio.to_thread(self._read_many_small, unique)
+        if EMPTY_DIGEST in unique:
+            found[EMPTY_DIGEST] = b""
+        rest = [d for d in unique if d not in found]
+        if rest:
+            found.update(await self.large.read_many(rest))
+        return found
+
     async def has(self, digest: B3Digest) -> bool:
         if digest == EMPTY_DIGEST:
             return True
