@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 
-from benchmarks import nar_dump
+from benchmarks import castore, nar_dump, store
 from benchmarks.common import RESULTS, update_results
 
 
@@ -30,8 +30,8 @@ def _register(module: ModuleType) -> Benchmark:
     return Benchmark(module.NAME, module.TITLE, module.run, getattr(module, "add_arguments", None))
 
 
-# Add new benchmark modules here (castore ingestion, gRPC throughput, ...).
-BENCHMARKS = {b.name: b for b in map(_register, [nar_dump])}
+# Add new benchmark modules here.
+BENCHMARKS = {b.name: b for b in map(_register, [nar_dump, castore, store])}
 
 
 def main(argv: list[str] | None = None) -> int:

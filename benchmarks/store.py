@@ -1,0 +1,120 @@
+"""Store CLI: ``tvix-store import``/``export`` versus ``nix-store --add``/``--dump``.
+
+Same tree as the NAR-dump benchmark (``benchmarks/.work/nar-dump/tree``,
+built by :func:`benchmarks.nar_dump.build_tree`). Every run is a fresh
+process into a fresh store (``TVIX_STORE_HOME`` / ``--store`` scratch dir),
+rounds alternate, the best wall-clock time is kept. The printed store paths
+must be equal, and so must the exported and dumped NARs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from benchmarks.common import MB, WORK, machine
+from benchmarks.nar_dump import TREE, build_tree
+
+NAME = "store"
+TITLE = "tvix-store import/export vs nix-store (issue 4)"
+
+BIN = Path(sys.executable).parent
+TVIX = str(BIN / "tvix-store")
+ENV = {**os.environ, "NIX_CONFIG": "experimental-features = nix-command"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--store-rounds", type=int, default=3, help="rounds for the store benchmark"
+    )
+
+
+def _timed(argv: list[str], env: dict[str, str], stdout: int | None = None) -> tuple[float, bytes]:
+    import time
+
+    start = time.perf_counter()
+    proc = subprocess.run(argv, env=env, stdout=stdout or subprocess.PIPE, check=True)
+    return time.perf_counter() - start, proc.stdout or b""
+
+
+def _sha_of(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
+    h = hashlib.sha256()
+    size = 0
+    with subprocess.Popen(argv, env=env, stdout=subprocess.PIPE) as p:
+        assert p.stdout is not None
+        while chunk := p.stdout.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    if p.returncode:
+        raise SystemExit(f"{argv[0]} failed")
+    return size, h.hexdigest()
+
+
+def run(args: argparse.Namespace) -> str:
+    if not TREE.exists():
+        build_tree()
+    rounds = args.store_rounds
+    scratch = Path(tempfile.mkdtemp(prefix="store-bench-", dir=WORK))
+    add_times: list[float] = []
+    imp_times: list[float] = []
+    dump_times: list[float] = []
+    exp_times: list[float] = []
+    try:
+        for i in range(rounds):
+            nix_store = scratch / f"nix-{i}"
+            home = scratch / f"tvix-{i}"
+            t_add, out_nix = _timed(
+                ["nix-store", "--store", str(nix_store), "--add", str(TREE)], ENV
+            )
+            t_imp, out_ours = _timed(
+                [TVIX, "import", str(TREE)], {**ENV, "TVIX_STORE_HOME": str(home)}
+            )
+            if out_nix.strip() != out_ours.strip():
+                raise SystemExit(f"store paths differ: {out_nix!r} vs {out_ours!r}")
+            path = out_ours.decode().strip()
+            with open(os.devnull, "wb") as null:
+                t_dump, _ = _timed(["nix-store", "--dump", str(TREE)], ENV, null.fileno())
+                t_exp, _ = _timed(
+                    [TVIX, "export", path], {**ENV, "TVIX_STORE_HOME": str(home)}, null.fileno()
+                )
+            if i == 0:
+                theirs = _sha_of(["nix-store", "--dump", str(TREE)], ENV)
+                ours = _sha_of([TVIX, "export", path], {**ENV, "TVIX_STORE_HOME": str(home)})
+                if theirs != ours:
+                    raise SystemExit(f"NARs differ: {theirs} vs {ours}")
+                nar_mb = theirs[0] / MB
+            add_times.append(t_add)
+            imp_times.append(t_imp)
+            dump_times.append(t_dump)
+            exp_times.append(t_exp)
+            print(
+                f"  round {i + 1}: nix-store --add {t_add:.2f}s, tvix-store import {t_imp:.2f}s,"
+                f" nix-store --dump {t_dump:.2f}s, tvix-store export {t_exp:.2f}s",
+                file=sys.stderr,
+            )
+            shutil.rmtree(nix_store, ignore_errors=True)
+            shutil.rmtree(home, ignore_errors=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    a, m, d, e = min(add_times), min(imp_times), min(dump_times), min(exp_times)
+    return "\n".join(
+        [
+            f"Machine: {machine()}.",
+            "",
+            f"Input: the NAR-dump tree ({nar_mb:.0f} MB of NAR). Fresh process and fresh store per"
+            f" run, best of {rounds} alternating rounds, page cache warm. Store paths and NARs"
+            " checked identical.",
+            "",
+            "| operation | nix-store | tvix-store | tvix/nix | target |",
+            "|---|---:|---:|---:|---|",
+            f"| import (`--add` vs `import`) | {a:.2f} s | {m:.2f} s | **{m / a:.2f}×** | ≤ 0.7× |",
+            f"| export (`--dump` of the tree vs `export`) | {d:.2f} s | {e:.2f} s |"
+            f" **{e / d:.2f}×** | ≤ 1.0× |",
+        ]
+    )
