@@ -21,7 +21,7 @@ from tvix_castore.nodes import Directory, DirectoryNode, FileNode, Node, Symlink
 
 __all__ = ["DEFAULT_CONCURRENCY", "ingest_path"]
 
-DEFAULT_CONCURRENCY = 2 * (os.cpu_count() or 2)
+DEFAULT_CONCURRENCY = os.cpu_count() or 2  # more workers only contend for the GIL
 _SMALL_FILE = 1 << 20
 _BATCH_FILES = 256
 _BATCH_BYTES = 8 << 20

@@ -1,23 +1,32 @@
-"""Small blobs packed in SQLite, large ones chunked in an object store.
+"""Small blobs appended to pack files, large ones chunked in an object store.
 
-Most files in real store paths are a few KiB; one filesystem object per blob
-costs far more than hashing it (a create + rename is ~0.3 ms here). So blobs
-up to ``threshold`` bytes (default: the FastCDC minimum chunk size, below
-which a blob is a single chunk anyway) live as rows of a SQLite table,
-zstd-compressed when that helps, written in batches; larger blobs go to an
-:class:`ObjectStoreBlobService` (B §7.1 layout). Every read is verified.
+Most files in real store paths are a few KiB, and one filesystem object per
+blob costs far more than hashing it (a create + rename is ~0.3 ms here;
+SQLite BLOB rows are better but still write every byte twice through the
+WAL). So blobs up to ``threshold`` bytes (default: the FastCDC minimum chunk
+size, below which a blob is a single chunk anyway) are appended, a batch at a
+time, to this process's pack file under ``packs/``; a SQLite table maps each
+digest to (pack, offset, length). Larger blobs go to an
+:class:`ObjectStoreBlobService` (B §7.1 layout).
+
+Safety: bytes are appended before their index rows are committed, so a crash
+can leave unreferenced bytes in a pack, never an index row pointing at
+nothing written by this process. Each process appends to its own pack file,
+so concurrent writers (daemon, CLI, nar-bridge) never interleave. Every read
+is verified against its BLAKE3 digest.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import threading
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
 import blake3
-import zstandard
 
 from tvix_castore.blobservice.base import (
     BlobReader,
@@ -30,19 +39,20 @@ from tvix_castore.blobservice.base import (
 from tvix_castore.blobservice.objectstore import ObjectStoreBlobService
 from tvix_castore.digests import EMPTY_DIGEST, B3Digest
 from tvix_castore.directoryservice.sqlite import connect, storage_error
-from tvix_castore.errors import DataCorruption
+from tvix_castore.errors import DataCorruption, StorageError
 
 __all__ = ["PackedBlobService"]
 
-# A rowid table: WITHOUT ROWID keeps whole rows in the B-tree, which is very
-# slow for rows of kilobytes.
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS blobs (
+CREATE TABLE IF NOT EXISTS packed (
     digest BLOB PRIMARY KEY,
-    compressed INTEGER NOT NULL,
-    data BLOB NOT NULL
-);
+    pack TEXT NOT NULL,
+    offset INTEGER NOT NULL,
+    length INTEGER NOT NULL
+) WITHOUT ROWID;
 """
+_PACK_LIMIT = 1 << 30  # start a new pack file beyond this
+_QUERY_BATCH = 500
 
 
 class _Writer(BlobWriter):
@@ -66,7 +76,7 @@ class _Writer(BlobWriter):
             return await self._large.close()
         data = bytes(self._buf)
         digest = B3Digest(blake3.blake3(data).digest())
-        await asyncio.to_thread(self._svc._insert, [self._svc._row(digest, data)])
+        await asyncio.to_thread(self._svc._store_small, [(digest, data)])
         return digest
 
     async def abort(self) -> None:
@@ -76,51 +86,101 @@ class _Writer(BlobWriter):
 
 
 class PackedBlobService(BlobService):
-    """SQLite rows for small blobs, chunk objects for large ones."""
+    """Pack files + SQLite index for small blobs, chunk objects for large ones."""
 
     def __init__(
         self,
         db_path: str | Path,
         large: ObjectStoreBlobService,
+        pack_dir: str | Path | None = None,
         threshold: int | None = None,
         *,
-        compression_level: int | None = None,
+        fsync: bool = False,
     ) -> None:
         self.path = Path(db_path)
+        self.pack_dir = Path(pack_dir) if pack_dir is not None else self.path.parent / "packs"
         self.large = large
         self.threshold = large.min_size if threshold is None else threshold
-        # Off by default: for many small files zstd costs more time than
-        # anything else in an import (see benchmarks/RESULTS.md).
-        self.compression_level = compression_level
+        self._fsync = fsync
         self._conn = connect(self.path)
-        self._lock = threading.Lock()
-        self._local = threading.local()
+        self._lock = threading.Lock()  # the connection
+        self._append_lock = threading.Lock()  # this process's pack file
+        self._pack_name: str | None = None
+        self._pack_fd = -1
+        self._pack_size = 0
+        self._readers: dict[str, int] = {}
         try:
             self._conn.executescript(_SCHEMA)
         except sqlite3.Error as exc:
             self._conn.close()
-            raise storage_error("creating the blobs table", exc) from exc
+            raise storage_error("creating the packed blobs table", exc) from exc
 
-    def _row(self, digest: B3Digest, data: bytes) -> tuple[bytes, int, bytes]:
-        if self.compression_level is None or len(data) <= 64:
-            return (digest.raw, 0, data)
-        cctx: zstandard.ZstdCompressor | None = getattr(self._local, "cctx", None)
-        if cctx is None:
-            cctx = self._local.cctx = zstandard.ZstdCompressor(level=self.compression_level)
-        packed = cctx.compress(data)
-        if len(packed) < len(data) * 0.9:
-            return (digest.raw, 1, packed)
-        return (digest.raw, 0, data)
+    # -- writing ----------------------------------------------------------
+    def _present(self, digests: Sequence[B3Digest]) -> set[bytes]:
+        """Which of ``digests`` are already stored (so they are not appended again)."""
+        found: set[bytes] = set()
+        with self._lock:
+            try:
+                for i in range(0, len(digests), _QUERY_BATCH):
+                    batch = [d.raw for d in digests[i : i + _QUERY_BATCH]]
+                    marks = ",".join("?" * len(batch))
+                    rows = self._conn.execute(
+                        f"SELECT digest FROM packed WHERE digest IN ({marks})", batch
+                    )
+                    found.update(bytes(r[0]) for r in rows)
+            except sqlite3.Error as exc:
+                raise storage_error("looking up blobs", exc) from exc
+        return found
 
-    def _insert(self, rows: list[tuple[bytes, int, bytes]]) -> None:
-        if not rows:
+    def _append(self, data: bytes) -> tuple[str, int]:
+        """Append to this process's pack; return (pack name, offset). Caller holds the lock."""
+        if self._pack_fd < 0 or self._pack_size + len(data) > _PACK_LIMIT:
+            if self._pack_fd >= 0:
+                os.close(self._pack_fd)
+            self.pack_dir.mkdir(parents=True, exist_ok=True)
+            self._pack_name = f"{uuid.uuid4().hex}.pack"
+            self._pack_fd = os.open(
+                self.pack_dir / self._pack_name,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC,
+                0o644,
+            )
+            self._pack_size = 0
+        offset = self._pack_size
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._pack_fd, view) :]
+        if self._fsync:
+            os.fsync(self._pack_fd)
+        self._pack_size += len(data)
+        assert self._pack_name is not None
+        return self._pack_name, offset
+
+    def _store_small(self, blobs: Sequence[tuple[B3Digest, bytes]]) -> None:
+        """Append new blobs in one write and index them in one transaction."""
+        present = self._present([d for d, _ in blobs])
+        new: dict[bytes, bytes] = {}
+        for digest, data in blobs:
+            if digest.raw not in present and data:
+                new.setdefault(digest.raw, data)
+        if not new:
             return
+        try:
+            with self._append_lock:
+                pack, base = self._append(b"".join(new.values()))
+        except OSError as exc:
+            raise StorageError(f"appending to a pack file: {exc}") from exc
+        rows = []
+        offset = base
+        for raw, data in new.items():
+            rows.append((raw, pack, offset, len(data)))
+            offset += len(data)
         with self._lock:
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
                 try:
                     self._conn.executemany(
-                        "INSERT OR IGNORE INTO blobs (digest, compressed, data) VALUES (?, ?, ?)",
+                        "INSERT OR IGNORE INTO packed (digest, pack, offset, length)"
+                        " VALUES (?, ?, ?, ?)",
                         rows,
                     )
                 except BaseException:
@@ -128,127 +188,7 @@ class PackedBlobService(BlobService):
                     raise
                 self._conn.execute("COMMIT")
             except sqlite3.Error as exc:
-                raise storage_error("writing blobs", exc) from exc
-
-    def _present(self, digests: list[B3Digest]) -> set[bytes]:
-        """Which of ``digests`` are already stored (skips rewriting them)."""
-        found: set[bytes] = set()
-        with self._lock:
-            try:
-                for i in range(0, len(digests), 500):
-                    batch = [d.raw for d in digests[i : i + 500]]
-                    marks = ",".join("?" * len(batch))
-                    rows = self._conn.execute(
-                        f"SELECT digest FROM blobs WHERE digest IN ({marks})", batch
-                    )
-                    found.update(bytes(r[0]) for r in rows)
-            except sqlite3.Error as exc:
-                raise storage_error("looking up blobs", exc) from exc
-        return found
-
-    def _select(self, digest: B3Digest) -> tuple[int, bytes] | None:
-        with self._lock:
-            try:
-                row = self._conn.execute(
-                    "SELECT compressed, data FROM blobs WHERE digest = ?", (digest.raw,)
-                ).fetchone()
-            except sqlite3.Error as exc:
-                raise storage_error("reading a blob", exc) from exc
-        return None if row is None else (int(row[0]), bytes(row[1]))
-
-    def _read_small(self, digest: B3Digest) -> bytes | None:
-        row = self._select(digest)
-        if row is None:
-            return None
-        compressed, data = row
-        if compressed:
-            try:
-                data = zstandard.ZstdDecompressor().decompress(
-                    data, max_output_size=max(self.threshold, 1 << 20)
-                )
-            except zstandard.ZstdError as exc:
-                raise DataCorruption(f"blob {digest} is not valid zstd: {exc}") from exc
-        return checked(digest, data)
-
-    def _read_many_small(self, digests: Sequence[B3Digest]) -> dict[B3Digest, bytes]:
-        rows: list[tuple[bytes, int, bytes]] = []
-        with self._lock:
-            try:
-                for i in range(0, len(digests), 500):
-                    batch = [d.raw for d in digests[i : i + 500]]
-                    marks = ",".join("?" * len(batch))
-                    rows.extend(
-                        self._conn.execute(
-                            f"SELECT digest, compressed, data FROM blobs WHERE digest IN ({marks})",
-                            batch,
-                        )
-                    )
-            except sqlite3.Error as exc:
-                raise storage_error("reading blobs", exc) from exc
-        out: dict[B3Digest, bytes] = {}
-        for raw, compressed, data in rows:
-            digest = B3Digest(bytes(raw))
-            data = bytes(data)
-            if compressed:
-                try:
-                    data = zstandard.ZstdDecompressor().decompress(
-                        data, max_output_size=max(self.threshold, 1 << 20)
-                    )
-                except zstandard.ZstdError as exc:
-                    raise DataCorruption(f"blob {digest} is not valid zstd: {exc}") from exc
-            out[digest] = checked(digest, data)
-        return out
-
-    async def read_many(self, digests: Sequence[B3Digest]) -> dict[B3Digest, bytes]:
-        unique = list(dict.fromkeys(digests))
-        found = await asyncio.to_thread(self._read_many_small, unique)
-        if EMPTY_DIGEST in unique:
-            found[EMPTY_DIGEST] = b""
-        rest = [d for d in unique if d not in found]
-        if rest:
-            found.update(await self.large.read_many(rest))
-        return found
-
-    async def has(self, digest: B3Digest) -> bool:
-        if digest == EMPTY_DIGEST:
-            return True
-        if await asyncio.to_thread(self._select, digest) is not None:
-            return True
-        return await self.large.has(digest)
-
-    def _small_size(self, digest: B3Digest) -> tuple[int, int] | None:
-        with self._lock:
-            try:
-                row = self._conn.execute(
-                    "SELECT compressed, length(data) FROM blobs WHERE digest = ?", (digest.raw,)
-                ).fetchone()
-            except sqlite3.Error as exc:
-                raise storage_error("reading a blob size", exc) from exc
-        return None if row is None else (int(row[0]), int(row[1]))
-
-    async def size(self, digest: B3Digest) -> int | None:
-        if digest == EMPTY_DIGEST:
-            return 0
-        row = await asyncio.to_thread(self._small_size, digest)
-        if row is None:
-            return await self.large.size(digest)
-        if not row[0]:
-            return row[1]
-        data = await asyncio.to_thread(self._read_small, digest)
-        return None if data is None else len(data)
-
-    async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
-        if digest == EMPTY_DIGEST or await asyncio.to_thread(self._select, digest) is not None:
-            return []
-        return await self.large.chunks(digest)
-
-    async def open_read(self, digest: B3Digest) -> BlobReader | None:
-        if digest == EMPTY_DIGEST:
-            return BytesBlobReader(b"")
-        data = await asyncio.to_thread(self._read_small, digest)
-        if data is not None:
-            return BytesBlobReader(data)
-        return await self.large.open_read(digest)
+                raise storage_error("indexing packed blobs", exc) from exc
 
     def open_write(self) -> BlobWriter:
         return _Writer(self)
@@ -257,7 +197,7 @@ class PackedBlobService(BlobService):
         self, files: Sequence[tuple[str | bytes, int]]
     ) -> list[B3Digest | Exception]:
         def work() -> list[tuple[B3Digest, list[ChunkMeta]] | Exception]:
-            pending: list[tuple[B3Digest, bytes]] = []
+            small: list[tuple[B3Digest, bytes]] = []
             out: list[tuple[B3Digest, list[ChunkMeta]] | Exception] = []
             for path, size in files:
                 try:
@@ -269,12 +209,11 @@ class PackedBlobService(BlobService):
                     if len(data) != size:
                         raise ValueError(f"file changed size while reading ({len(data)} != {size})")
                     digest = B3Digest(blake3.blake3(data).digest())
-                    pending.append((digest, data))
+                    small.append((digest, data))
                     out.append((digest, []))
                 except (OSError, ValueError) as exc:
                     out.append(exc)
-            present = self._present([d for d, _ in pending])
-            self._insert([self._row(d, data) for d, data in pending if d.raw not in present])
+            self._store_small(small)
             return out
 
         results: list[B3Digest | Exception] = []
@@ -294,7 +233,92 @@ class PackedBlobService(BlobService):
             raise result
         return result
 
+    # -- reading ----------------------------------------------------------
+    def _locate(self, digests: Sequence[B3Digest]) -> dict[bytes, tuple[str, int, int]]:
+        found: dict[bytes, tuple[str, int, int]] = {}
+        with self._lock:
+            try:
+                for i in range(0, len(digests), _QUERY_BATCH):
+                    batch = [d.raw for d in digests[i : i + _QUERY_BATCH]]
+                    marks = ",".join("?" * len(batch))
+                    for raw, pack, offset, length in self._conn.execute(
+                        "SELECT digest, pack, offset, length FROM packed"
+                        f" WHERE digest IN ({marks})",
+                        batch,
+                    ):
+                        found[bytes(raw)] = (str(pack), int(offset), int(length))
+            except sqlite3.Error as exc:
+                raise storage_error("looking up packed blobs", exc) from exc
+        return found
+
+    def _pread(self, digest: B3Digest, pack: str, offset: int, length: int) -> bytes:
+        if "/" in pack or pack.startswith("."):
+            raise DataCorruption(f"blob {digest}: invalid pack name {pack!r} in the index")
+        try:
+            fd = self._readers.get(pack)
+            if fd is None:
+                fd = os.open(self.pack_dir / pack, os.O_RDONLY | os.O_CLOEXEC)
+                self._readers[pack] = fd
+            data = os.pread(fd, length, offset)
+        except OSError as exc:
+            raise DataCorruption(f"blob {digest}: cannot read pack {pack}: {exc}") from exc
+        if len(data) != length:
+            raise DataCorruption(f"blob {digest}: pack {pack} is truncated")
+        return checked(digest, data)
+
+    def _read_many_small(self, digests: Sequence[B3Digest]) -> dict[B3Digest, bytes]:
+        out: dict[B3Digest, bytes] = {}
+        for raw, (pack, offset, length) in self._locate(digests).items():
+            digest = B3Digest(raw)
+            out[digest] = self._pread(digest, pack, offset, length)
+        return out
+
+    async def has(self, digest: B3Digest) -> bool:
+        if digest == EMPTY_DIGEST:
+            return True
+        if await asyncio.to_thread(self._locate, [digest]):
+            return True
+        return await self.large.has(digest)
+
+    async def size(self, digest: B3Digest) -> int | None:
+        if digest == EMPTY_DIGEST:
+            return 0
+        found = await asyncio.to_thread(self._locate, [digest])
+        if found:
+            return found[digest.raw][2]
+        return await self.large.size(digest)
+
+    async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
+        if digest == EMPTY_DIGEST or len(await asyncio.to_thread(self._locate, [digest])):
+            return []
+        return await self.large.chunks(digest)
+
+    async def read_many(self, digests: Sequence[B3Digest]) -> dict[B3Digest, bytes]:
+        unique = list(dict.fromkeys(digests))
+        found = await asyncio.to_thread(self._read_many_small, unique)
+        if EMPTY_DIGEST in unique:
+            found[EMPTY_DIGEST] = b""
+        rest = [d for d in unique if d not in found]
+        if rest:
+            found.update(await self.large.read_many(rest))
+        return found
+
+    async def open_read(self, digest: B3Digest) -> BlobReader | None:
+        if digest == EMPTY_DIGEST:
+            return BytesBlobReader(b"")
+        found = await asyncio.to_thread(self._read_many_small, [digest])
+        if digest in found:
+            return BytesBlobReader(found[digest])
+        return await self.large.open_read(digest)
+
     async def aclose(self) -> None:
         with self._lock:
             self._conn.close()
+        with self._append_lock:
+            if self._pack_fd >= 0:
+                os.close(self._pack_fd)
+                self._pack_fd = -1
+        for fd in self._readers.values():
+            os.close(fd)
+        self._readers.clear()
         await self.large.aclose()
