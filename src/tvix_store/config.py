@@ -20,7 +20,6 @@ import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 
 from nix_compat.errors import NixCompatError
 from tvix_castore.blobservice.base import BlobService
@@ -29,6 +28,7 @@ from tvix_castore.blobservice.packed import PackedBlobService
 from tvix_castore.directoryservice.base import DirectoryService
 from tvix_castore.directoryservice.sqlite import SqliteDirectoryService
 from tvix_castore.errors import ConfigError
+from tvix_castore.lifecycle import AsyncClosing
 from tvix_castore.nodes import Node
 from tvix_castore.objectstore import LocalObjectStore
 from tvix_castore.registry import ServiceUrl, blob_service_from_url, directory_service_from_url
@@ -157,7 +157,7 @@ def data_dir() -> Path:
 
 
 @dataclass
-class Store:
+class Store(AsyncClosing):
     """The three services (and a NAR calculator), closed together."""
 
     blobs: BlobService
@@ -180,17 +180,6 @@ class Store:
         closers, self._closers = self._closers, []
         for close in reversed(closers):
             await close()
-
-    async def __aenter__(self) -> Store:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
 
 def _nar_index_for(pathinfos: PathInfoService) -> NarIndex:

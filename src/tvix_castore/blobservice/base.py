@@ -13,10 +13,10 @@ import abc
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
-from types import TracebackType
 
 from tvix_castore.digests import B3Digest
 from tvix_castore.errors import ChecksumMismatch
+from tvix_castore.lifecycle import AbortOnError, AsyncClosing
 
 __all__ = ["BlobReader", "BlobService", "BlobWriter", "BytesBlobReader", "ChunkMeta", "checked"]
 
@@ -29,7 +29,7 @@ class ChunkMeta:
     size: int
 
 
-class BlobReader(abc.ABC):
+class BlobReader(AsyncClosing, abc.ABC):
     """An async, seekable reader over one blob."""
 
     @abc.abstractmethod
@@ -44,9 +44,6 @@ class BlobReader(abc.ABC):
     def tell(self) -> int:
         """Current position."""
 
-    async def aclose(self) -> None:
-        """Release resources (default: nothing to release)."""
-
     async def readexactly(self, n: int) -> bytes:
         """Exactly ``n`` bytes, or fewer only at the end of the blob."""
         parts: list[bytes] = []
@@ -57,17 +54,6 @@ class BlobReader(abc.ABC):
             parts.append(chunk)
             n -= len(chunk)
         return b"".join(parts)
-
-    async def __aenter__(self) -> BlobReader:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
 
 class BytesBlobReader(BlobReader):
@@ -111,7 +97,7 @@ def _resolve_seek(pos: int, size: int, offset: int, whence: int) -> int:
     return new
 
 
-class BlobWriter(abc.ABC):
+class BlobWriter(AbortOnError, abc.ABC):
     """Streams bytes in; :meth:`close` publishes the blob and returns its digest.
 
     Nothing becomes visible before ``close``; :meth:`abort` (or leaving an
@@ -126,23 +112,8 @@ class BlobWriter(abc.ABC):
     async def close(self) -> B3Digest:
         """Publish and return the digest of everything written."""
 
-    async def abort(self) -> None:
-        """Discard what was written (default: nothing to clean up)."""
 
-    async def __aenter__(self) -> BlobWriter:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc_type is not None:
-            await self.abort()
-
-
-class BlobService(abc.ABC):
+class BlobService(AsyncClosing, abc.ABC):
     """Stores blobs by BLAKE3 digest. Implementations must be safe for concurrent use."""
 
     @abc.abstractmethod
@@ -244,20 +215,6 @@ class BlobService(abc.ABC):
             return None
         async with reader:
             return await reader.read()
-
-    async def aclose(self) -> None:
-        """Release resources."""
-
-    async def __aenter__(self) -> BlobService:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
 
 def checked(digest: B3Digest, data: bytes, what: str = "blob") -> bytes:

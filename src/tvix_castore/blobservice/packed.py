@@ -38,7 +38,7 @@ from tvix_castore.blobservice.base import (
 )
 from tvix_castore.blobservice.objectstore import ObjectStoreBlobService
 from tvix_castore.digests import EMPTY_DIGEST, B3Digest
-from tvix_castore.directoryservice.sqlite import connect, storage_error
+from tvix_castore.directoryservice.sqlite import connect, storage_error, write_rows
 from tvix_castore.errors import DataCorruption, StorageError
 
 __all__ = ["PackedBlobService"]
@@ -175,20 +175,12 @@ class PackedBlobService(BlobService):
             rows.append((raw, pack, offset, len(data)))
             offset += len(data)
         with self._lock:
-            try:
-                self._conn.execute("BEGIN IMMEDIATE")
-                try:
-                    self._conn.executemany(
-                        "INSERT OR IGNORE INTO packed (digest, pack, offset, length)"
-                        " VALUES (?, ?, ?, ?)",
-                        rows,
-                    )
-                except BaseException:
-                    self._conn.execute("ROLLBACK")
-                    raise
-                self._conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                raise storage_error("indexing packed blobs", exc) from exc
+            write_rows(
+                self._conn,
+                "INSERT OR IGNORE INTO packed (digest, pack, offset, length) VALUES (?, ?, ?, ?)",
+                rows,
+                "indexing packed blobs",
+            )
 
     def open_write(self) -> BlobWriter:
         return _Writer(self)

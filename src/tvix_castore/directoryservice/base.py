@@ -12,17 +12,17 @@ from __future__ import annotations
 import abc
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
-from types import TracebackType
 
 from tvix_castore.digests import B3Digest
 from tvix_castore.directoryservice.graph import DirectoryGraph
 from tvix_castore.errors import DataCorruption, DirectoryGraphError
+from tvix_castore.lifecycle import AbortOnError, AsyncClosing
 from tvix_castore.nodes import DEFAULT_SIZE_MODE, Directory, SizeMode
 
 __all__ = ["DirectoryPutter", "DirectoryService", "GraphPutter"]
 
 
-class DirectoryPutter(abc.ABC):
+class DirectoryPutter(AbortOnError, abc.ABC):
     """Receives one closure leaves → root; ``close()`` commits it and returns the root."""
 
     @abc.abstractmethod
@@ -33,23 +33,8 @@ class DirectoryPutter(abc.ABC):
     async def close(self) -> B3Digest:
         """Validate the whole closure, commit it, and return the root digest."""
 
-    async def abort(self) -> None:
-        """Discard everything received."""
 
-    async def __aenter__(self) -> DirectoryPutter:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc_type is not None:
-            await self.abort()
-
-
-class DirectoryService(abc.ABC):
+class DirectoryService(AsyncClosing, abc.ABC):
     """Stores Directories by digest. Implementations must be safe for concurrent use."""
 
     size_mode: SizeMode = DEFAULT_SIZE_MODE
@@ -100,20 +85,6 @@ class DirectoryService(abc.ABC):
                 if found is None:
                     raise DataCorruption(f"directory {child.digest} missing from closure of {root}")
                 queue.append(found)
-
-    async def aclose(self) -> None:
-        """Release resources."""
-
-    async def __aenter__(self) -> DirectoryService:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
 
 class GraphPutter(DirectoryPutter):

@@ -12,6 +12,7 @@ import threading
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from tvix_castore.digests import B3Digest
 from tvix_castore.directoryservice.base import DirectoryService
@@ -24,7 +25,7 @@ from tvix_castore.errors import (
 )
 from tvix_castore.nodes import Directory
 
-__all__ = ["SqliteDirectoryService", "connect", "storage_error"]
+__all__ = ["SqliteDirectoryService", "connect", "write_rows", "storage_error"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS directories (
@@ -47,6 +48,22 @@ def storage_error(what: str, exc: sqlite3.Error) -> StorageError:
     if primary in _BUSY:
         return StorageUnavailable(f"{what}: {exc}")
     return StorageError(f"{what}: {exc}")
+
+
+def write_rows(
+    conn: sqlite3.Connection, sql: str, rows: Sequence[tuple[Any, ...]], what: str
+) -> None:
+    """``executemany(sql, rows)`` in one immediate transaction (all rows or none)."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany(sql, rows)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        raise storage_error(what, exc) from exc
 
 
 def connect(path: str | Path) -> sqlite3.Connection:
@@ -132,18 +149,12 @@ class SqliteDirectoryService(DirectoryService):
     def _commit_sync(self, directories: Sequence[Directory]) -> None:
         rows = [(d.digest.raw, d.encode()) for d in directories]
         with self._lock:
-            try:
-                self._conn.execute("BEGIN IMMEDIATE")
-                try:
-                    self._conn.executemany(
-                        "INSERT OR IGNORE INTO directories (digest, data) VALUES (?, ?)", rows
-                    )
-                except BaseException:
-                    self._conn.execute("ROLLBACK")
-                    raise
-                self._conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                raise storage_error("writing directories", exc) from exc
+            write_rows(
+                self._conn,
+                "INSERT OR IGNORE INTO directories (digest, data) VALUES (?, ?)",
+                rows,
+                "writing directories",
+            )
 
     async def _commit(self, directories: Sequence[Directory]) -> None:
         await asyncio.to_thread(self._commit_sync, directories)

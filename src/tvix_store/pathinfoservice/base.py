@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import abc
 from collections.abc import AsyncIterator
-from types import TracebackType
 
+from tvix_castore.lifecycle import AsyncClosing
 from tvix_store.pathinfo import PathInfo
 
 __all__ = ["PathInfoService"]
 
 
-class PathInfoService(abc.ABC):
+class PathInfoService(AsyncClosing, abc.ABC):
     """Stores PathInfos. Implementations must be safe for concurrent use."""
 
     @abc.abstractmethod
@@ -30,17 +30,3 @@ class PathInfoService(abc.ABC):
     @abc.abstractmethod
     def list(self) -> AsyncIterator[PathInfo]:
         """Every PathInfo."""
-
-    async def aclose(self) -> None:
-        """Release resources."""
-
-    async def __aenter__(self) -> PathInfoService:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
