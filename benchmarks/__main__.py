@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 
-from benchmarks import castore, nar_dump, store
+from benchmarks import castore, nar_bridge, nar_dump, store
 from benchmarks.common import RESULTS, update_results
 
 
@@ -31,7 +31,7 @@ def _register(module: ModuleType) -> Benchmark:
 
 
 # Add new benchmark modules here.
-BENCHMARKS = {b.name: b for b in map(_register, [nar_dump, castore, store])}
+BENCHMARKS = {b.name: b for b in map(_register, [nar_dump, castore, store, nar_bridge])}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -196,6 +196,20 @@ class BlobService(AsyncClosing, abc.ABC):
                 results.append(exc)
         return results
 
+    async def has_many(self, digests: Sequence[B3Digest]) -> set[B3Digest]:
+        """Which of ``digests`` are present (backends answer in one round trip)."""
+        import asyncio
+
+        unique = list(dict.fromkeys(digests))
+        found = await asyncio.gather(*(self.has(d) for d in unique))
+        return {d for d, ok in zip(unique, found, strict=True) if ok}
+
+    async def put_many(self, blobs: Sequence[bytes]) -> list[B3Digest]:
+        """Store several small blobs held in memory; their digests, in order."""
+        import asyncio
+
+        return list(await asyncio.gather(*(self.put(b) for b in blobs)))
+
     async def read_many(self, digests: Sequence[B3Digest]) -> dict[B3Digest, bytes]:
         """Several (small) blobs at once, verified; absent ones are left out.
 

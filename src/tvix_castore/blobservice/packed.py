@@ -219,6 +219,29 @@ class PackedBlobService(BlobService):
                 results.append(digest)
         return results
 
+    async def put_many(self, blobs: Sequence[bytes]) -> list[B3Digest]:
+        small = [b for b in blobs if len(b) <= self.threshold]
+
+        def work() -> list[B3Digest]:
+            hashed = [(B3Digest(blake3.blake3(b).digest()), b) for b in small]
+            self._store_small(hashed)
+            return [d for d, _ in hashed]
+
+        small_digests = iter(await asyncio.to_thread(work))
+        out: list[B3Digest] = []
+        for b in blobs:
+            out.append(next(small_digests) if len(b) <= self.threshold else await self.put(b))
+        return out
+
+    async def has_many(self, digests: Sequence[B3Digest]) -> set[B3Digest]:
+        unique = list(dict.fromkeys(digests))
+        located = await asyncio.to_thread(self._locate, unique)
+        found = {d for d in unique if d.raw in located or d == EMPTY_DIGEST}
+        rest = [d for d in unique if d not in found]
+        if rest:
+            found |= await self.large.has_many(rest)
+        return found
+
     async def ingest_file(self, path: str | bytes, size: int) -> B3Digest:
         (result,) = await self.ingest_files([(path, size)])
         if isinstance(result, Exception):

@@ -27,9 +27,10 @@ from tvix_castore.nodes import Directory, DirectoryNode, FileNode, Node, Symlink
 
 __all__ = ["IngestedNar", "InvalidNar", "NarMismatch", "ingest_nar", "ingest_nar_file"]
 
-_SMALL = 1 << 20  # files up to this are read whole and uploaded concurrently
-_MAX_IN_FLIGHT_BYTES = 128 << 20
-_MAX_IN_FLIGHT = 64
+_SMALL = 1 << 20  # files up to this are read whole and uploaded in batches
+_BATCH_FILES = 256
+_BATCH_UPLOAD_BYTES = 8 << 20
+_MAX_BATCHES_IN_FLIGHT = 4  # bounds memory: ~4 × 8 MiB of small files
 _BATCH_BYTES = 1 << 20
 _BATCH_OPS = 256
 
@@ -97,10 +98,15 @@ class _DirEnd:
 _Op = _SmallFile | _BigStart | _Chunk | _BigEnd | _Link | _DirStart | _DirEnd
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Frame:
+    """A directory being parsed: its entries, some still uploading or unbuilt."""
+
     name: bytes
-    entries: list[Node | asyncio.Future[Node]] = field(default_factory=list)
+    entries: list[_Entry] = field(default_factory=list)
+
+
+_Entry = Node | asyncio.Future[FileNode] | _Frame
 
 
 class _Stop(Exception):
@@ -201,30 +207,52 @@ async def ingest_nar(
 
     thread = threading.Thread(target=run, name="nar-parser", daemon=True)
     thread.start()
-    sem = asyncio.Semaphore(_MAX_IN_FLIGHT)
-    budget = asyncio.Semaphore(_MAX_IN_FLIGHT_BYTES >> 16)  # in 64 KiB units
-    tasks: list[asyncio.Future[Node]] = []
+    inflight = asyncio.Semaphore(_MAX_BATCHES_IN_FLIGHT)
+    tasks: list[asyncio.Task[None]] = []
+    batch: list[tuple[_SmallFile, asyncio.Future[FileNode]]] = []
+    batch_bytes = 0
     putter = dirs.put_multiple_start()
     stack: list[_Frame] = []
-    root: Node | asyncio.Future[Node] | None = None
+    finished: list[_Frame] = []  # post-order: children before parents
+    root: _Entry | None = None
     big_writer = None
     big: _BigStart | None = None
 
-    async def upload_small(op: _SmallFile, units: int) -> Node:
+    async def upload(items: list[tuple[_SmallFile, asyncio.Future[FileNode]]]) -> None:
         try:
-            digest = await blobs.put(op.data)
-            return FileNode(op.name, digest, len(op.data), op.executable)
+            digests = await blobs.put_many([op.data for op, _ in items])
+            for (op, fut), digest in zip(items, digests, strict=True):
+                fut.set_result(FileNode(op.name, digest, len(op.data), op.executable))
+        except BaseException as exc:
+            for _, fut in items:
+                if not fut.done():
+                    fut.set_exception(exc)
+                    fut.exception()  # retrieved: the batch task reports it
+            raise
         finally:
-            sem.release()
-            for _ in range(units):
-                budget.release()
+            inflight.release()
 
-    def place(node: Node | asyncio.Future[Node]) -> None:
+    async def flush() -> None:
+        nonlocal batch, batch_bytes
+        if not batch:
+            return
+        items, batch, batch_bytes = batch, [], 0
+        await inflight.acquire()
+        tasks.append(asyncio.ensure_future(upload(items)))
+
+    def place(entry: _Entry) -> None:
         nonlocal root
         if stack:
-            stack[-1].entries.append(node)
+            stack[-1].entries.append(entry)
         else:
-            root = node
+            root = entry
+
+    def resolve(entry: _Entry, built: dict[int, Node]) -> Node:
+        if isinstance(entry, _Frame):
+            return built.pop(id(entry))
+        if isinstance(entry, asyncio.Future):
+            return entry.result()
+        return entry
 
     try:
         while True:
@@ -237,13 +265,12 @@ async def ingest_nar(
                 raise item
             for op in item:
                 if isinstance(op, _SmallFile):
-                    units = max(1, len(op.data) >> 16)
-                    await sem.acquire()
-                    for _ in range(units):
-                        await budget.acquire()
-                    task = asyncio.ensure_future(upload_small(op, units))
-                    tasks.append(task)
-                    place(task)
+                    fut: asyncio.Future[FileNode] = loop.create_future()
+                    batch.append((op, fut))
+                    batch_bytes += len(op.data)
+                    place(fut)
+                    if len(batch) >= _BATCH_FILES or batch_bytes >= _BATCH_UPLOAD_BYTES:
+                        await flush()
                 elif isinstance(op, _BigStart):
                     big, big_writer = op, blobs.open_write()
                 elif isinstance(op, _Chunk):
@@ -260,24 +287,25 @@ async def ingest_nar(
                     stack.append(_Frame(op.name))
                 else:
                     frame = stack.pop()
-                    nodes = [
-                        e if not isinstance(e, asyncio.Future) else await e for e in frame.entries
-                    ]
-                    directory = Directory.from_nodes(nodes)
-                    await putter.put(directory)
-                    place(directory.to_node(frame.name, dirs.size_mode))
+                    finished.append(frame)
+                    place(frame)
         await asyncio.to_thread(thread.join)
-        if root is None:  # pragma: no cover - the reader never ends without a root
-            raise InvalidNar("empty NAR")
-        node = await root if isinstance(root, asyncio.Future) else root
+        await flush()
         await asyncio.gather(*tasks)
-        if stack or big_writer is not None:  # pragma: no cover
+        if root is None or stack or big_writer is not None:  # pragma: no cover
             raise InvalidNar("NAR ended inside a node")
         if expect is not None:
             if source.size != expect[0]:
                 raise NarMismatch(f"NarSize mismatch: got {source.size}, expected {expect[0]}")
             if source.hasher.digest() != expect[1]:
                 raise NarMismatch("NarHash mismatch: the NAR does not hash to the expected sha256")
+        # All blobs are stored: build the directories leaves first, one putter.
+        built: dict[int, Node] = {}
+        for frame in finished:
+            directory = Directory.from_nodes(resolve(e, built) for e in frame.entries)
+            await putter.put(directory)
+            built[id(frame)] = directory.to_node(frame.name, dirs.size_mode)
+        node = resolve(root, built)
         if isinstance(node, DirectoryNode):
             await putter.close()
         else:

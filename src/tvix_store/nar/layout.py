@@ -148,7 +148,10 @@ def _build(node: Node, closure: Mapping[B3Digest, Directory]) -> NarLayout:
     return NarLayout(tuple(segments), tuple(starts), total)
 
 
-async def nar_layout(node: Node, dirs: DirectoryService) -> NarLayout:
-    """The layout of ``node``'s NAR (fetches and verifies its directory closure)."""
-    closure = await fetch_closure(node, dirs)
+async def nar_layout(
+    node: Node, dirs: DirectoryService, closure: Mapping[B3Digest, Directory] | None = None
+) -> NarLayout:
+    """The layout of ``node``'s NAR (fetches and verifies its closure unless given)."""
+    if closure is None:
+        closure = await fetch_closure(node, dirs)
     return _build(node, closure)

@@ -14,7 +14,7 @@ import binascii
 import hashlib
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -23,20 +23,21 @@ from nix_compat import nixbase32
 from nix_compat.errors import NixCompatError
 from nix_compat.narinfo import NarInfo
 from nix_compat.signing import SigningKey
+from tvix_castore.digests import B3Digest
 from tvix_castore.errors import (
     CastoreError,
     NotFound,
     StorageUnavailable,
     ValidationError,
 )
-from tvix_castore.nodes import NameRule, Node, node_from_proto, node_to_proto
+from tvix_castore.nodes import Directory, NameRule, Node, node_from_proto, node_to_proto
 from tvix_castore.protos import castore_pb2
 from tvix_store.compression import SUFFIXES, TooLarge, decompressor
 from tvix_store.config import Store
 from tvix_store.content import MissingContent, check_content
 from tvix_store.nar.ingest import ingest_nar
 from tvix_store.nar.layout import NarLayout, nar_layout
-from tvix_store.nar.render import NarRenderError
+from tvix_store.nar.render import NarRenderError, fetch_closure, render_nar
 from tvix_store.pathinfo import PathInfo
 
 __all__ = ["STORE_KEY", "AppConfig", "make_app"]
@@ -237,15 +238,19 @@ async def put_nar(request: web.Request) -> web.Response:
     return web.Response(status=200)
 
 
-async def _layout_for(store: Store, node: Node) -> NarLayout:
+async def _layout_for(store: Store, node: Node) -> tuple[NarLayout, Mapping[B3Digest, Directory]]:
+    """The NAR's layout and closure, after checking every blob is present."""
     try:
-        layout = await nar_layout(node, store.directories)
-        missing = [f for f in layout.files if not await store.blobs.has(f.digest)]
+        closure = await fetch_closure(node, store.directories)
+        layout = await nar_layout(node, store.directories, closure)
+        files = layout.files
+        present = await store.blobs.has_many([f.digest for f in files])
     except NarRenderError as exc:
         raise HttpError(500, f"store is missing content for this NAR: {exc}") from exc
+    missing = [f for f in files if f.digest not in present]
     if missing:
         raise HttpError(500, f"store is missing content for this NAR: blob {missing[0].digest}")
-    return layout
+    return layout, closure
 
 
 def _parse_range(header: str, size: int) -> tuple[int, int] | None:
@@ -270,7 +275,7 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | None:
 
 async def _serve_nar(request: web.Request, node: Node) -> web.StreamResponse:
     store = _store(request)
-    layout = await _layout_for(store, node)
+    layout, closure = await _layout_for(store, node)
     headers = {
         "Content-Type": _NAR_TYPE,
         "Cache-Control": _IMMUTABLE,
@@ -296,7 +301,11 @@ async def _serve_nar(request: web.Request, node: Node) -> web.StreamResponse:
         await resp.write_eof()
         return resp
     try:
-        async for piece in layout.read(store.blobs, start, end):
+        if status == 200:  # whole NAR: the batched renderer
+            pieces = render_nar(node, store.blobs, store.directories, closure=closure)
+        else:
+            pieces = layout.read(store.blobs, start, end)
+        async for piece in pieces:
             await resp.write(piece)
     except (CastoreError, ConnectionError) as exc:
         # Headers are out: all we can do is cut the connection short.
