@@ -86,6 +86,17 @@ class B3Digest:
     def __bytes__(self) -> bytes:
         return self.raw
 
+    # Digests are dict keys everywhere (closures, prefetch batches): hash and
+    # compare the bytes directly (bytes cache their hash) instead of the
+    # generated tuple-based methods.
+    def __hash__(self) -> int:
+        return hash(self.raw)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is B3Digest:
+            return self.raw == other.raw
+        return NotImplemented
+
     def __str__(self) -> str:
         return _PREFIX + self.b64()
 
