@@ -213,3 +213,38 @@ async def test_large_blob_flat_memory() -> None:
     # path must not hold it again: peak RSS growth well under 2x the blob.
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     assert peak_mib < 2 * (size >> 20) + 300
+
+
+async def test_client_detects_lying_server_for_chunked_blobs() -> None:
+    """A chunked blob streamed in one Read: a wrong chunk is caught before it is returned."""
+    from tvix_castore.blobservice import BytesBlobReader
+    from tvix_castore.errors import ChecksumMismatch
+
+    data = blake3.blake3(b"chunky").digest(length=3 << 20)
+    bad = bytearray(data)
+    bad[len(data) // 2] ^= 1
+
+    class Liar(ObjectStoreBlobService):
+        async def open_read(self, digest: B3Digest):  # type: ignore[no-untyped-def]
+            if digest == B3Digest.of(data):
+                return BytesBlobReader(bytes(bad))
+            return await super().open_read(digest)
+
+    backend = Liar(MemoryObjectStore())
+    server, addr = await start_server("127.0.0.1:0", _reg(backend))
+    client = GrpcBlobService.from_url(f"grpc+http://{addr}")
+    try:
+        digest = await backend.put(data)
+        chunks = await client.chunks(digest)
+        assert chunks is not None and len(chunks) >= 2
+        reader = await client.open_read(digest)
+        assert reader is not None
+        got = b""
+        with pytest.raises(ChecksumMismatch):
+            while piece := await reader.read(1 << 20):
+                got += piece
+        assert got == data[: len(got)]  # only verified bytes were handed out
+        assert len(got) < len(data) // 2 + (1 << 20)
+    finally:
+        await client.aclose()
+        await server.stop(None)

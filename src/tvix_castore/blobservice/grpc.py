@@ -108,6 +108,95 @@ class _StreamingReader(BlobReader):
         return out
 
 
+class _ChunkVerifyingStream(BlobReader):
+    """A chunked blob read as ONE stream, each chunk verified before it is handed out.
+
+    One ``Read`` call instead of one per chunk (round trips dominate on
+    loopback); the whole-blob digest is checked at the end too, since the
+    chunk list itself came from the server. Any seek other than to the
+    current position switches to a :class:`ChunkedReader` (random access by
+    chunk digest).
+    """
+
+    def __init__(self, svc: GrpcBlobService, digest: B3Digest, chunks: list[ChunkMeta]) -> None:
+        self._svc = svc
+        self._digest = digest
+        self._chunks = chunks
+        self.size = sum(c.size for c in chunks)
+        self._pos = 0
+        self._next = 0  # index of the next chunk to take from the stream
+        self._stream: AsyncIterator[bytes] | None = None
+        self._pending = bytearray()
+        self._cur = b""
+        self._cur_off = 0
+        self._hasher = blake3.blake3()
+        self._random: ChunkedReader | None = None
+
+    def tell(self) -> int:
+        return self._random.tell() if self._random is not None else self._pos
+
+    async def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if self._random is None:
+            target = _resolve_seek(self._pos, self.size, offset, whence)
+            if target == self._pos:
+                return target
+            await self._close_stream()
+            self._random = ChunkedReader(self._chunks, self._svc._load_chunk)
+        return await self._random.seek(offset, whence)
+
+    async def _close_stream(self) -> None:
+        if self._stream is not None:
+            await self._stream.aclose()  # type: ignore[attr-defined]
+            self._stream = None
+
+    async def _take_chunk(self) -> None:
+        meta = self._chunks[self._next]
+        if self._stream is None:
+            self._stream = self._svc._read_stream(self._digest)
+        while len(self._pending) < meta.size:
+            try:
+                self._pending += await anext(self._stream)
+            except StopAsyncIteration:
+                raise DataCorruption(f"blob {self._digest}: stream ended early") from None
+        data = bytes(self._pending[: meta.size])
+        del self._pending[: meta.size]
+        checked(meta.digest, data, "chunk")
+        self._hasher.update(data)
+        self._next += 1
+        if self._next == len(self._chunks):
+            extra: bytes = await anext(self._stream, b"")
+            if self._pending or extra:
+                raise DataCorruption(
+                    f"blob {self._digest}: server sent more than {self.size} bytes"
+                )
+            await self._close_stream()
+            if self._hasher.digest() != self._digest.raw:
+                raise ChecksumMismatch(f"blob {self._digest}: chunk list does not match the blob")
+        self._cur, self._cur_off = data, 0
+
+    async def read(self, n: int = -1) -> bytes:
+        if self._random is not None:
+            return await self._random.read(n)
+        if n < 0:
+            parts = []
+            while data := await self.read(CHUNK_SIZE):
+                parts.append(data)
+            return b"".join(parts)
+        if n == 0 or self._pos >= self.size:
+            return b""
+        if self._cur_off >= len(self._cur):
+            await self._take_chunk()
+        out = self._cur[self._cur_off : self._cur_off + n]
+        self._cur_off += len(out)
+        self._pos += len(out)
+        return out
+
+    async def aclose(self) -> None:
+        await self._close_stream()
+        if self._random is not None:
+            await self._random.aclose()
+
+
 class _Writer(BlobWriter):
     def __init__(self, stub: pb_grpc.BlobServiceAsyncStub) -> None:
         self._queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=8)
@@ -221,7 +310,7 @@ class GrpcBlobService(BlobService):
         if chunks is None:
             return None
         if len(chunks) >= 2:
-            return ChunkedReader(chunks, self._load_chunk)
+            return _ChunkVerifyingStream(self, digest, chunks)
         # One chunk: buffer and verify small blobs; stream large ones.
         parts: list[bytes] = []
         total = 0
