@@ -125,4 +125,4 @@ def test_immutable_and_hashable() -> None:
     with pytest.raises(AttributeError):
         digest.raw = bytes(32)  # type: ignore[misc]
     assert {digest: 1}[B3Digest.of(b"a")] == 1
-    assert digest != digest.raw  # type: ignore[comparison-overlap]
+    assert digest != digest.raw
