@@ -8,15 +8,24 @@ total output is capped by ``limit`` (:class:`TooLarge` beyond it).
 from __future__ import annotations
 
 import bz2
+import collections
+import hashlib
 import lzma
 import zlib
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 import zstandard
 
 from tvix_castore.errors import ValidationError
 
-__all__ = ["COMPRESSIONS", "Decompressor", "InvalidCompressedData", "TooLarge", "decompressor"]
+__all__ = [
+    "COMPRESSIONS",
+    "DecompressingReader",
+    "Decompressor",
+    "InvalidCompressedData",
+    "TooLarge",
+    "decompressor",
+]
 
 _OUT = 1 << 20
 # zstd's decompressobj has no output cap per call, and a block may inflate
@@ -131,6 +140,40 @@ class Decompressor:
                 yield self._count(out)
             if not self._zstd.eof:
                 raise InvalidCompressedData("truncated zstd stream")
+
+
+class DecompressingReader:
+    """``read(n)`` of decompressed bytes over an async source of compressed ones.
+
+    What :func:`~tvix_store.nar.ingest.ingest_nar` consumes; the compressed
+    bytes are sha256-hashed on the way (a narinfo's FileHash).
+    """
+
+    def __init__(
+        self, read: Callable[[int], Awaitable[bytes]], dec: Decompressor, first: bytes = b""
+    ) -> None:
+        self._read = read
+        self.decompressor = dec
+        self.file_hash = hashlib.sha256()
+        self._pending: collections.deque[bytes] = collections.deque()
+        self._eof = False
+        if first:
+            self._feed(first)
+
+    def _feed(self, chunk: bytes) -> None:
+        self.file_hash.update(chunk)
+        self._pending.extend(self.decompressor.feed(chunk))
+
+    async def read(self, n: int) -> bytes:
+        """Some decompressed bytes (b"" at the end); raises at a truncated stream."""
+        while not self._pending and not self._eof:
+            chunk = await self._read(max(n, 1 << 16))
+            if not chunk:
+                self._eof = True
+                self._pending.extend(self.decompressor.finish())
+                break
+            self._feed(chunk)
+        return self._pending.popleft() if self._pending else b""
 
 
 def decompressor(kind: str, limit: int) -> Decompressor:

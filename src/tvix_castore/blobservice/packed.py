@@ -116,22 +116,6 @@ class PackedBlobService(BlobService):
             raise storage_error("creating the packed blobs table", exc) from exc
 
     # -- writing ----------------------------------------------------------
-    def _present(self, digests: Sequence[B3Digest]) -> set[bytes]:
-        """Which of ``digests`` are already stored (so they are not appended again)."""
-        found: set[bytes] = set()
-        with self._lock:
-            try:
-                for i in range(0, len(digests), _QUERY_BATCH):
-                    batch = [d.raw for d in digests[i : i + _QUERY_BATCH]]
-                    marks = ",".join("?" * len(batch))
-                    rows = self._conn.execute(
-                        f"SELECT digest FROM packed WHERE digest IN ({marks})", batch
-                    )
-                    found.update(bytes(r[0]) for r in rows)
-            except sqlite3.Error as exc:
-                raise storage_error("looking up blobs", exc) from exc
-        return found
-
     def _append(self, data: bytes) -> tuple[str, int]:
         """Append to this process's pack; return (pack name, offset). Caller holds the lock."""
         if self._pack_fd < 0 or self._pack_size + len(data) > _PACK_LIMIT:
@@ -157,7 +141,7 @@ class PackedBlobService(BlobService):
 
     def _store_small(self, blobs: Sequence[tuple[B3Digest, bytes]]) -> None:
         """Append new blobs in one write and index them in one transaction."""
-        present = self._present([d for d, _ in blobs])
+        present = self._locate([d for d, _ in blobs])  # already stored: not appended again
         new: dict[bytes, bytes] = {}
         for digest, data in blobs:
             if digest.raw not in present and data:

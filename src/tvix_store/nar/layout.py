@@ -15,9 +15,8 @@ from nix_compat.nar import wire
 from tvix_castore.blobservice.base import BlobService
 from tvix_castore.digests import B3Digest
 from tvix_castore.directoryservice.base import DirectoryService
-from tvix_castore.errors import CastoreError
 from tvix_castore.nodes import Directory, DirectoryNode, FileNode, Node, SymlinkNode
-from tvix_store.nar.render import NarRenderError, fetch_closure
+from tvix_store.nar.render import NarRenderError, blob_range, fetch_closure
 
 __all__ = ["NarLayout", "nar_layout"]
 
@@ -59,39 +58,10 @@ class NarLayout:
                 pos += len(piece)
             else:
                 want = min(seg.size - off, end - pos)
-                async for piece in _blob_range(blobs, seg, off, want):
+                async for piece in blob_range(blobs, seg, off, want):
                     yield piece
                 pos += want
             i += 1
-
-
-async def _blob_range(
-    blobs: BlobService, node: FileNode, offset: int, length: int
-) -> AsyncIterator[bytes]:
-    try:
-        reader = await blobs.open_read(node.digest)
-        if reader is None:
-            raise NarRenderError(f"failed rendering nar: blob {node.digest} not found")
-        async with reader:
-            if offset:
-                await reader.seek(offset)
-            left = length
-            while left:
-                data = await reader.read(min(left, _READ))
-                if not data:
-                    raise NarRenderError(
-                        f"failed rendering nar: blob {node.digest}: unexpected EOF"
-                    )
-                left -= len(data)
-                yield data
-            if offset + length == node.size and await reader.read(1):
-                raise NarRenderError(
-                    f"failed rendering nar: blob {node.digest}: reader has more data"
-                )
-    except NarRenderError:
-        raise
-    except (CastoreError, ValueError) as exc:
-        raise NarRenderError(f"failed rendering nar: blob {node.digest}: {exc}") from exc
 
 
 def _build(node: Node, closure: Mapping[B3Digest, Directory]) -> NarLayout:

@@ -20,7 +20,7 @@ from tvix_castore.directoryservice.base import DirectoryService
 from tvix_castore.errors import CastoreError, DataCorruption
 from tvix_castore.nodes import Directory, DirectoryNode, FileNode, Node, SymlinkNode
 
-__all__ = ["NarRenderError", "calculate_nar", "fetch_closure", "render_nar"]
+__all__ = ["NarRenderError", "blob_range", "calculate_nar", "fetch_closure", "render_nar"]
 
 _READ = 1 << 20
 _YIELD_AT = 1 << 20
@@ -159,7 +159,7 @@ async def render_nar(
                 else:
                     yield bytes(buf)
                     buf = bytearray()
-                    async for piece in _blob_pieces(current, path, blobs):
+                    async for piece in blob_range(blobs, current, where=path):
                         yield piece
                 buf += _ZEROS[: -current.size % 8]
                 buf += close_entry if stack else close
@@ -214,34 +214,46 @@ async def _small(node: FileNode, path: bytes, prefetch: _Prefetcher) -> bytes:
     return data
 
 
-async def _blob_pieces(node: FileNode, path: bytes, blobs: BlobService) -> AsyncIterator[bytes]:
-    where = path.decode(errors="replace") or "<root>"
+async def blob_range(
+    blobs: BlobService,
+    node: FileNode,
+    offset: int = 0,
+    length: int | None = None,
+    where: bytes = b"",
+) -> AsyncIterator[bytes]:
+    """Bytes ``[offset, offset + length)`` of ``node``'s blob (all of it by default).
+
+    The blob must hold exactly ``node.size`` bytes: shorter is "unexpected
+    EOF"; longer is "reader has more data" (checked when the range reaches the
+    end). ``where`` names the file in error messages.
+    """
+    name = where.decode(errors="replace") or "<root>"
+    left = node.size - offset if length is None else length
     try:
         reader = await blobs.open_read(node.digest)
-    except CastoreError as exc:
-        raise NarRenderError(f"failed rendering nar: {where}: {exc}") from exc
-    if reader is None:
-        raise NarRenderError(f"failed rendering nar: {where}: blob {node.digest} not found")
-    left = node.size
-    async with reader:
-        try:
+        if reader is None:
+            raise NarRenderError(f"failed rendering nar: {name}: blob {node.digest} not found")
+        async with reader:
+            if offset:
+                await reader.seek(offset)
+            end = offset + left
             while left:
                 data = await reader.read(min(left, _READ))
                 if not data:
                     raise NarRenderError(
-                        f"failed rendering nar: {where}: unexpected EOF"
+                        f"failed rendering nar: {name}: unexpected EOF"
                         f" ({left} of {node.size} bytes missing)"
                     )
                 left -= len(data)
                 yield data
-            if await reader.read(1):
+            if end == node.size and await reader.read(1):
                 raise NarRenderError(
-                    f"failed rendering nar: {where}: reader has more data than {node.size} bytes"
+                    f"failed rendering nar: {name}: reader has more data than {node.size} bytes"
                 )
-        except NarRenderError:
-            raise
-        except CastoreError as exc:
-            raise NarRenderError(f"failed rendering nar: {where}: {exc}") from exc
+    except NarRenderError:
+        raise
+    except (CastoreError, ValueError) as exc:
+        raise NarRenderError(f"failed rendering nar: {name}: {exc}") from exc
 
 
 async def calculate_nar(

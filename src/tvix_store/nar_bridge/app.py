@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping
@@ -32,7 +31,7 @@ from tvix_castore.errors import (
 )
 from tvix_castore.nodes import Directory, NameRule, Node, node_from_proto, node_to_proto
 from tvix_castore.protos import castore_pb2
-from tvix_store.compression import SUFFIXES, TooLarge, decompressor
+from tvix_store.compression import SUFFIXES, DecompressingReader, TooLarge, decompressor
 from tvix_store.config import Store
 from tvix_store.content import MissingContent, check_content
 from tvix_store.nar.ingest import ingest_nar
@@ -206,28 +205,12 @@ async def put_nar(request: web.Request) -> web.Response:
     first = await request.content.read(1 << 16)
     if kind == "none" and first.startswith(_GZIP_MAGIC):
         kind = "gzip"  # Nix names gzip-compressed NARs plain ".nar"
-    dec = decompressor(kind, request.app[CONFIG_KEY].max_nar_size)
-    file_hash = hashlib.sha256(first)
-    pending: list[bytes] = list(dec.feed(first))
-    eof = not first
-
-    async def read(n: int) -> bytes:
-        nonlocal eof
-        while not pending and not eof:
-            chunk = await request.content.read(max(n, 1 << 16))
-            if not chunk:
-                eof = True
-                pending.extend(dec.finish())
-                break
-            file_hash.update(chunk)
-            pending.extend(dec.feed(chunk))
-        return pending.pop(0) if pending else b""
-
-    if eof:
-        pending.extend(dec.finish())
-    result = await ingest_nar(read, store.blobs, store.directories)
+    reader = DecompressingReader(
+        request.content.read, decompressor(kind, request.app[CONFIG_KEY].max_nar_size), first
+    )
+    result = await ingest_nar(reader.read, store.blobs, store.directories)
     # The URL names the file as uploaded (FileHash; for an uncompressed NAR, its NarHash).
-    got = file_hash.digest()
+    got = reader.file_hash.digest()
     if got != url_hash:
         raise HttpError(
             400,

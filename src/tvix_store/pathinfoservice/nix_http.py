@@ -31,7 +31,7 @@ from tvix_castore.errors import (
     ValidationError,
 )
 from tvix_castore.nodes import Node
-from tvix_store.compression import COMPRESSIONS, decompressor
+from tvix_store.compression import COMPRESSIONS, DecompressingReader, decompressor
 from tvix_store.nar.ingest import ingest_nar
 from tvix_store.pathinfo import PathInfo
 from tvix_store.pathinfoservice.base import PathInfoService
@@ -153,26 +153,17 @@ class NixHttpPathInfoService(PathInfoService):
         if resp is None:
             raise StorageError(f"unable to retrieve NAR at {nar_url}: not found")
         dec = decompressor(compression, info.nar_size)
-        pending: list[bytes] = []
-        eof = False
 
-        async def read(n: int) -> bytes:
-            nonlocal eof
-            while not pending and not eof:
-                try:
-                    chunk = await resp.content.read(max(n, 1 << 16))
-                except (aiohttp.ClientError, TimeoutError) as exc:
-                    raise StorageUnavailable(f"reading {nar_url}: {exc!r}") from exc
-                if not chunk:
-                    eof = True
-                    pending.extend(dec.finish())
-                    break
-                pending.extend(dec.feed(chunk))
-            return pending.pop(0) if pending else b""
+        async def read_compressed(n: int) -> bytes:
+            try:
+                return await resp.content.read(n)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise StorageUnavailable(f"reading {nar_url}: {exc!r}") from exc
 
+        reader = DecompressingReader(read_compressed, dec)
         try:
             result = await ingest_nar(
-                read, self._blobs, self._dirs, expect=(info.nar_size, info.nar_hash)
+                reader.read, self._blobs, self._dirs, expect=(info.nar_size, info.nar_hash)
             )
         except ValidationError as exc:
             if dec.out_size > dec.limit:
