@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from tvix_castore.blobservice.base import BlobService
 from tvix_castore.directoryservice.base import DirectoryService
 from tvix_castore.errors import NotFound, ValidationError
 from tvix_castore.nodes import DirectoryNode, FileNode, Node
 
 __all__ = ["MissingContent", "check_content"]
-
-_PARALLEL = 32
 
 
 class MissingContent(NotFound):
@@ -43,13 +39,12 @@ async def check_content(node: Node, blobs: BlobService, dirs: DirectoryService) 
         if actual != node.size:
             raise ValidationError(f"root directory has size {actual}, the node states {node.size}")
     unique = list({(f.digest, f.size): f for f in files}.values())
-    for i in range(0, len(unique), _PARALLEL):
-        batch = unique[i : i + _PARALLEL]
-        sizes = await asyncio.gather(*(blobs.size(f.digest) for f in batch))
-        for f, size in zip(batch, sizes, strict=True):
-            if size is None:
-                raise MissingContent(f"blob {f.digest} (file {f.name!r}) is not in the store")
-            if size != f.size:
-                raise ValidationError(
-                    f"file {f.name!r}: blob {f.digest} has {size} bytes, the node states {f.size}"
-                )
+    sizes = await blobs.size_many([f.digest for f in unique])
+    for f in unique:
+        size = sizes.get(f.digest)
+        if size is None:
+            raise MissingContent(f"blob {f.digest} (file {f.name!r}) is not in the store")
+        if size != f.size:
+            raise ValidationError(
+                f"file {f.name!r}: blob {f.digest} has {size} bytes, the node states {f.size}"
+            )

@@ -109,6 +109,8 @@ async def test_put_get_vectors(svc: BlobService, data: bytes, hexdigest: str) ->
     assert await svc.read_all(digest) == data
     assert await svc.chunks(digest) is not None
     assert await svc.size(digest) == len(data)
+    absent = B3Digest(bytes(32))
+    assert await svc.size_many([digest, absent, digest]) == {digest: len(data)}
 
 
 async def test_readme_example(svc: BlobService) -> None:

@@ -204,6 +204,18 @@ class BlobService(AsyncClosing, abc.ABC):
         found = await asyncio.gather(*(self.has(d) for d in unique))
         return {d for d, ok in zip(unique, found, strict=True) if ok}
 
+    async def size_many(self, digests: Sequence[B3Digest]) -> dict[B3Digest, int]:
+        """Sizes of the present ones among ``digests`` (absent ones are left out)."""
+        import asyncio
+
+        unique = list(dict.fromkeys(digests))
+        out: dict[B3Digest, int] = {}
+        for i in range(0, len(unique), 32):  # bounded concurrency
+            batch = unique[i : i + 32]
+            sizes = await asyncio.gather(*(self.size(d) for d in batch))
+            out.update((d, n) for d, n in zip(batch, sizes, strict=True) if n is not None)
+        return out
+
     async def put_many(self, blobs: Sequence[bytes]) -> list[B3Digest]:
         """Store several small blobs held in memory; their digests, in order."""
         import asyncio

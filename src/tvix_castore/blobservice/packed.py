@@ -287,6 +287,17 @@ class PackedBlobService(BlobService):
             return found[digest.raw][2]
         return await self.large.size(digest)
 
+    async def size_many(self, digests: Sequence[B3Digest]) -> dict[B3Digest, int]:
+        unique = list(dict.fromkeys(digests))
+        located = await asyncio.to_thread(self._locate, unique)
+        out = {d: located[d.raw][2] for d in unique if d.raw in located}
+        if EMPTY_DIGEST in unique:
+            out[EMPTY_DIGEST] = 0
+        rest = [d for d in unique if d not in out]
+        if rest:
+            out.update(await self.large.size_many(rest))
+        return out
+
     async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
         if digest == EMPTY_DIGEST or len(await asyncio.to_thread(self._locate, [digest])):
             return []
