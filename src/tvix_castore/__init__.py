@@ -11,42 +11,99 @@ messages (``tvix_castore.protos``) are converted at the edges only::
     [b'hello.txt']
 """
 
-from tvix_castore.digests import B3_DIGEST_LENGTH, EMPTY_DIGEST, B3Digest
-from tvix_castore.directoryservice.graph import Closure, ClosureVerifier, DirectoryGraph
-from tvix_castore.errors import (
-    CastoreError,
-    ChecksumMismatch,
-    CompositionError,
-    ConfigError,
-    DataCorruption,
-    DirectoryError,
-    DirectoryErrorKind,
-    DirectoryGraphError,
-    IngestionError,
-    InvalidDigest,
-    NodeError,
-    NotFound,
-    StorageError,
-    StorageUnavailable,
-    UnknownScheme,
-    ValidationError,
-)
-from tvix_castore.nodes import (
-    DEFAULT_SIZE_MODE,
-    MAX_NAME_LENGTH,
-    MAX_SYMLINK_TARGET_LENGTH,
-    U64_MAX,
-    Directory,
-    DirectoryNode,
-    FileNode,
-    NameRule,
-    Node,
-    SizeMode,
-    SymlinkNode,
-    node_from_proto,
-    node_to_proto,
-    validate_name,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tvix_castore.digests import B3_DIGEST_LENGTH, EMPTY_DIGEST, B3Digest
+    from tvix_castore.directoryservice.graph import Closure, ClosureVerifier, DirectoryGraph
+    from tvix_castore.errors import (
+        CastoreError,
+        ChecksumMismatch,
+        CompositionError,
+        ConfigError,
+        DataCorruption,
+        DirectoryError,
+        DirectoryErrorKind,
+        DirectoryGraphError,
+        IngestionError,
+        InvalidDigest,
+        NodeError,
+        NotFound,
+        StorageError,
+        StorageUnavailable,
+        UnknownScheme,
+        ValidationError,
+    )
+    from tvix_castore.nodes import (
+        DEFAULT_SIZE_MODE,
+        MAX_NAME_LENGTH,
+        MAX_SYMLINK_TARGET_LENGTH,
+        U64_MAX,
+        Directory,
+        DirectoryNode,
+        FileNode,
+        NameRule,
+        Node,
+        SizeMode,
+        SymlinkNode,
+        node_from_proto,
+        node_to_proto,
+        validate_name,
+    )
+
+# Names are resolved on first use, so importing one submodule (digests, errors)
+# does not load them all (the CLI's start-up time counts).
+_LAZY = {
+    "B3_DIGEST_LENGTH": "tvix_castore.digests",
+    "EMPTY_DIGEST": "tvix_castore.digests",
+    "B3Digest": "tvix_castore.digests",
+    "Closure": "tvix_castore.directoryservice.graph",
+    "ClosureVerifier": "tvix_castore.directoryservice.graph",
+    "DirectoryGraph": "tvix_castore.directoryservice.graph",
+    "CastoreError": "tvix_castore.errors",
+    "ChecksumMismatch": "tvix_castore.errors",
+    "CompositionError": "tvix_castore.errors",
+    "ConfigError": "tvix_castore.errors",
+    "DataCorruption": "tvix_castore.errors",
+    "DirectoryError": "tvix_castore.errors",
+    "DirectoryErrorKind": "tvix_castore.errors",
+    "DirectoryGraphError": "tvix_castore.errors",
+    "IngestionError": "tvix_castore.errors",
+    "InvalidDigest": "tvix_castore.errors",
+    "NodeError": "tvix_castore.errors",
+    "NotFound": "tvix_castore.errors",
+    "StorageError": "tvix_castore.errors",
+    "StorageUnavailable": "tvix_castore.errors",
+    "UnknownScheme": "tvix_castore.errors",
+    "ValidationError": "tvix_castore.errors",
+    "DEFAULT_SIZE_MODE": "tvix_castore.nodes",
+    "MAX_NAME_LENGTH": "tvix_castore.nodes",
+    "MAX_SYMLINK_TARGET_LENGTH": "tvix_castore.nodes",
+    "U64_MAX": "tvix_castore.nodes",
+    "Directory": "tvix_castore.nodes",
+    "DirectoryNode": "tvix_castore.nodes",
+    "FileNode": "tvix_castore.nodes",
+    "NameRule": "tvix_castore.nodes",
+    "Node": "tvix_castore.nodes",
+    "SizeMode": "tvix_castore.nodes",
+    "SymlinkNode": "tvix_castore.nodes",
+    "node_from_proto": "tvix_castore.nodes",
+    "node_to_proto": "tvix_castore.nodes",
+    "validate_name": "tvix_castore.nodes",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "B3_DIGEST_LENGTH",

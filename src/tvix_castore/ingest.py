@@ -12,19 +12,25 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+import time
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 
 from tvix_castore.blobservice.base import BlobService
+from tvix_castore.digests import B3Digest
 from tvix_castore.directoryservice.base import DirectoryService
 from tvix_castore.errors import IngestionError
 from tvix_castore.nodes import Directory, DirectoryNode, FileNode, Node, SymlinkNode
 
-__all__ = ["DEFAULT_CONCURRENCY", "ingest_path"]
+__all__ = ["DEFAULT_CONCURRENCY", "ScannedTree", "ingest_path", "ingest_tree", "scan_tree"]
 
 DEFAULT_CONCURRENCY = os.cpu_count() or 2  # more workers only contend for the GIL
 _SMALL_FILE = 1 << 20
 _BATCH_FILES = 256
 _BATCH_BYTES = 8 << 20
+# A change within the filesystem's timestamp granularity may leave the stat
+# unchanged: entries modified this close to the scan are "racy" (as in git).
+_RACY_NS = 1_000_000_000
 
 
 @dataclass(slots=True)
@@ -47,13 +53,60 @@ def _show(path: bytes) -> str:
     return os.fsdecode(path)
 
 
-def _walk(root: bytes) -> tuple[_Dir | _File | SymlinkNode, list[_File], list[_Dir]]:
-    """Scan the tree (sync); return the root entry, all files, all dirs post-order."""
+_Entry = _Dir | _File | SymlinkNode
+
+
+def _fingerprint(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_mode, st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+@dataclass(slots=True)
+class ScannedTree:
+    """A tree as :func:`scan_tree` saw it: what to ingest, and each entry's stat.
+
+    The stats let a caller that reads the tree twice (ingesting it, and
+    hashing its NAR) check that nothing changed in between: see :meth:`changed`.
+    """
+
+    root: _Entry
+    files: list[_File]
+    dirs: list[_Dir]  # post-order
+    stats: list[tuple[bytes, tuple[int, ...]]]
+    started_ns: int
+
+    @property
+    def racy(self) -> bool:
+        """Whether an entry changed so close to the scan that its stat cannot be trusted."""
+        limit = self.started_ns - _RACY_NS
+        return any(fp[5] >= limit for _, fp in self.stats)
+
+    def changed(self) -> str | None:
+        """The first entry whose stat differs from the scan's (blocking), or ``None``."""
+        for path, fp in self.stats:
+            try:
+                now = _fingerprint(os.lstat(path))
+            except OSError:
+                return _show(path)
+            if now != fp:
+                return _show(path)
+        return None
+
+
+def scan_tree(path: str | bytes | os.PathLike[str]) -> ScannedTree:
+    """Scan the tree at ``path`` (blocking), without following symlinks.
+
+    Raises:
+        IngestionError: a special file, or an entry that cannot be listed or read.
+    """
+    root = os.fsencode(path)
+    started = time.time_ns()
     files: list[_File] = []
     dirs: list[_Dir] = []
+    stats: list[tuple[bytes, tuple[int, ...]]] = []
 
-    def entry(path: bytes, name: bytes, st: os.stat_result) -> _Dir | _File | SymlinkNode:
+    def entry(path: bytes, name: bytes, st: os.stat_result) -> _Entry:
         mode = st.st_mode
+        stats.append((path, _fingerprint(st)))
         if stat.S_ISREG(mode):
             f = _File(path, name, st.st_size, bool(mode & stat.S_IXUSR))
             files.append(f)
@@ -84,7 +137,7 @@ def _walk(root: bytes) -> tuple[_Dir | _File | SymlinkNode, list[_File], list[_D
         st = os.lstat(root)
     except OSError as exc:
         raise IngestionError(_show(root), f"cannot stat: {exc.strerror}") from exc
-    return entry(root, b"", st), files, dirs
+    return ScannedTree(entry(root, b"", st), files, dirs, stats, started)
 
 
 async def ingest_path(
@@ -100,8 +153,20 @@ async def ingest_path(
         IngestionError: a special file, an unreadable file or directory, or a
             file that changed size while being read (nothing is committed).
     """
-    root_path = os.fsencode(path)
-    root, files, dirs = await asyncio.to_thread(_walk, root_path)
+    tree = await asyncio.to_thread(scan_tree, path)
+    return await ingest_tree(tree, blobs, directories, concurrency=concurrency)
+
+
+async def ingest_tree(
+    tree: ScannedTree,
+    blobs: BlobService,
+    directories: DirectoryService,
+    *,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    collect: MutableMapping[B3Digest, Directory] | None = None,
+) -> Node:
+    """Ingest a scanned tree (see :func:`ingest_path`); ``collect`` receives its Directories."""
+    root, files, dirs = tree.root, tree.files, tree.dirs
 
     def fail(f: _File, exc: Exception) -> IngestionError:
         if isinstance(exc, OSError):
@@ -171,6 +236,8 @@ async def ingest_path(
                     nodes.append(child)
             directory = Directory.from_nodes(nodes)
             await putter.put(directory)
+            if collect is not None:
+                collect[directory.digest] = directory
             root_node = directory.to_node(d.name, directories.size_mode)
             built[id(d)] = root_node
         await putter.close()

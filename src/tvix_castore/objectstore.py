@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import mmap
 import os
 import uuid
 from pathlib import Path
@@ -39,6 +40,10 @@ class ObjectStore(abc.ABC):
     @abc.abstractmethod
     def exists_sync(self, key: str) -> bool:
         """Whether ``key`` exists."""
+
+    def view_sync(self, key: str) -> bytes | mmap.mmap | None:
+        """The object's bytes without copying where possible (a read-only map of a file)."""
+        return self.get_sync(key)
 
     async def get(self, key: str) -> bytes | None:
         """The object's bytes, or ``None``."""
@@ -100,6 +105,22 @@ class LocalObjectStore(ObjectStore):
             return None
         except OSError as exc:
             raise StorageError(f"reading object {key}: {exc}") from exc
+
+    def view_sync(self, key: str) -> bytes | mmap.mmap | None:
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StorageError(f"reading object {key}: {exc}") from exc
+        try:
+            if os.fstat(fd).st_size == 0:
+                return b""
+            return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as exc:
+            raise StorageError(f"reading object {key}: {exc}") from exc
+        finally:
+            os.close(fd)
 
     def put_sync(self, key: str, data: bytes) -> None:
         path = self._path(key)

@@ -298,10 +298,17 @@ async def _lookup(store: Any, text: str) -> tuple[Any, Any, str]:
 @click.argument("store_path")
 @service_options
 def export(store_path: str, **kw: Any) -> None:
-    """Write the NAR of STORE_PATH to stdout (byte-equal to ``nix-store --dump``)."""
-    import hashlib
+    """Write the NAR of STORE_PATH to stdout (byte-equal to ``nix-store --dump``).
 
-    from tvix_store.nar.render import render_nar
+    With the embedded store, a path imported here (or exported once before) has
+    a NAR plan, and its NAR is written straight from the pack files; otherwise
+    it is rendered from castore and checked against the recorded NarHash.
+    """
+    import hashlib
+    import io
+
+    from tvix_store.nar.plan import save_plan, write_planned
+    from tvix_store.nar.render import fetch_closure, render_nar
 
     async def run() -> None:
         store = await _open(kw)
@@ -310,9 +317,20 @@ def export(store_path: str, **kw: Any) -> None:
             if sub:
                 raise click.ClickException("export takes a store path, not a path inside one")
             out = sys.stdout.buffer
+            out.flush()
+            try:
+                fd: int | None = out.fileno()
+            except (AttributeError, io.UnsupportedOperation):
+                fd = None
+            node = info.node
+            if fd is not None and await write_planned(
+                store.plans, store.blobs, node, info.nar_size, info.nar_sha256, fd
+            ):
+                return
+            closure = await fetch_closure(node, store.directories)
             h = hashlib.sha256()
             size = 0
-            async for piece in render_nar(info.node, store.blobs, store.directories):
+            async for piece in render_nar(node, store.blobs, store.directories, closure=closure):
                 h.update(piece)
                 size += len(piece)
                 out.write(piece)
@@ -321,6 +339,7 @@ def export(store_path: str, **kw: Any) -> None:
                 raise click.ClickException(
                     f"{info.store_path}: rendered NAR does not match its recorded NarHash/NarSize"
                 )
+            await save_plan(store.plans, store.blobs, node, closure, size, info.nar_sha256)
 
     _run(run())
 

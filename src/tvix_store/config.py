@@ -32,6 +32,7 @@ from tvix_castore.lifecycle import AsyncClosing
 from tvix_castore.nodes import Node
 from tvix_castore.objectstore import LocalObjectStore
 from tvix_castore.registry import ServiceUrl, blob_service_from_url, directory_service_from_url
+from tvix_store.nar.plan import SqliteNarPlans
 from tvix_store.nar.render import calculate_nar
 from tvix_store.narindex import MemoryNarIndex, NarIndex, SqliteNarIndex
 from tvix_store.pathinfoservice.base import PathInfoService
@@ -166,6 +167,8 @@ class Store(AsyncClosing):
     nar_index: NarIndex = field(default_factory=MemoryNarIndex)
     description: str = ""
     _closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list, repr=False)
+    plans: SqliteNarPlans | None = None
+    """NAR plans for fast export (embedded blobs only; see :mod:`tvix_store.nar.plan`)."""
 
     async def calculate_nar(self, node: Node) -> tuple[int, bytes]:
         """NAR size and sha256 of ``node``: remotely if the path info service is gRPC."""
@@ -282,9 +285,13 @@ async def open_store(
             parts.append(f"pathinfos=embedded:{home}")
         closers.append(pathinfos.aclose)
         closers.append(nar_index.aclose)
+        plans = None
+        if isinstance(blobs, PackedBlobService):
+            plans = SqliteNarPlans(blobs.path)
+            closers.append(plans.aclose)
     except BaseException:
         for close in reversed(closers):
             with contextlib.suppress(Exception):
                 await close()
         raise
-    return Store(blobs, directories, pathinfos, nar_index, ", ".join(parts), closers)
+    return Store(blobs, directories, pathinfos, nar_index, ", ".join(parts), closers, plans)

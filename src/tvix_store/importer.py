@@ -8,8 +8,13 @@ import os
 from nix_compat.nar import nar_hash_path
 from nix_compat.nixhash import CAHash, CAKind, HashAlgo, NixHash
 from nix_compat.store_path import build_ca_path, validate_name
-from tvix_castore.ingest import ingest_path
+from tvix_castore.digests import B3Digest
+from tvix_castore.errors import IngestionError
+from tvix_castore.ingest import ingest_tree, scan_tree
+from tvix_castore.nodes import Directory
 from tvix_store.config import Store
+from tvix_store.nar.plan import save_plan
+from tvix_store.nar.render import calculate_nar
 from tvix_store.pathinfo import PathInfo
 
 __all__ = ["base_name_of", "import_path"]
@@ -29,15 +34,27 @@ def base_name_of(path: str) -> str:
 async def import_path(path: str | os.PathLike[str], store: Store) -> PathInfo:
     """Ingest ``path`` and record it under the store path ``nix-store --add`` gives.
 
-    The NAR hash is computed from the same tree while it is ingested (the
-    second read hits the page cache); the PathInfo is written only after all
-    content is committed, so an interrupted import leaves no dangling path.
+    The tree is read twice at once — ingested into castore, and hashed as a NAR
+    (the second read hits the page cache) — after one scan recorded every
+    entry's stat. Afterwards every entry is stat'ed again: if anything changed,
+    the import fails (``IngestionError``) instead of recording a NarHash that
+    does not describe the stored content. If an entry changed within a second
+    of the scan (too close for timestamps to tell), the NarHash is computed
+    from castore instead. The PathInfo is written only after all content is
+    committed, so an interrupted import leaves no dangling path.
     """
     name = validate_name(base_name_of(os.fspath(path)))
+    tree = await asyncio.to_thread(scan_tree, path)
+    closure: dict[B3Digest, Directory] = {}
     node, (nar_size, nar_sha256) = await asyncio.gather(
-        ingest_path(path, store.blobs, store.directories),
+        ingest_tree(tree, store.blobs, store.directories, collect=closure),
         asyncio.to_thread(nar_hash_path, path),
     )
+    changed = await asyncio.to_thread(tree.changed)
+    if changed is not None:
+        raise IngestionError(changed, "changed while it was being imported; nothing was recorded")
+    if tree.racy:
+        nar_size, nar_sha256 = await calculate_nar(node, store.blobs, store.directories)
     ca = CAHash(CAKind.NAR, NixHash(HashAlgo.SHA256, nar_sha256))
     store_path = build_ca_path(name, ca)
     info = PathInfo(
@@ -47,4 +64,6 @@ async def import_path(path: str | os.PathLike[str], store: Store) -> PathInfo:
         nar_sha256=nar_sha256,
         ca=ca,
     )
-    return await store.pathinfos.put(info)
+    stored = await store.pathinfos.put(info)
+    await save_plan(store.plans, store.blobs, node, closure, nar_size, nar_sha256)
+    return stored

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import io
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,7 +19,15 @@ from tvix_castore.digests import B3Digest
 from tvix_castore.errors import ChecksumMismatch
 from tvix_castore.lifecycle import AbortOnError, AsyncClosing
 
-__all__ = ["BlobReader", "BlobService", "BlobWriter", "BytesBlobReader", "ChunkMeta", "checked"]
+__all__ = [
+    "BlobReader",
+    "BlobService",
+    "BlobWriter",
+    "BytesBlobReader",
+    "ChunkMeta",
+    "checked",
+    "read_file",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,4 +257,26 @@ def checked(digest: B3Digest, data: bytes, what: str = "blob") -> bytes:
     actual = B3Digest.of(data)
     if actual != digest:
         raise ChecksumMismatch(f"{what} {digest} has wrong contents (hashes to {actual})")
+    return data
+
+
+def read_file(path: str | bytes, size: int) -> bytes:
+    """The ``size`` bytes of a small file, read with bare syscalls (no ``io`` layers).
+
+    Raises ``ValueError`` if the file no longer has ``size`` bytes.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.read(fd, size + 1)
+        if len(data) <= size:  # short reads only at EOF, but be exact
+            parts = [data]
+            got = len(data)
+            while got <= size and (more := os.read(fd, size + 1 - got)):
+                parts.append(more)
+                got += len(more)
+            data = b"".join(parts)
+    finally:
+        os.close(fd)
+    if len(data) != size:
+        raise ValueError(f"file changed size while reading ({len(data)} != {size})")
     return data

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import io
+import mmap
 import threading
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -31,9 +32,10 @@ from tvix_castore.blobservice.base import (
     ChunkMeta,
     _resolve_seek,
     checked,
+    read_file,
 )
 from tvix_castore.digests import EMPTY_DIGEST, B3Digest
-from tvix_castore.errors import DataCorruption, NotFound
+from tvix_castore.errors import ChecksumMismatch, DataCorruption, NotFound
 from tvix_castore.objectstore import ObjectStore
 from tvix_castore.protos import rpc_blobstore_pb2 as pb
 
@@ -44,6 +46,7 @@ __all__ = [
     "ObjectStoreBlobService",
     "blob_key",
     "chunk_key",
+    "raw_frame_pieces",
 ]
 
 DEFAULT_AVG_CHUNK_SIZE = 256 * 1024
@@ -75,6 +78,48 @@ def _decompress(data: bytes, digest: B3Digest, limit: int) -> bytes:
         return zstandard.ZstdDecompressor().decompress(data, max_output_size=limit)
     except zstandard.ZstdError as exc:
         raise DataCorruption(f"chunk {digest} is not valid zstd: {exc}") from exc
+
+
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_FCS_BYTES = (0, 2, 4, 8)
+_DICT_BYTES = (0, 1, 2, 4)
+
+
+def raw_frame_pieces(frame: bytes | mmap.mmap) -> list[memoryview] | None:
+    """The contents of a zstd frame made only of raw blocks, as views into it.
+
+    Incompressible chunks are stored that way (zstd keeps blocks that do not
+    shrink as they are), so their bytes can be served straight from a mapped
+    chunk file. ``None`` for any other frame (compressed or RLE blocks, a
+    dictionary, several frames): decompress those.
+    """
+    view = memoryview(frame)
+    n = len(view)
+    if n < 6 or view[:4] != _ZSTD_MAGIC:
+        return None
+    fhd = view[4]
+    if fhd & 0x08 or fhd & 0x03:  # reserved bit, dictionary id
+        return None
+    single = bool(fhd & 0x20)
+    fcs = _FCS_BYTES[fhd >> 6] or (1 if single else 0)
+    pos = 5 + (0 if single else 1) + _DICT_BYTES[fhd & 0x03] + fcs
+    pieces: list[memoryview] = []
+    while True:
+        if pos + 3 > n:
+            return None
+        head = view[pos] | view[pos + 1] << 8 | view[pos + 2] << 16
+        pos += 3
+        size = head >> 3
+        if (head >> 1) & 0x03 != 0 or pos + size > n:  # not a raw block
+            return None
+        if size:
+            pieces.append(view[pos : pos + size])
+        pos += size
+        if head & 1:
+            break
+    if pos + (4 if fhd & 0x04 else 0) != n:
+        return None
+    return pieces
 
 
 class ChunkedReader(BlobReader):
@@ -254,16 +299,14 @@ class ObjectStoreBlobService(BlobService):
 
     def _ingest_file_sync(self, path: str | bytes, size: int) -> tuple[B3Digest, list[ChunkMeta]]:
         chunks: list[ChunkMeta] = []
+        if size <= self.min_size:  # FastCDC cannot cut below min_size: one chunk
+            data = read_file(path, size)
+            if size == 0:
+                return EMPTY_DIGEST, chunks
+            digest = B3Digest(blake3.blake3(data).digest())
+            self._store_chunk_sync(memoryview(data), chunks, digest)
+            return digest, chunks
         with open(path, "rb") as f:
-            if size <= self.min_size:  # FastCDC cannot cut below min_size: one chunk
-                data = f.read(size + 1)
-                if len(data) != size:
-                    raise ValueError(f"file changed size while reading ({len(data)} != {size})")
-                if size == 0:
-                    return EMPTY_DIGEST, chunks
-                digest = B3Digest(blake3.blake3(data).digest())
-                self._store_chunk_sync(memoryview(data), chunks, digest)
-                return digest, chunks
             hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
             total = 0
             for c in self._cdc.cut_stream(f):
@@ -306,16 +349,57 @@ class ObjectStoreBlobService(BlobService):
             chunk_key(digest)
         )
 
-    async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
-        raw = await self.store.get(blob_key(digest))
-        if raw is None:
-            return [] if await self.store.exists(chunk_key(digest)) else None
+    @staticmethod
+    def _parse_index(digest: B3Digest, raw: bytes) -> list[ChunkMeta]:
         index = pb.StatBlobResponse()
         try:
             index.ParseFromString(raw)
             return [ChunkMeta(B3Digest(c.digest), c.size) for c in index.chunks]
         except Exception as exc:
             raise DataCorruption(f"blob index {digest} is corrupt: {exc}") from exc
+
+    async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
+        raw = await self.store.get(blob_key(digest))
+        if raw is None:
+            return [] if await self.store.exists(chunk_key(digest)) else None
+        return self._parse_index(digest, raw)
+
+    def chunks_sync(self, digest: B3Digest) -> list[ChunkMeta] | None:
+        """:meth:`chunks` on the caller's thread (for worker threads reading many blobs)."""
+        raw = self.store.get_sync(blob_key(digest))
+        if raw is None:
+            return [] if self.store.exists_sync(chunk_key(digest)) else None
+        return self._parse_index(digest, raw)
+
+    def load_chunk_sync(self, digest: B3Digest, size: int | None = None) -> bytes | None:
+        """A chunk's verified bytes (``None`` if absent), on the caller's thread."""
+        raw = self.store.get_sync(chunk_key(digest))
+        if raw is None:
+            return None
+        limit = _MAX_CHUNK_OUTPUT if size is None else size
+        return checked(digest, _decompress(raw, digest, limit), "chunk")
+
+    def load_chunk_pieces_sync(
+        self, digest: B3Digest, size: int
+    ) -> list[bytes | memoryview] | None:
+        """A chunk's verified bytes as pieces, zero-copy for incompressible chunks.
+
+        ``None`` if the chunk is absent; raises ``DataCorruption`` if it does
+        not hash to ``digest``.
+        """
+        frame = self.store.view_sync(chunk_key(digest))
+        if frame is None:
+            return None
+        raw = raw_frame_pieces(frame)
+        if raw is None:
+            return [checked(digest, _decompress(bytes(frame), digest, size), "chunk")]
+        hasher = blake3.blake3()
+        for piece in raw:
+            hasher.update(piece)
+        if hasher.digest() != digest.raw:
+            actual = B3Digest(hasher.digest())
+            raise ChecksumMismatch(f"chunk {digest} has wrong contents (hashes to {actual})")
+        return list(raw)
 
     async def _load_chunk(self, digest: B3Digest, size: int | None = None) -> bytes | None:
         raw = await self.store.get(chunk_key(digest))

@@ -35,13 +35,17 @@ from tvix_castore.blobservice.base import (
     BytesBlobReader,
     ChunkMeta,
     checked,
+    read_file,
 )
 from tvix_castore.blobservice.objectstore import ObjectStoreBlobService
 from tvix_castore.digests import EMPTY_DIGEST, B3Digest
 from tvix_castore.directoryservice.sqlite import connect, storage_error, write_rows
 from tvix_castore.errors import DataCorruption, StorageError
 
-__all__ = ["PackedBlobService"]
+__all__ = ["BlobLocation", "PackedBlobService"]
+
+BlobLocation = tuple[str, int, int]
+"""Where a packed blob lies: (pack file name, offset, length)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS packed (
@@ -53,6 +57,7 @@ CREATE TABLE IF NOT EXISTS packed (
 """
 _PACK_LIMIT = 1 << 30  # start a new pack file beyond this
 _QUERY_BATCH = 500
+_RECENT_LIMIT = 1 << 20  # locations remembered from this process's own writes
 
 
 class _Writer(BlobWriter):
@@ -109,6 +114,9 @@ class PackedBlobService(BlobService):
         self._pack_fd = -1
         self._pack_size = 0
         self._readers: dict[str, int] = {}
+        # Locations of blobs this process appended or found present while writing,
+        # so callers building read plans right after a write need no queries.
+        self._recent: dict[bytes, BlobLocation] = {}
         try:
             self._conn.executescript(_SCHEMA)
         except sqlite3.Error as exc:
@@ -146,6 +154,7 @@ class PackedBlobService(BlobService):
         for digest, data in blobs:
             if digest.raw not in present and data:
                 new.setdefault(digest.raw, data)
+        self._remember(present)
         if not new:
             return
         try:
@@ -165,6 +174,37 @@ class PackedBlobService(BlobService):
                 rows,
                 "indexing packed blobs",
             )
+        self._remember({raw: (p, off, n) for raw, p, off, n in rows})
+
+    def _remember(self, located: dict[bytes, BlobLocation]) -> None:
+        if len(self._recent) + len(located) > _RECENT_LIMIT:
+            self._recent.clear()
+        self._recent.update(located)
+
+    def locate_many(self, digests: Sequence[B3Digest]) -> dict[B3Digest, BlobLocation]:
+        """Where each packed blob among ``digests`` lies (others are absent from the result).
+
+        Blocking; locations of this process's recent writes need no query.
+        Callers read through :meth:`pack_path` and must verify what they read.
+        """
+        out: dict[B3Digest, BlobLocation] = {}
+        ask: list[B3Digest] = []
+        recent = self._recent
+        for d in digests:
+            loc = recent.get(d.raw)
+            if loc is None:
+                ask.append(d)
+            else:
+                out[d] = loc
+        if ask:
+            out.update((B3Digest(raw), loc) for raw, loc in self._locate(ask).items())
+        return out
+
+    def pack_path(self, pack: str) -> Path:
+        """The file of pack ``pack`` (a name from the index, checked)."""
+        if "/" in pack or pack.startswith(".") or not pack:
+            raise DataCorruption(f"invalid pack name {pack!r} in the index")
+        return self.pack_dir / pack
 
     def open_write(self) -> BlobWriter:
         return _Writer(self)
@@ -180,10 +220,7 @@ class PackedBlobService(BlobService):
                     if size > self.threshold:
                         out.append(self.large._ingest_file_sync(path, size))
                         continue
-                    with open(path, "rb") as f:
-                        data = f.read(size + 1)
-                    if len(data) != size:
-                        raise ValueError(f"file changed size while reading ({len(data)} != {size})")
+                    data = read_file(path, size)
                     digest = B3Digest(blake3.blake3(data).digest())
                     small.append((digest, data))
                     out.append((digest, []))
@@ -251,12 +288,14 @@ class PackedBlobService(BlobService):
         return found
 
     def _pread(self, digest: B3Digest, pack: str, offset: int, length: int) -> bytes:
-        if "/" in pack or pack.startswith("."):
-            raise DataCorruption(f"blob {digest}: invalid pack name {pack!r} in the index")
+        try:
+            path = self.pack_path(pack)
+        except DataCorruption as exc:
+            raise DataCorruption(f"blob {digest}: {exc}") from exc
         try:
             fd = self._readers.get(pack)
             if fd is None:
-                fd = os.open(self.pack_dir / pack, os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
                 self._readers[pack] = fd
             data = os.pread(fd, length, offset)
         except OSError as exc:
@@ -264,6 +303,12 @@ class PackedBlobService(BlobService):
         if len(data) != length:
             raise DataCorruption(f"blob {digest}: pack {pack} is truncated")
         return checked(digest, data)
+
+    def read_packed_sync(self, digest: B3Digest) -> bytes | None:
+        """A packed blob's verified bytes (``None`` if not packed), on the caller's thread."""
+        if digest == EMPTY_DIGEST:
+            return b""
+        return self._read_many_small([digest]).get(digest)
 
     def _read_many_small(self, digests: Sequence[B3Digest]) -> dict[B3Digest, bytes]:
         out: dict[B3Digest, bytes] = {}

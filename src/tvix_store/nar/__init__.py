@@ -1,7 +1,36 @@
-"""NAR ⇄ castore: rendering a NAR from castore, and ingesting a NAR into it."""
+"""NAR ⇄ castore: rendering a NAR from castore, and ingesting a NAR into it.
 
-from tvix_store.nar.ingest import IngestedNar, ingest_nar, ingest_nar_file
-from tvix_store.nar.render import NarRenderError, calculate_nar, render_nar
+Names are resolved on first use, so a command that only renders does not load
+the ingester (start-up time counts for CLI commands).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tvix_store.nar.ingest import IngestedNar, ingest_nar, ingest_nar_file
+    from tvix_store.nar.render import NarRenderError, calculate_nar, render_nar
+
+_LAZY = {
+    "IngestedNar": "tvix_store.nar.ingest",
+    "ingest_nar": "tvix_store.nar.ingest",
+    "ingest_nar_file": "tvix_store.nar.ingest",
+    "NarRenderError": "tvix_store.nar.render",
+    "calculate_nar": "tvix_store.nar.render",
+    "render_nar": "tvix_store.nar.render",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "IngestedNar",

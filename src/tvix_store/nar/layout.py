@@ -18,7 +18,7 @@ from tvix_castore.directoryservice.base import DirectoryService
 from tvix_castore.nodes import Directory, DirectoryNode, FileNode, Node, SymlinkNode
 from tvix_store.nar.render import NarRenderError, blob_range, fetch_closure
 
-__all__ = ["NarLayout", "nar_layout"]
+__all__ = ["NarLayout", "build_layout", "nar_layout"]
 
 _READ = 1 << 20
 
@@ -64,7 +64,8 @@ class NarLayout:
             i += 1
 
 
-def _build(node: Node, closure: Mapping[B3Digest, Directory]) -> NarLayout:
+def build_layout(node: Node, closure: Mapping[B3Digest, Directory]) -> NarLayout:
+    """The layout of ``node``'s NAR from its (verified) directory closure."""
     segments: list[bytes | FileNode] = []
     lit = bytearray(wire.MAGIC + wire.OPEN_TYPE)
 
@@ -124,4 +125,4 @@ async def nar_layout(
     """The layout of ``node``'s NAR (fetches and verifies its closure unless given)."""
     if closure is None:
         closure = await fetch_closure(node, dirs)
-    return _build(node, closure)
+    return build_layout(node, closure)

@@ -1,0 +1,590 @@
+"""NAR plans: a directory's NAR as literal bytes and blob locations, for fast export.
+
+Rendering a NAR from castore means fetching and decoding every Directory of
+the closure and looking up where each blob lies — per-entry Python work that
+costs more than the bytes themselves (47k files: ~0.4 s before the first byte
+is written). A plan does that work once, when a path is imported (or first
+exported), and keeps the result next to the path infos: every byte that is not
+file content (headers, names, padding) in one string, and for each file its
+digest, size and location in a pack file.
+
+Export then maps the pack files, verifies each blob's BLAKE3 on the mapped
+bytes and hands header and content ranges to ``writev`` — no copies, no
+per-entry lookups. Large (chunked) blobs are fetched, decompressed and verified
+one thread ahead.
+
+A plan is keyed by the root Directory's digest, so it describes exactly one
+NAR; it records that NAR's size and sha256 as established when it was built
+(by hashing the imported tree or a verified render), and a BLAKE3 checksum of
+its own bytes. Since every blob is verified as it is written, a plan whose
+recorded hash equals a PathInfo's NarHash produces exactly that NAR, without
+hashing it again. A plan whose location is stale (a blob not where it says)
+falls back to the blob service for that blob; a corrupt plan is ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import mmap
+import os
+import sqlite3
+import struct
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import blake3
+
+from tvix_castore.blobservice.base import BlobService, ChunkMeta
+from tvix_castore.blobservice.packed import PackedBlobService
+from tvix_castore.digests import B3Digest
+from tvix_castore.directoryservice.sqlite import connect, storage_error
+from tvix_castore.errors import CastoreError, DataCorruption
+from tvix_castore.nodes import Directory, DirectoryNode, FileNode, Node
+from tvix_store.nar.layout import build_layout
+from tvix_store.nar.render import NarRenderError
+
+__all__ = [
+    "NarPlan",
+    "SqliteNarPlans",
+    "build_plan",
+    "save_plan",
+    "write_plan",
+    "write_planned",
+]
+
+_log = logging.getLogger(__name__)
+
+_MAGIC = b"NARPLAN1"
+_HEAD = struct.Struct("<8sQ32sIIQ")  # magic, nar size, nar sha256, packs, files, literals
+_ENTRY = struct.Struct("<Q32sQiQ")  # literal end, digest, size, pack index (-1: not packed), offset
+_NOT_PACKED = -1
+_IOV_MAX = 1000  # below the kernel's 1024
+_FLUSH_BYTES = 8 << 20
+_FORK_MIN = 32 << 20  # NARs from this size are written by two processes
+_CHILD_KEEP = 64 << 20  # decompressed bytes the child holds between verifying and writing
+
+_Entry = tuple[int, bytes, int, int, int]  # as _ENTRY
+_Pieces = list[bytes | memoryview]
+
+
+@dataclass(frozen=True, slots=True)
+class NarPlan:
+    """One NAR: ``literals`` interleaved with the files of ``entries`` (see module doc)."""
+
+    nar_size: int
+    nar_sha256: bytes
+    packs: tuple[str, ...]
+    literals: bytes
+    entries: tuple[_Entry, ...]  # one per file with content, in NAR order
+
+    def encode(self) -> bytes:
+        names = "\n".join(self.packs).encode()
+        head = _HEAD.pack(
+            _MAGIC,
+            self.nar_size,
+            self.nar_sha256,
+            len(names),
+            len(self.entries),
+            len(self.literals),
+        )
+        rows = b"".join([_ENTRY.pack(*e) for e in self.entries])
+        return b"".join([head, names, self.literals, rows])
+
+    @classmethod
+    def decode(cls, data: bytes) -> NarPlan:
+        """Parse and check a plan (its sizes must add up to the NAR size)."""
+        try:
+            magic, nar_size, sha, names_len, n_files, lit_len = _HEAD.unpack_from(data)
+        except struct.error as exc:
+            raise DataCorruption(f"NAR plan is truncated: {exc}") from exc
+        pos = _HEAD.size
+        if magic != _MAGIC or len(data) != pos + names_len + lit_len + n_files * _ENTRY.size:
+            raise DataCorruption("NAR plan has a bad header")
+        names = data[pos : pos + names_len].decode()
+        pos += names_len
+        literals = data[pos : pos + lit_len]
+        entries = tuple(_ENTRY.iter_unpack(data[pos + lit_len :]))
+        packs = tuple(names.split("\n")) if names else ()
+        total = lit_len
+        end = 0
+        for lit_end, _, size, pack, _ in entries:
+            if lit_end < end or lit_end > lit_len or pack >= len(packs) or pack < _NOT_PACKED:
+                raise DataCorruption("NAR plan has an inconsistent entry")
+            end = lit_end
+            total += size
+        if total != nar_size:
+            raise DataCorruption(f"NAR plan adds up to {total} bytes, not {nar_size}")
+        return cls(nar_size, sha, packs, literals, entries)
+
+
+def build_plan(
+    node: DirectoryNode,
+    closure: Mapping[B3Digest, Directory],
+    blobs: PackedBlobService,
+    nar_sha256: bytes,
+) -> NarPlan:
+    """The plan of ``node``'s NAR, whose sha256 the caller has established (blocking)."""
+    layout = build_layout(node, closure)
+    files = [s for s in layout.segments if isinstance(s, FileNode)]
+    located = blobs.locate_many([f.digest for f in files])
+    pack_index: dict[str, int] = {}
+    literals = bytearray()
+    entries: list[_Entry] = []
+    for seg in layout.segments:
+        if isinstance(seg, bytes):
+            literals += seg
+            continue
+        loc = located.get(seg.digest)
+        if loc is None or loc[2] != seg.size:
+            pack, offset = _NOT_PACKED, 0
+        else:
+            pack = pack_index.setdefault(loc[0], len(pack_index))
+            offset = loc[1]
+        entries.append((len(literals), seg.digest.raw, seg.size, pack, offset))
+    return NarPlan(layout.size, nar_sha256, tuple(pack_index), bytes(literals), tuple(entries))
+
+
+class SqliteNarPlans:
+    """Plans in a ``nar_plans`` table of the embedded store's database."""
+
+    def __init__(self, path: str | Path) -> None:
+        self._conn = connect(path)
+        self._lock = threading.Lock()
+        try:
+            self._conn.execute(
+                "CREATE TABLE IF NOT EXISTS nar_plans ("
+                " root BLOB PRIMARY KEY, plan BLOB NOT NULL, checksum BLOB NOT NULL"
+                ") WITHOUT ROWID"
+            )
+        except sqlite3.Error as exc:
+            self._conn.close()
+            raise storage_error("creating the nar_plans table", exc) from exc
+
+    def get_sync(self, root: B3Digest) -> NarPlan | None:
+        """The plan of the Directory ``root``; ``DataCorruption`` if it fails its checks."""
+        with self._lock:
+            try:
+                row = self._conn.execute(
+                    "SELECT plan, checksum FROM nar_plans WHERE root = ?", (root.raw,)
+                ).fetchone()
+            except sqlite3.Error as exc:
+                raise storage_error("reading a NAR plan", exc) from exc
+        if row is None:
+            return None
+        data = bytes(row[0])
+        if blake3.blake3(data).digest() != bytes(row[1]):
+            raise DataCorruption(f"NAR plan of {root} does not match its checksum")
+        return NarPlan.decode(data)
+
+    def put_sync(self, root: B3Digest, plan: NarPlan) -> None:
+        data = plan.encode()
+        with self._lock:
+            try:
+                self._conn.execute(
+                    "INSERT OR REPLACE INTO nar_plans (root, plan, checksum) VALUES (?, ?, ?)",
+                    (root.raw, data, blake3.blake3(data).digest()),
+                )
+            except sqlite3.Error as exc:
+                raise storage_error("writing a NAR plan", exc) from exc
+
+    async def get(self, root: B3Digest) -> NarPlan | None:
+        return await asyncio.to_thread(self.get_sync, root)
+
+    async def put(self, root: B3Digest, plan: NarPlan) -> None:
+        await asyncio.to_thread(self.put_sync, root, plan)
+
+    async def aclose(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+class _Packs:
+    """Read-only maps of pack files, opened on first use, remapped if a pack grew."""
+
+    def __init__(self, blobs: PackedBlobService, names: Sequence[str]) -> None:
+        self._blobs = blobs
+        self._names = names
+        self._maps: list[tuple[mmap.mmap, memoryview] | None] = [None] * len(names)
+        self._old: list[tuple[mmap.mmap, memoryview]] = []  # replaced maps, views may be queued
+
+    def view(self, index: int, offset: int, size: int) -> memoryview | None:
+        """The mapped bytes, or ``None`` if the pack is missing or too short."""
+        entry = self._maps[index]
+        if entry is None or offset + size > len(entry[1]):
+            entry = self._map(index)
+            if entry is None or offset + size > len(entry[1]):
+                return None
+        return entry[1][offset : offset + size]
+
+    def _map(self, index: int) -> tuple[mmap.mmap, memoryview] | None:
+        try:
+            path = self._blobs.pack_path(self._names[index])
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except (OSError, DataCorruption):
+            return None
+        try:
+            if os.fstat(fd).st_size == 0:
+                return None
+            m = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):
+            return None
+        finally:
+            os.close(fd)
+        old = self._maps[index]
+        if old is not None:
+            self._old.append(old)
+        entry = (m, memoryview(m))
+        self._maps[index] = entry
+        return entry
+
+    def close(self) -> None:
+        for entry in [*self._maps, *self._old]:
+            if entry is not None:
+                entry[1].release()
+                with contextlib.suppress(BufferError):  # a caller still holds a view
+                    entry[0].close()
+
+
+class _Reader:
+    """Verified blob contents for plan entries, zero-copy where the bytes allow.
+
+    Packed blobs are views of the mapped pack file; incompressible chunks are
+    views of the mapped chunk file; other chunks are decompressed. Everything
+    is BLAKE3-verified before it is returned. With ``fallback``, a blob not
+    where the plan says is looked up through the blob service (parent process
+    only: the SQLite connection must not be used after a fork).
+    """
+
+    def __init__(self, blobs: PackedBlobService, plan: NarPlan, *, fallback: bool) -> None:
+        self._blobs = blobs
+        self._packs = _Packs(blobs, plan.packs)
+        self._fallback = fallback
+
+    def pieces(self, entry: _Entry) -> _Pieces:
+        _, raw, size, pack, offset = entry
+        if pack != _NOT_PACKED:
+            view = self._packs.view(pack, offset, size)
+            if view is not None and blake3.blake3(view).digest() == raw:
+                return [view]
+        digest = B3Digest(raw)
+        try:
+            if pack == _NOT_PACKED:
+                found = self._chunked(digest, size)
+                if found is not None:
+                    return found
+            if self._fallback:
+                return [_fallback(self._blobs, digest, size)]
+        except NarRenderError:
+            raise
+        except (CastoreError, ValueError) as exc:
+            raise NarRenderError(f"failed rendering nar: blob {digest}: {exc}") from exc
+        raise NarRenderError(f"failed rendering nar: blob {digest} is not where its plan says")
+
+    def _chunked(self, digest: B3Digest, size: int) -> _Pieces | None:
+        large = self._blobs.large
+        chunks = large.chunks_sync(digest)
+        if chunks is None:
+            return None
+        out: _Pieces = []
+        for c in chunks or [ChunkMeta(digest, size)]:  # a one-chunk blob is its chunk
+            got = large.load_chunk_pieces_sync(c.digest, c.size)
+            if got is None:
+                raise NarRenderError(
+                    f"failed rendering nar: blob {digest}: chunk {c.digest} missing"
+                )
+            if sum(len(p) for p in got) != c.size:
+                raise DataCorruption(f"chunk {c.digest} does not have the {c.size} bytes indexed")
+            out.extend(got)
+        total = sum(len(p) for p in out)
+        if total != size:
+            raise NarRenderError(
+                f"failed rendering nar: blob {digest} has {total} bytes, expected {size}"
+            )
+        return out
+
+    def close(self) -> None:
+        self._packs.close()
+
+
+class _Out:
+    """Gathers pieces and hands them to ``writev`` in large batches."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._iov: list[bytes | memoryview] = []
+        self._bytes = 0
+
+    def add(self, piece: bytes | memoryview) -> None:
+        self._iov.append(piece)
+        self._bytes += len(piece)
+        if len(self._iov) >= _IOV_MAX or self._bytes >= _FLUSH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._iov:
+            _writev_all(self._fd, self._iov, self._bytes)
+        self._iov, self._bytes = [], 0
+
+
+def _write_entries(
+    entries: Sequence[_Entry],
+    literals: memoryview,
+    pos: int,
+    reader: _Reader,
+    out: _Out,
+    prepared: Sequence[_Pieces | None] | None = None,
+) -> int:
+    """Write ``entries`` (each after its literal prefix from ``pos``); return the new ``pos``."""
+    for i, entry in enumerate(entries):
+        lit_end = entry[0]
+        if lit_end > pos:
+            out.add(literals[pos:lit_end])
+            pos = lit_end
+        pieces = prepared[i] if prepared is not None else None
+        for piece in pieces if pieces is not None else reader.pieces(entry):
+            out.add(piece)
+    return pos
+
+
+def write_plan(plan: NarPlan, blobs: PackedBlobService, fd: int) -> None:
+    """Write the NAR of ``plan`` to ``fd`` (blocking), verifying every blob first.
+
+    A large NAR is verified by two processes (threads would not help: hashing
+    and decompressing chunks of this size hold the GIL). This one verifies and
+    writes entries from the front; a forked child verifies from the back. Where
+    they meet, this one stops and the child writes the rest. Memory stays
+    bounded: verified bytes are views of mapped files, and the child keeps at
+    most ``_CHILD_KEEP`` bytes of decompressed chunks, decompressing (and
+    verifying) the others again when it writes them.
+
+    Raises:
+        NarRenderError: a blob is missing, corrupt, or of the wrong size (the
+            bytes before it have been written).
+    """
+    entries = plan.entries
+    literals = memoryview(plan.literals)
+    child = None
+    if plan.nar_size >= _FORK_MIN and len(entries) > 1 and (os.cpu_count() or 1) > 1:
+        child = _Child.start(plan, blobs, fd, entries)
+    reader = _Reader(blobs, plan, fallback=True)
+    out = _Out(fd)
+    stop = len(entries)
+    try:
+        pos = 0
+        for i, entry in enumerate(entries):
+            if child is not None and child.verified_from(i) <= i:
+                stop = i
+                break
+            pos = _write_entries((entry,), literals, pos, reader, out)
+        if child is None:
+            out.add(literals[pos:])
+        out.flush()
+    except BaseException:
+        if child is not None:
+            child.abort()
+        raise
+    finally:
+        del out
+        reader.close()
+    if child is not None:
+        child.finish(stop)
+
+
+# Words of the page shared with the child: where this process is, and the
+# lowest entry the child has verified (all entries from there on are).
+_PARENT_AT, _CHILD_FROM = 0, 4
+_WORD = struct.Struct("<I")
+
+
+class _Child:
+    """The forked verifier and writer of a plan's tail (see :func:`write_plan`)."""
+
+    def __init__(self, pid: int, go: int, err: int, shared: mmap.mmap) -> None:
+        self._pid = pid
+        self._go = go
+        self._err = err
+        self._shared = shared
+
+    @classmethod
+    def start(
+        cls, plan: NarPlan, blobs: PackedBlobService, fd: int, entries: Sequence[_Entry]
+    ) -> _Child:
+        shared = mmap.mmap(-1, mmap.PAGESIZE)  # anonymous and shared across fork
+        _WORD.pack_into(shared, _CHILD_FROM, len(entries))
+        go_r, go_w = os.pipe()
+        err_r, err_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child, reported through its exit status
+            code = 1
+            try:
+                os.close(go_w)
+                os.close(err_r)
+                code = _child_main(plan, blobs, fd, entries, shared, go_r)
+            except BaseException as exc:
+                with contextlib.suppress(BaseException):
+                    os.write(err_w, str(exc).encode(errors="replace")[:4000])
+            finally:
+                os._exit(code)
+        os.close(go_r)
+        os.close(err_w)
+        return cls(pid, go_w, err_r, shared)
+
+    def verified_from(self, at: int) -> int:
+        """Publish that this process is at entry ``at``; the child's verified start."""
+        _WORD.pack_into(self._shared, _PARENT_AT, at)
+        return int(_WORD.unpack_from(self._shared, _CHILD_FROM)[0])
+
+    def abort(self) -> None:
+        """Stop the child without letting it write (the front part failed)."""
+        os.close(self._go)
+        os.close(self._err)
+        os.waitpid(self._pid, 0)
+        self._shared.close()
+
+    def finish(self, start: int) -> None:
+        """Let the child write entries from ``start`` on; raise what it reports."""
+        with contextlib.suppress(OSError):  # it has already exited: its status tells why
+            os.write(self._go, _WORD.pack(start))
+        os.close(self._go)
+        message = b""
+        while chunk := os.read(self._err, 4096):
+            message += chunk
+        os.close(self._err)
+        _, status = os.waitpid(self._pid, 0)
+        self._shared.close()
+        if status != 0:
+            text = message.decode(errors="replace") or f"wait status {status}"
+            if text.startswith("failed rendering nar"):
+                raise NarRenderError(text)
+            raise NarRenderError(f"failed rendering nar: {text}")
+
+
+def _child_main(
+    plan: NarPlan,
+    blobs: PackedBlobService,
+    fd: int,
+    entries: Sequence[_Entry],
+    shared: mmap.mmap,
+    go: int,
+) -> int:  # pragma: no cover - runs in the forked child
+    """Verify entries from the back until meeting the parent; then write from where it stopped."""
+    reader = _Reader(blobs, plan, fallback=False)
+    prepared: dict[int, _Pieces | None] = {}
+    kept = 0
+    for i in range(len(entries) - 1, -1, -1):
+        if i < _WORD.unpack_from(shared, _PARENT_AT)[0]:
+            break
+        pieces = reader.pieces(entries[i])
+        owned = sum(len(p) for p in pieces if isinstance(p, bytes))
+        if owned and kept + owned > _CHILD_KEEP:
+            prepared[i] = None  # verified now; decompressed and verified again when written
+        else:
+            kept += owned
+            prepared[i] = pieces
+        del pieces
+        _WORD.pack_into(shared, _CHILD_FROM, i)
+    message = os.read(go, _WORD.size)
+    if len(message) != _WORD.size:
+        return 2  # the front part failed: write nothing
+    (start,) = _WORD.unpack(message)
+    tail = entries[start:]
+    literals = memoryview(plan.literals)
+    out = _Out(fd)
+    pos = entries[start - 1][0] if start else 0
+    pos = _write_entries(
+        tail, literals, pos, reader, out, [prepared.get(j) for j in range(start, len(entries))]
+    )
+    out.add(literals[pos:])
+    out.flush()
+    return 0
+
+
+def _writev_all(fd: int, iov: list[bytes | memoryview], total: int) -> None:
+    """``writev`` all of ``iov`` (``total`` bytes), resuming after short writes."""
+    while True:
+        n = os.writev(fd, iov)
+        if n == total:
+            return
+        total -= n
+        i = 0
+        while n >= len(iov[i]):
+            n -= len(iov[i])
+            i += 1
+        iov = [memoryview(iov[i])[n:], *iov[i + 1 :]]
+
+
+def _fallback(blobs: PackedBlobService, digest: B3Digest, size: int) -> bytes:
+    """A blob not where the plan says: ask the blob service (which verifies it)."""
+    data = blobs.read_packed_sync(digest)
+    if data is None:
+        raise NarRenderError(f"failed rendering nar: blob {digest} not found")
+    if len(data) != size:
+        raise NarRenderError(
+            f"failed rendering nar: blob {digest} has {len(data)} bytes, expected {size}"
+        )
+    return data
+
+
+async def save_plan(
+    plans: SqliteNarPlans | None,
+    blobs: BlobService,
+    node: Node,
+    closure: Mapping[B3Digest, Directory],
+    nar_size: int,
+    nar_sha256: bytes,
+) -> None:
+    """Record the plan of ``node``'s NAR, whose size and sha256 the caller established.
+
+    Only for directories in a store with packed blobs; a plan is a cache, so
+    failing to write one is logged, not raised.
+    """
+    if plans is None or not isinstance(node, DirectoryNode):
+        return
+    if not isinstance(blobs, PackedBlobService):
+        return
+
+    def work() -> None:
+        plan = build_plan(node, closure, blobs, nar_sha256)
+        if plan.nar_size != nar_size:
+            raise DataCorruption(f"plan of {node.digest}: {plan.nar_size} bytes, not {nar_size}")
+        plans.put_sync(node.digest, plan)
+
+    try:
+        await asyncio.to_thread(work)
+    except (CastoreError, NarRenderError) as exc:
+        _log.warning("no NAR plan recorded for %s: %s", node.digest, exc)
+    else:
+        _log.debug("recorded the NAR plan of %s", node.digest)
+
+
+async def write_planned(
+    plans: SqliteNarPlans | None,
+    blobs: BlobService,
+    node: Node,
+    nar_size: int,
+    nar_sha256: bytes,
+    fd: int,
+) -> bool:
+    """Write ``node``'s NAR to ``fd`` from its plan, if one vouches for this size and sha256.
+
+    Returns ``False`` (having written nothing) when there is no such plan.
+    """
+    if plans is None or not isinstance(node, DirectoryNode):
+        return False
+    if not isinstance(blobs, PackedBlobService):
+        return False
+    try:
+        plan = await plans.get(node.digest)
+    except DataCorruption as exc:
+        _log.warning("ignoring the NAR plan of %s: %s", node.digest, exc)
+        return False
+    if plan is None or plan.nar_size != nar_size or plan.nar_sha256 != nar_sha256:
+        _log.debug("no NAR plan vouches for %s: rendering from castore", node.digest)
+        return False
+    _log.debug("writing the NAR of %s from its plan", node.digest)
+    await asyncio.to_thread(write_plan, plan, blobs, fd)
+    return True
