@@ -1,0 +1,303 @@
+"""NAR plans: ``tvix-store export`` straight from the pack files (real CLI, real Nix).
+
+A plan is recorded when a path is imported (and when one is first exported
+without a plan); export then writes from it. These tests check that the bytes
+equal ``nix-store --dump`` on both the one-process and the two-process path,
+that a plan missing or corrupt falls back to rendering, and that corrupt
+content fails the export with a clear message instead of wrong bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import sqlite3
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zstandard
+
+from tests.compat.oracle import DigestSink, Nix, assert_same_nar
+from tvix_castore.blobservice.objectstore import chunk_key, raw_frame_pieces
+from tvix_castore.digests import B3Digest
+from tvix_castore.errors import IngestionError
+from tvix_store.nar import plan as plan_mod
+from tvix_store.nar.plan import NarPlan, SqliteNarPlans
+
+from .conftest import TVIX, export_to, ok, tvix, tvix_env
+
+MiB = 1 << 20
+
+
+def make_tree(root: Path, *, big: int) -> Path:
+    """Small text files, executables, symlinks, empty files, compressible and random
+    chunked files, and (with ``big``) a random file of that size."""
+    rng = random.Random(7)
+    root.mkdir()
+    for d in range(6):
+        sub = root / f"dir{d}" / "nested"
+        sub.mkdir(parents=True)
+        for i in range(40):
+            (sub / f"f{i}.txt").write_bytes(f"file {d}/{i}\n".encode() * rng.randrange(1, 400))
+        (sub / "empty").write_bytes(b"")
+        exe = sub / "run.sh"
+        exe.write_bytes(b"#!/bin/sh\necho hi\n")
+        exe.chmod(0o755)
+        (root / f"dir{d}" / "link").symlink_to("nested/f1.txt")
+    (root / "text-300k").write_bytes(b"compressible line of text\n" * 12000)
+    (root / "random-700k").write_bytes(rng.randbytes(700 * 1024))
+    if big:
+        (root / "big.bin").write_bytes(rng.randbytes(big))
+    return root
+
+
+def import_tree(home: Path, path: Path) -> str:
+    return ok(tvix(home, "import", path)).decode().strip()
+
+
+def the_plan(home: Path) -> tuple[B3Digest, NarPlan]:
+    with sqlite3.connect(home / "store.sqlite") as conn:
+        rows = conn.execute("SELECT root FROM nar_plans").fetchall()
+    assert len(rows) == 1, rows
+    root = B3Digest(bytes(rows[0][0]))
+    plans = SqliteNarPlans(home / "store.sqlite")
+    try:
+        found = plans.get_sync(root)
+    finally:
+        asyncio.run(plans.aclose())
+    assert found is not None
+    return root, found
+
+
+def export_log(home: Path, store_path: str) -> tuple[DigestSink, str]:
+    sink = DigestSink()
+    proc = subprocess.run(
+        [TVIX, "--log-level", "DEBUG", "export", store_path],
+        capture_output=True,
+        env=tvix_env(home),
+        check=False,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    sink.write(proc.stdout)
+    return sink, proc.stderr.decode(errors="replace")
+
+
+def nix_dump(nix: Nix, path: Path) -> DigestSink:
+    sink = DigestSink()
+    nix.dump(path, sink)
+    return sink
+
+
+@pytest.mark.parametrize("big", [0, 40 * MiB], ids=["one-process", "forked"])
+def test_export_from_plan_matches_nix(tmp_path: Path, home: Path, nix: Nix, big: int) -> None:
+    tree = make_tree(tmp_path / "tree", big=big)
+    store_path = import_tree(home, tree)
+    _, plan = the_plan(home)
+    assert any(e[3] >= 0 for e in plan.entries), "small files are packed"
+    assert any(e[3] < 0 for e in plan.entries), "large files are chunked"
+    ours, log = export_log(home, store_path)
+    assert "from its plan" in log
+    assert_same_nar(ours, nix_dump(nix, tree), "export from the plan")
+    assert plan.nar_size == ours.size
+
+
+def test_export_without_plan_renders_then_records_one(tmp_path: Path, home: Path, nix: Nix) -> None:
+    tree = make_tree(tmp_path / "tree", big=0)
+    store_path = import_tree(home, tree)
+    with sqlite3.connect(home / "store.sqlite") as conn:
+        conn.execute("DELETE FROM nar_plans")
+    ours, log = export_log(home, store_path)
+    assert "rendering from castore" in log
+    assert "recorded the NAR plan" in log
+    theirs = nix_dump(nix, tree)
+    assert_same_nar(ours, theirs, "rendered export")
+    again, log = export_log(home, store_path)
+    assert "from its plan" in log
+    assert_same_nar(again, theirs, "export from the recorded plan")
+
+
+def test_corrupt_plan_is_ignored(tmp_path: Path, home: Path, nix: Nix) -> None:
+    tree = make_tree(tmp_path / "tree", big=0)
+    store_path = import_tree(home, tree)
+    with sqlite3.connect(home / "store.sqlite") as conn:
+        (data,) = conn.execute("SELECT plan FROM nar_plans").fetchone()
+        bad = bytearray(data)
+        bad[len(bad) // 2] ^= 0xFF
+        conn.execute("UPDATE nar_plans SET plan = ?", (bytes(bad),))
+    ours, log = export_log(home, store_path)
+    assert "ignoring the NAR plan" in log
+    assert "does not match its checksum" in log
+    assert_same_nar(ours, nix_dump(nix, tree), "export with a corrupt plan")
+
+
+def corrupt_pack(home: Path, plan: NarPlan, which: int) -> None:
+    """Flip a byte of the ``which``-th packed blob (in NAR order)."""
+    packed = [e for e in plan.entries if e[3] >= 0]
+    _, _, size, pack, offset = packed[which]
+    path = home / "packs" / plan.packs[pack]
+    with open(path, "r+b") as f:
+        f.seek(offset + size // 2)
+        byte = f.read(1)
+        f.seek(offset + size // 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+@pytest.mark.parametrize("big", [0, 40 * MiB], ids=["one-process", "forked"])
+@pytest.mark.parametrize("which", [0, -1], ids=["first", "last"])
+def test_corrupt_pack_fails_export(tmp_path: Path, home: Path, big: int, which: int) -> None:
+    tree = make_tree(tmp_path / "tree", big=big)
+    store_path = import_tree(home, tree)
+    _, plan = the_plan(home)
+    corrupt_pack(home, plan, which)
+    proc = tvix(home, "export", store_path)
+    err = proc.stderr.decode(errors="replace")
+    assert proc.returncode != 0
+    assert "Traceback" not in err, err
+    assert "wrong contents" in err or "failed rendering nar" in err, err
+    # Nothing of the corrupt blob (or after it) was written.
+    assert len(proc.stdout) < plan.nar_size
+
+
+def test_corrupt_chunk_fails_export(tmp_path: Path, home: Path) -> None:
+    tree = make_tree(tmp_path / "tree", big=0)
+    store_path = import_tree(home, tree)
+    _, plan = the_plan(home)
+    (_, raw, size, _, _) = next(e for e in plan.entries if e[3] < 0 and e[2] == 700 * 1024)
+    chunks_dir = home / "blobs"
+    # The random 700 KiB file is cut into chunks; damage the first one's stored bytes.
+    from tvix_castore.blobservice.objectstore import blob_key
+    from tvix_castore.protos import rpc_blobstore_pb2 as pb
+
+    index = pb.StatBlobResponse.FromString((chunks_dir / blob_key(B3Digest(raw))).read_bytes())
+    chunk = chunks_dir / chunk_key(B3Digest(index.chunks[0].digest))
+    frame = bytearray(chunk.read_bytes())
+    frame[-10] ^= 0xFF
+    chunk.write_bytes(bytes(frame))
+    proc = tvix(home, "export", store_path)
+    err = proc.stderr.decode(errors="replace")
+    assert proc.returncode != 0
+    assert "Traceback" not in err, err
+    assert "wrong contents" in err, err
+    assert len(proc.stdout) < size
+
+
+def test_export_into_a_pipe_matches(tmp_path: Path, home: Path, nix: Nix) -> None:
+    """Through a pipe read slowly (short writes, both processes writing in turn)."""
+    tree = make_tree(tmp_path / "tree", big=40 * MiB)
+    store_path = import_tree(home, tree)
+    ours = DigestSink(keep=False)
+    export_to(home, store_path, ours)
+    theirs = DigestSink(keep=False)
+    nix.dump(tree, theirs)
+    assert (ours.size, ours.digest) == (theirs.size, theirs.digest)
+
+
+# -- import: a tree that changes while it is imported -------------------------------
+def test_import_fails_if_a_file_changes_meanwhile(
+    tmp_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tvix_store import importer
+    from tvix_store.config import open_store
+
+    tree = make_tree(tmp_path / "tree", big=0)
+    victim = tree / "dir3" / "nested" / "f7.txt"
+    real = importer.nar_hash_path  # type: ignore[attr-defined]
+
+    def hash_while_someone_writes(path: str | os.PathLike[str]) -> tuple[int, bytes]:
+        result = real(path)
+        # A concurrent writer, after both reads: same size, other bytes, other mtime.
+        data = victim.read_bytes()
+        victim.write_bytes(data[::-1])
+        os.utime(victim, ns=(1, 1))
+        return result
+
+    monkeypatch.setattr(importer, "nar_hash_path", hash_while_someone_writes)
+
+    async def run() -> int:
+        store = await open_store(home=home)
+        async with store:
+            with pytest.raises(IngestionError, match="changed while it was being imported"):
+                await importer.import_path(tree, store)
+            return len([i async for i in store.pathinfos.list()])
+
+    assert asyncio.run(run()) == 0
+
+
+@pytest.mark.parametrize("racy", [False, True])
+def test_import_nar_hash_source(
+    tmp_path: Path, home: Path, nix: Nix, monkeypatch: pytest.MonkeyPatch, racy: bool
+) -> None:
+    """Files older than the racy window: NarHash from the tree; fresh ones: from castore."""
+    from tvix_castore import ingest
+    from tvix_store import importer
+    from tvix_store.config import open_store
+
+    tree = make_tree(tmp_path / "tree", big=0)
+    # The window decides; the tree was just written, so it is racy unless the window is empty.
+    monkeypatch.setattr(ingest, "_RACY_NS", 1_000_000_000 if racy else -(10**18))
+    calls: list[object] = []
+    real = importer.calculate_nar  # type: ignore[attr-defined]
+
+    async def counting(*args: Any) -> tuple[int, bytes]:
+        calls.append(args)
+        return await real(*args)
+
+    monkeypatch.setattr(importer, "calculate_nar", counting)
+
+    async def run() -> str:
+        store = await open_store(home=home)
+        async with store:
+            info = await importer.import_path(tree, store)
+            return info.store_path.absolute
+
+    printed = asyncio.run(run())
+    assert printed == nix.run("nix-store", *nix.store_args, "--add", tree).decode().strip()
+    assert len(calls) == (1 if racy else 0)
+
+
+# -- pieces of the writer --------------------------------------------------------
+@pytest.mark.parametrize(
+    ("data", "raw"),
+    [
+        (random.Random(1).randbytes(300_000), True),  # several raw blocks
+        (random.Random(2).randbytes(100), True),
+        (b"", True),
+        (b"abc" * 100_000, False),  # compressed blocks
+    ],
+)
+def test_raw_frame_pieces(data: bytes, raw: bool) -> None:
+    frame = zstandard.ZstdCompressor(level=3).compress(data)
+    pieces = raw_frame_pieces(frame)
+    assert (pieces is not None) == raw
+    if pieces is not None:
+        assert b"".join(pieces) == data
+
+
+def test_raw_frame_pieces_rejects_damaged_frames() -> None:
+    data = random.Random(3).randbytes(200_000)
+    frame = zstandard.ZstdCompressor(level=3, write_checksum=True).compress(data)
+    pieces = raw_frame_pieces(frame)
+    assert pieces is not None and b"".join(pieces) == data  # a checksum is allowed
+    assert raw_frame_pieces(frame[:-5]) is None  # truncated
+    assert raw_frame_pieces(frame + b"x") is None  # trailing bytes
+    assert raw_frame_pieces(b"not zstd at all") is None
+
+
+def test_writev_all_resumes_after_short_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = os.writev
+
+    def at_most_7(fd: int, buffers: list[bytes | memoryview]) -> int:
+        head = b"".join(bytes(b) for b in buffers)[:7]
+        return real(fd, [head])
+
+    monkeypatch.setattr(os, "writev", at_most_7)
+    parts: list[bytes | memoryview] = [b"abc", memoryview(b"defghij"), b"", b"klmnopqrstuvwxyz"]
+    with open(tmp_path / "out", "wb") as f:
+        plan_mod._writev_all(f.fileno(), parts, sum(len(p) for p in parts))
+    assert (tmp_path / "out").read_bytes() == b"abcdefghijklmnopqrstuvwxyz"
