@@ -27,6 +27,22 @@ B3_DIGEST_LENGTH: Final = 32
 _PREFIX: Final = "b3:"
 # Below this, spawning hashing threads costs more than it saves.
 _THREADED_MIN: Final = 1 << 20
+_hash_threads = blake3.blake3.AUTO
+
+
+def hash_threads() -> int:
+    """``max_threads`` for hashing large inputs: AUTO, or 1 in forked workers."""
+    return _hash_threads
+
+
+def after_fork_in_child() -> None:
+    """Call first thing in a forked worker: hash on this thread only from now on.
+
+    blake3's thread pool does not survive a fork: a worker whose parent had
+    started it would wait forever for threads that do not exist in it.
+    """
+    global _hash_threads
+    _hash_threads = 1
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -47,7 +63,7 @@ class B3Digest:
     @classmethod
     def of(cls, data: bytes | bytearray | memoryview) -> B3Digest:
         """Hash ``data`` (multi-threaded for large inputs)."""
-        threads = blake3.blake3.AUTO if len(data) >= _THREADED_MIN else 1
+        threads = _hash_threads if len(data) >= _THREADED_MIN else 1
         return cls(blake3.blake3(data, max_threads=threads).digest())
 
     @classmethod

@@ -13,13 +13,14 @@ import asyncio
 import os
 import stat
 import time
-from collections.abc import MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 
 from tvix_castore.blobservice.base import BlobService
 from tvix_castore.digests import B3Digest
 from tvix_castore.directoryservice.base import DirectoryService
 from tvix_castore.errors import IngestionError
+from tvix_castore.forked import run_forked
 from tvix_castore.nodes import Directory, DirectoryNode, FileNode, Node, SymlinkNode
 
 __all__ = ["DEFAULT_CONCURRENCY", "ScannedTree", "ingest_path", "ingest_tree", "scan_tree"]
@@ -28,6 +29,7 @@ DEFAULT_CONCURRENCY = os.cpu_count() or 2  # more workers only contend for the G
 _SMALL_FILE = 1 << 20
 _BATCH_FILES = 256
 _BATCH_BYTES = 8 << 20
+_FORK_MIN = 32 << 20  # trees this large are ingested by forked workers, where supported
 # A change within the filesystem's timestamp granularity may leave the stat
 # unchanged: entries modified this close to the scan are "racy" (as in git).
 _RACY_NS = 1_000_000_000
@@ -140,6 +142,32 @@ def scan_tree(path: str | bytes | os.PathLike[str]) -> ScannedTree:
     return ScannedTree(entry(root, b"", st), files, dirs, stats, started)
 
 
+async def _in_threads(
+    batches: list[list[_File]],
+    upload: Callable[[list[_File]], Awaitable[None]],
+    concurrency: int,
+) -> None:
+    """Upload batches on ``concurrency`` thread-backed workers, in order of the list."""
+    index = 0
+
+    async def worker() -> None:
+        nonlocal index
+        while index < len(batches):
+            batch = batches[index]
+            index += 1
+            await upload(batch)
+
+    n_workers = max(1, min(concurrency, len(batches)))
+    workers = [asyncio.ensure_future(worker()) for _ in range(n_workers)]
+    try:
+        await asyncio.gather(*workers)
+    except BaseException:
+        for w in workers:
+            w.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+        raise
+
+
 async def ingest_path(
     path: str | bytes | os.PathLike[str],
     blobs: BlobService,
@@ -173,12 +201,14 @@ async def ingest_tree(
             return IngestionError(_show(f.path), f"cannot read: {exc.strerror or exc}")
         return IngestionError(_show(f.path), str(exc))
 
-    async def upload(batch: list[_File]) -> None:
-        results = await blobs.ingest_files([(f.path, f.size) for f in batch])
+    def record(batch: list[_File], results: Sequence[B3Digest | Exception]) -> None:
         for f, result in zip(batch, results, strict=True):
             if isinstance(result, Exception):
                 raise fail(f, result) from result
             f.node = FileNode(f.name, result, f.size, f.executable)
+
+    async def upload(batch: list[_File]) -> None:
+        record(batch, await blobs.ingest_files([(f.path, f.size) for f in batch]))
 
     # Small files go in batches (one thread hand-off each); largest work first
     # keeps both cores busy to the end.
@@ -196,24 +226,14 @@ async def ingest_tree(
             current, current_bytes = [], 0
     if current:
         batches.append(current)
-    index = 0
-
-    async def worker() -> None:
-        nonlocal index
-        while index < len(batches):
-            batch = batches[index]
-            index += 1
-            await upload(batch)
-
-    n_workers = max(1, min(concurrency, len(batches)))
-    workers = [asyncio.ensure_future(worker()) for _ in range(n_workers)]
-    try:
-        await asyncio.gather(*workers)
-    except BaseException:
-        for w in workers:
-            w.cancel()
-        await asyncio.gather(*workers, return_exceptions=True)
-        raise
+    forker = blobs.forked_ingest() if concurrency > 1 and hasattr(os, "fork") else None
+    if forker is not None and len(batches) > 1 and sum(f.size for f in files) >= _FORK_MIN:
+        jobs = [[(f.path, f.size) for f in batch] for batch in batches]
+        done = await asyncio.to_thread(run_forked, forker, jobs, concurrency)
+        for batch, results in zip(batches, done, strict=True):
+            record(batch, results)
+    else:
+        await _in_threads(batches, upload, concurrency)
 
     if isinstance(root, SymlinkNode):
         return root

@@ -22,6 +22,7 @@ import zstandard
 
 from tests.compat.oracle import DigestSink, Nix, assert_same_nar
 from tvix_castore.blobservice.objectstore import chunk_key, raw_frame_pieces
+from tvix_castore.blobservice.packed import PackedBlobService
 from tvix_castore.digests import B3Digest
 from tvix_castore.errors import IngestionError
 from tvix_store.nar import plan as plan_mod
@@ -301,3 +302,28 @@ def test_writev_all_resumes_after_short_writes(
     with open(tmp_path / "out", "wb") as f:
         plan_mod._writev_all(f.fileno(), parts, sum(len(p) for p in parts))
     assert (tmp_path / "out").read_bytes() == b"abcdefghijklmnopqrstuvwxyz"
+
+
+def test_forked_export_after_the_hash_thread_pool_started(
+    tmp_path: Path, home: Path, nix: Nix
+) -> None:
+    """blake3's pool does not survive fork: the child must not wait for its threads."""
+    import blake3
+
+    from tvix_store.config import embedded_blobs
+
+    tree = make_tree(tmp_path / "tree", big=40 * MiB)
+    import_tree(home, tree)
+    blake3.blake3(b"x" * (8 * MiB), max_threads=blake3.blake3.AUTO).digest()  # starts the pool
+    _, plan = the_plan(home)
+    blobs = embedded_blobs(home)
+    assert isinstance(blobs, PackedBlobService)
+    out = tmp_path / "out.nar"
+    try:
+        with open(out, "wb") as f:
+            plan_mod.write_plan(plan, blobs, f.fileno())
+    finally:
+        asyncio.run(blobs.aclose())
+    ours = DigestSink()
+    ours.write(out.read_bytes())
+    assert_same_nar(ours, nix_dump(nix, tree), "in-process forked export")

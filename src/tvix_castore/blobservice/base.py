@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 import io
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from tvix_castore.digests import B3Digest
@@ -20,11 +20,13 @@ from tvix_castore.errors import ChecksumMismatch
 from tvix_castore.lifecycle import AbortOnError, AsyncClosing
 
 __all__ = [
+    "Ask",
     "BlobReader",
     "BlobService",
     "BlobWriter",
     "BytesBlobReader",
     "ChunkMeta",
+    "ForkedIngest",
     "checked",
     "read_file",
 ]
@@ -122,8 +124,36 @@ class BlobWriter(AbortOnError, abc.ABC):
         """Publish and return the digest of everything written."""
 
 
+Ask = Callable[[object], object]
+"""In a forked ingestion worker: send a question to the parent, return its answer."""
+
+
+class ForkedIngest(abc.ABC):
+    """How a backend ingests files in forked worker processes (see ``ingest_tree``).
+
+    The GIL serialises hashing and compressing in threads; processes do not
+    share it. A worker must not use anything opened before the fork that is
+    not fork-safe (SQLite connections above all): it sends such work to the
+    parent through ``ask``, which the parent answers with :meth:`answer`.
+    """
+
+    @abc.abstractmethod
+    def ingest_in_child(
+        self, files: Sequence[tuple[str | bytes, int]], ask: Ask
+    ) -> list[B3Digest | Exception]:
+        """Runs in the worker: like :meth:`BlobService.ingest_files`, blocking."""
+
+    def answer(self, question: object) -> object:
+        """Runs in the parent: answer a worker's question."""
+        raise ValueError(f"unexpected question from an ingestion worker: {question!r}")
+
+
 class BlobService(AsyncClosing, abc.ABC):
     """Stores blobs by BLAKE3 digest. Implementations must be safe for concurrent use."""
+
+    def forked_ingest(self) -> ForkedIngest | None:
+        """Support for ingesting in forked processes, or ``None`` (threads are used)."""
+        return None
 
     @abc.abstractmethod
     async def has(self, digest: B3Digest) -> bool:

@@ -25,18 +25,20 @@ import pyfastcdc
 import zstandard
 
 from tvix_castore.blobservice.base import (
+    Ask,
     BlobReader,
     BlobService,
     BlobWriter,
     BytesBlobReader,
     ChunkMeta,
+    ForkedIngest,
     _resolve_seek,
     checked,
     read_file,
 )
-from tvix_castore.digests import EMPTY_DIGEST, B3Digest
+from tvix_castore.digests import EMPTY_DIGEST, B3Digest, hash_threads
 from tvix_castore.errors import ChecksumMismatch, DataCorruption, NotFound
-from tvix_castore.objectstore import ObjectStore
+from tvix_castore.objectstore import LocalObjectStore, ObjectStore
 from tvix_castore.protos import rpc_blobstore_pb2 as pb
 
 __all__ = [
@@ -244,6 +246,24 @@ class _Writer(BlobWriter):
         self._buf.clear()
 
 
+class _ForkedObjectStoreIngest(ForkedIngest):
+    """Workers write chunk and index objects themselves (atomic renames make that safe)."""
+
+    def __init__(self, svc: ObjectStoreBlobService) -> None:
+        self._svc = svc
+
+    def ingest_in_child(
+        self, files: Sequence[tuple[str | bytes, int]], ask: Ask
+    ) -> list[B3Digest | Exception]:
+        out: list[B3Digest | Exception] = []
+        for path, size in files:
+            try:
+                out.append(self._svc.ingest_file_sync(path, size))
+            except (OSError, ValueError) as exc:
+                out.append(exc)
+        return out
+
+
 class ObjectStoreBlobService(BlobService):
     """Chunked, compressed, verified blobs over an :class:`ObjectStore`."""
 
@@ -283,16 +303,38 @@ class ObjectStoreBlobService(BlobService):
             self._local.cctx = cctx
         return cctx
 
+    @staticmethod
+    def _index_bytes(chunks: list[ChunkMeta]) -> bytes:
+        index = pb.StatBlobResponse(
+            chunks=[pb.StatBlobResponse.ChunkMeta(digest=c.digest.raw, size=c.size) for c in chunks]
+        )
+        return index.SerializeToString()
+
     async def _publish(self, digest: B3Digest, chunks: list[ChunkMeta]) -> None:
         if len(chunks) == 1:
             return  # the chunk object is the blob
         key = blob_key(digest)
         if await self.store.exists(key):
             return
-        index = pb.StatBlobResponse(
-            chunks=[pb.StatBlobResponse.ChunkMeta(digest=c.digest.raw, size=c.size) for c in chunks]
-        )
-        await self.store.put(key, index.SerializeToString())
+        await self.store.put(key, self._index_bytes(chunks))
+
+    def publish_sync(self, digest: B3Digest, chunks: list[ChunkMeta]) -> None:
+        """:meth:`_publish` on the caller's thread."""
+        if len(chunks) == 1:
+            return
+        key = blob_key(digest)
+        if not self.store.exists_sync(key):
+            self.store.put_sync(key, self._index_bytes(chunks))
+
+    def ingest_file_sync(self, path: str | bytes, size: int) -> B3Digest:
+        """Store the file at ``path`` (chunks and index), blocking."""
+        digest, chunks = self._ingest_file_sync(path, size)
+        self.publish_sync(digest, chunks)
+        return digest
+
+    def forked_ingest(self) -> ForkedIngest | None:
+        # Only a local directory is shared with forked workers (memory is not).
+        return _ForkedObjectStoreIngest(self) if isinstance(self.store, LocalObjectStore) else None
 
     def open_write(self) -> BlobWriter:
         return _Writer(self)
@@ -307,7 +349,7 @@ class ObjectStoreBlobService(BlobService):
             self._store_chunk_sync(memoryview(data), chunks, digest)
             return digest, chunks
         with open(path, "rb") as f:
-            hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+            hasher = blake3.blake3(max_threads=hash_threads())
             total = 0
             for c in self._cdc.cut_stream(f):
                 hasher.update(c.data)

@@ -29,11 +29,13 @@ from pathlib import Path
 import blake3
 
 from tvix_castore.blobservice.base import (
+    Ask,
     BlobReader,
     BlobService,
     BlobWriter,
     BytesBlobReader,
     ChunkMeta,
+    ForkedIngest,
     checked,
     read_file,
 )
@@ -58,6 +60,114 @@ CREATE TABLE IF NOT EXISTS packed (
 _PACK_LIMIT = 1 << 30  # start a new pack file beyond this
 _QUERY_BATCH = 500
 _RECENT_LIMIT = 1 << 20  # locations remembered from this process's own writes
+
+
+class _Appender:
+    """Appends to one pack file of this process (a new one past ``_PACK_LIMIT``)."""
+
+    def __init__(self, pack_dir: Path, fsync: bool) -> None:
+        self._dir = pack_dir
+        self._fsync = fsync
+        self._lock = threading.Lock()
+        self._name: str | None = None
+        self._fd = -1
+        self._size = 0
+
+    def append(self, data: bytes) -> tuple[str, int]:
+        """Write ``data`` at the end of the pack; return (pack name, offset)."""
+        with self._lock:
+            if self._fd < 0 or self._size + len(data) > _PACK_LIMIT:
+                if self._fd >= 0:
+                    os.close(self._fd)
+                    self._fd = -1
+                self._dir.mkdir(parents=True, exist_ok=True)
+                self._name = f"{uuid.uuid4().hex}.pack"
+                self._fd = os.open(
+                    self._dir / self._name,
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC,
+                    0o644,
+                )
+                self._size = 0
+            offset = self._size
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+            if self._fsync:
+                os.fsync(self._fd)
+            self._size += len(data)
+            assert self._name is not None
+            return self._name, offset
+
+    def append_blobs(self, blobs: dict[bytes, bytes]) -> list[tuple[bytes, str, int, int]]:
+        """Append blobs (digest → bytes) in one write; their index rows."""
+        try:
+            pack, offset = self.append(b"".join(blobs.values()))
+        except OSError as exc:
+            raise StorageError(f"appending to a pack file: {exc}") from exc
+        rows = []
+        for raw, data in blobs.items():
+            rows.append((raw, pack, offset, len(data)))
+            offset += len(data)
+        return rows
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+
+class _ForkedPackedIngest(ForkedIngest):
+    """Workers read, hash, compress and append; the parent keeps the SQLite index.
+
+    SQLite connections must not cross a fork, so a worker asks the parent
+    which small blobs are already stored (they are not appended again) and
+    sends it the index rows of those it appended; large blobs go to the
+    chunk store, which workers can write themselves.
+    """
+
+    def __init__(self, svc: PackedBlobService) -> None:
+        self._svc = svc
+        self._appender: _Appender | None = None  # the worker's own pack file
+
+    def ingest_in_child(
+        self, files: Sequence[tuple[str | bytes, int]], ask: Ask
+    ) -> list[B3Digest | Exception]:
+        svc = self._svc
+        if self._appender is None:
+            self._appender = _Appender(svc.pack_dir, svc._fsync)
+        out: list[B3Digest | Exception] = []
+        small: list[tuple[bytes, bytes]] = []
+        for path, size in files:
+            try:
+                if size > svc.threshold:
+                    out.append(svc.large.ingest_file_sync(path, size))
+                    continue
+                data = read_file(path, size)
+                digest = B3Digest(blake3.blake3(data).digest())
+                if data:
+                    small.append((digest.raw, data))
+                out.append(digest)
+            except (OSError, ValueError) as exc:
+                out.append(exc)
+        if small:
+            present = ask(("present", [raw for raw, _ in small]))
+            assert isinstance(present, set)
+            new = {raw: data for raw, data in small if raw not in present}
+            if new:
+                ask(("index", self._appender.append_blobs(new)))
+        return out
+
+    def answer(self, question: object) -> object:
+        match question:
+            case ("present", list(raws)):
+                located = self._svc._locate([B3Digest(r) for r in raws])
+                self._svc._remember(located)
+                return set(located)
+            case ("index", list(rows)):
+                self._svc._index(rows)
+                return None
+        return super().answer(question)
 
 
 class _Writer(BlobWriter):
@@ -109,10 +219,7 @@ class PackedBlobService(BlobService):
         self._fsync = fsync
         self._conn = connect(self.path)
         self._lock = threading.Lock()  # the connection
-        self._append_lock = threading.Lock()  # this process's pack file
-        self._pack_name: str | None = None
-        self._pack_fd = -1
-        self._pack_size = 0
+        self._appender = _Appender(self.pack_dir, fsync)
         self._readers: dict[str, int] = {}
         # Locations of blobs this process appended or found present while writing,
         # so callers building read plans right after a write need no queries.
@@ -124,29 +231,6 @@ class PackedBlobService(BlobService):
             raise storage_error("creating the packed blobs table", exc) from exc
 
     # -- writing ----------------------------------------------------------
-    def _append(self, data: bytes) -> tuple[str, int]:
-        """Append to this process's pack; return (pack name, offset). Caller holds the lock."""
-        if self._pack_fd < 0 or self._pack_size + len(data) > _PACK_LIMIT:
-            if self._pack_fd >= 0:
-                os.close(self._pack_fd)
-            self.pack_dir.mkdir(parents=True, exist_ok=True)
-            self._pack_name = f"{uuid.uuid4().hex}.pack"
-            self._pack_fd = os.open(
-                self.pack_dir / self._pack_name,
-                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC,
-                0o644,
-            )
-            self._pack_size = 0
-        offset = self._pack_size
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._pack_fd, view) :]
-        if self._fsync:
-            os.fsync(self._pack_fd)
-        self._pack_size += len(data)
-        assert self._pack_name is not None
-        return self._pack_name, offset
-
     def _store_small(self, blobs: Sequence[tuple[B3Digest, bytes]]) -> None:
         """Append new blobs in one write and index them in one transaction."""
         present = self._locate([d for d, _ in blobs])  # already stored: not appended again
@@ -157,16 +241,10 @@ class PackedBlobService(BlobService):
         self._remember(present)
         if not new:
             return
-        try:
-            with self._append_lock:
-                pack, base = self._append(b"".join(new.values()))
-        except OSError as exc:
-            raise StorageError(f"appending to a pack file: {exc}") from exc
-        rows = []
-        offset = base
-        for raw, data in new.items():
-            rows.append((raw, pack, offset, len(data)))
-            offset += len(data)
+        rows = self._appender.append_blobs(new)
+        self._index(rows)
+
+    def _index(self, rows: list[tuple[bytes, str, int, int]]) -> None:
         with self._lock:
             write_rows(
                 self._conn,
@@ -208,6 +286,11 @@ class PackedBlobService(BlobService):
 
     def open_write(self) -> BlobWriter:
         return _Writer(self)
+
+    def forked_ingest(self) -> ForkedIngest | None:
+        if self.large.forked_ingest() is None:
+            return None
+        return _ForkedPackedIngest(self)
 
     async def ingest_files(
         self, files: Sequence[tuple[str | bytes, int]]
@@ -369,10 +452,7 @@ class PackedBlobService(BlobService):
     async def aclose(self) -> None:
         with self._lock:
             self._conn.close()
-        with self._append_lock:
-            if self._pack_fd >= 0:
-                os.close(self._pack_fd)
-                self._pack_fd = -1
+        self._appender.close()
         for fd in self._readers.values():
             os.close(fd)
         self._readers.clear()

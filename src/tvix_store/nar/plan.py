@@ -40,7 +40,7 @@ import blake3
 
 from tvix_castore.blobservice.base import BlobService, ChunkMeta
 from tvix_castore.blobservice.packed import PackedBlobService
-from tvix_castore.digests import B3Digest
+from tvix_castore.digests import B3Digest, after_fork_in_child
 from tvix_castore.directoryservice.sqlite import connect, storage_error
 from tvix_castore.errors import CastoreError, DataCorruption
 from tvix_castore.nodes import Directory, DirectoryNode, FileNode, Node
@@ -421,6 +421,7 @@ class _Child:
         if pid == 0:  # pragma: no cover - runs in the child, reported through its exit status
             code = 1
             try:
+                after_fork_in_child()
                 os.close(go_w)
                 os.close(err_r)
                 code = _child_main(plan, blobs, fd, entries, shared, go_r)

@@ -1,0 +1,147 @@
+"""Ingestion in forked worker processes: same digests as in-process, dedup, failures.
+
+Trees of at least 32 MiB are ingested by forked workers where the backend
+supports it (objectstore on disk, the embedded packed store); these tests
+compare their results with the in-memory, in-process ingestion of the same
+tree, and make workers fail on purpose.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from tvix_castore.blobservice import MemoryBlobService, ObjectStoreBlobService
+from tvix_castore.blobservice.base import Ask, BlobService, ForkedIngest
+from tvix_castore.blobservice.packed import PackedBlobService
+from tvix_castore.digests import B3Digest
+from tvix_castore.directoryservice.memory import MemoryDirectoryService
+from tvix_castore.directoryservice.sqlite import SqliteDirectoryService
+from tvix_castore.errors import IngestionError, StorageError
+from tvix_castore.forked import run_forked
+from tvix_castore.ingest import _FORK_MIN, ingest_path, ingest_tree, scan_tree
+from tvix_castore.objectstore import LocalObjectStore
+
+MiB = 1 << 20
+
+
+def make_tree(root: Path) -> Path:
+    """Many small files (several batches), a few chunked ones; over the fork threshold."""
+    rng = random.Random(11)
+    for d in range(8):
+        sub = root / f"d{d}"
+        sub.mkdir(parents=True)
+        for i in range(300):
+            (sub / f"f{i}").write_bytes(rng.randbytes(rng.randrange(0, 6000)))
+        (sub / "dup").write_bytes(b"the same in every directory\n")
+    for i in range(3):
+        (root / f"large{i}").write_bytes(rng.randbytes(12 * MiB + i))
+    (root / "text").write_bytes(b"a line of text\n" * 100_000)
+    total = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    assert total >= _FORK_MIN
+    return root
+
+
+def backend(kind: str, tmp_path: Path) -> BlobService:
+    if kind == "objectstore":
+        return ObjectStoreBlobService(LocalObjectStore(tmp_path / "objects"))
+    return PackedBlobService(
+        tmp_path / "store.sqlite", ObjectStoreBlobService(LocalObjectStore(tmp_path / "blobs"))
+    )
+
+
+@pytest.mark.parametrize("kind", ["objectstore", "packed"])
+async def test_forked_ingest_matches_in_process(tmp_path: Path, kind: str) -> None:
+    src = make_tree(tmp_path / "src")
+    expected = await ingest_path(src, MemoryBlobService(), MemoryDirectoryService())
+    blobs = backend(kind, tmp_path)
+    assert blobs.forked_ingest() is not None
+    dirs = SqliteDirectoryService(tmp_path / "dirs.sqlite")
+    async with blobs, dirs:
+        node = await ingest_path(src, blobs, dirs)
+        assert node == expected
+        # every file is readable and verified from this process
+        for path in sorted(src.rglob("*")):
+            if path.is_file():
+                got = await blobs.read_all(B3Digest.of(path.read_bytes()))
+                assert got == path.read_bytes(), path
+
+
+async def test_forked_reingest_appends_nothing(tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src")
+    blobs = backend("packed", tmp_path)
+    dirs = SqliteDirectoryService(tmp_path / "dirs.sqlite")
+    async with blobs, dirs:
+        first = await ingest_path(src, blobs, dirs)
+        packs = tmp_path / "packs"
+        size = sum(p.stat().st_size for p in packs.iterdir())
+        chunks = sorted(p.name for p in (tmp_path / "blobs").rglob("*") if p.is_file())
+        assert await ingest_path(src, blobs, dirs) == first
+        assert sum(p.stat().st_size for p in packs.iterdir()) == size
+        assert sorted(p.name for p in (tmp_path / "blobs").rglob("*") if p.is_file()) == chunks
+
+
+async def test_forked_ingest_reports_a_vanished_file(tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src")
+    tree = scan_tree(src)
+    (src / "d5" / "f17").unlink()  # after the scan, before the workers read it
+    blobs = backend("packed", tmp_path)
+    dirs = SqliteDirectoryService(tmp_path / "dirs.sqlite")
+    async with blobs, dirs:
+        with pytest.raises(IngestionError, match=r"d5/f17: cannot read: No such file"):
+            await ingest_tree(tree, blobs, dirs)
+        assert dirs._conn.execute("SELECT count(*) FROM directories").fetchone()[0] == 0
+
+
+class _Dies(ForkedIngest):
+    def ingest_in_child(
+        self, files: Sequence[tuple[str | bytes, int]], ask: Ask
+    ) -> list[B3Digest | Exception]:
+        os._exit(3)
+
+
+class _Raises(ForkedIngest):
+    def ingest_in_child(
+        self, files: Sequence[tuple[str | bytes, int]], ask: Ask
+    ) -> list[B3Digest | Exception]:
+        raise RuntimeError("disk on fire")
+
+
+class _Asks(ForkedIngest):
+    """Sends every batch to the parent and returns what it says."""
+
+    def ingest_in_child(
+        self, files: Sequence[tuple[str | bytes, int]], ask: Ask
+    ) -> list[B3Digest | Exception]:
+        answer = ask(("count", len(files)))
+        assert isinstance(answer, int)
+        return [B3Digest(bytes([answer]) * 32) for _ in files]
+
+    def answer(self, question: object) -> object:
+        match question:
+            case ("count", int(n)):
+                return n + 1
+        return super().answer(question)
+
+
+JOBS = [[(b"/x", 1)] * n for n in range(1, 9)]
+
+
+def test_worker_death_is_an_error() -> None:
+    with pytest.raises(StorageError, match="exited unexpectedly"):
+        run_forked(_Dies(), JOBS, 2)
+
+
+def test_worker_exception_is_an_error() -> None:
+    with pytest.raises(StorageError, match="RuntimeError: disk on fire"):
+        run_forked(_Raises(), JOBS, 2)
+
+
+def test_questions_reach_the_parent_in_order() -> None:
+    results = run_forked(_Asks(), JOBS, 3)
+    assert [len(r) for r in results] == [len(j) for j in JOBS]
+    assert [r[0] for r in results] == [B3Digest(bytes([len(j) + 1]) * 32) for j in JOBS]
