@@ -27,7 +27,7 @@ __all__ = ["DEFAULT_CONCURRENCY", "ScannedTree", "ingest_path", "ingest_tree", "
 
 DEFAULT_CONCURRENCY = os.cpu_count() or 2  # more workers only contend for the GIL
 _SMALL_FILE = 1 << 20
-_BATCH_FILES = 256
+_BATCH_FILES = 1024
 _BATCH_BYTES = 8 << 20
 _FORK_MIN = 32 << 20  # trees this large are ingested by forked workers, where supported
 # A change within the filesystem's timestamp granularity may leave the stat
