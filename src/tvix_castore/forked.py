@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import gc
 import os
 import pickle
 import selectors
@@ -121,6 +122,7 @@ def _fork(forker: ForkedIngest, batches: Sequence[Files]) -> _Worker:
     if pid == 0:  # pragma: no cover - the worker; its outcome reaches the parent by pipe
         code = 1
         try:
+            gc.disable()  # no finalizers of the parent's objects run here
             after_fork_in_child()
             os.close(task_w)
             os.close(result_r)

@@ -10,8 +10,9 @@ digest, size and location in a pack file.
 
 Export then maps the pack files, verifies each blob's BLAKE3 on the mapped
 bytes and hands header and content ranges to ``writev`` — no copies, no
-per-entry lookups. Large (chunked) blobs are fetched, decompressed and verified
-one thread ahead.
+per-entry lookups. Chunks of large blobs that zstd stored as raw blocks are
+served from the mapped chunk file as well; others are decompressed. A large
+NAR is verified by two processes (see :func:`write_plan`).
 
 A plan is keyed by the root Directory's digest, so it describes exactly one
 NAR; it records that NAR's size and sha256 as established when it was built
@@ -26,13 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import mmap
 import os
 import sqlite3
 import struct
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +53,8 @@ __all__ = [
     "NarPlan",
     "SqliteNarPlans",
     "build_plan",
+    "content_present",
+    "planned_stream",
     "save_plan",
     "write_plan",
     "write_planned",
@@ -59,13 +63,16 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 _MAGIC = b"NARPLAN1"
-_HEAD = struct.Struct("<8sQ32sIIQ")  # magic, nar size, nar sha256, packs, files, literals
+# magic, NAR size, NAR sha256, length of the pack names, files, length of the literals
+_HEAD = struct.Struct("<8sQ32sIIQ")
 _ENTRY = struct.Struct("<Q32sQiQ")  # literal end, digest, size, pack index (-1: not packed), offset
 _NOT_PACKED = -1
 _IOV_MAX = 1000  # below the kernel's 1024
 _FLUSH_BYTES = 8 << 20
 _FORK_MIN = 32 << 20  # NARs from this size are written by two processes
 _CHILD_KEEP = 64 << 20  # decompressed bytes the child holds between verifying and writing
+_PIPE_READ = 1 << 20
+_UNVOUCHED = bytes(32)  # the sha256 of a plan whose NAR nobody hashed
 
 _Entry = tuple[int, bytes, int, int, int]  # as _ENTRY
 _Pieces = list[bytes | memoryview]
@@ -193,9 +200,6 @@ class SqliteNarPlans:
 
     async def get(self, root: B3Digest) -> NarPlan | None:
         return await asyncio.to_thread(self.get_sync, root)
-
-    async def put(self, root: B3Digest, plan: NarPlan) -> None:
-        await asyncio.to_thread(self.put_sync, root, plan)
 
     async def aclose(self) -> None:
         with self._lock:
@@ -350,11 +354,12 @@ def _write_entries(
     return pos
 
 
-def write_plan(plan: NarPlan, blobs: PackedBlobService, fd: int) -> None:
+def write_plan(plan: NarPlan, blobs: PackedBlobService, fd: int, *, fork: bool = True) -> None:
     """Write the NAR of ``plan`` to ``fd`` (blocking), verifying every blob first.
 
-    A large NAR is verified by two processes (threads would not help: hashing
-    and decompressing chunks of this size hold the GIL). This one verifies and
+    With ``fork`` (for commands, not servers: a forked copy of a server holds
+    its sockets), a large NAR is verified by two processes (threads would not
+    help: hashing and decompressing chunks of this size hold the GIL). This one verifies and
     writes entries from the front; a forked child verifies from the back. Where
     they meet, this one stops and the child writes the rest. Memory stays
     bounded: verified bytes are views of mapped files, and the child keeps at
@@ -368,7 +373,7 @@ def write_plan(plan: NarPlan, blobs: PackedBlobService, fd: int) -> None:
     entries = plan.entries
     literals = memoryview(plan.literals)
     child = None
-    if plan.nar_size >= _FORK_MIN and len(entries) > 1 and (os.cpu_count() or 1) > 1:
+    if fork and plan.nar_size >= _FORK_MIN and len(entries) > 1 and (os.cpu_count() or 1) > 1:
         child = _Child.start(plan, blobs, fd, entries)
     reader = _Reader(blobs, plan, fallback=True)
     out = _Out(fd)
@@ -421,6 +426,7 @@ class _Child:
         if pid == 0:  # pragma: no cover - runs in the child, reported through its exit status
             code = 1
             try:
+                gc.disable()  # no finalizers of the parent's objects run here
                 after_fork_in_child()
                 os.close(go_w)
                 os.close(err_r)
@@ -535,13 +541,16 @@ async def save_plan(
     blobs: BlobService,
     node: Node,
     closure: Mapping[B3Digest, Directory],
-    nar_size: int,
-    nar_sha256: bytes,
+    nar_size: int | None,
+    nar_sha256: bytes | None,
 ) -> None:
     """Record the plan of ``node``'s NAR, whose size and sha256 the caller established.
 
-    Only for directories in a store with packed blobs; a plan is a cache, so
-    failing to write one is logged, not raised.
+    With ``nar_sha256=None`` (a server that streamed the NAR without hashing
+    it) the plan serves the NAR but vouches for no NarHash: ``export`` then
+    renders once more and replaces it. Only for directories in a store with
+    packed blobs; a plan is a cache, so failing to write one is logged, not
+    raised.
     """
     if plans is None or not isinstance(node, DirectoryNode):
         return
@@ -549,8 +558,8 @@ async def save_plan(
         return
 
     def work() -> None:
-        plan = build_plan(node, closure, blobs, nar_sha256)
-        if plan.nar_size != nar_size:
+        plan = build_plan(node, closure, blobs, nar_sha256 or _UNVOUCHED)
+        if nar_size is not None and plan.nar_size != nar_size:
             raise DataCorruption(f"plan of {node.digest}: {plan.nar_size} bytes, not {nar_size}")
         plans.put_sync(node.digest, plan)
 
@@ -583,9 +592,76 @@ async def write_planned(
     except DataCorruption as exc:
         _log.warning("ignoring the NAR plan of %s: %s", node.digest, exc)
         return False
-    if plan is None or plan.nar_size != nar_size or plan.nar_sha256 != nar_sha256:
+    vouched = plan is not None and plan.nar_sha256 != _UNVOUCHED
+    if plan is None or not vouched or (plan.nar_size, plan.nar_sha256) != (nar_size, nar_sha256):
         _log.debug("no NAR plan vouches for %s: rendering from castore", node.digest)
         return False
     _log.debug("writing the NAR of %s from its plan", node.digest)
     await asyncio.to_thread(write_plan, plan, blobs, fd)
     return True
+
+
+def content_present(plan: NarPlan, blobs: PackedBlobService) -> bool:
+    """Whether every blob of ``plan`` is there (pack long enough, chunks listed); blocking.
+
+    What a server checks before it sends headers; the bytes themselves are
+    verified as they are written.
+    """
+    ends: dict[int, int] = {}
+    for _, raw, size, pack, offset in plan.entries:
+        if pack == _NOT_PACKED:
+            if blobs.large.chunks_sync(B3Digest(raw)) is None:
+                return False
+        else:
+            ends[pack] = max(ends.get(pack, 0), offset + size)
+    for pack, end in ends.items():
+        try:
+            if os.stat(blobs.pack_path(plan.packs[pack])).st_size < end:
+                return False
+        except (OSError, DataCorruption):
+            return False
+    return True
+
+
+async def planned_stream(
+    plans: SqliteNarPlans | None, blobs: BlobService, node: Node
+) -> tuple[int, AsyncIterator[bytes]] | None:
+    """``(NAR size, pieces)`` of ``node``'s NAR from its plan, for a server's response.
+
+    ``None`` if there is no usable plan or some content is missing (checked
+    before anything is produced). The plan is written by a thread (without
+    forking) into a pipe that the pieces are read from; an error there is
+    raised by the iterator after the bytes before it.
+    """
+    if plans is None or not isinstance(node, DirectoryNode):
+        return None
+    if not isinstance(blobs, PackedBlobService):
+        return None
+    try:
+        plan = await plans.get(node.digest)
+    except DataCorruption as exc:
+        _log.warning("ignoring the NAR plan of %s: %s", node.digest, exc)
+        return None
+    if plan is None or not await asyncio.to_thread(content_present, plan, blobs):
+        return None
+    return plan.nar_size, _pipe_pieces(plan, blobs)
+
+
+async def _pipe_pieces(plan: NarPlan, blobs: PackedBlobService) -> AsyncIterator[bytes]:
+    r, w = os.pipe()
+
+    def write() -> None:
+        try:
+            write_plan(plan, blobs, w, fork=False)
+        finally:
+            os.close(w)
+
+    writer = asyncio.ensure_future(asyncio.to_thread(write))
+    try:
+        while piece := await asyncio.to_thread(os.read, r, _PIPE_READ):
+            yield piece
+        await writer
+    finally:
+        os.close(r)  # a writer still running gets EPIPE and stops
+        with contextlib.suppress(BaseException):
+            await writer

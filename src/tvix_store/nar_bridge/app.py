@@ -13,7 +13,7 @@ import base64
 import binascii
 import logging
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -29,13 +29,21 @@ from tvix_castore.errors import (
     StorageUnavailable,
     ValidationError,
 )
-from tvix_castore.nodes import Directory, NameRule, Node, node_from_proto, node_to_proto
+from tvix_castore.nodes import (
+    Directory,
+    DirectoryNode,
+    NameRule,
+    Node,
+    node_from_proto,
+    node_to_proto,
+)
 from tvix_castore.protos import castore_pb2
 from tvix_store.compression import SUFFIXES, DecompressingReader, TooLarge, decompressor
 from tvix_store.config import Store
 from tvix_store.content import MissingContent, check_content
 from tvix_store.nar.ingest import ingest_nar
 from tvix_store.nar.layout import NarLayout, nar_layout
+from tvix_store.nar.plan import planned_stream, save_plan
 from tvix_store.nar.render import NarRenderError, fetch_closure, render_nar
 from tvix_store.pathinfo import PathInfo
 
@@ -218,6 +226,12 @@ async def put_nar(request: web.Request) -> web.Response:
             f" not {m.group(1)}",
         )
     await store.nar_index.put(result.nar_sha256, result.node, result.nar_size)
+    if store.plans is not None and isinstance(result.node, DirectoryNode):
+        # The NarHash was computed from the very bytes ingested: the plan vouches for it.
+        closure = await fetch_closure(result.node, store.directories)
+        await save_plan(
+            store.plans, store.blobs, result.node, closure, result.nar_size, result.nar_sha256
+        )
     return web.Response(status=200)
 
 
@@ -256,14 +270,37 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | None:
     return start, end
 
 
+async def _stream(
+    request: web.Request, resp: web.StreamResponse, pieces: AsyncIterator[bytes]
+) -> web.StreamResponse:
+    """Send ``pieces``; a failure after the headers can only cut the connection short."""
+    try:
+        async for piece in pieces:
+            await resp.write(piece)
+    except (CastoreError, ConnectionError) as exc:
+        log.error("NAR stream for %s failed: %s", request.path, exc)
+        if request.transport is not None:
+            request.transport.close()
+        return resp
+    await resp.write_eof()
+    return resp
+
+
 async def _serve_nar(request: web.Request, node: Node) -> web.StreamResponse:
     store = _store(request)
-    layout, closure = await _layout_for(store, node)
     headers = {
         "Content-Type": _NAR_TYPE,
         "Cache-Control": _IMMUTABLE,
         "Accept-Ranges": "bytes",
     }
+    if request.method == "GET" and "Range" not in request.headers:
+        planned = await planned_stream(store.plans, store.blobs, node)
+        if planned is not None:  # straight from the pack files
+            size, pieces = planned
+            resp = web.StreamResponse(status=200, headers={**headers, "Content-Length": str(size)})
+            await resp.prepare(request)
+            return await _stream(request, resp, pieces)
+    layout, closure = await _layout_for(store, node)
     start, end, status = 0, layout.size, 200
     rng = request.headers.get("Range")
     if rng is not None:
@@ -283,20 +320,13 @@ async def _serve_nar(request: web.Request, node: Node) -> web.StreamResponse:
     if request.method == "HEAD":
         await resp.write_eof()
         return resp
-    try:
-        if status == 200:  # whole NAR: the batched renderer
-            pieces = render_nar(node, store.blobs, store.directories, closure=closure)
-        else:
-            pieces = layout.read(store.blobs, start, end)
-        async for piece in pieces:
-            await resp.write(piece)
-    except (CastoreError, ConnectionError) as exc:
-        # Headers are out: all we can do is cut the connection short.
-        log.error("NAR stream for %s failed: %s", request.path, exc)
-        if request.transport is not None:
-            request.transport.close()
-        return resp
-    await resp.write_eof()
+    if status == 206:
+        return await _stream(request, resp, layout.read(store.blobs, start, end))
+    resp = await _stream(
+        request, resp, render_nar(node, store.blobs, store.directories, closure=closure)
+    )
+    # Next time, serve it from a plan (one that vouches for no NarHash: not hashed here).
+    await save_plan(store.plans, store.blobs, node, closure, layout.size, None)
     return resp
 
 

@@ -1,0 +1,143 @@
+"""nar-bridge serves whole NARs from NAR plans (real bridge, real ``nix copy``).
+
+An upload records a plan vouching for the NarHash it was checked against; a
+GET of a path without one renders, then records a plan that vouches for
+nothing (``export`` replaces it after hashing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from nix_compat.narinfo import NarInfo
+from tvix_castore.digests import B3Digest
+from tvix_store.nar.plan import SqliteNarPlans
+
+from .conftest import TVIX, Bridge, Bridges, Closure, PathData, copy_to, nix_in, tvix_env
+
+ZERO = bytes(32)
+
+
+def plans(home: Path) -> dict[bytes, bytes]:
+    """root digest → the NAR sha256 its plan vouches for (zeros: none)."""
+    db = home / "store.sqlite"
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        roots = [bytes(r) for (r,) in conn.execute("SELECT root FROM nar_plans")]
+    store = SqliteNarPlans(db)
+    out = {}
+    for root in roots:
+        plan = store.get_sync(B3Digest(root))
+        assert plan is not None
+        out[root] = plan.nar_sha256
+    store._conn.close()
+    return out
+
+
+async def fetch_nar(session: aiohttp.ClientSession, bridge: Bridge, p: PathData) -> bytes:
+    async with session.get(f"{bridge.url}/{p.hash_part}.narinfo") as resp:
+        assert resp.status == 200
+        info = NarInfo.parse(await resp.read())
+    async with session.get(f"{bridge.url}/{info.url}") as resp:
+        assert resp.status == 200, await resp.text()
+        body = await resp.read()
+        assert int(resp.headers["Content-Length"]) == len(body)
+        return body
+
+
+def directory_paths(closure: Closure) -> list[PathData]:
+    # A NAR of a directory starts with its "type directory" token after the magic.
+    return [p for p in closure.paths if p.nar[40:80].find(b"directory") >= 0]
+
+
+async def test_upload_records_vouched_plans_and_get_serves_them(
+    bridges: Bridges, closure: Closure, tmp_path: Path
+) -> None:
+    bridge = bridges.start()
+    copy_to(nix_in(tmp_path), closure, f"{bridge.url}?compression=none")
+    dirs = directory_paths(closure)
+    assert dirs, "the closure has directory paths"
+    recorded = plans(bridge.home)
+    assert sorted(recorded.values()) == sorted(hashlib.sha256(p.nar).digest() for p in dirs)
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        for p in closure.paths:
+            assert await fetch_nar(session, bridge, p) == p.nar, p.path
+    # And `tvix-store export` of the same store uses them (they vouch for the NarHash).
+    for p in dirs:
+        proc = subprocess.run(
+            [TVIX, "--log-level", "DEBUG", "export", p.path],
+            capture_output=True,
+            env=tvix_env(bridge.home),
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr.decode()
+        assert proc.stdout == p.nar
+        assert b"from its plan" in proc.stderr
+
+
+async def test_get_without_plan_renders_then_records_an_unvouched_one(
+    bridges: Bridges, closure: Closure, tmp_path: Path
+) -> None:
+    bridge = bridges.start()
+    copy_to(nix_in(tmp_path), closure, f"{bridge.url}?compression=none")
+    with contextlib.closing(sqlite3.connect(bridge.home / "store.sqlite")) as conn:
+        conn.execute("DELETE FROM nar_plans")
+        conn.commit()
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        for p in closure.paths:
+            assert await fetch_nar(session, bridge, p) == p.nar
+        recorded = plans(bridge.home)
+        assert len(recorded) == len(directory_paths(closure))
+        assert set(recorded.values()) == {ZERO}
+        for p in closure.paths:  # now from the plans
+            assert await fetch_nar(session, bridge, p) == p.nar
+    # export does not trust an unvouched plan: it renders, checks, and replaces it.
+    p = directory_paths(closure)[0]
+    proc = subprocess.run(
+        [TVIX, "--log-level", "DEBUG", "export", p.path],
+        capture_output=True,
+        env=tvix_env(bridge.home),
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout == p.nar
+    assert b"rendering from castore" in proc.stderr
+    assert hashlib.sha256(p.nar).digest() in plans(bridge.home).values()
+
+
+async def test_corrupt_pack_cuts_the_planned_stream(
+    bridges: Bridges, closure: Closure, tmp_path: Path
+) -> None:
+    bridge = bridges.start()
+    copy_to(nix_in(tmp_path), closure, f"{bridge.url}?compression=none")
+    store = SqliteNarPlans(bridge.home / "store.sqlite")
+    victim = None
+    for p in directory_paths(closure):
+        with contextlib.closing(sqlite3.connect(bridge.home / "store.sqlite")) as conn:
+            roots = [bytes(r) for (r,) in conn.execute("SELECT root FROM nar_plans")]
+        for root in roots:
+            plan = store.get_sync(B3Digest(root))
+            assert plan is not None
+            if plan.nar_sha256 == hashlib.sha256(p.nar).digest():
+                packed = [e for e in plan.entries if e[3] >= 0]
+                if packed:
+                    victim = (p, plan, packed[0])
+    store._conn.close()
+    assert victim is not None, "a directory path with a packed file"
+    p, plan, (_, _, _, pack, offset) = victim
+    with open(bridge.home / "packs" / plan.packs[pack], "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 1]))
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await fetch_nar(session, bridge, p)
+    assert bridge.alive(), bridge.log()
+    assert "wrong contents" in bridge.log()
