@@ -31,10 +31,11 @@ import gc
 import logging
 import mmap
 import os
+import queue
 import sqlite3
 import struct
 import threading
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,7 +72,8 @@ _IOV_MAX = 1000  # below the kernel's 1024
 _FLUSH_BYTES = 8 << 20
 _FORK_MIN = 32 << 20  # NARs from this size are written by two processes
 _CHILD_KEEP = 64 << 20  # decompressed bytes the child holds between verifying and writing
-_PIPE_READ = 1 << 20
+_AHEAD = 4  # pieces a server's plan writer may run ahead of the response
+_SERVER_PIECE = 1 << 20  # ... each about this large (memory per download stays ~5 MiB)
 _UNVOUCHED = bytes(32)  # the sha256 of a plan whose NAR nobody hashed
 
 _Entry = tuple[int, bytes, int, int, int]  # as _ENTRY
@@ -314,24 +316,33 @@ class _Reader:
         self._packs.close()
 
 
-class _Out:
-    """Gathers pieces and hands them to ``writev`` in large batches."""
+_Sink = Callable[[list[bytes | memoryview], int], None]
+"""Takes a batch of pieces and their total length."""
 
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
+
+class _Out:
+    """Gathers pieces and hands them to ``sink`` in large batches."""
+
+    def __init__(self, sink: _Sink, flush_bytes: int = _FLUSH_BYTES) -> None:
+        self._sink = sink
+        self._flush_bytes = flush_bytes
         self._iov: list[bytes | memoryview] = []
         self._bytes = 0
 
     def add(self, piece: bytes | memoryview) -> None:
         self._iov.append(piece)
         self._bytes += len(piece)
-        if len(self._iov) >= _IOV_MAX or self._bytes >= _FLUSH_BYTES:
+        if len(self._iov) >= _IOV_MAX or self._bytes >= self._flush_bytes:
             self.flush()
 
     def flush(self) -> None:
         if self._iov:
-            _writev_all(self._fd, self._iov, self._bytes)
+            self._sink(self._iov, self._bytes)
         self._iov, self._bytes = [], 0
+
+
+def _fd_sink(fd: int) -> _Sink:
+    return lambda iov, total: _writev_all(fd, iov, total)
 
 
 def _write_entries(
@@ -354,29 +365,37 @@ def _write_entries(
     return pos
 
 
-def write_plan(plan: NarPlan, blobs: PackedBlobService, fd: int, *, fork: bool = True) -> None:
+def write_plan(plan: NarPlan, blobs: PackedBlobService, fd: int) -> None:
     """Write the NAR of ``plan`` to ``fd`` (blocking), verifying every blob first.
 
-    With ``fork`` (for commands, not servers: a forked copy of a server holds
-    its sockets), a large NAR is verified by two processes (threads would not
-    help: hashing and decompressing chunks of this size hold the GIL). This one verifies and
+    A large NAR is verified by two processes (threads would not help: hashing
+    and decompressing chunks of this size hold the GIL). This one verifies and
     writes entries from the front; a forked child verifies from the back. Where
     they meet, this one stops and the child writes the rest. Memory stays
     bounded: verified bytes are views of mapped files, and the child keeps at
     most ``_CHILD_KEEP`` bytes of decompressed chunks, decompressing (and
     verifying) the others again when it writes them.
 
+    For commands, not servers: a forked copy of a server would hold its
+    sockets (servers use :func:`planned_stream`, which does not fork).
+
     Raises:
         NarRenderError: a blob is missing, corrupt, or of the wrong size (the
             bytes before it have been written).
     """
+    _write(plan, blobs, _fd_sink(fd), fd)
+
+
+def _write(plan: NarPlan, blobs: PackedBlobService, sink: _Sink, fork_fd: int | None) -> None:
+    """Write ``plan`` into ``sink``; with ``fork_fd``, a large one with a forked child."""
     entries = plan.entries
     literals = memoryview(plan.literals)
     child = None
-    if fork and plan.nar_size >= _FORK_MIN and len(entries) > 1 and (os.cpu_count() or 1) > 1:
-        child = _Child.start(plan, blobs, fd, entries)
+    multi_core = (os.cpu_count() or 1) > 1
+    if fork_fd is not None and plan.nar_size >= _FORK_MIN and len(entries) > 1 and multi_core:
+        child = _Child.start(plan, blobs, fork_fd, entries)
     reader = _Reader(blobs, plan, fallback=True)
-    out = _Out(fd)
+    out = _Out(sink, _FLUSH_BYTES if fork_fd is not None else _SERVER_PIECE)
     stop = len(entries)
     try:
         pos = 0
@@ -500,7 +519,7 @@ def _child_main(
     (start,) = _WORD.unpack(message)
     tail = entries[start:]
     literals = memoryview(plan.literals)
-    out = _Out(fd)
+    out = _Out(_fd_sink(fd))
     pos = entries[start - 1][0] if start else 0
     pos = _write_entries(
         tail, literals, pos, reader, out, [prepared.get(j) for j in range(start, len(entries))]
@@ -630,8 +649,8 @@ async def planned_stream(
 
     ``None`` if there is no usable plan or some content is missing (checked
     before anything is produced). The plan is written by a thread (without
-    forking) into a pipe that the pieces are read from; an error there is
-    raised by the iterator after the bytes before it.
+    forking); an error there is raised by the iterator after the bytes
+    before it.
     """
     if plans is None or not isinstance(node, DirectoryNode):
         return None
@@ -644,24 +663,42 @@ async def planned_stream(
         return None
     if plan is None or not await asyncio.to_thread(content_present, plan, blobs):
         return None
-    return plan.nar_size, _pipe_pieces(plan, blobs)
+    return plan.nar_size, _pieces(plan, blobs)
 
 
-async def _pipe_pieces(plan: NarPlan, blobs: PackedBlobService) -> AsyncIterator[bytes]:
-    r, w = os.pipe()
+async def _pieces(plan: NarPlan, blobs: PackedBlobService) -> AsyncIterator[bytes]:
+    """The plan written by a thread in pieces of about ``_SERVER_PIECE``, ``_AHEAD`` ahead."""
+    pieces: queue.Queue[bytes | BaseException | None] = queue.Queue(_AHEAD)
+    stop = threading.Event()
+
+    def sink(iov: list[bytes | memoryview], total: int) -> None:
+        piece = b"".join(iov)
+        while not stop.is_set():
+            with contextlib.suppress(queue.Full):
+                pieces.put(piece, timeout=0.1)
+                return
+        raise _Stopped
 
     def write() -> None:
         try:
-            write_plan(plan, blobs, w, fork=False)
-        finally:
-            os.close(w)
+            _write(plan, blobs, sink, None)
+        except _Stopped:
+            return
+        except BaseException as exc:  # raised on the loop side
+            pieces.put(exc)
+            return
+        pieces.put(None)
 
     writer = asyncio.ensure_future(asyncio.to_thread(write))
     try:
-        while piece := await asyncio.to_thread(os.read, r, _PIPE_READ):
+        while (piece := await asyncio.to_thread(pieces.get)) is not None:
+            if isinstance(piece, BaseException):
+                raise piece
             yield piece
-        await writer
     finally:
-        os.close(r)  # a writer still running gets EPIPE and stops
-        with contextlib.suppress(BaseException):
-            await writer
+        stop.set()  # a writer still running stops at its next piece
+        await writer
+
+
+class _Stopped(Exception):
+    """The consumer of a planned stream went away."""
