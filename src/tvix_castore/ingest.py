@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
@@ -229,7 +230,12 @@ async def ingest_tree(
     forker = blobs.forked_ingest() if concurrency > 1 and hasattr(os, "fork") else None
     if forker is not None and len(batches) > 1 and sum(f.size for f in files) >= _FORK_MIN:
         jobs = [[(f.path, f.size) for f in batch] for batch in batches]
-        done = await asyncio.to_thread(run_forked, forker, jobs, concurrency)
+        cancel = threading.Event()
+        try:
+            done = await asyncio.to_thread(run_forked, forker, jobs, concurrency, cancel)
+        except asyncio.CancelledError:
+            cancel.set()  # the thread stops its workers and returns soon
+            raise
         for batch, results in zip(batches, done, strict=True):
             record(batch, results)
     else:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import random
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from tvix_castore.digests import B3Digest
 from tvix_castore.directoryservice.memory import MemoryDirectoryService
 from tvix_castore.directoryservice.sqlite import SqliteDirectoryService
 from tvix_castore.errors import IngestionError, StorageError
-from tvix_castore.forked import run_forked
+from tvix_castore.forked import Cancelled, run_forked
 from tvix_castore.ingest import _FORK_MIN, ingest_path, ingest_tree, scan_tree
 from tvix_castore.objectstore import LocalObjectStore
 
@@ -145,3 +147,36 @@ def test_questions_reach_the_parent_in_order() -> None:
     results = run_forked(_Asks(), JOBS, 3)
     assert [len(r) for r in results] == [len(j) for j in JOBS]
     assert [r[0] for r in results] == [B3Digest(bytes([len(j) + 1]) * 32) for j in JOBS]
+
+
+class _Slow(ForkedIngest):
+    """Notes each batch in a file, then takes its time."""
+
+    def __init__(self, log: Path) -> None:
+        self._log = log
+
+    def ingest_in_child(
+        self, files: Sequence[tuple[str | bytes, int]], ask: Ask
+    ) -> list[B3Digest | Exception]:
+        with open(self._log, "a") as f:
+            f.write("batch\n")
+        time.sleep(0.05)
+        return [B3Digest(bytes(32)) for _ in files]
+
+
+def test_cancel_stops_the_workers(tmp_path: Path) -> None:
+    log = tmp_path / "batches"
+    log.touch()
+    cancel = threading.Event()
+    jobs = [[(b"/x", 1)]] * 2000  # about 50 s of work for two workers
+
+    def cancel_once_started() -> None:
+        while len(log.read_text().splitlines()) < 4:
+            time.sleep(0.01)
+        cancel.set()
+
+    threading.Thread(target=cancel_once_started, daemon=True).start()
+    with pytest.raises(Cancelled):
+        run_forked(_Slow(log), jobs, 2, cancel)
+    done = len(log.read_text().splitlines())  # the workers have exited (waited for)
+    assert 4 <= done < len(jobs)
