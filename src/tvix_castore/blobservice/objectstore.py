@@ -43,6 +43,7 @@ from tvix_castore.protos import rpc_blobstore_pb2 as pb
 
 __all__ = [
     "DEFAULT_AVG_CHUNK_SIZE",
+    "DEFAULT_ZSTD_LEVEL",
     "ChunkLoader",
     "ChunkedReader",
     "ObjectStoreBlobService",
@@ -53,7 +54,7 @@ __all__ = [
 
 DEFAULT_AVG_CHUNK_SIZE = 256 * 1024
 _MAX_CHUNK_OUTPUT = 64 << 20  # refuse chunk objects claiming to inflate beyond this
-_ZSTD_LEVEL = 3
+DEFAULT_ZSTD_LEVEL = 3  # B §7.1
 _KNOWN_LIMIT = 1 << 20
 
 ChunkLoader = Callable[[B3Digest, int], Awaitable[bytes | None]]
@@ -267,8 +268,15 @@ class _ForkedObjectStoreIngest(ForkedIngest):
 class ObjectStoreBlobService(BlobService):
     """Chunked, compressed, verified blobs over an :class:`ObjectStore`."""
 
-    def __init__(self, store: ObjectStore, avg_chunk_size: int = DEFAULT_AVG_CHUNK_SIZE) -> None:
+    def __init__(
+        self,
+        store: ObjectStore,
+        avg_chunk_size: int = DEFAULT_AVG_CHUNK_SIZE,
+        *,
+        zstd_level: int = DEFAULT_ZSTD_LEVEL,
+    ) -> None:
         self.store = store
+        self._zstd_level = zstd_level
         self.avg_size = avg_chunk_size
         self.min_size = avg_chunk_size // 2
         self.max_size = avg_chunk_size * 2
@@ -299,7 +307,7 @@ class ObjectStoreBlobService(BlobService):
         """One compressor per thread: creating a context per chunk is costly."""
         cctx: zstandard.ZstdCompressor | None = getattr(self._local, "cctx", None)
         if cctx is None:
-            cctx = zstandard.ZstdCompressor(level=_ZSTD_LEVEL)
+            cctx = zstandard.ZstdCompressor(level=self._zstd_level)
             self._local.cctx = cctx
         return cctx
 
