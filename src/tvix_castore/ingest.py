@@ -26,7 +26,7 @@ from tvix_castore.nodes import Directory, DirectoryNode, FileNode, Node, Symlink
 
 __all__ = ["DEFAULT_CONCURRENCY", "ScannedTree", "ingest_path", "ingest_tree", "scan_tree"]
 
-DEFAULT_CONCURRENCY = os.cpu_count() or 2  # more workers only contend for the GIL
+DEFAULT_CONCURRENCY = os.cpu_count() or 2  # more workers only contend for the cores
 _SMALL_FILE = 1 << 20
 _BATCH_FILES = 1024
 _BATCH_BYTES = 8 << 20
@@ -175,15 +175,21 @@ async def ingest_path(
     directories: DirectoryService,
     *,
     concurrency: int = DEFAULT_CONCURRENCY,
+    fork: bool = True,
 ) -> Node:
     """Ingest the tree at ``path``; return its root node (with an empty name).
+
+    ``concurrency`` workers hash and upload files: forked processes for trees
+    of ``_FORK_MIN`` bytes or more if the blob service supports it (pass
+    ``fork=False`` in a process that must not fork, e.g. one with gRPC
+    threads), else threads.
 
     Raises:
         IngestionError: a special file, an unreadable file or directory, or a
             file that changed size while being read (nothing is committed).
     """
     tree = await asyncio.to_thread(scan_tree, path)
-    return await ingest_tree(tree, blobs, directories, concurrency=concurrency)
+    return await ingest_tree(tree, blobs, directories, concurrency=concurrency, fork=fork)
 
 
 async def ingest_tree(
@@ -192,6 +198,7 @@ async def ingest_tree(
     directories: DirectoryService,
     *,
     concurrency: int = DEFAULT_CONCURRENCY,
+    fork: bool = True,
     collect: MutableMapping[B3Digest, Directory] | None = None,
 ) -> Node:
     """Ingest a scanned tree (see :func:`ingest_path`); ``collect`` receives its Directories."""
@@ -227,7 +234,7 @@ async def ingest_tree(
             current, current_bytes = [], 0
     if current:
         batches.append(current)
-    forker = blobs.forked_ingest() if concurrency > 1 and hasattr(os, "fork") else None
+    forker = blobs.forked_ingest() if fork and concurrency > 1 and hasattr(os, "fork") else None
     if forker is not None and len(batches) > 1 and sum(f.size for f in files) >= _FORK_MIN:
         jobs = [[(f.path, f.size) for f in batch] for batch in batches]
         cancel = threading.Event()
