@@ -8,7 +8,6 @@ files and must equal what the JSON claims — the JSON is never trusted.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 from collections.abc import Callable
@@ -17,13 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from nix_compat.errors import NixCompatError
-from nix_compat.nar import nar_hash_path
 from nix_compat.nixhash import CAHash, HashAlgo, NixHash
 from nix_compat.signing import Signature
 from nix_compat.store_path import StorePath
 from tvix_castore.errors import DataCorruption, ValidationError
-from tvix_castore.ingest import ingest_path
 from tvix_store.config import Store
+from tvix_store.importer import ingest_and_hash, record
 from tvix_store.pathinfo import PathInfo
 
 __all__ = ["ClosureEntry", "copy_closure", "parse_closure"]
@@ -132,26 +130,23 @@ async def copy_closure(
         if await store.pathinfos.get(e.path.digest) is not None:
             continue
         fs_path = os.path.join(root, e.path.absolute.lstrip("/"))
-        node, (size, sha) = await asyncio.gather(
-            ingest_path(fs_path, store.blobs, store.directories),
-            asyncio.to_thread(nar_hash_path, fs_path),
-        )
-        if size != e.nar_size or sha != e.nar_sha256:
+        tree = await ingest_and_hash(fs_path, store)
+        if tree.nar_size != e.nar_size or tree.nar_sha256 != e.nar_sha256:
             raise DataCorruption(
                 f"{e.path}: the files on disk do not match the closure's narHash/narSize"
-                f" (disk: {size} bytes)"
+                f" (disk: {tree.nar_size} bytes)"
             )
         info = PathInfo(
             store_path=e.path,
-            node=node.with_name(e.path.basename.encode()),
-            nar_size=size,
-            nar_sha256=sha,
+            node=tree.node.with_name(e.path.basename.encode()),
+            nar_size=tree.nar_size,
+            nar_sha256=tree.nar_sha256,
             references=e.references,
             signatures=e.signatures,
             deriver=e.deriver,
             ca=e.ca,
         )
-        await store.pathinfos.put(info)
+        await record(store, tree, info)
         imported.append(e.path)
         if on_imported is not None:
             on_imported(e.path)

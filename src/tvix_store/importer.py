@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from dataclasses import dataclass
 
 from nix_compat.nar import nar_hash_path
 from nix_compat.nixhash import CAHash, CAKind, HashAlgo, NixHash
@@ -11,13 +12,13 @@ from nix_compat.store_path import build_ca_path, validate_name
 from tvix_castore.digests import B3Digest
 from tvix_castore.errors import IngestionError
 from tvix_castore.ingest import ingest_tree, scan_tree
-from tvix_castore.nodes import Directory
+from tvix_castore.nodes import Directory, Node
 from tvix_store.config import Store
 from tvix_store.nar.plan import save_plan
 from tvix_store.nar.render import calculate_nar
 from tvix_store.pathinfo import PathInfo
 
-__all__ = ["base_name_of", "import_path"]
+__all__ = ["IngestedTree", "base_name_of", "import_path", "ingest_and_hash", "record"]
 
 
 def base_name_of(path: str) -> str:
@@ -31,19 +32,27 @@ def base_name_of(path: str) -> str:
     return path[path.rfind("/", 0, end) + 1 : end]
 
 
-async def import_path(path: str | os.PathLike[str], store: Store) -> PathInfo:
-    """Ingest ``path`` and record it under the store path ``nix-store --add`` gives.
+@dataclass(frozen=True, slots=True)
+class IngestedTree:
+    """A tree in castore, with the NAR size and sha256 that describe what was stored."""
+
+    node: Node
+    nar_size: int
+    nar_sha256: bytes
+    closure: dict[B3Digest, Directory]
+
+
+async def ingest_and_hash(path: str | os.PathLike[str], store: Store) -> IngestedTree:
+    """Ingest the tree at ``path`` and hash its NAR, consistently.
 
     The tree is read twice at once — ingested into castore, and hashed as a NAR
     (the second read hits the page cache) — after one scan recorded every
     entry's stat. Afterwards every entry is stat'ed again: if anything changed,
-    the import fails (``IngestionError``) instead of recording a NarHash that
-    does not describe the stored content. If an entry changed within a second
-    of the scan (too close for timestamps to tell), the NarHash is computed
-    from castore instead. The PathInfo is written only after all content is
-    committed, so an interrupted import leaves no dangling path.
+    this fails (``IngestionError``) instead of returning a NarHash that does
+    not describe the stored content. If an entry changed within a second of
+    the scan (too close for timestamps to tell), the NarHash is computed from
+    castore instead.
     """
-    name = validate_name(base_name_of(os.fspath(path)))
     tree = await asyncio.to_thread(scan_tree, path)
     closure: dict[B3Digest, Directory] = {}
     node, (nar_size, nar_sha256) = await asyncio.gather(
@@ -55,15 +64,33 @@ async def import_path(path: str | os.PathLike[str], store: Store) -> PathInfo:
         raise IngestionError(changed, "changed while it was being imported; nothing was recorded")
     if tree.racy:
         nar_size, nar_sha256 = await calculate_nar(node, store.blobs, store.directories)
-    ca = CAHash(CAKind.NAR, NixHash(HashAlgo.SHA256, nar_sha256))
+    return IngestedTree(node, nar_size, nar_sha256, closure)
+
+
+async def record(store: Store, tree: IngestedTree, info: PathInfo) -> PathInfo:
+    """Put the PathInfo of an ingested tree, then its NAR plan (content first, plan last)."""
+    stored = await store.pathinfos.put(info)
+    await save_plan(
+        store.plans, store.blobs, tree.node, tree.closure, tree.nar_size, tree.nar_sha256
+    )
+    return stored
+
+
+async def import_path(path: str | os.PathLike[str], store: Store) -> PathInfo:
+    """Ingest ``path`` and record it under the store path ``nix-store --add`` gives.
+
+    See :func:`ingest_and_hash`; the PathInfo is written only after all content
+    is committed, so an interrupted import leaves no dangling path.
+    """
+    name = validate_name(base_name_of(os.fspath(path)))
+    tree = await ingest_and_hash(path, store)
+    ca = CAHash(CAKind.NAR, NixHash(HashAlgo.SHA256, tree.nar_sha256))
     store_path = build_ca_path(name, ca)
     info = PathInfo(
         store_path=store_path,
-        node=node.with_name(store_path.basename.encode()),
-        nar_size=nar_size,
-        nar_sha256=nar_sha256,
+        node=tree.node.with_name(store_path.basename.encode()),
+        nar_size=tree.nar_size,
+        nar_sha256=tree.nar_sha256,
         ca=ca,
     )
-    stored = await store.pathinfos.put(info)
-    await save_plan(store.plans, store.blobs, node, closure, nar_size, nar_sha256)
-    return stored
+    return await record(store, tree, info)

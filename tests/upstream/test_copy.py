@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,11 @@ async def test_copy_path_info_json(upstream: Upstream, tmp_path: Path) -> None:
     for p in upstream.paths:
         nar = ok(tvix(home, "export", p.path))
         assert nar == p.nar, p.path
+    # Each directory got a NAR plan vouching for its verified NarHash.
+    with contextlib.closing(sqlite3.connect(home / "store.sqlite")) as conn:
+        planned = conn.execute("SELECT count(*) FROM nar_plans").fetchone()[0]
+    assert planned == sum(1 for p in upstream.paths if b"directory" in p.nar[40:80])
+    assert planned > 0
     async with await open_store(home=home) as store:
         for p in upstream.paths:
             info = await store.pathinfos.get(p.digest)
