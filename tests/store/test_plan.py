@@ -14,6 +14,8 @@ import os
 import random
 import sqlite3
 import subprocess
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -327,3 +329,48 @@ def test_forked_export_after_the_hash_thread_pool_started(
     ours = DigestSink()
     ours.write(out.read_bytes())
     assert_same_nar(ours, nix_dump(nix, tree), "in-process forked export")
+
+
+def _rss_anon_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
+def test_export_memory_stays_flat_for_a_large_compressible_file(tmp_path: Path, home: Path) -> None:
+    """160 MiB of text compresses to almost nothing: it must still be streamed."""
+    tree = make_tree(tmp_path / "tree", big=0)
+    line = b"the same compressible line, again and again and again\n"
+    with open(tree / "huge.txt", "wb") as f:
+        for _ in range(160 * MiB // (len(line) * 1024)):
+            f.write(line * 1024)
+    store_path = import_tree(home, tree)
+    peak = 0
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(
+            [TVIX, "export", store_path], stdout=out, stderr=err, env=tvix_env(home)
+        )
+        while proc.poll() is None:
+            pids = [proc.pid, *_children(proc.pid)]
+            peak = max(peak, sum(_rss_anon_kib(p) for p in pids))
+            time.sleep(0.002)
+        err.seek(0)
+        assert proc.wait() == 0, err.read()
+        size = out.tell()
+    assert size > 160 * MiB
+    # Interpreter and plan (~50 MiB for both processes), the child's 64 MiB
+    # of kept chunks, an 8 MiB write batch; holding the file would add 160 MiB.
+    assert peak < 150 * 1024, f"peak anonymous RSS {peak // 1024} MiB"

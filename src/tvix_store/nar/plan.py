@@ -35,7 +35,7 @@ import queue
 import sqlite3
 import struct
 import threading
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,7 +71,7 @@ _NOT_PACKED = -1
 _IOV_MAX = 1000  # below the kernel's 1024
 _FLUSH_BYTES = 8 << 20
 _FORK_MIN = 32 << 20  # NARs from this size are written by two processes
-_CHILD_KEEP = 64 << 20  # decompressed bytes the child holds between verifying and writing
+_CHILD_KEEP = 64 << 20  # chunk bytes the child holds between verifying and writing
 _AHEAD = 4  # pieces a server's plan writer may run ahead of the response
 _SERVER_PIECE = 1 << 20  # ... each about this large (memory per download stays ~5 MiB)
 _UNVOUCHED = bytes(32)  # the sha256 of a plan whose NAR nobody hashed
@@ -270,33 +270,40 @@ class _Reader:
         self._packs = _Packs(blobs, plan.packs)
         self._fallback = fallback
 
-    def pieces(self, entry: _Entry) -> _Pieces:
+    def pieces(self, entry: _Entry) -> Iterator[bytes | memoryview]:
+        """The blob's verified bytes, a chunk at a time (memory stays bounded)."""
         _, raw, size, pack, offset = entry
         if pack != _NOT_PACKED:
             view = self._packs.view(pack, offset, size)
             if view is not None and blake3.blake3(view).digest() == raw:
-                return [view]
+                yield view
+                return
         digest = B3Digest(raw)
         try:
-            if pack == _NOT_PACKED:
-                found = self._chunked(digest, size)
-                if found is not None:
-                    return found
+            chunks = self._blobs.large.chunks_sync(digest) if pack == _NOT_PACKED else None
+            if chunks is not None:
+                yield from self._chunks(digest, size, chunks or [ChunkMeta(digest, size)])
+                return
             if self._fallback:
-                return [_fallback(self._blobs, digest, size)]
+                yield _fallback(self._blobs, digest, size)
+                return
         except NarRenderError:
             raise
         except (CastoreError, ValueError) as exc:
             raise NarRenderError(f"failed rendering nar: blob {digest}: {exc}") from exc
         raise NarRenderError(f"failed rendering nar: blob {digest} is not where its plan says")
 
-    def _chunked(self, digest: B3Digest, size: int) -> _Pieces | None:
+    def _chunks(
+        self, digest: B3Digest, size: int, chunks: list[ChunkMeta]
+    ) -> Iterator[bytes | memoryview]:
+        """Each chunk loaded, verified and handed out before the next is read."""
         large = self._blobs.large
-        chunks = large.chunks_sync(digest)
-        if chunks is None:
-            return None
-        out: _Pieces = []
-        for c in chunks or [ChunkMeta(digest, size)]:  # a one-chunk blob is its chunk
+        total = sum(c.size for c in chunks)
+        if total != size:
+            raise NarRenderError(
+                f"failed rendering nar: blob {digest} has {total} bytes, expected {size}"
+            )
+        for c in chunks:  # a one-chunk blob is its chunk
             got = large.load_chunk_pieces_sync(c.digest, c.size)
             if got is None:
                 raise NarRenderError(
@@ -304,13 +311,7 @@ class _Reader:
                 )
             if sum(len(p) for p in got) != c.size:
                 raise DataCorruption(f"chunk {c.digest} does not have the {c.size} bytes indexed")
-            out.extend(got)
-        total = sum(len(p) for p in out)
-        if total != size:
-            raise NarRenderError(
-                f"failed rendering nar: blob {digest} has {total} bytes, expected {size}"
-            )
-        return out
+            yield from got
 
     def close(self) -> None:
         self._packs.close()
@@ -500,18 +501,26 @@ def _child_main(
     """Verify entries from the back until meeting the parent; then write from where it stopped."""
     reader = _Reader(blobs, plan, fallback=False)
     prepared: dict[int, _Pieces | None] = {}
-    kept = 0
+    kept = 0  # bytes of chunks held: decompressed, or views of mapped chunk files
     for i in range(len(entries) - 1, -1, -1):
         if i < _WORD.unpack_from(shared, _PARENT_AT)[0]:
             break
-        pieces = reader.pieces(entries[i])
-        owned = sum(len(p) for p in pieces if isinstance(p, bytes))
-        if owned and kept + owned > _CHILD_KEEP:
-            prepared[i] = None  # verified now; decompressed and verified again when written
-        else:
-            kept += owned
-            prepared[i] = pieces
-        del pieces
+        packed = entries[i][3] != _NOT_PACKED  # views of the few pack maps: free to hold
+        held: _Pieces | None = []
+        mine = 0
+        for piece in reader.pieces(entries[i]):
+            if held is None:
+                continue  # verified, not kept
+            if not packed:
+                mine += len(piece)
+                if kept + mine > _CHILD_KEEP:
+                    held = None  # read (and verified) again when written
+                    continue
+            held.append(piece)
+        if held is not None:
+            kept += mine
+        prepared[i] = held
+        del held
         _WORD.pack_into(shared, _CHILD_FROM, i)
     message = os.read(go, _WORD.size)
     if len(message) != _WORD.size:
