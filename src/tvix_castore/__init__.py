@@ -13,8 +13,9 @@ messages (``tvix_castore.protos``) are converted at the edges only::
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from tvix_castore.lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from tvix_castore.digests import B3_DIGEST_LENGTH, EMPTY_DIGEST, B3Digest
@@ -95,14 +96,7 @@ _LAZY = {
     "validate_name": "tvix_castore.nodes",
 }
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = [

@@ -24,13 +24,13 @@ import pickle
 import selectors
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from tvix_castore.blobservice.base import ForkedIngest
 from tvix_castore.digests import B3Digest, after_fork_in_child
 from tvix_castore.errors import StorageError
 
-__all__ = ["Cancelled", "run_forked"]
+__all__ = ["Cancelled", "fork_child", "run_forked"]
 
 Files = Sequence[tuple[str | bytes, int]]
 Results = list[B3Digest | Exception]
@@ -116,23 +116,42 @@ class _Worker:
             self.tasks = -1
 
 
+def fork_child(
+    main: Callable[[], int], report: Callable[[BaseException], object], close: Sequence[int]
+) -> int:
+    """Fork; the child closes ``close``, runs ``main`` and exits with its status.
+
+    Returns the child's pid (in the parent). In the child, the garbage
+    collector is off (no finalizer of the parent's objects may run there),
+    hashing stays on its thread (see ``after_fork_in_child``), an exception
+    goes to ``report`` and exit status 1, and ``os._exit`` skips every exit
+    handler of the parent.
+    """
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child; its outcome reaches the parent by pipe
+        code = 1
+        try:
+            gc.disable()
+            after_fork_in_child()
+            for fd in close:
+                os.close(fd)
+            code = main()
+        except BaseException as exc:
+            with contextlib.suppress(BaseException):
+                report(exc)
+        finally:
+            os._exit(code)
+    return pid
+
+
 def _fork(forker: ForkedIngest, batches: Sequence[Files]) -> _Worker:
     task_r, task_w = os.pipe()
     result_r, result_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the worker; its outcome reaches the parent by pipe
-        code = 1
-        try:
-            gc.disable()  # no finalizers of the parent's objects run here
-            after_fork_in_child()
-            os.close(task_w)
-            os.close(result_r)
-            code = _child(forker, batches, task_r, result_w)
-        except BaseException as exc:
-            with contextlib.suppress(BaseException):
-                _send(result_w, ("fail", f"{type(exc).__name__}: {exc}"))
-        finally:
-            os._exit(code)
+    pid = fork_child(
+        lambda: _child(forker, batches, task_r, result_w),
+        lambda exc: _send(result_w, ("fail", f"{type(exc).__name__}: {exc}")),
+        (task_w, result_r),
+    )
     os.close(task_r)
     os.close(result_w)
     return _Worker(pid, task_w, result_r)

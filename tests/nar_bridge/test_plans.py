@@ -51,6 +51,18 @@ async def fetch_nar(session: aiohttp.ClientSession, bridge: Bridge, p: PathData)
         return body
 
 
+def export_debug(home: Path, store_path: str) -> subprocess.CompletedProcess[bytes]:
+    """``tvix-store --log-level DEBUG export STORE_PATH`` (must succeed)."""
+    proc = subprocess.run(
+        [TVIX, "--log-level", "DEBUG", "export", store_path],
+        capture_output=True,
+        env=tvix_env(home),
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    return proc
+
+
 def directory_paths(closure: Closure) -> list[PathData]:
     # A NAR of a directory starts with its "type directory" token after the magic.
     return [p for p in closure.paths if p.nar[40:80].find(b"directory") >= 0]
@@ -70,13 +82,7 @@ async def test_upload_records_vouched_plans_and_get_serves_them(
             assert await fetch_nar(session, bridge, p) == p.nar, p.path
     # And `tvix-store export` of the same store uses them (they vouch for the NarHash).
     for p in dirs:
-        proc = subprocess.run(
-            [TVIX, "--log-level", "DEBUG", "export", p.path],
-            capture_output=True,
-            env=tvix_env(bridge.home),
-            check=False,
-        )
-        assert proc.returncode == 0, proc.stderr.decode()
+        proc = export_debug(bridge.home, p.path)
         assert proc.stdout == p.nar
         assert b"from its plan" in proc.stderr
 
@@ -99,13 +105,7 @@ async def test_get_without_plan_renders_then_records_an_unvouched_one(
             assert await fetch_nar(session, bridge, p) == p.nar
     # export does not trust an unvouched plan: it renders, checks, and replaces it.
     p = directory_paths(closure)[0]
-    proc = subprocess.run(
-        [TVIX, "--log-level", "DEBUG", "export", p.path],
-        capture_output=True,
-        env=tvix_env(bridge.home),
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr.decode()
+    proc = export_debug(bridge.home, p.path)
     assert proc.stdout == p.nar
     assert b"rendering from castore" in proc.stderr
     assert hashlib.sha256(p.nar).digest() in plans(bridge.home).values()

@@ -136,24 +136,12 @@ class _ForkedPackedIngest(ForkedIngest):
         svc = self._svc
         if self._appender is None:
             self._appender = _Appender(svc.pack_dir, svc._fsync)
-        out: list[B3Digest | Exception] = []
-        small: list[tuple[bytes, bytes]] = []
-        for path, size in files:
-            try:
-                if size > svc.threshold:
-                    out.append(svc.large.ingest_file_sync(path, size))
-                    continue
-                data = read_file(path, size)
-                digest = B3Digest(blake3.blake3(data).digest())
-                if data:
-                    small.append((digest.raw, data))
-                out.append(digest)
-            except (OSError, ValueError) as exc:
-                out.append(exc)
+        out, small = svc._read_files(files)
+        small = [(d, data) for d, data in small if data]
         if small:
-            present = ask(("present", [raw for raw, _ in small]))
+            present = ask(("present", [d.raw for d, _ in small]))
             assert isinstance(present, set)
-            new = {raw: data for raw, data in small if raw not in present}
+            new = {d.raw: data for d, data in small if d.raw not in present}
             if new:
                 ask(("index", self._appender.append_blobs(new)))
         return out
@@ -292,36 +280,37 @@ class PackedBlobService(BlobService):
             return None
         return _ForkedPackedIngest(self)
 
+    def _read_files(
+        self, files: Sequence[tuple[str | bytes, int]]
+    ) -> tuple[list[B3Digest | Exception], list[tuple[B3Digest, bytes]]]:
+        """Large files stored as chunks; small ones read and hashed, to be packed by the caller.
+
+        Per file its digest or the ``OSError``/``ValueError``, and the small blobs.
+        """
+        out: list[B3Digest | Exception] = []
+        small: list[tuple[B3Digest, bytes]] = []
+        for path, size in files:
+            try:
+                if size > self.threshold:
+                    out.append(self.large.ingest_file_sync(path, size))
+                    continue
+                data = read_file(path, size)
+                digest = B3Digest(blake3.blake3(data).digest())
+                small.append((digest, data))
+                out.append(digest)
+            except (OSError, ValueError) as exc:
+                out.append(exc)
+        return out, small
+
     async def ingest_files(
         self, files: Sequence[tuple[str | bytes, int]]
     ) -> list[B3Digest | Exception]:
-        def work() -> list[tuple[B3Digest, list[ChunkMeta]] | Exception]:
-            small: list[tuple[B3Digest, bytes]] = []
-            out: list[tuple[B3Digest, list[ChunkMeta]] | Exception] = []
-            for path, size in files:
-                try:
-                    if size > self.threshold:
-                        out.append(self.large._ingest_file_sync(path, size))
-                        continue
-                    data = read_file(path, size)
-                    digest = B3Digest(blake3.blake3(data).digest())
-                    small.append((digest, data))
-                    out.append((digest, []))
-                except (OSError, ValueError) as exc:
-                    out.append(exc)
+        def work() -> list[B3Digest | Exception]:
+            out, small = self._read_files(files)
             self._store_small(small)
             return out
 
-        results: list[B3Digest | Exception] = []
-        for r in await asyncio.to_thread(work):
-            if isinstance(r, Exception):
-                results.append(r)
-            else:
-                digest, chunks = r
-                if chunks:
-                    await self.large._publish(digest, chunks)
-                results.append(digest)
-        return results
+        return await asyncio.to_thread(work)
 
     async def put_many(self, blobs: Sequence[bytes]) -> list[B3Digest]:
         small = [b for b in blobs if len(b) <= self.threshold]

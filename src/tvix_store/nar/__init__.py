@@ -6,8 +6,9 @@ the ingester (start-up time counts for CLI commands).
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from tvix_castore.lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from tvix_store.nar.ingest import IngestedNar, ingest_nar, ingest_nar_file
@@ -22,14 +23,7 @@ _LAZY = {
     "render_nar": "tvix_store.nar.render",
 }
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = [

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import mmap
 import os
@@ -43,9 +42,10 @@ import blake3
 
 from tvix_castore.blobservice.base import BlobService, ChunkMeta
 from tvix_castore.blobservice.packed import PackedBlobService
-from tvix_castore.digests import B3Digest, after_fork_in_child
+from tvix_castore.digests import B3Digest
 from tvix_castore.directoryservice.sqlite import connect, storage_error
 from tvix_castore.errors import CastoreError, DataCorruption
+from tvix_castore.forked import fork_child
 from tvix_castore.nodes import Directory, DirectoryNode, FileNode, Node
 from tvix_store.nar.layout import build_layout
 from tvix_store.nar.render import NarRenderError
@@ -442,20 +442,11 @@ class _Child:
         _WORD.pack_into(shared, _CHILD_FROM, len(entries))
         go_r, go_w = os.pipe()
         err_r, err_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the child, reported through its exit status
-            code = 1
-            try:
-                gc.disable()  # no finalizers of the parent's objects run here
-                after_fork_in_child()
-                os.close(go_w)
-                os.close(err_r)
-                code = _child_main(plan, blobs, fd, entries, shared, go_r)
-            except BaseException as exc:
-                with contextlib.suppress(BaseException):
-                    os.write(err_w, str(exc).encode(errors="replace")[:4000])
-            finally:
-                os._exit(code)
+        pid = fork_child(
+            lambda: _child_main(plan, blobs, fd, entries, shared, go_r),
+            lambda exc: os.write(err_w, str(exc).encode(errors="replace")[:4000]),
+            (go_w, err_r),
+        )
         os.close(go_r)
         os.close(err_w)
         return cls(pid, go_w, err_r, shared)
@@ -611,22 +602,35 @@ async def write_planned(
 
     Returns ``False`` (having written nothing) when there is no such plan.
     """
+    if not isinstance(node, DirectoryNode):
+        return False
+    found = await _plan_of(plans, blobs, node)
+    if found is None or found[0].nar_sha256 == _UNVOUCHED:
+        _log.debug("no NAR plan vouches for %s: rendering from castore", node.digest)
+        return False
+    plan, packed = found
+    if (plan.nar_size, plan.nar_sha256) != (nar_size, nar_sha256):
+        _log.debug("the NAR plan of %s vouches for another NAR: rendering", node.digest)
+        return False
+    _log.debug("writing the NAR of %s from its plan", node.digest)
+    await asyncio.to_thread(write_plan, plan, packed, fd)
+    return True
+
+
+async def _plan_of(
+    plans: SqliteNarPlans | None, blobs: BlobService, node: Node
+) -> tuple[NarPlan, PackedBlobService] | None:
+    """The plan of ``node`` if plans apply and one is stored intact (a corrupt one is logged)."""
     if plans is None or not isinstance(node, DirectoryNode):
-        return False
+        return None
     if not isinstance(blobs, PackedBlobService):
-        return False
+        return None
     try:
         plan = await plans.get(node.digest)
     except DataCorruption as exc:
         _log.warning("ignoring the NAR plan of %s: %s", node.digest, exc)
-        return False
-    vouched = plan is not None and plan.nar_sha256 != _UNVOUCHED
-    if plan is None or not vouched or (plan.nar_size, plan.nar_sha256) != (nar_size, nar_sha256):
-        _log.debug("no NAR plan vouches for %s: rendering from castore", node.digest)
-        return False
-    _log.debug("writing the NAR of %s from its plan", node.digest)
-    await asyncio.to_thread(write_plan, plan, blobs, fd)
-    return True
+        return None
+    return None if plan is None else (plan, blobs)
 
 
 def content_present(plan: NarPlan, blobs: PackedBlobService) -> bool:
@@ -661,18 +665,11 @@ async def planned_stream(
     forking); an error there is raised by the iterator after the bytes
     before it.
     """
-    if plans is None or not isinstance(node, DirectoryNode):
+    found = await _plan_of(plans, blobs, node)
+    if found is None or not await asyncio.to_thread(content_present, *found):
         return None
-    if not isinstance(blobs, PackedBlobService):
-        return None
-    try:
-        plan = await plans.get(node.digest)
-    except DataCorruption as exc:
-        _log.warning("ignoring the NAR plan of %s: %s", node.digest, exc)
-        return None
-    if plan is None or not await asyncio.to_thread(content_present, plan, blobs):
-        return None
-    return plan.nar_size, _pieces(plan, blobs)
+    plan, packed = found
+    return plan.nar_size, _pieces(plan, packed)
 
 
 async def _pieces(plan: NarPlan, blobs: PackedBlobService) -> AsyncIterator[bytes]:
