@@ -316,30 +316,40 @@ def export(store_path: str, **kw: Any) -> None:
             info, _, sub = await _lookup(store, store_path)
             if sub:
                 raise click.ClickException("export takes a store path, not a path inside one")
-            out = sys.stdout.buffer
-            out.flush()
             try:
-                fd: int | None = out.fileno()
-            except (AttributeError, io.UnsupportedOperation):
-                fd = None
-            node = info.node
-            if fd is not None and await write_planned(
-                store.plans, store.blobs, node, info.nar_size, info.nar_sha256, fd
-            ):
-                return
-            closure = await fetch_closure(node, store.directories)
-            h = hashlib.sha256()
-            size = 0
-            async for piece in render_nar(node, store.blobs, store.directories, closure=closure):
-                h.update(piece)
-                size += len(piece)
-                out.write(piece)
-            out.flush()
-            if size != info.nar_size or h.digest() != info.nar_sha256:
+                await write(store, info)
+            except BrokenPipeError:
+                raise SystemExit(1) from None  # the reader went away: nothing left to say
+            except OSError as exc:
                 raise click.ClickException(
-                    f"{info.store_path}: rendered NAR does not match its recorded NarHash/NarSize"
-                )
-            await save_plan(store.plans, store.blobs, node, closure, size, info.nar_sha256)
+                    f"cannot write the NAR to stdout: {exc.strerror or exc}"
+                ) from exc
+
+    async def write(store: Any, info: Any) -> None:
+        out = sys.stdout.buffer
+        out.flush()
+        try:
+            fd: int | None = out.fileno()
+        except (AttributeError, io.UnsupportedOperation):
+            fd = None
+        node = info.node
+        if fd is not None and await write_planned(
+            store.plans, store.blobs, node, info.nar_size, info.nar_sha256, fd
+        ):
+            return
+        closure = await fetch_closure(node, store.directories)
+        h = hashlib.sha256()
+        size = 0
+        async for piece in render_nar(node, store.blobs, store.directories, closure=closure):
+            h.update(piece)
+            size += len(piece)
+            out.write(piece)
+        out.flush()
+        if size != info.nar_size or h.digest() != info.nar_sha256:
+            raise click.ClickException(
+                f"{info.store_path}: rendered NAR does not match its recorded NarHash/NarSize"
+            )
+        await save_plan(store.plans, store.blobs, node, closure, size, info.nar_sha256)
 
     _run(run())
 

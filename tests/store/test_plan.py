@@ -374,3 +374,24 @@ def test_export_memory_stays_flat_for_a_large_compressible_file(tmp_path: Path, 
     # Interpreter and plan (~50 MiB for both processes), the child's 64 MiB
     # of kept chunks, an 8 MiB write batch; holding the file would add 160 MiB.
     assert peak < 150 * 1024, f"peak anonymous RSS {peak // 1024} MiB"
+
+
+@pytest.mark.parametrize("planned", [True, False], ids=["from-plan", "rendered"])
+def test_export_to_a_full_disk_fails_cleanly(tmp_path: Path, home: Path, planned: bool) -> None:
+    tree = make_tree(tmp_path / "tree", big=0)
+    store_path = import_tree(home, tree)
+    if not planned:
+        with sqlite3.connect(home / "store.sqlite") as conn:
+            conn.execute("DELETE FROM nar_plans")
+    with open("/dev/full", "wb") as full:
+        proc = subprocess.run(
+            [TVIX, "export", store_path],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            env=tvix_env(home),
+            check=False,
+        )
+    err = proc.stderr.decode(errors="replace")
+    assert proc.returncode == 1
+    assert "Traceback" not in err, err
+    assert "cannot write the NAR to stdout: No space left on device" in err
