@@ -141,3 +141,30 @@ async def test_corrupt_pack_cuts_the_planned_stream(
             await fetch_nar(session, bridge, p)
     assert bridge.alive(), bridge.log()
     assert "wrong contents" in bridge.log()
+
+
+async def test_range_and_head_come_from_the_plan(
+    bridges: Bridges, closure: Closure, tmp_path: Path
+) -> None:
+    """With the Directories gone, only the plan can answer: ranges and HEAD still work."""
+    bridge = bridges.start()
+    copy_to(nix_in(tmp_path), closure, f"{bridge.url}?compression=none")
+    p = max(directory_paths(closure), key=lambda p: len(p.nar))
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        async with session.get(f"{bridge.url}/{p.hash_part}.narinfo") as resp:
+            url = f"{bridge.url}/{NarInfo.parse(await resp.read()).url}"
+        with contextlib.closing(sqlite3.connect(bridge.home / "store.sqlite")) as conn:
+            conn.execute("DELETE FROM directories")
+            conn.commit()
+        async with session.head(url) as resp:
+            assert resp.status == 200
+            assert int(resp.headers["Content-Length"]) == len(p.nar)
+        n = len(p.nar)
+        for first, last in [(0, 9), (n // 3, n // 2), (n - 17, n - 1)]:
+            async with session.get(url, headers={"Range": f"bytes={first}-{last}"}) as resp:
+                assert resp.status == 206
+                assert resp.headers["Content-Range"] == f"bytes {first}-{last}/{n}"
+                assert await resp.read() == p.nar[first : last + 1]
+        async with session.get(url, headers={"Range": "bytes=0-1,5-9"}) as resp:
+            assert resp.status == 200  # several ranges: the whole NAR
+            assert await resp.read() == p.nar

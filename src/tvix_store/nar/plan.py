@@ -47,11 +47,12 @@ from tvix_castore.directoryservice.sqlite import connect, storage_error
 from tvix_castore.errors import CastoreError, DataCorruption
 from tvix_castore.forked import fork_child
 from tvix_castore.nodes import Directory, DirectoryNode, FileNode, Node
-from tvix_store.nar.layout import build_layout
+from tvix_store.nar.layout import NarLayout, build_layout
 from tvix_store.nar.render import NarRenderError
 
 __all__ = [
     "NarPlan",
+    "Served",
     "SqliteNarPlans",
     "build_plan",
     "content_present",
@@ -655,21 +656,52 @@ def content_present(plan: NarPlan, blobs: PackedBlobService) -> bool:
     return True
 
 
+@dataclass(frozen=True, slots=True)
+class Served:
+    """A NAR a server can send from its plan (its content was found present)."""
+
+    plan: NarPlan
+    blobs: PackedBlobService
+
+    def pieces(self) -> AsyncIterator[bytes]:
+        """The whole NAR, written by a thread (without forking).
+
+        An error there is raised by the iterator, after the bytes before it.
+        """
+        return _pieces(self.plan, self.blobs)
+
+    def layout(self) -> NarLayout:
+        """The NAR's layout (for ranges), without fetching a Directory."""
+        plan = self.plan
+        segments: list[bytes | FileNode] = []
+        pos = 0
+        for lit_end, raw, size, _, _ in plan.entries:
+            if lit_end > pos:
+                segments.append(plan.literals[pos:lit_end])
+                pos = lit_end
+            segments.append(FileNode(b"", B3Digest(raw), size))
+        if pos < len(plan.literals):
+            segments.append(plan.literals[pos:])
+        starts: list[int] = []
+        total = 0
+        for seg in segments:
+            starts.append(total)
+            total += len(seg) if isinstance(seg, bytes) else seg.size
+        return NarLayout(tuple(segments), tuple(starts), total)
+
+
 async def planned_stream(
     plans: SqliteNarPlans | None, blobs: BlobService, node: Node
-) -> tuple[int, AsyncIterator[bytes]] | None:
-    """``(NAR size, pieces)`` of ``node``'s NAR from its plan, for a server's response.
+) -> Served | None:
+    """``node``'s NAR from its plan, for a server's response.
 
     ``None`` if there is no usable plan or some content is missing (checked
-    before anything is produced). The plan is written by a thread (without
-    forking); an error there is raised by the iterator after the bytes
-    before it.
+    before anything is produced).
     """
     found = await _plan_of(plans, blobs, node)
     if found is None or not await asyncio.to_thread(content_present, *found):
         return None
-    plan, packed = found
-    return plan.nar_size, _pieces(plan, packed)
+    return Served(*found)
 
 
 async def _pieces(plan: NarPlan, blobs: PackedBlobService) -> AsyncIterator[bytes]:

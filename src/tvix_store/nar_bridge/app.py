@@ -293,14 +293,17 @@ async def _serve_nar(request: web.Request, node: Node) -> web.StreamResponse:
         "Cache-Control": _IMMUTABLE,
         "Accept-Ranges": "bytes",
     }
-    if request.method == "GET" and "Range" not in request.headers:
-        planned = await planned_stream(store.plans, store.blobs, node)
-        if planned is not None:  # straight from the pack files
-            size, pieces = planned
-            resp = web.StreamResponse(status=200, headers={**headers, "Content-Length": str(size)})
-            await resp.prepare(request)
-            return await _stream(request, resp, pieces)
-    layout, closure = await _layout_for(store, node)
+    served = await planned_stream(store.plans, store.blobs, node)
+    if served is not None and request.method == "GET" and "Range" not in request.headers:
+        # The whole NAR, straight from the pack files.
+        size = served.plan.nar_size
+        resp = web.StreamResponse(status=200, headers={**headers, "Content-Length": str(size)})
+        await resp.prepare(request)
+        return await _stream(request, resp, served.pieces())
+    if served is not None:
+        layout, closure = served.layout(), None
+    else:
+        layout, closure = await _layout_for(store, node)
     start, end, status = 0, layout.size, 200
     rng = request.headers.get("Range")
     if rng is not None:
@@ -322,6 +325,9 @@ async def _serve_nar(request: web.Request, node: Node) -> web.StreamResponse:
         return resp
     if status == 206:
         return await _stream(request, resp, layout.read(store.blobs, start, end))
+    if closure is None:  # from a plan; a Range header we ignore (several ranges, say)
+        assert served is not None
+        return await _stream(request, resp, served.pieces())
     resp = await _stream(
         request, resp, render_nar(node, store.blobs, store.directories, closure=closure)
     )
