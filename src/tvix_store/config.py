@@ -32,8 +32,7 @@ from tvix_castore.lifecycle import AsyncClosing
 from tvix_castore.nodes import Node
 from tvix_castore.objectstore import LocalObjectStore
 from tvix_castore.registry import ServiceUrl, blob_service_from_url, directory_service_from_url
-from tvix_store.nar.plan import SqliteNarPlans
-from tvix_store.nar.render import calculate_nar
+from tvix_store.nar.plan import SqliteNarPlans, calculate_nar_planned
 from tvix_store.narindex import MemoryNarIndex, NarIndex, SqliteNarIndex
 from tvix_store.pathinfoservice.base import PathInfoService
 from tvix_store.pathinfoservice.combinators import CachePathInfoService
@@ -181,7 +180,7 @@ class Store(AsyncClosing):
 
         if isinstance(self.pathinfos, GrpcPathInfoService):
             return await self.pathinfos.calculate_nar(node)
-        return await calculate_nar(node, self.blobs, self.directories)
+        return await calculate_nar_planned(self.plans, self.blobs, self.directories, node)
 
     async def aclose(self) -> None:
         """Close every service (once)."""

@@ -27,7 +27,9 @@ def registrations(store: Store) -> list[Registration]:
     """The servicers of ``store`` for :func:`start_server`."""
     blob = BlobServiceServicer(store.blobs)
     directory = DirectoryServiceServicer(store.directories)
-    pathinfo = PathInfoServiceServicer(store.pathinfos, store.blobs, store.directories)
+    pathinfo = PathInfoServiceServicer(
+        store.pathinfos, store.blobs, store.directories, plans=store.plans
+    )
     return [
         (
             lambda s: rpc_blobstore_pb2_grpc.add_BlobServiceServicer_to_server(blob, s),

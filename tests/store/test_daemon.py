@@ -453,6 +453,36 @@ async def test_calculate_nar_errors(stub: PathInfoStub, channel: grpc.aio.Channe
         await expect(Code.DATA_LOSS, stub.CalculateNAR(node))
 
 
+async def test_calculate_nar_is_cached_in_nar_plans(
+    daemon: Daemon, stub: PathInfoStub, home: Path
+) -> None:
+    """The first CalculateNAR of a directory renders and records a plan; later ones use it."""
+    blobs = GrpcBlobService.from_url(daemon.url)
+    dirs = GrpcDirectoryService.from_url(daemon.url)
+    try:
+        ingested = await ingest_nar_file(DATA / "net-tools.nar", blobs, dirs)
+    finally:
+        await blobs.aclose()
+        await dirs.aclose()
+    node = node_to_proto(ingested.node)
+    db = home / STORE_DB
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("SELECT count(*) FROM nar_plans").fetchone()[0] == 0
+    resp = await stub.CalculateNAR(node)
+    assert (resp.nar_size, resp.nar_sha256.hex()) == NARS["net-tools"]
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("SELECT count(*) FROM nar_plans").fetchone()[0] == 1
+        # Without the Directories only the plan can answer.
+        conn.execute("DELETE FROM directories")
+        conn.commit()
+    resp = await stub.CalculateNAR(node)
+    assert (resp.nar_size, resp.nar_sha256.hex()) == NARS["net-tools"]
+    # With its content gone too, the plan is not trusted: rendering reports the loss.
+    for pack in (home / "packs").iterdir():
+        pack.write_bytes(b"")
+    await expect(Code.DATA_LOSS, stub.CalculateNAR(node))
+
+
 # -- grpcurl: reflection, a Go client, health ----------------------------------------
 def grpcurl(daemon: Daemon, *args: str, data: str | None = None) -> bytes:
     """``grpcurl -plaintext [-d DATA] TARGET ARGS`` against the daemon."""

@@ -43,18 +43,20 @@ import blake3
 from tvix_castore.blobservice.base import BlobService, ChunkMeta
 from tvix_castore.blobservice.packed import PackedBlobService
 from tvix_castore.digests import B3Digest
+from tvix_castore.directoryservice.base import DirectoryService
 from tvix_castore.directoryservice.sqlite import connect, storage_error
 from tvix_castore.errors import CastoreError, DataCorruption
 from tvix_castore.forked import fork_child
 from tvix_castore.nodes import Directory, DirectoryNode, FileNode, Node
 from tvix_store.nar.layout import NarLayout, build_layout
-from tvix_store.nar.render import NarRenderError
+from tvix_store.nar.render import NarRenderError, calculate_nar, fetch_closure
 
 __all__ = [
     "NarPlan",
     "Served",
     "SqliteNarPlans",
     "build_plan",
+    "calculate_nar_planned",
     "content_present",
     "planned_stream",
     "save_plan",
@@ -556,6 +558,15 @@ def _fallback(blobs: PackedBlobService, digest: B3Digest, size: int) -> bytes:
     return data
 
 
+def start_plan_applies(plans: SqliteNarPlans | None, blobs: BlobService, node: Node) -> bool:
+    """Whether ``node`` can have a plan here: a directory, in a store with packed blobs."""
+    return (
+        plans is not None
+        and isinstance(node, DirectoryNode)
+        and isinstance(blobs, PackedBlobService)
+    )
+
+
 async def save_plan(
     plans: SqliteNarPlans | None,
     blobs: BlobService,
@@ -572,10 +583,10 @@ async def save_plan(
     packed blobs; a plan is a cache, so failing to write one is logged, not
     raised.
     """
-    if plans is None or not isinstance(node, DirectoryNode):
+    if not start_plan_applies(plans, blobs, node):
         return
-    if not isinstance(blobs, PackedBlobService):
-        return
+    assert plans is not None and isinstance(node, DirectoryNode)
+    assert isinstance(blobs, PackedBlobService)
 
     def work() -> None:
         plan = build_plan(node, closure, blobs, nar_sha256 or _UNVOUCHED)
@@ -740,3 +751,27 @@ async def _pieces(plan: NarPlan, blobs: PackedBlobService) -> AsyncIterator[byte
 
 class _Stopped(Exception):
     """The consumer of a planned stream went away."""
+
+
+async def calculate_nar_planned(
+    plans: SqliteNarPlans | None, blobs: BlobService, dirs: DirectoryService, node: Node
+) -> tuple[int, bytes]:
+    """NAR size and sha256 of ``node``: from a vouching plan if its content is there.
+
+    Otherwise the NAR is rendered and hashed (failing on missing or corrupt
+    content), and — for a directory in a store with plans — a plan vouching
+    for the result is recorded: the server-side NAR cache the protocol's
+    ``CalculateNAR`` asks for.
+    """
+    found = await _plan_of(plans, blobs, node)
+    vouched = found is not None and found[0].nar_sha256 != _UNVOUCHED
+    if found is not None and vouched and await asyncio.to_thread(content_present, *found):
+        return found[0].nar_size, found[0].nar_sha256
+    if start_plan_applies(plans, blobs, node):
+        closure = await fetch_closure(node, dirs)
+    else:
+        closure = None
+    size, sha = await calculate_nar(node, blobs, dirs, closure=closure)
+    if closure is not None:
+        await save_plan(plans, blobs, node, closure, size, sha)
+    return size, sha

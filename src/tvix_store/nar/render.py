@@ -257,12 +257,16 @@ async def blob_range(
 
 
 async def calculate_nar(
-    node: Node, blobs: BlobService, dirs: DirectoryService
+    node: Node,
+    blobs: BlobService,
+    dirs: DirectoryService,
+    *,
+    closure: Mapping[B3Digest, Directory] | None = None,
 ) -> tuple[int, bytes]:
     """NAR size and sha256 of ``node``, by rendering it (nothing is kept)."""
     h = hashlib.sha256()
     size = 0
-    async for piece in render_nar(node, blobs, dirs):
+    async for piece in render_nar(node, blobs, dirs, closure=closure):
         h.update(piece)
         size += len(piece)
     return size, h.digest()

@@ -13,7 +13,8 @@ from tvix_castore.nodes import NameRule, node_from_proto
 from tvix_castore.protos import castore_pb2
 from tvix_castore.rpc.status import abort_with
 from tvix_store.content import check_content
-from tvix_store.nar.render import NarRenderError, calculate_nar
+from tvix_store.nar.plan import SqliteNarPlans, calculate_nar_planned
+from tvix_store.nar.render import NarRenderError
 from tvix_store.pathinfo import PathInfo
 from tvix_store.pathinfoservice.base import PathInfoService
 from tvix_store.protos import pathinfo_pb2, rpc_pathinfo_pb2
@@ -38,11 +39,13 @@ class PathInfoServiceServicer(pb_grpc.PathInfoServiceServicer):
         directories: DirectoryService,
         *,
         metadata_only: bool = False,
+        plans: SqliteNarPlans | None = None,
     ) -> None:
         self._infos = pathinfos
         self._blobs = blobs
         self._dirs = directories
         self._metadata_only = metadata_only
+        self._plans = plans  # CalculateNAR's cache (NAR plans of the embedded store)
 
     async def Get(
         self, request: rpc_pathinfo_pb2.GetPathInfoRequest, context: Ctx
@@ -84,7 +87,7 @@ class PathInfoServiceServicer(pb_grpc.PathInfoServiceServicer):
                 node = node_from_proto(request, name_rule=NameRule.EMPTY)
             except CastoreError as exc:
                 raise ValidationError(f"invalid root node: {exc}") from exc
-            size, sha = await calculate_nar(node, self._blobs, self._dirs)
+            size, sha = await calculate_nar_planned(self._plans, self._blobs, self._dirs, node)
         except NarRenderError as exc:
             await abort_with(context, exc)
         except Exception as exc:
