@@ -31,6 +31,7 @@ import logging
 import mmap
 import os
 import queue
+import signal
 import sqlite3
 import struct
 import threading
@@ -460,7 +461,12 @@ class _Child:
         return int(_WORD.unpack_from(self._shared, _CHILD_FROM)[0])
 
     def abort(self) -> None:
-        """Stop the child without letting it write (the front part failed)."""
+        """Stop the child without letting it write (the front part failed).
+
+        It only reads, so it is killed rather than left to finish verifying.
+        """
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self._pid, signal.SIGKILL)
         os.close(self._go)
         os.close(self._err)
         os.waitpid(self._pid, 0)
