@@ -17,11 +17,10 @@ import binascii
 import os
 from dataclasses import dataclass
 
-import nacl.bindings
-import nacl.exceptions
-import nacl.signing
-
 from nix_compat.errors import SigningError
+
+# pynacl (libsodium) is imported where keys are used: most commands never
+# sign or verify, and start-up time counts for every CLI call.
 
 __all__ = ["Signature", "SigningKey", "VerifyingKey", "validate_key_name"]
 
@@ -83,6 +82,8 @@ class VerifyingKey:
     key: bytes
 
     def __post_init__(self) -> None:
+        import nacl.bindings
+
         validate_key_name(self.name)
         if len(self.key) != 32:
             raise SigningError("public key must be 32 bytes")
@@ -103,6 +104,9 @@ class VerifyingKey:
 
     def verify_raw(self, message: str | bytes, signature: bytes) -> bool:
         """Strict ed25519 check of ``signature`` over ``message``, ignoring names."""
+        import nacl.exceptions
+        import nacl.signing
+
         if isinstance(message, str):
             message = message.encode()
         try:
@@ -124,6 +128,8 @@ class SigningKey:
     secret: bytes
 
     def __post_init__(self) -> None:
+        import nacl.signing
+
         validate_key_name(self.name)
         if len(self.secret) != 64:
             raise SigningError("secret key must be 64 bytes")
@@ -145,6 +151,8 @@ class SigningKey:
     @classmethod
     def generate(cls, name: str) -> SigningKey:
         """A fresh random key."""
+        import nacl.signing
+
         sk = nacl.signing.SigningKey.generate()
         return cls(name, bytes(sk) + bytes(sk.verify_key))
 
@@ -158,6 +166,8 @@ class SigningKey:
 
     def sign(self, message: str | bytes) -> Signature:
         """Sign ``message`` (a narinfo fingerprint)."""
+        import nacl.signing
+
         if isinstance(message, str):
             message = message.encode()
         sig = nacl.signing.SigningKey(self.secret[:32]).sign(message).signature
