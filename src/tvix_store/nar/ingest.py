@@ -14,13 +14,14 @@ import contextlib
 import hashlib
 import os
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from nix_compat.errors import NarError
 from nix_compat.nar import NarDirectory, NarDirectoryEnd, NarFile, NarSymlink, read_nar
 from tvix_castore.blobservice.base import BlobService
+from tvix_castore.digests import B3Digest
 from tvix_castore.directoryservice.base import DirectoryService
 from tvix_castore.errors import DataCorruption, ValidationError
 from tvix_castore.nodes import Directory, DirectoryNode, FileNode, Node, SymlinkNode
@@ -174,11 +175,13 @@ async def ingest_nar(
     dirs: DirectoryService,
     *,
     expect: tuple[int, bytes] | None = None,
+    collect: MutableMapping[B3Digest, Directory] | None = None,
 ) -> IngestedNar:
     """Ingest the NAR produced by ``await read(n)`` (b"" at its end).
 
     With ``expect=(nar_size, nar_sha256)`` the NAR must match them, checked
-    before its directories are committed.
+    before its directories are committed. ``collect`` receives the
+    Directories (its closure, for a directory NAR).
 
     Raises:
         InvalidNar: the bytes are not a valid NAR (nothing is committed).
@@ -304,6 +307,8 @@ async def ingest_nar(
         for frame in finished:
             directory = Directory.from_nodes(resolve(e, built) for e in frame.entries)
             await putter.put(directory)
+            if collect is not None:
+                collect[directory.digest] = directory
             built[id(frame)] = directory.to_node(frame.name, dirs.size_mode)
         node = resolve(root, built)
         if isinstance(node, DirectoryNode):

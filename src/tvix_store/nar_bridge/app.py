@@ -31,7 +31,6 @@ from tvix_castore.errors import (
 )
 from tvix_castore.nodes import (
     Directory,
-    DirectoryNode,
     NameRule,
     Node,
     node_from_proto,
@@ -216,7 +215,8 @@ async def put_nar(request: web.Request) -> web.Response:
     reader = DecompressingReader(
         request.content.read, decompressor(kind, request.app[CONFIG_KEY].max_nar_size), first
     )
-    result = await ingest_nar(reader.read, store.blobs, store.directories)
+    closure: dict[B3Digest, Directory] = {}
+    result = await ingest_nar(reader.read, store.blobs, store.directories, collect=closure)
     # The URL names the file as uploaded (FileHash; for an uncompressed NAR, its NarHash).
     got = reader.file_hash.digest()
     if got != url_hash:
@@ -226,12 +226,10 @@ async def put_nar(request: web.Request) -> web.Response:
             f" not {m.group(1)}",
         )
     await store.nar_index.put(result.nar_sha256, result.node, result.nar_size)
-    if store.plans is not None and isinstance(result.node, DirectoryNode):
-        # The NarHash was computed from the very bytes ingested: the plan vouches for it.
-        closure = await fetch_closure(result.node, store.directories)
-        await save_plan(
-            store.plans, store.blobs, result.node, closure, result.nar_size, result.nar_sha256
-        )
+    # The NarHash was computed from the very bytes ingested: the plan vouches for it.
+    await save_plan(
+        store.plans, store.blobs, result.node, closure, result.nar_size, result.nar_sha256
+    )
     return web.Response(status=200)
 
 
