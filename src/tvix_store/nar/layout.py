@@ -35,6 +35,16 @@ class NarLayout:
     starts: tuple[int, ...]
     size: int
 
+    @classmethod
+    def of(cls, segments: list[bytes | FileNode]) -> NarLayout:
+        """The layout of ``segments`` (their starts and total size computed)."""
+        starts: list[int] = []
+        total = 0
+        for seg in segments:
+            starts.append(total)
+            total += len(seg) if isinstance(seg, bytes) else seg.size
+        return cls(tuple(segments), tuple(starts), total)
+
     @property
     def files(self) -> list[FileNode]:
         """Every file segment (to check blobs exist before serving)."""
@@ -111,12 +121,7 @@ def build_layout(node: Node, closure: Mapping[B3Digest, Directory]) -> NarLayout
             stack.append((list(opened.nodes()), 0))
     if lit:
         segments.append(bytes(lit))
-    starts: list[int] = []
-    total = 0
-    for seg in segments:
-        starts.append(total)
-        total += len(seg) if isinstance(seg, bytes) else seg.size
-    return NarLayout(tuple(segments), tuple(starts), total)
+    return NarLayout.of(segments)
 
 
 async def nar_layout(

@@ -699,12 +699,7 @@ class Served:
             segments.append(FileNode(b"", B3Digest(raw), size))
         if pos < len(plan.literals):
             segments.append(plan.literals[pos:])
-        starts: list[int] = []
-        total = 0
-        for seg in segments:
-            starts.append(total)
-            total += len(seg) if isinstance(seg, bytes) else seg.size
-        return NarLayout(tuple(segments), tuple(starts), total)
+        return NarLayout.of(segments)
 
 
 async def planned_stream(
