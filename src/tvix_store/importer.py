@@ -63,7 +63,9 @@ async def ingest_and_hash(path: str | os.PathLike[str], store: Store) -> Ingeste
     if changed is not None:
         raise IngestionError(changed, "changed while it was being imported; nothing was recorded")
     if tree.racy:
-        nar_size, nar_sha256 = await calculate_nar(node, store.blobs, store.directories)
+        nar_size, nar_sha256 = await calculate_nar(
+            node, store.blobs, store.directories, closure=closure
+        )
     return IngestedTree(node, nar_size, nar_sha256, closure)
 
 

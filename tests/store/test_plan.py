@@ -245,9 +245,9 @@ def test_import_nar_hash_source(
     calls: list[object] = []
     real = importer.calculate_nar  # type: ignore[attr-defined]
 
-    async def counting(*args: Any) -> tuple[int, bytes]:
+    async def counting(*args: Any, **kwargs: Any) -> tuple[int, bytes]:
         calls.append(args)
-        return await real(*args)
+        return await real(*args, **kwargs)
 
     monkeypatch.setattr(importer, "calculate_nar", counting)
 

@@ -239,7 +239,7 @@ class _Writer(BlobWriter):
         self._closed = True
         await asyncio.to_thread(self._cut, True)
         digest = B3Digest(self._hasher.digest())
-        await self._svc._publish(digest, self._chunks)
+        await asyncio.to_thread(self._svc.publish_sync, digest, self._chunks)
         return digest
 
     async def abort(self) -> None:
@@ -256,13 +256,7 @@ class _ForkedObjectStoreIngest(ForkedIngest):
     def ingest_in_child(
         self, files: Sequence[tuple[str | bytes, int]], ask: Ask
     ) -> list[B3Digest | Exception]:
-        out: list[B3Digest | Exception] = []
-        for path, size in files:
-            try:
-                out.append(self._svc.ingest_file_sync(path, size))
-            except (OSError, ValueError) as exc:
-                out.append(exc)
-        return out
+        return self._svc.ingest_files_sync(files)
 
 
 class ObjectStoreBlobService(BlobService):
@@ -318,18 +312,10 @@ class ObjectStoreBlobService(BlobService):
         )
         return index.SerializeToString()
 
-    async def _publish(self, digest: B3Digest, chunks: list[ChunkMeta]) -> None:
+    def publish_sync(self, digest: B3Digest, chunks: list[ChunkMeta]) -> None:
+        """Write the blob's index object, unless present (blocking)."""
         if len(chunks) == 1:
             return  # the chunk object is the blob
-        key = blob_key(digest)
-        if await self.store.exists(key):
-            return
-        await self.store.put(key, self._index_bytes(chunks))
-
-    def publish_sync(self, digest: B3Digest, chunks: list[ChunkMeta]) -> None:
-        """:meth:`_publish` on the caller's thread."""
-        if len(chunks) == 1:
-            return
         key = blob_key(digest)
         if not self.store.exists_sync(key):
             self.store.put_sync(key, self._index_bytes(chunks))
@@ -339,6 +325,18 @@ class ObjectStoreBlobService(BlobService):
         digest, chunks = self._ingest_file_sync(path, size)
         self.publish_sync(digest, chunks)
         return digest
+
+    def ingest_files_sync(
+        self, files: Sequence[tuple[str | bytes, int]]
+    ) -> list[B3Digest | Exception]:
+        """:meth:`ingest_files`, blocking (in a worker thread or process)."""
+        out: list[B3Digest | Exception] = []
+        for path, size in files:
+            try:
+                out.append(self.ingest_file_sync(path, size))
+            except (OSError, ValueError) as exc:
+                out.append(exc)
+        return out
 
     def forked_ingest(self) -> ForkedIngest | None:
         # Only a local directory is shared with forked workers (memory is not).
@@ -368,30 +366,12 @@ class ObjectStoreBlobService(BlobService):
         return B3Digest(hasher.digest()), chunks
 
     async def ingest_file(self, path: str | bytes, size: int) -> B3Digest:
-        digest, chunks = await asyncio.to_thread(self._ingest_file_sync, path, size)
-        await self._publish(digest, chunks)
-        return digest
+        return await asyncio.to_thread(self.ingest_file_sync, path, size)
 
     async def ingest_files(
         self, files: Sequence[tuple[str | bytes, int]]
     ) -> list[B3Digest | Exception]:
-        def work() -> list[tuple[B3Digest, list[ChunkMeta]] | Exception]:
-            out: list[tuple[B3Digest, list[ChunkMeta]] | Exception] = []
-            for path, size in files:
-                try:
-                    out.append(self._ingest_file_sync(path, size))
-                except (OSError, ValueError) as exc:
-                    out.append(exc)
-            return out
-
-        results: list[B3Digest | Exception] = []
-        for r in await asyncio.to_thread(work):
-            if isinstance(r, Exception):
-                results.append(r)
-            else:
-                await self._publish(*r)
-                results.append(r[0])
-        return results
+        return await asyncio.to_thread(self.ingest_files_sync, files)
 
     # -- reading ----------------------------------------------------------
     async def has(self, digest: B3Digest) -> bool:
@@ -420,14 +400,6 @@ class ObjectStoreBlobService(BlobService):
         if raw is None:
             return [] if self.store.exists_sync(chunk_key(digest)) else None
         return self._parse_index(digest, raw)
-
-    def load_chunk_sync(self, digest: B3Digest, size: int | None = None) -> bytes | None:
-        """A chunk's verified bytes (``None`` if absent), on the caller's thread."""
-        raw = self.store.get_sync(chunk_key(digest))
-        if raw is None:
-            return None
-        limit = _MAX_CHUNK_OUTPUT if size is None else size
-        return checked(digest, _decompress(raw, digest, limit), "chunk")
 
     def load_chunk_pieces_sync(
         self, digest: B3Digest, size: int

@@ -142,8 +142,7 @@ def build_plan(
 ) -> NarPlan:
     """The plan of ``node``'s NAR, whose sha256 the caller has established (blocking)."""
     layout = build_layout(node, closure)
-    files = [s for s in layout.segments if isinstance(s, FileNode)]
-    located = blobs.locate_many([f.digest for f in files])
+    located = blobs.locate_many([f.digest for f in layout.files])
     pack_index: dict[str, int] = {}
     literals = bytearray()
     entries: list[_Entry] = []
@@ -564,13 +563,15 @@ def _fallback(blobs: PackedBlobService, digest: B3Digest, size: int) -> bytes:
     return data
 
 
-def start_plan_applies(plans: SqliteNarPlans | None, blobs: BlobService, node: Node) -> bool:
-    """Whether ``node`` can have a plan here: a directory, in a store with packed blobs."""
-    return (
-        plans is not None
-        and isinstance(node, DirectoryNode)
-        and isinstance(blobs, PackedBlobService)
-    )
+def _planned(
+    plans: SqliteNarPlans | None, blobs: BlobService, node: Node
+) -> tuple[SqliteNarPlans, PackedBlobService, DirectoryNode] | None:
+    """The three, narrowed, if ``node`` can have a plan: a directory, in a store with packs."""
+    if plans is None or not isinstance(node, DirectoryNode):
+        return None
+    if not isinstance(blobs, PackedBlobService):
+        return None
+    return plans, blobs, node
 
 
 async def save_plan(
@@ -589,23 +590,23 @@ async def save_plan(
     packed blobs; a plan is a cache, so failing to write one is logged, not
     raised.
     """
-    if not start_plan_applies(plans, blobs, node):
+    target = _planned(plans, blobs, node)
+    if target is None:
         return
-    assert plans is not None and isinstance(node, DirectoryNode)
-    assert isinstance(blobs, PackedBlobService)
+    store, packed, root = target
 
     def work() -> None:
-        plan = build_plan(node, closure, blobs, nar_sha256 or _UNVOUCHED)
+        plan = build_plan(root, closure, packed, nar_sha256 or _UNVOUCHED)
         if nar_size is not None and plan.nar_size != nar_size:
-            raise DataCorruption(f"plan of {node.digest}: {plan.nar_size} bytes, not {nar_size}")
-        plans.put_sync(node.digest, plan)
+            raise DataCorruption(f"plan of {root.digest}: {plan.nar_size} bytes, not {nar_size}")
+        store.put_sync(root.digest, plan)
 
     try:
         await asyncio.to_thread(work)
     except (CastoreError, NarRenderError) as exc:
-        _log.warning("no NAR plan recorded for %s: %s", node.digest, exc)
+        _log.warning("no NAR plan recorded for %s: %s", root.digest, exc)
     else:
-        _log.debug("recorded the NAR plan of %s", node.digest)
+        _log.debug("recorded the NAR plan of %s", root.digest)
 
 
 async def write_planned(
@@ -639,16 +640,16 @@ async def _plan_of(
     plans: SqliteNarPlans | None, blobs: BlobService, node: Node
 ) -> tuple[NarPlan, PackedBlobService] | None:
     """The plan of ``node`` if plans apply and one is stored intact (a corrupt one is logged)."""
-    if plans is None or not isinstance(node, DirectoryNode):
+    target = _planned(plans, blobs, node)
+    if target is None:
         return None
-    if not isinstance(blobs, PackedBlobService):
-        return None
+    store, packed, root = target
     try:
-        plan = await plans.get(node.digest)
+        plan = await store.get(root.digest)
     except DataCorruption as exc:
-        _log.warning("ignoring the NAR plan of %s: %s", node.digest, exc)
+        _log.warning("ignoring the NAR plan of %s: %s", root.digest, exc)
         return None
-    return None if plan is None else (plan, blobs)
+    return None if plan is None else (plan, packed)
 
 
 def content_present(plan: NarPlan, blobs: PackedBlobService) -> bool:
@@ -766,12 +767,11 @@ async def calculate_nar_planned(
     """
     found = await _plan_of(plans, blobs, node)
     vouched = found is not None and found[0].nar_sha256 != _UNVOUCHED
-    if found is not None and vouched and await asyncio.to_thread(content_present, *found):
+    if vouched and found is not None and await asyncio.to_thread(content_present, *found):
         return found[0].nar_size, found[0].nar_sha256
-    if start_plan_applies(plans, blobs, node):
+    closure = None
+    if _planned(plans, blobs, node) is not None:
         closure = await fetch_closure(node, dirs)
-    else:
-        closure = None
     size, sha = await calculate_nar(node, blobs, dirs, closure=closure)
     if closure is not None:
         await save_plan(plans, blobs, node, closure, size, sha)
