@@ -39,10 +39,12 @@ from tvix_store.pathinfoservice.combinators import CachePathInfoService
 
 __all__ = [
     "ENV_BLOB",
+    "ENV_CHUNK_ZSTD",
     "ENV_DIRECTORY",
     "ENV_PATH_INFO",
     "Store",
     "data_dir",
+    "embedded_zstd_level",
     "open_store",
     "path_info_service_from_url",
     "register_path_info_service",
@@ -135,19 +137,39 @@ def path_info_service_from_url(
     return factory(parsed, blobs, directories)
 
 
-EMBEDDED_ZSTD_LEVEL = 1
+ENV_CHUNK_ZSTD = "TVIX_STORE_CHUNK_ZSTD"
+
+
+def embedded_zstd_level() -> int | None:
+    """The zstd level of the embedded store's new chunks; ``None`` (the default): raw frames.
+
+    Like ``/nix/store``, the embedded store keeps file contents uncompressed by
+    default (small blobs always were): compressing and decompressing cost more
+    CPU than anything else an import or export does. Chunks stay zstd frames
+    (raw blocks), so any level can be chosen later and old chunks stay readable.
+    """
+    text = os.environ.get(ENV_CHUNK_ZSTD, "").strip().lower()
+    if text in ("", "none", "0"):
+        return None
+    try:
+        level = int(text)
+    except ValueError:
+        level = 0
+    if not 1 <= level <= 22:
+        raise ConfigError(f"{ENV_CHUNK_ZSTD}={text!r}: expected 'none' or a zstd level 1-22")
+    return level
 
 
 def embedded_blobs(home: Path) -> BlobService:
-    """The embedded blob service in ``home`` (small blobs in SQLite, large as chunks)."""
+    """The embedded blob service in ``home`` (small blobs in packs, large as chunks)."""
+    level = embedded_zstd_level()
     try:
         home.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"cannot create the data directory {home}: {exc}") from exc
     return PackedBlobService(
         home / STORE_DB,
-        # zstd level 1, not B §7.1's 3: ~20% less compression time for ~3% more bytes.
-        ObjectStoreBlobService(LocalObjectStore(home / "blobs"), zstd_level=EMBEDDED_ZSTD_LEVEL),
+        ObjectStoreBlobService(LocalObjectStore(home / "blobs"), zstd_level=level),
     )
 
 

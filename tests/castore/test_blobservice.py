@@ -9,6 +9,7 @@ from pathlib import Path
 
 import blake3
 import pytest
+import zstandard
 
 from tvix_castore.blobservice import (
     BlobService,
@@ -18,7 +19,12 @@ from tvix_castore.blobservice import (
     ObjectStoreBlobService,
 )
 from tvix_castore.blobservice.grpc import GrpcBlobService
-from tvix_castore.blobservice.objectstore import blob_key, chunk_key
+from tvix_castore.blobservice.objectstore import (
+    blob_key,
+    chunk_key,
+    raw_frame,
+    raw_frame_pieces,
+)
 from tvix_castore.blobservice.packed import PackedBlobService
 from tvix_castore.digests import EMPTY_DIGEST, B3Digest
 from tvix_castore.errors import ChecksumMismatch, DataCorruption, NotFound
@@ -48,6 +54,10 @@ BACKENDS: dict[str, Factory] = {
     "objectstore+file": lambda p: ObjectStoreBlobService(LocalObjectStore(p / "objects")),
     "packed": lambda p: PackedBlobService(
         p / "blobs.sqlite", ObjectStoreBlobService(LocalObjectStore(p / "objects"))
+    ),
+    "packed, raw chunks": lambda p: PackedBlobService(
+        p / "blobs.sqlite",
+        ObjectStoreBlobService(LocalObjectStore(p / "objects"), zstd_level=None),
     ),
 }
 
@@ -179,6 +189,36 @@ async def test_objectstore_layout_and_chunks(tmp_path: Path) -> None:
     assert await svc.chunks(small) == []
     # no temp files are left behind
     assert not [p for p in tmp_path.rglob(".tmp-*")]
+
+
+@pytest.mark.parametrize("size", [0, 1, 131_071, 131_072, 131_073, 262_144, 524_288, 600_001])
+def test_raw_frame_is_zstd_and_served_without_copying(size: int) -> None:
+    data = pseudo_random(size, seed=size)
+    frame = raw_frame(data)
+    # any zstd decoder reads it, and it says how large its content is
+    assert zstandard.frame_content_size(frame) == size
+    assert zstandard.ZstdDecompressor().decompress(frame) == data
+    assert len(frame) == size + 9 + 3 * max(1, -(-size // 131_072))
+    pieces = raw_frame_pieces(frame)
+    assert pieces is not None and b"".join(pieces) == data
+
+
+async def test_uncompressed_chunks_keep_the_layout(tmp_path: Path) -> None:
+    """zstd_level=None stores raw zstd frames: same keys, readable by a compressing store."""
+    raw = ObjectStoreBlobService(LocalObjectStore(tmp_path), zstd_level=None)
+    text = b"very compressible line\n" * 100_000
+    digest = await raw.put(text)
+    chunks = await raw.chunks(digest)
+    assert chunks is not None and len(chunks) > 1
+    on_disk = sum((tmp_path / chunk_key(c.digest)).stat().st_size for c in chunks)
+    assert on_disk > len(text)  # stored as is, plus frame and block headers
+    for c in chunks:
+        frame = (tmp_path / chunk_key(c.digest)).read_bytes()
+        assert raw_frame_pieces(frame) is not None
+    compressing = ObjectStoreBlobService(LocalObjectStore(tmp_path), zstd_level=3)
+    assert await compressing.read_many([digest]) == {digest: text}
+    other = await compressing.put(text + b"tail")  # shared chunks are not rewritten
+    assert await raw.read_many([other]) == {other: text + b"tail"}
 
 
 async def test_chunking_is_deterministic_across_write_patterns(tmp_path: Path) -> None:

@@ -331,3 +331,41 @@ def test_global_log_options(home: Path, farm: TreeFarm) -> None:
     assert ok(proc) == plain
     for line in proc.stderr.decode().splitlines():
         json.loads(line)  # every log line is JSON
+
+
+def test_chunk_compression_setting(home: Path, nix: Nix, tmp_path: Path) -> None:
+    """Chunks are raw zstd frames by default; TVIX_STORE_CHUNK_ZSTD picks a level."""
+    import zstandard
+
+    from tvix_castore.blobservice.objectstore import raw_frame_pieces
+
+    root = tmp_path / "compressible"
+    root.mkdir()
+    (root / "text").write_bytes(b"a line of text that compresses well\n" * 40_000)
+
+    def chunk_files(h: Path) -> list[bytes]:
+        return [p.read_bytes() for p in (h / "blobs" / "chunks").rglob("*") if p.is_file()]
+
+    sp = ok(tvix(home, "import", root)).decode().strip()
+    raw = chunk_files(home)
+    assert raw and all(raw_frame_pieces(f) is not None for f in raw)
+
+    other = tmp_path / "home-zstd"
+    assert (
+        ok(tvix(other, "import", root, extra_env={"TVIX_STORE_CHUNK_ZSTD": "3"})).decode().strip()
+        == sp
+    )
+    compressed = chunk_files(other)
+    assert compressed and all(raw_frame_pieces(f) is None for f in compressed)
+    assert sum(map(len, compressed)) * 10 < sum(map(len, raw))
+    for frame in compressed:
+        zstandard.ZstdDecompressor().decompress(frame)
+    # either store exports the same NAR, whatever the setting is now
+    want = nix_add_raw(nix, root)
+    assert want.decode().strip() == sp
+    a = ok(tvix(home, "export", sp, extra_env={"TVIX_STORE_CHUNK_ZSTD": "19"}))
+    b = ok(tvix(other, "export", sp))
+    assert a == b
+
+    err = fails(tvix(home, "import", root, extra_env={"TVIX_STORE_CHUNK_ZSTD": "fast"}))
+    assert "TVIX_STORE_CHUNK_ZSTD='fast': expected 'none' or a zstd level 1-22" in err

@@ -49,12 +49,13 @@ __all__ = [
     "ObjectStoreBlobService",
     "blob_key",
     "chunk_key",
+    "raw_frame",
     "raw_frame_pieces",
 ]
 
 DEFAULT_AVG_CHUNK_SIZE = 256 * 1024
 _MAX_CHUNK_OUTPUT = 64 << 20  # refuse chunk objects claiming to inflate beyond this
-DEFAULT_ZSTD_LEVEL = 3  # B §7.1
+DEFAULT_ZSTD_LEVEL = 3  # B §7.1; ``None``: raw frames (see :func:`raw_frame`)
 _KNOWN_LIMIT = 1 << 20
 
 ChunkLoader = Callable[[B3Digest, int], Awaitable[bytes | None]]
@@ -86,6 +87,33 @@ def _decompress(data: bytes, digest: B3Digest, limit: int) -> bytes:
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _FCS_BYTES = (0, 2, 4, 8)
 _DICT_BYTES = (0, 1, 2, 4)
+
+
+_RAW_BLOCK = 128 * 1024  # zstd's Block_Maximum_Size
+
+
+def raw_frame(data: bytes | memoryview) -> bytes:
+    """``data`` as a zstd frame of raw (uncompressed) blocks.
+
+    Any zstd decoder reads it, so an uncompressed chunk object keeps the B §7.1
+    layout; :func:`raw_frame_pieces` serves it back without copying. The frame
+    is single-segment with a 4-byte content size, and has no checksum (the
+    chunk's BLAKE3 digest is its checksum).
+    """
+    view = memoryview(data)
+    n = len(view)
+    if n >= 1 << 32:
+        raise ValueError("a chunk of 4 GiB or more")
+    parts: list[bytes | memoryview] = [_ZSTD_MAGIC, b"\xa0", n.to_bytes(4, "little")]
+    pos = 0
+    while True:
+        size = min(_RAW_BLOCK, n - pos)
+        last = pos + size == n
+        parts.append((size << 3 | last).to_bytes(3, "little"))
+        parts.append(view[pos : pos + size])
+        pos += size
+        if last:
+            return b"".join(parts)
 
 
 def raw_frame_pieces(frame: bytes | mmap.mmap) -> list[memoryview] | None:
@@ -267,7 +295,7 @@ class ObjectStoreBlobService(BlobService):
         store: ObjectStore,
         avg_chunk_size: int = DEFAULT_AVG_CHUNK_SIZE,
         *,
-        zstd_level: int = DEFAULT_ZSTD_LEVEL,
+        zstd_level: int | None = DEFAULT_ZSTD_LEVEL,
     ) -> None:
         self.store = store
         self._zstd_level = zstd_level
@@ -291,19 +319,22 @@ class ObjectStoreBlobService(BlobService):
         if digest not in self._known:
             key = chunk_key(digest)
             if not self.store.exists_sync(key):
-                self.store.put_sync(key, self._compressor().compress(data))
+                self.store.put_sync(key, self._encode(data))
             if len(self._known) >= _KNOWN_LIMIT:
                 self._known.clear()
             self._known.add(digest)
         out.append(ChunkMeta(digest, len(data)))
 
-    def _compressor(self) -> zstandard.ZstdCompressor:
-        """One compressor per thread: creating a context per chunk is costly."""
+    def _encode(self, data: memoryview) -> bytes:
+        """A chunk object's bytes: a zstd frame, compressed at the configured level or raw."""
+        if self._zstd_level is None:
+            return raw_frame(data)
+        # One compressor per thread: creating a context per chunk is costly.
         cctx: zstandard.ZstdCompressor | None = getattr(self._local, "cctx", None)
         if cctx is None:
             cctx = zstandard.ZstdCompressor(level=self._zstd_level)
             self._local.cctx = cctx
-        return cctx
+        return cctx.compress(data)
 
     @staticmethod
     def _index_bytes(chunks: list[ChunkMeta]) -> bytes:
