@@ -273,14 +273,23 @@ class _Reader:
         self._packs = _Packs(blobs, plan.packs)
         self._fallback = fallback
 
+    def packed(self, entry: _Entry) -> memoryview | None:
+        """A packed blob's verified bytes where the plan says they are (the common case)."""
+        _, raw, size, pack, offset = entry
+        if pack == _NOT_PACKED:
+            return None
+        view = self._packs.view(pack, offset, size)
+        if view is not None and blake3.blake3(view).digest() == raw:
+            return view
+        return None
+
     def pieces(self, entry: _Entry) -> Iterator[bytes | memoryview]:
         """The blob's verified bytes, a chunk at a time (memory stays bounded)."""
-        _, raw, size, pack, offset = entry
-        if pack != _NOT_PACKED:
-            view = self._packs.view(pack, offset, size)
-            if view is not None and blake3.blake3(view).digest() == raw:
-                yield view
-                return
+        view = self.packed(entry)
+        if view is not None:
+            yield view
+            return
+        _, raw, size, pack, _ = entry
         digest = B3Digest(raw)
         try:
             chunks = self._blobs.large.chunks_sync(digest) if pack == _NOT_PACKED else None
@@ -349,22 +358,17 @@ def _fd_sink(fd: int) -> _Sink:
     return lambda iov, total: _writev_all(fd, iov, total)
 
 
-def _write_entries(
-    entries: Sequence[_Entry],
-    literals: memoryview,
-    pos: int,
-    reader: _Reader,
-    out: _Out,
-    prepared: Sequence[_Pieces | None] | None = None,
-) -> int:
-    """Write ``entries`` (each after its literal prefix from ``pos``); return the new ``pos``."""
-    for i, entry in enumerate(entries):
-        lit_end = entry[0]
-        if lit_end > pos:
-            out.add(literals[pos:lit_end])
-            pos = lit_end
-        pieces = prepared[i] if prepared is not None else None
-        for piece in pieces if pieces is not None else reader.pieces(entry):
+def _write_entry(entry: _Entry, literals: memoryview, pos: int, reader: _Reader, out: _Out) -> int:
+    """Write ``entry`` after its literal prefix from ``pos``; return the new ``pos``."""
+    lit_end = entry[0]
+    if lit_end > pos:
+        out.add(literals[pos:lit_end])
+        pos = lit_end
+    view = reader.packed(entry)
+    if view is not None:
+        out.add(view)
+    else:
+        for piece in reader.pieces(entry):
             out.add(piece)
     return pos
 
@@ -407,7 +411,7 @@ def _write(plan: NarPlan, blobs: PackedBlobService, sink: _Sink, fork_fd: int | 
             if child is not None and child.verified_from(i) <= i:
                 stop = i
                 break
-            pos = _write_entries((entry,), literals, pos, reader, out)
+            pos = _write_entry(entry, literals, pos, reader, out)
         if child is None:
             out.add(literals[pos:])
         out.flush()
@@ -423,9 +427,12 @@ def _write(plan: NarPlan, blobs: PackedBlobService, sink: _Sink, fork_fd: int | 
 
 
 # Words of the page shared with the child: where this process is, and the
-# lowest entry the child has verified (all entries from there on are).
-_PARENT_AT, _CHILD_FROM = 0, 4
-_WORD = struct.Struct("<I")
+# lowest entry the child has verified (all entries from there on are). Each is
+# one aligned 64-bit word, read and written whole through a memoryview:
+# ``struct.pack_into`` zero-fills before writing, so the other process could
+# read a torn 0 (it once made the parent stop early).
+_PARENT_AT, _CHILD_FROM = 0, 1
+_WORD = struct.Struct("<I")  # the start entry, sent through the "go" pipe
 
 
 class _Child:
@@ -436,13 +443,15 @@ class _Child:
         self._go = go
         self._err = err
         self._shared = shared
+        self._words = memoryview(shared).cast("Q")
 
     @classmethod
     def start(
         cls, plan: NarPlan, blobs: PackedBlobService, fd: int, entries: Sequence[_Entry]
     ) -> _Child:
         shared = mmap.mmap(-1, mmap.PAGESIZE)  # anonymous and shared across fork
-        _WORD.pack_into(shared, _CHILD_FROM, len(entries))
+        with memoryview(shared).cast("Q") as words:
+            words[_CHILD_FROM] = len(entries)
         go_r, go_w = os.pipe()
         err_r, err_w = os.pipe()
         pid = fork_child(
@@ -456,8 +465,9 @@ class _Child:
 
     def verified_from(self, at: int) -> int:
         """Publish that this process is at entry ``at``; the child's verified start."""
-        _WORD.pack_into(self._shared, _PARENT_AT, at)
-        return int(_WORD.unpack_from(self._shared, _CHILD_FROM)[0])
+        words = self._words
+        words[_PARENT_AT] = at
+        return int(words[_CHILD_FROM])
 
     def abort(self) -> None:
         """Stop the child without letting it write (the front part failed).
@@ -469,6 +479,7 @@ class _Child:
         os.close(self._go)
         os.close(self._err)
         os.waitpid(self._pid, 0)
+        self._words.release()
         self._shared.close()
 
     def finish(self, start: int) -> None:
@@ -481,6 +492,7 @@ class _Child:
             message += chunk
         os.close(self._err)
         _, status = os.waitpid(self._pid, 0)
+        self._words.release()
         self._shared.close()
         if status != 0:
             text = message.decode(errors="replace") or f"wait status {status}"
@@ -497,42 +509,56 @@ def _child_main(
     shared: mmap.mmap,
     go: int,
 ) -> int:  # pragma: no cover - runs in the forked child
-    """Verify entries from the back until meeting the parent; then write from where it stopped."""
+    """Verify entries from the back until meeting the parent; then write from where it stopped.
+
+    What it will write is gathered while verifying (in reverse), so writing
+    is a few ``writev`` calls. Pieces of chunked blobs beyond ``_CHILD_KEEP``
+    bytes are not kept: their entry stands in the list and is read (and
+    verified) again when written.
+    """
     reader = _Reader(blobs, plan, fallback=False)
-    prepared: dict[int, _Pieces | None] = {}
+    literals = memoryview(plan.literals)
+    n = len(entries)
+    backwards: list[bytes | memoryview | _Entry] = [literals[entries[-1][0] :]]
+    marks = [1]  # marks[n - j]: length of ``backwards`` covering entries[j:] and the tail
+    add = backwards.append
     kept = 0  # bytes of chunks held: decompressed, or views of mapped chunk files
-    for i in range(len(entries) - 1, -1, -1):
-        if i < _WORD.unpack_from(shared, _PARENT_AT)[0]:
-            break
-        packed = entries[i][3] != _NOT_PACKED  # views of the few pack maps: free to hold
-        held: _Pieces | None = []
-        mine = 0
-        for piece in reader.pieces(entries[i]):
+    i = n
+    words = memoryview(shared).cast("Q")
+    while i > 0 and i - 1 > words[_PARENT_AT]:
+        i -= 1
+        entry = entries[i]
+        view = reader.packed(entry)  # views of the few pack maps: free to hold
+        if view is not None:
+            add(view)
+        else:
+            held: _Pieces | None = []
+            for piece in reader.pieces(entry):
+                if held is not None:
+                    kept += len(piece)
+                    if kept > _CHILD_KEEP:
+                        held = None
+                        continue
+                    held.append(piece)
             if held is None:
-                continue  # verified, not kept
-            if not packed:
-                mine += len(piece)
-                if kept + mine > _CHILD_KEEP:
-                    held = None  # read (and verified) again when written
-                    continue
-            held.append(piece)
-        if held is not None:
-            kept += mine
-        prepared[i] = held
-        del held
-        _WORD.pack_into(shared, _CHILD_FROM, i)
+                add(entry)
+            else:
+                backwards.extend(reversed(held))
+            del held
+        add(literals[entries[i - 1][0] if i else 0 : entry[0]])
+        marks.append(len(backwards))
+        words[_CHILD_FROM] = i
     message = os.read(go, _WORD.size)
     if len(message) != _WORD.size:
         return 2  # the front part failed: write nothing
     (start,) = _WORD.unpack(message)
-    tail = entries[start:]
-    literals = memoryview(plan.literals)
     out = _Out(_fd_sink(fd))
-    pos = entries[start - 1][0] if start else 0
-    pos = _write_entries(
-        tail, literals, pos, reader, out, [prepared.get(j) for j in range(start, len(entries))]
-    )
-    out.add(literals[pos:])
+    for item in reversed(backwards[: marks[n - start]]):
+        if isinstance(item, tuple):
+            for piece in reader.pieces(item):
+                out.add(piece)
+        else:
+            out.add(item)
     out.flush()
     return 0
 
