@@ -9,7 +9,7 @@ SRC := src tests benchmarks
 # Debian packages the test suite drives as real components.
 APT_PACKAGES := nix-bin b3sum fuse3
 
-.PHONY: run test lint fmt bench system-deps protos protos-check venv clean
+.PHONY: run test lint fmt bench bytecode system-deps protos protos-check venv clean
 
 venv: $(STAMP)
 
@@ -49,10 +49,15 @@ protos-check: $(STAMP)
 test: system-deps $(STAMP) lint
 	$(BIN)/pytest -q
 
-bench: system-deps $(STAMP)
+# Bytecode is compiled up front: where PYTHONDONTWRITEBYTECODE is set (as on
+# these machines), every CLI process would otherwise recompile our modules.
+bytecode: $(STAMP)
+	@$(BIN)/python -m compileall -q src >/dev/null
+
+bench: system-deps $(STAMP) bytecode
 	$(BIN)/python -m benchmarks
 
-run: $(STAMP)
+run: $(STAMP) bytecode
 	@echo "tvix-store: gRPC daemon + nar-bridge on the embedded store (TVIX_STORE_HOME, default ~/.local/share/tvix-store); Ctrl-C stops it"
 	$(BIN)/tvix-store daemon --nar-bridge "[::1]:9000"
 

@@ -86,7 +86,7 @@ INGEST_EMBEDDED = (
     "async def main():\n"
     "    home = Path(sys.argv[2])\n"
     "    blobs = PackedBlobService(home / 'store.sqlite',"
-    " ObjectStoreBlobService(LocalObjectStore(home / 'blobs'), zstd_level=1))\n"
+    " ObjectStoreBlobService(LocalObjectStore(home / 'blobs'), zstd_level=None))\n"
     "    dirs = SqliteDirectoryService(home / 'store.sqlite')\n"
     "    async with blobs, dirs:\n"
     "        node = await ingest_path(sys.argv[1], blobs, dirs)\n"
