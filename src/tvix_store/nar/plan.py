@@ -283,12 +283,12 @@ class _Reader:
             return view
         return None
 
-    def pieces(self, entry: _Entry) -> Iterator[bytes | memoryview]:
-        """The blob's verified bytes, a chunk at a time (memory stays bounded)."""
-        view = self.packed(entry)
-        if view is not None:
-            yield view
-            return
+    def unpacked(self, entry: _Entry) -> Iterator[bytes | memoryview]:
+        """The blob's verified bytes where :meth:`packed` gave none, a chunk at a time.
+
+        Chunked blobs are read chunk by chunk (memory stays bounded); a packed
+        blob not where the plan says is looked up (with ``fallback``).
+        """
         _, raw, size, pack, _ = entry
         digest = B3Digest(raw)
         try:
@@ -368,7 +368,7 @@ def _write_entry(entry: _Entry, literals: memoryview, pos: int, reader: _Reader,
     if view is not None:
         out.add(view)
     else:
-        for piece in reader.pieces(entry):
+        for piece in reader.unpacked(entry):
             out.add(piece)
     return pos
 
@@ -533,7 +533,7 @@ def _child_main(
             add(view)
         else:
             held: _Pieces | None = []
-            for piece in reader.pieces(entry):
+            for piece in reader.unpacked(entry):
                 if held is not None:
                     kept += len(piece)
                     if kept > _CHILD_KEEP:
@@ -555,7 +555,7 @@ def _child_main(
     out = _Out(_fd_sink(fd))
     for item in reversed(backwards[: marks[n - start]]):
         if isinstance(item, tuple):
-            for piece in reader.pieces(item):
+            for piece in reader.unpacked(item):
                 out.add(piece)
         else:
             out.add(item)
