@@ -75,7 +75,10 @@ _NOT_PACKED = -1
 _IOV_MAX = 1000  # below the kernel's 1024
 _FLUSH_BYTES = 8 << 20
 _FORK_MIN = 32 << 20  # NARs from this size are written by two processes
-_CHILD_KEEP = 64 << 20  # chunk bytes the child holds between verifying and writing
+_CHILD_KEEP = 64 << 20  # decompressed chunk bytes the child holds between verifying and writing
+# ... and bytes of views of mapped (raw) chunk files: file-backed, so this only
+# bounds how many maps stay open (at least 128 KiB each: at most 8192)
+_CHILD_MAPPED = 1 << 30
 _AHEAD = 4  # pieces a server's plan writer may run ahead of the response
 _SERVER_PIECE = 1 << 20  # ... each about this large (memory per download stays ~5 MiB)
 _UNVOUCHED = bytes(32)  # the sha256 of a plan whose NAR nobody hashed
@@ -513,8 +516,9 @@ def _child_main(
 
     What it will write is gathered while verifying (in reverse), so writing
     is a few ``writev`` calls. Pieces of chunked blobs beyond ``_CHILD_KEEP``
-    bytes are not kept: their entry stands in the list and is read (and
-    verified) again when written.
+    bytes decompressed (or ``_CHILD_MAPPED`` bytes of mapped chunk files) are
+    not kept: their entry stands in the list and is read (and verified)
+    again when written.
     """
     reader = _Reader(blobs, plan, fallback=False)
     literals = memoryview(plan.literals)
@@ -522,7 +526,7 @@ def _child_main(
     backwards: list[bytes | memoryview | _Entry] = [literals[entries[-1][0] :]]
     marks = [1]  # marks[n - j]: length of ``backwards`` covering entries[j:] and the tail
     add = backwards.append
-    kept = 0  # bytes of chunks held: decompressed, or views of mapped chunk files
+    kept = mapped = 0  # bytes of chunks held: decompressed; views of mapped chunk files
     i = n
     words = memoryview(shared).cast("Q")
     while i > 0 and i - 1 > words[_PARENT_AT]:
@@ -535,8 +539,13 @@ def _child_main(
             held: _Pieces | None = []
             for piece in reader.unpacked(entry):
                 if held is not None:
-                    kept += len(piece)
-                    if kept > _CHILD_KEEP:
+                    if isinstance(piece, memoryview):
+                        mapped += len(piece)
+                        over = mapped > _CHILD_MAPPED
+                    else:
+                        kept += len(piece)
+                        over = kept > _CHILD_KEEP
+                    if over:
                         held = None
                         continue
                     held.append(piece)
