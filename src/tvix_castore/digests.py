@@ -99,6 +99,11 @@ class B3Digest:
         """Standard base64 with padding."""
         return base64.b64encode(self.raw).decode("ascii")
 
+    def __reduce__(self) -> tuple[type[B3Digest], tuple[bytes]]:
+        # The dataclass default (``__setstate__`` walking ``fields()``) made
+        # unpickling forked workers' results a visible cost of an import.
+        return (B3Digest, (self.raw,))
+
     def __bytes__(self) -> bytes:
         return self.raw
 

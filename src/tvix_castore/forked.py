@@ -225,4 +225,5 @@ def run_forked(
     missing = [i for i, r in enumerate(out) if r is None]
     if missing:
         raise StorageError(f"ingestion workers returned no results for {len(missing)} batches")
+    forker.finish()
     return [r for r in out if r is not None]

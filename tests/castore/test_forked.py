@@ -87,6 +87,32 @@ async def test_forked_reingest_appends_nothing(tmp_path: Path) -> None:
         assert sorted(p.name for p in (tmp_path / "blobs").rglob("*") if p.is_file()) == chunks
 
 
+async def test_forked_index_rows_are_committed_once_per_blob(tmp_path: Path) -> None:
+    """The parent defers the workers' index rows; they are all committed when ingestion ends.
+
+    The same small contents recur in every directory, so batches ask about
+    blobs whose rows are still pending: each gets one index row.
+    """
+    src = make_tree(tmp_path / "src")
+    for d in range(8):
+        for i in range(200):
+            (src / f"d{d}" / f"copy{i}").write_bytes(f"shared content {i}\n".encode() * 50)
+    small = {
+        p.read_bytes() for p in src.rglob("*") if p.is_file() and 0 < p.stat().st_size <= 128 * 1024
+    }
+    blobs = backend("packed", tmp_path)
+    dirs = SqliteDirectoryService(tmp_path / "dirs.sqlite")
+    async with blobs, dirs:
+        await ingest_path(src, blobs, dirs)
+    fresh = backend("packed", tmp_path)  # sees only what was committed
+    assert isinstance(fresh, PackedBlobService)
+    async with fresh:
+        rows = fresh._conn.execute("SELECT count(*) FROM packed").fetchone()[0]
+        assert rows == len(small)
+        for data in small:
+            assert await fresh.read_all(B3Digest.of(data)) == data
+
+
 async def test_forked_ingest_reports_a_vanished_file(tmp_path: Path) -> None:
     src = make_tree(tmp_path / "src")
     tree = scan_tree(src)

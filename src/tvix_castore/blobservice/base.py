@@ -147,6 +147,9 @@ class ForkedIngest(abc.ABC):
         """Runs in the parent: answer a worker's question."""
         raise ValueError(f"unexpected question from an ingestion worker: {question!r}")
 
+    def finish(self) -> None:
+        """Runs in the parent once every batch has come back: commit what was deferred."""
+
 
 class BlobService(AsyncClosing, abc.ABC):
     """Stores blobs by BLAKE3 digest. Implementations must be safe for concurrent use."""
