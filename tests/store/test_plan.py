@@ -409,3 +409,122 @@ def test_export_to_a_full_disk_fails_cleanly(tmp_path: Path, home: Path, planned
     assert proc.returncode == 1
     assert "Traceback" not in err, err
     assert "cannot write the NAR to stdout: No space left on device" in err
+
+
+# -- pack segments --------------------------------------------------------------
+def test_plan_verifies_pack_segments_whole(tmp_path: Path, home: Path, nix: Nix) -> None:
+    """A fresh import's small files lie in segments its plan lists, each hashed as a whole."""
+    import blake3
+
+    tree = make_tree(tmp_path / "tree", big=40 * MiB)
+    store_path = import_tree(home, tree)
+    _, plan = the_plan(home)
+    assert plan.segments, "the batches of small files are segments of the plan"
+    packed_bytes = sum(e[2] for e in plan.entries if e[3] >= 0)
+    assert sum(s[2] for s in plan.segments) >= packed_bytes // 2
+    for pack, offset, length, b3 in plan.segments:
+        with open(home / "packs" / plan.packs[pack], "rb") as f:
+            f.seek(offset)
+            assert blake3.blake3(f.read(length)).digest() == b3
+    # an encoded plan decodes to the same plan
+    assert NarPlan.decode(plan.encode()) == plan
+    ours, log = export_log(home, store_path)
+    assert "from its plan" in log
+    assert_same_nar(ours, nix_dump(nix, tree), "export verifying whole segments")
+
+
+def test_damaged_segment_rows_are_not_trusted(tmp_path: Path, home: Path, nix: Nix) -> None:
+    """A segment row failing its checksum is ignored: its blobs are checked one by one."""
+    tree = make_tree(tmp_path / "tree", big=0)
+    store_path = import_tree(home, tree)
+    with sqlite3.connect(home / "store.sqlite") as conn:
+        assert conn.execute("SELECT count(*) FROM pack_segments").fetchone()[0] > 0
+        conn.execute("UPDATE pack_segments SET members = members || x'00'")
+        conn.execute("DELETE FROM nar_plans")
+    first, log = export_log(home, store_path)  # renders, then records a new plan
+    assert "recorded the NAR plan" in log
+    _, plan = the_plan(home)
+    assert plan.segments == ()
+    again, log = export_log(home, store_path)
+    assert "from its plan" in log
+    theirs = nix_dump(nix, tree)
+    assert_same_nar(first, theirs, "rendered export")
+    assert_same_nar(again, theirs, "export checking each blob")
+
+
+def test_index_row_pointing_elsewhere_keeps_the_segment_out(tmp_path: Path, home: Path) -> None:
+    """An index row that points at another blob of a segment is caught by the member list."""
+    from tvix_castore.directoryservice.sqlite import SqliteDirectoryService
+    from tvix_castore.nodes import DirectoryNode
+    from tvix_store.config import embedded_blobs
+    from tvix_store.nar.render import NarRenderError, fetch_closure
+
+    from .conftest import stored_infos
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for i in range(20):
+        (tree / f"f{i:02}").write_bytes(bytes([65 + i]) * 1000)  # same sizes, other bytes
+    import_tree(home, tree)
+    (info,) = stored_infos(home)
+    db = home / "store.sqlite"
+    a, b = B3Digest.of(b"A" * 1000), B3Digest.of(b"B" * 1000)
+    with sqlite3.connect(db) as conn:
+        (off_b,) = conn.execute("SELECT offset FROM packed WHERE digest = ?", (b.raw,)).fetchone()
+        conn.execute("UPDATE packed SET offset = ? WHERE digest = ?", (off_b, a.raw))
+
+    async def build() -> NarPlan:
+        blobs = embedded_blobs(home)
+        dirs = SqliteDirectoryService(db)
+        async with blobs, dirs:
+            assert isinstance(blobs, PackedBlobService)
+            assert isinstance(info.node, DirectoryNode)
+            closure = await fetch_closure(info.node, dirs)
+            return plan_mod.build_plan(info.node, closure, blobs, info.nar_sha256)
+
+    plan = asyncio.run(build())
+    entry = next(e for e in plan.entries if e[1] == a.raw)
+    assert not [s for s in plan.segments if s[0] == entry[3] and s[1] <= entry[4] < s[1] + s[2]]
+    blobs = embedded_blobs(home)
+    assert isinstance(blobs, PackedBlobService)
+    try:
+        with (
+            open(tmp_path / "out.nar", "wb") as out,
+            pytest.raises(NarRenderError, match="wrong contents"),
+        ):
+            plan_mod.write_plan(plan, blobs, out.fileno())
+    finally:
+        asyncio.run(blobs.aclose())
+
+
+def test_plans_without_segments_are_still_read(tmp_path: Path, home: Path, nix: Nix) -> None:
+    """Plans written before segments existed (NARPLAN1) keep serving exports."""
+    tree = make_tree(tmp_path / "tree", big=0)
+    store_path = import_tree(home, tree)
+    root, plan = the_plan(home)
+    old = (
+        plan_mod._HEAD.pack(
+            b"NARPLAN1",
+            plan.nar_size,
+            plan.nar_sha256,
+            len("\n".join(plan.packs).encode()),
+            len(plan.entries),
+            len(plan.literals),
+        )
+        + "\n".join(plan.packs).encode()
+        + plan.literals
+        + b"".join(plan_mod._ENTRY.pack(*e) for e in plan.entries)
+    )
+    assert NarPlan.decode(old) == NarPlan(
+        plan.nar_size, plan.nar_sha256, plan.packs, plan.literals, plan.entries
+    )
+    import blake3
+
+    with sqlite3.connect(home / "store.sqlite") as conn:
+        conn.execute(
+            "UPDATE nar_plans SET plan = ?, checksum = ? WHERE root = ?",
+            (old, blake3.blake3(old).digest(), root.raw),
+        )
+    ours, log = export_log(home, store_path)
+    assert "from its plan" in log
+    assert_same_nar(ours, nix_dump(nix, tree), "export from a NARPLAN1 plan")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import struct
 import threading
 import uuid
 from collections.abc import Sequence
@@ -41,13 +42,26 @@ from tvix_castore.blobservice.base import (
 )
 from tvix_castore.blobservice.objectstore import ObjectStoreBlobService
 from tvix_castore.digests import EMPTY_DIGEST, B3Digest
-from tvix_castore.directoryservice.sqlite import connect, storage_error, write_rows
+from tvix_castore.directoryservice.sqlite import connect, storage_error, write_tables
 from tvix_castore.errors import DataCorruption, StorageError
 
-__all__ = ["BlobLocation", "PackedBlobService"]
+__all__ = ["BlobLocation", "PackedBlobService", "Segment"]
 
 BlobLocation = tuple[str, int, int]
 """Where a packed blob lies: (pack file name, offset, length)."""
+Segment = tuple[int, int, bytes, dict[int, tuple[bytes, int]]]
+"""Bytes appended to a pack at once: (offset, length, their BLAKE3 digest, and
+its blobs: offset → (digest, length))."""
+_Row = tuple[bytes, str, int, int]
+_SegmentRow = tuple[str, int, int, bytes, bytes, bytes]  # ..., members, checksum
+_MEMBER = struct.Struct("<32sQ")  # a segment's blob: digest, length (in order)
+
+
+def _segment_checksum(pack: str, offset: int, length: int, b3: bytes, members: bytes) -> bytes:
+    """Binds a segment row together: its members are checked before they are trusted."""
+    head = f"{pack}\n{offset}\n{length}\n".encode()
+    return blake3.blake3(head + b3 + members).digest()
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS packed (
@@ -55,6 +69,15 @@ CREATE TABLE IF NOT EXISTS packed (
     pack TEXT NOT NULL,
     offset INTEGER NOT NULL,
     length INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS pack_segments (
+    pack TEXT NOT NULL,
+    offset INTEGER NOT NULL,
+    length INTEGER NOT NULL,
+    b3 BLOB NOT NULL,
+    members BLOB NOT NULL,
+    checksum BLOB NOT NULL,
+    PRIMARY KEY (pack, offset)
 ) WITHOUT ROWID;
 """
 _PACK_LIMIT = 1 << 30  # start a new pack file beyond this
@@ -99,17 +122,29 @@ class _Appender:
             assert self._name is not None
             return self._name, offset
 
-    def append_blobs(self, blobs: dict[bytes, bytes]) -> list[tuple[bytes, str, int, int]]:
-        """Append blobs (digest → bytes) in one write; their index rows."""
+    def append_blobs(self, blobs: dict[bytes, bytes]) -> tuple[list[_Row], list[_SegmentRow]]:
+        """Append blobs (digest → bytes) in one write; their index rows, and its segment.
+
+        The segment's BLAKE3 digest is of the very bytes each blob was hashed
+        from, so verifying it verifies them all at once (bulk hashing is ~3×
+        faster than hashing 5 KB blobs one by one). A lone blob has none.
+        """
+        data = b"".join(blobs.values())
         try:
-            pack, offset = self.append(b"".join(blobs.values()))
+            pack, offset = self.append(data)
         except OSError as exc:
             raise StorageError(f"appending to a pack file: {exc}") from exc
+        segments = []
+        if len(blobs) > 1:
+            b3 = blake3.blake3(data).digest()
+            members = b"".join([_MEMBER.pack(raw, len(blob)) for raw, blob in blobs.items()])
+            check = _segment_checksum(pack, offset, len(data), b3, members)
+            segments.append((pack, offset, len(data), b3, members, check))
         rows = []
-        for raw, data in blobs.items():
-            rows.append((raw, pack, offset, len(data)))
-            offset += len(data)
-        return rows
+        for raw, blob in blobs.items():
+            rows.append((raw, pack, offset, len(blob)))
+            offset += len(blob)
+        return rows, segments
 
     def close(self) -> None:
         with self._lock:
@@ -133,7 +168,8 @@ class _ForkedPackedIngest(ForkedIngest):
         # Index rows received, committed in few large transactions: with random
         # digests as keys, every commit rewrites most of the index's pages to
         # the WAL (a commit per batch cost ~1 s of the parent for 47k files).
-        self._pending: dict[bytes, tuple[bytes, str, int, int]] = {}
+        self._pending: dict[bytes, _Row] = {}
+        self._pending_segments: list[_SegmentRow] = []
 
     def ingest_in_child(
         self, files: Sequence[tuple[str | bytes, int]], ask: Ask
@@ -148,7 +184,7 @@ class _ForkedPackedIngest(ForkedIngest):
             assert isinstance(present, set)
             new = {d.raw: data for d, data in small if d.raw not in present}
             if new:
-                ask(("index", self._appender.append_blobs(new)))
+                ask(("index", *self._appender.append_blobs(new)))
         return out
 
     def answer(self, question: object) -> object:
@@ -158,8 +194,9 @@ class _ForkedPackedIngest(ForkedIngest):
                 located = self._svc._locate([B3Digest(r) for r in raws if r not in pending])
                 self._svc._remember(located)
                 return set(located) | {r for r in raws if r in pending}
-            case ("index", list(rows)):
+            case ("index", list(rows), list(segments)):
                 self._pending.update((row[0], row) for row in rows)
+                self._pending_segments += segments
                 if len(self._pending) >= _PENDING_ROWS:
                     self.finish()
                 return None
@@ -168,9 +205,9 @@ class _ForkedPackedIngest(ForkedIngest):
     def finish(self) -> None:
         """Commit the pending index rows (their bytes are already in the packs)."""
         if self._pending:
-            rows = list(self._pending.values())
-            self._pending = {}
-            self._svc._index(rows)
+            rows, segments = list(self._pending.values()), self._pending_segments
+            self._pending, self._pending_segments = {}, []
+            self._svc._index(rows, segments)
 
 
 class _Writer(BlobWriter):
@@ -244,15 +281,25 @@ class PackedBlobService(BlobService):
         self._remember(present)
         if not new:
             return
-        rows = self._appender.append_blobs(new)
-        self._index(rows)
+        self._index(*self._appender.append_blobs(new))
 
-    def _index(self, rows: list[tuple[bytes, str, int, int]]) -> None:
+    def _index(self, rows: list[_Row], segments: list[_SegmentRow]) -> None:
         with self._lock:
-            write_rows(
+            write_tables(
                 self._conn,
-                "INSERT OR IGNORE INTO packed (digest, pack, offset, length) VALUES (?, ?, ?, ?)",
-                rows,
+                [
+                    (
+                        "INSERT OR IGNORE INTO packed (digest, pack, offset, length)"
+                        " VALUES (?, ?, ?, ?)",
+                        rows,
+                    ),
+                    (
+                        "INSERT OR IGNORE INTO pack_segments"
+                        " (pack, offset, length, b3, members, checksum)"
+                        " VALUES (?, ?, ?, ?, ?, ?)",
+                        segments,
+                    ),
+                ],
                 "indexing packed blobs",
             )
         self._remember({raw: (p, off, n) for raw, p, off, n in rows})
@@ -279,6 +326,43 @@ class PackedBlobService(BlobService):
                 out[d] = loc
         if ask:
             out.update((B3Digest(raw), loc) for raw, loc in self._locate(ask).items())
+        return out
+
+    def segments(self, packs: Sequence[str]) -> dict[str, list[Segment]]:
+        """The intact segment rows of ``packs``, by offset (blocking).
+
+        A row failing its checksum is left out (its blobs are then verified
+        one by one). The bytes themselves are for the reader to verify.
+        """
+        out: dict[str, list[Segment]] = {}
+        with self._lock:
+            try:
+                rows = {
+                    pack: self._conn.execute(
+                        # CAST: a damaged row of another type must fail its checksum,
+                        # not the query (text that is not UTF-8 would)
+                        "SELECT offset, length, CAST(b3 AS BLOB), CAST(members AS BLOB),"
+                        " CAST(checksum AS BLOB) FROM pack_segments"
+                        " WHERE pack = ? ORDER BY offset",
+                        (pack,),
+                    ).fetchall()
+                    for pack in packs
+                }
+            except sqlite3.Error as exc:
+                raise storage_error("looking up pack segments", exc) from exc
+        for pack, found in rows.items():
+            out[pack] = segs = []
+            for off, n, b3, members, check in found:
+                if not (isinstance(off, int) and isinstance(n, int) and b3 and members):
+                    continue  # damaged: its blobs are checked one by one
+                if _segment_checksum(pack, off, n, b3, members) != check:
+                    continue
+                blobs: dict[int, tuple[bytes, int]] = {}
+                at = off
+                for raw, size in _MEMBER.iter_unpack(members):
+                    blobs[at] = (raw, size)
+                    at += size
+                segs.append((off, n, b3, blobs))
         return out
 
     def pack_path(self, pack: str) -> Path:

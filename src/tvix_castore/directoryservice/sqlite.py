@@ -25,7 +25,7 @@ from tvix_castore.errors import (
 )
 from tvix_castore.nodes import Directory
 
-__all__ = ["SqliteDirectoryService", "connect", "write_rows", "storage_error"]
+__all__ = ["SqliteDirectoryService", "connect", "storage_error", "write_rows", "write_tables"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS directories (
@@ -54,10 +54,18 @@ def write_rows(
     conn: sqlite3.Connection, sql: str, rows: Sequence[tuple[Any, ...]], what: str
 ) -> None:
     """``executemany(sql, rows)`` in one immediate transaction (all rows or none)."""
+    write_tables(conn, [(sql, rows)], what)
+
+
+def write_tables(
+    conn: sqlite3.Connection, writes: Sequence[tuple[str, Sequence[tuple[Any, ...]]]], what: str
+) -> None:
+    """Each ``executemany(sql, rows)`` of ``writes``, all in one immediate transaction."""
     try:
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.executemany(sql, rows)
+            for sql, rows in writes:
+                conn.executemany(sql, rows)
         except BaseException:
             conn.execute("ROLLBACK")
             raise
