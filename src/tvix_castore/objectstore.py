@@ -10,14 +10,20 @@ leaves a partial object visible and concurrent writers of the same
 from __future__ import annotations
 
 import abc
-import asyncio
 import contextlib
 import mmap
 import os
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tvix_castore.errors import StorageError
+from tvix_castore.lazy import lazy_module
+
+if TYPE_CHECKING:
+    import asyncio
+else:
+    asyncio = lazy_module("asyncio")  # not needed to write a NAR from its plan
 
 __all__ = ["LocalObjectStore", "MemoryObjectStore", "ObjectStore"]
 

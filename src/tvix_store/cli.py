@@ -8,11 +8,11 @@ modules (grpc) are imported only by the commands that need them.
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import json
 import logging
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import click
@@ -42,6 +42,8 @@ class _JsonFormatter(logging.Formatter):
 
 def _run(coro: Coroutine[Any, Any, _T]) -> _T:
     """Run a command's coroutine; our errors become a clean message and exit 1."""
+    import asyncio  # here: an export from a NAR plan runs no event loop
+
     try:
         return asyncio.run(coro)
     except (CastoreError, NixCompatError) as exc:
@@ -301,57 +303,91 @@ def export(store_path: str, **kw: Any) -> None:
     """Write the NAR of STORE_PATH to stdout (byte-equal to ``nix-store --dump``).
 
     With the embedded store, a path imported here (or exported once before) has
-    a NAR plan, and its NAR is written straight from the pack files; otherwise
-    it is rendered from castore and checked against the recorded NarHash.
+    a NAR plan, and its NAR is written straight from the pack files, without
+    starting an event loop; otherwise it is rendered from castore and checked
+    against the recorded NarHash.
     """
+    import io
+
+    out = sys.stdout.buffer
+    try:
+        fd: int | None = out.fileno()
+    except (AttributeError, io.UnsupportedOperation):
+        fd = None
+    if fd is not None and not any(kw.values()):
+        with _writing_nar():
+            try:
+                if _export_planned(store_path, fd):
+                    return
+            except (CastoreError, NixCompatError) as exc:
+                raise click.ClickException(str(exc)) from exc
+    _run(_export(store_path, kw, out))
+
+
+@contextlib.contextmanager
+def _writing_nar() -> Iterator[None]:
+    """Failures to write the NAR to stdout become a clean error (or a quiet exit)."""
+    try:
+        yield
+    except BrokenPipeError:
+        raise SystemExit(1) from None  # the reader went away: nothing left to say
+    except OSError as exc:
+        raise click.ClickException(
+            f"cannot write the NAR to stdout: {exc.strerror or exc}"
+        ) from exc
+
+
+def _export_planned(store_path: str, fd: int) -> bool:
+    """The embedded store's fast path (see :func:`tvix_store.embedded.export_planned`)."""
+    from tvix_store.embedded import data_dir, export_planned
+
+    try:
+        sp, sub = _store_path_arg(store_path)
+    except NixCompatError:
+        return False  # the general way reports it
+    return not sub and export_planned(data_dir(), sp, fd)
+
+
+async def _export(store_path: str, kw: dict[str, Any], out: Any) -> None:
+    store = await _open(kw)
+    async with store:
+        info, _, sub = await _lookup(store, store_path)
+        if sub:
+            raise click.ClickException("export takes a store path, not a path inside one")
+        with _writing_nar():
+            await _write_nar(store, info, out)
+
+
+async def _write_nar(store: Any, info: Any, out: Any) -> None:
     import hashlib
     import io
 
     from tvix_store.nar.plan import save_plan, write_planned
     from tvix_store.nar.render import fetch_closure, render_nar
 
-    async def run() -> None:
-        store = await _open(kw)
-        async with store:
-            info, _, sub = await _lookup(store, store_path)
-            if sub:
-                raise click.ClickException("export takes a store path, not a path inside one")
-            try:
-                await write(store, info)
-            except BrokenPipeError:
-                raise SystemExit(1) from None  # the reader went away: nothing left to say
-            except OSError as exc:
-                raise click.ClickException(
-                    f"cannot write the NAR to stdout: {exc.strerror or exc}"
-                ) from exc
-
-    async def write(store: Any, info: Any) -> None:
-        out = sys.stdout.buffer
-        out.flush()
-        try:
-            fd: int | None = out.fileno()
-        except (AttributeError, io.UnsupportedOperation):
-            fd = None
-        node = info.node
-        if fd is not None and await write_planned(
-            store.plans, store.blobs, node, info.nar_size, info.nar_sha256, fd
-        ):
-            return
-        closure = await fetch_closure(node, store.directories)
-        h = hashlib.sha256()
-        size = 0
-        async for piece in render_nar(node, store.blobs, store.directories, closure=closure):
-            h.update(piece)
-            size += len(piece)
-            out.write(piece)
-        out.flush()
-        if size != info.nar_size or h.digest() != info.nar_sha256:
-            raise click.ClickException(
-                f"{info.store_path}: rendered NAR does not match its recorded NarHash/NarSize"
-            )
-        await save_plan(store.plans, store.blobs, node, closure, size, info.nar_sha256)
-
-    _run(run())
+    out.flush()
+    try:
+        fd: int | None = out.fileno()
+    except (AttributeError, io.UnsupportedOperation):
+        fd = None
+    node = info.node
+    if fd is not None and await write_planned(
+        store.plans, store.blobs, node, info.nar_size, info.nar_sha256, fd
+    ):
+        return
+    closure = await fetch_closure(node, store.directories)
+    h = hashlib.sha256()
+    size = 0
+    async for piece in render_nar(node, store.blobs, store.directories, closure=closure):
+        h.update(piece)
+        size += len(piece)
+        out.write(piece)
+    out.flush()
+    if size != info.nar_size or h.digest() != info.nar_sha256:
+        raise click.ClickException(
+            f"{info.store_path}: rendered NAR does not match its recorded NarHash/NarSize"
+        )
+    await save_plan(store.plans, store.blobs, node, closure, size, info.nar_sha256)
 
 
 @main.command()

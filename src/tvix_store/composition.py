@@ -215,7 +215,7 @@ class Composition:
             if typ == "memory":
                 return MemoryBlobService()
             if typ == "embedded":
-                from tvix_store.config import embedded_blobs
+                from tvix_store.embedded import embedded_blobs
 
                 return embedded_blobs(Path(e["path"]))
             if typ == "objectstore":

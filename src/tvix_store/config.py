@@ -16,22 +16,26 @@ serialises writers and objects are published by atomic renames.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from nix_compat.errors import NixCompatError
 from tvix_castore.blobservice.base import BlobService
-from tvix_castore.blobservice.objectstore import ObjectStoreBlobService
 from tvix_castore.blobservice.packed import PackedBlobService
 from tvix_castore.directoryservice.base import DirectoryService
 from tvix_castore.directoryservice.sqlite import SqliteDirectoryService
 from tvix_castore.errors import ConfigError
 from tvix_castore.lifecycle import AsyncClosing
 from tvix_castore.nodes import Node
-from tvix_castore.objectstore import LocalObjectStore
 from tvix_castore.registry import ServiceUrl, blob_service_from_url, directory_service_from_url
+from tvix_store.embedded import (
+    ENV_CHUNK_ZSTD,
+    STORE_DB,
+    data_dir,
+    embedded_blobs,
+    embedded_zstd_level,
+)
 from tvix_store.nar.plan import SqliteNarPlans, calculate_nar_planned
 from tvix_store.narindex import MemoryNarIndex, NarIndex, SqliteNarIndex
 from tvix_store.pathinfoservice.base import PathInfoService
@@ -42,8 +46,10 @@ __all__ = [
     "ENV_CHUNK_ZSTD",
     "ENV_DIRECTORY",
     "ENV_PATH_INFO",
+    "STORE_DB",
     "Store",
     "data_dir",
+    "embedded_blobs",
     "embedded_zstd_level",
     "open_store",
     "path_info_service_from_url",
@@ -53,7 +59,6 @@ __all__ = [
 ENV_BLOB = "BLOB_SERVICE_ADDR"
 ENV_DIRECTORY = "DIRECTORY_SERVICE_ADDR"
 ENV_PATH_INFO = "PATH_INFO_SERVICE_ADDR"
-STORE_DB = "store.sqlite"
 
 PathInfoFactory = Callable[[ServiceUrl, BlobService, DirectoryService], PathInfoService]
 """Builds a PathInfoService from its URL; gets the store's blob and directory
@@ -135,52 +140,6 @@ def path_info_service_from_url(
 
         raise UnknownScheme(f"{url!r}: unknown path info service scheme (known: {known})")
     return factory(parsed, blobs, directories)
-
-
-ENV_CHUNK_ZSTD = "TVIX_STORE_CHUNK_ZSTD"
-
-
-def embedded_zstd_level() -> int | None:
-    """The zstd level of the embedded store's new chunks; ``None`` (the default): raw frames.
-
-    Like ``/nix/store``, the embedded store keeps file contents uncompressed by
-    default (small blobs always were): compressing and decompressing cost more
-    CPU than anything else an import or export does. Chunks stay zstd frames
-    (raw blocks), so any level can be chosen later and old chunks stay readable.
-    """
-    text = os.environ.get(ENV_CHUNK_ZSTD, "").strip().lower()
-    if text in ("", "none", "0"):
-        return None
-    try:
-        level = int(text)
-    except ValueError:
-        level = 0
-    if not 1 <= level <= 22:
-        raise ConfigError(f"{ENV_CHUNK_ZSTD}={text!r}: expected 'none' or a zstd level 1-22")
-    return level
-
-
-def embedded_blobs(home: Path) -> BlobService:
-    """The embedded blob service in ``home`` (small blobs in packs, large as chunks)."""
-    level = embedded_zstd_level()
-    try:
-        home.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"cannot create the data directory {home}: {exc}") from exc
-    return PackedBlobService(
-        home / STORE_DB,
-        ObjectStoreBlobService(LocalObjectStore(home / "blobs"), zstd_level=level),
-    )
-
-
-def data_dir() -> Path:
-    """Where the embedded store lives."""
-    home = os.environ.get("TVIX_STORE_HOME")
-    if home:
-        return Path(home)
-    xdg = os.environ.get("XDG_DATA_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
-    return base / "tvix-store"
 
 
 @dataclass

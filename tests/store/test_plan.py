@@ -14,6 +14,7 @@ import os
 import random
 import sqlite3
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -528,3 +529,54 @@ def test_plans_without_segments_are_still_read(tmp_path: Path, home: Path, nix: 
     ours, log = export_log(home, store_path)
     assert "from its plan" in log
     assert_same_nar(ours, nix_dump(nix, tree), "export from a NARPLAN1 plan")
+
+
+# -- the export fast path -------------------------------------------------------
+def test_export_from_a_plan_runs_no_event_loop(tmp_path: Path, home: Path, nix: Nix) -> None:
+    """With the embedded store, export writes from the plan without loading asyncio."""
+    tree = make_tree(tmp_path / "tree", big=0)
+    store_path = import_tree(home, tree)
+    probe = (
+        "import sys\n"
+        "from tvix_store.cli import main\n"
+        "sys.argv = ['tvix-store', '--log-level', 'DEBUG', 'export', sys.argv[1]]\n"
+        "try:\n"
+        "    main()\n"
+        "finally:\n"
+        "    print('asyncio loaded:', 'asyncio' in sys.modules, file=sys.stderr)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe, store_path],
+        capture_output=True,
+        env=tvix_env(home),
+        timeout=60,
+        check=False,
+    )
+    err = proc.stderr.decode()
+    assert proc.returncode == 0, err
+    assert "from its plan" in err and "asyncio loaded: False" in err, err
+    ours = DigestSink()
+    ours.write(proc.stdout)
+    assert_same_nar(ours, nix_dump(nix, tree), "export without an event loop")
+    # Without a vouching plan the general way runs (and records one).
+    with sqlite3.connect(home / "store.sqlite") as conn:
+        conn.execute("DELETE FROM nar_plans")
+    proc = subprocess.run(
+        [sys.executable, "-c", probe, store_path],
+        capture_output=True,
+        env=tvix_env(home),
+        timeout=60,
+        check=False,
+    )
+    err = proc.stderr.decode()
+    assert proc.returncode == 0, err
+    assert "rendering from castore" in err and "asyncio loaded: True" in err, err
+    assert proc.stdout == ours.data
+
+
+@pytest.mark.parametrize("arg", ["{sp}/dir0", "{sp}/dir0/link"])
+def test_export_of_a_path_inside_a_store_path(tmp_path: Path, home: Path, arg: str) -> None:
+    store_path = import_tree(home, make_tree(tmp_path / "tree", big=0))
+    proc = tvix(home, "export", arg.format(sp=store_path))
+    assert proc.returncode != 0 and proc.stdout == b""
+    assert "export takes a store path, not a path inside one" in proc.stderr.decode()

@@ -13,12 +13,12 @@ Every chunk is verified against its BLAKE3 digest when read.
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 import io
 import mmap
 import threading
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import blake3
 import pyfastcdc
@@ -38,8 +38,14 @@ from tvix_castore.blobservice.base import (
 )
 from tvix_castore.digests import EMPTY_DIGEST, B3Digest, hash_threads
 from tvix_castore.errors import ChecksumMismatch, DataCorruption, NotFound
+from tvix_castore.lazy import lazy_module
 from tvix_castore.objectstore import LocalObjectStore, ObjectStore
 from tvix_castore.protos import rpc_blobstore_pb2 as pb
+
+if TYPE_CHECKING:
+    import asyncio
+else:
+    asyncio = lazy_module("asyncio")  # not needed to write a NAR from its plan
 
 __all__ = [
     "DEFAULT_AVG_CHUNK_SIZE",

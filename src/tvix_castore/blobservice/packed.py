@@ -18,7 +18,6 @@ is verified against its BLAKE3 digest.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sqlite3
 import struct
@@ -26,6 +25,7 @@ import threading
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import blake3
 
@@ -44,6 +44,12 @@ from tvix_castore.blobservice.objectstore import ObjectStoreBlobService
 from tvix_castore.digests import EMPTY_DIGEST, B3Digest
 from tvix_castore.directoryservice.sqlite import connect, storage_error, write_tables
 from tvix_castore.errors import DataCorruption, StorageError
+from tvix_castore.lazy import lazy_module
+
+if TYPE_CHECKING:
+    import asyncio
+else:
+    asyncio = lazy_module("asyncio")  # not needed to write a NAR from its plan
 
 __all__ = ["BlobLocation", "PackedBlobService", "Segment"]
 
@@ -537,11 +543,15 @@ class PackedBlobService(BlobService):
             return BytesBlobReader(found[digest])
         return await self.large.open_read(digest)
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
+        """Release the index, the pack file and readers (blocking; :meth:`aclose` does more)."""
         with self._lock:
             self._conn.close()
         self._appender.close()
         for fd in self._readers.values():
             os.close(fd)
         self._readers.clear()
+
+    async def aclose(self) -> None:
+        self.close()
         await self.large.aclose()

@@ -6,13 +6,12 @@ processes) see all of it or nothing. Every read re-hashes the stored bytes.
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tvix_castore.digests import B3Digest
 from tvix_castore.directoryservice.base import DirectoryService
@@ -23,7 +22,13 @@ from tvix_castore.errors import (
     StorageUnavailable,
     ValidationError,
 )
+from tvix_castore.lazy import lazy_module
 from tvix_castore.nodes import Directory
+
+if TYPE_CHECKING:
+    import asyncio
+else:
+    asyncio = lazy_module("asyncio")  # not needed to write a NAR from its plan
 
 __all__ = ["SqliteDirectoryService", "connect", "storage_error", "write_rows", "write_tables"]
 

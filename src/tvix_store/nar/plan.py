@@ -25,7 +25,6 @@ falls back to the blob service for that blob; a corrupt plan is ignored.
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 import contextlib
 import logging
@@ -39,6 +38,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import blake3
 
@@ -49,9 +49,15 @@ from tvix_castore.directoryservice.base import DirectoryService
 from tvix_castore.directoryservice.sqlite import connect, storage_error
 from tvix_castore.errors import CastoreError, DataCorruption
 from tvix_castore.forked import fork_child
+from tvix_castore.lazy import lazy_module
 from tvix_castore.nodes import Directory, DirectoryNode, FileNode, Node
 from tvix_store.nar.layout import NarLayout, build_layout
 from tvix_store.nar.render import NarRenderError, calculate_nar, fetch_closure
+
+if TYPE_CHECKING:
+    import asyncio
+else:
+    asyncio = lazy_module("asyncio")  # not needed to write a NAR from its plan
 
 __all__ = [
     "NarPlan",
@@ -62,6 +68,7 @@ __all__ = [
     "content_present",
     "planned_stream",
     "save_plan",
+    "vouching_plan",
     "write_plan",
     "write_planned",
 ]
@@ -272,9 +279,12 @@ class SqliteNarPlans:
     async def get(self, root: B3Digest) -> NarPlan | None:
         return await asyncio.to_thread(self.get_sync, root)
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+    async def aclose(self) -> None:
+        self.close()
 
 
 class _Packs:
@@ -727,6 +737,27 @@ async def save_plan(
         _log.debug("recorded the NAR plan of %s", root.digest)
 
 
+def vouching_plan(
+    plans: SqliteNarPlans | None,
+    blobs: BlobService,
+    node: Node,
+    nar_size: int,
+    nar_sha256: bytes,
+) -> tuple[NarPlan, PackedBlobService] | None:
+    """``node``'s plan if one vouches for this NAR size and sha256 (blocking), else ``None``."""
+    if not isinstance(node, DirectoryNode):
+        return None
+    found = _plan_of_sync(plans, blobs, node)
+    if found is None or found[0].nar_sha256 == _UNVOUCHED:
+        _log.debug("no NAR plan vouches for %s: rendering from castore", node.digest)
+        return None
+    if (found[0].nar_size, found[0].nar_sha256) != (nar_size, nar_sha256):
+        _log.debug("the NAR plan of %s vouches for another NAR: rendering", node.digest)
+        return None
+    _log.debug("writing the NAR of %s from its plan", node.digest)
+    return found
+
+
 async def write_planned(
     plans: SqliteNarPlans | None,
     blobs: BlobService,
@@ -739,22 +770,14 @@ async def write_planned(
 
     Returns ``False`` (having written nothing) when there is no such plan.
     """
-    if not isinstance(node, DirectoryNode):
+    found = await asyncio.to_thread(vouching_plan, plans, blobs, node, nar_size, nar_sha256)
+    if found is None:
         return False
-    found = await _plan_of(plans, blobs, node)
-    if found is None or found[0].nar_sha256 == _UNVOUCHED:
-        _log.debug("no NAR plan vouches for %s: rendering from castore", node.digest)
-        return False
-    plan, packed = found
-    if (plan.nar_size, plan.nar_sha256) != (nar_size, nar_sha256):
-        _log.debug("the NAR plan of %s vouches for another NAR: rendering", node.digest)
-        return False
-    _log.debug("writing the NAR of %s from its plan", node.digest)
-    await asyncio.to_thread(write_plan, plan, packed, fd)
+    await asyncio.to_thread(write_plan, *found, fd)
     return True
 
 
-async def _plan_of(
+def _plan_of_sync(
     plans: SqliteNarPlans | None, blobs: BlobService, node: Node
 ) -> tuple[NarPlan, PackedBlobService] | None:
     """The plan of ``node`` if plans apply and one is stored intact (a corrupt one is logged)."""
@@ -763,11 +786,17 @@ async def _plan_of(
         return None
     store, packed, root = target
     try:
-        plan = await store.get(root.digest)
+        plan = store.get_sync(root.digest)
     except DataCorruption as exc:
         _log.warning("ignoring the NAR plan of %s: %s", root.digest, exc)
         return None
     return None if plan is None else (plan, packed)
+
+
+async def _plan_of(
+    plans: SqliteNarPlans | None, blobs: BlobService, node: Node
+) -> tuple[NarPlan, PackedBlobService] | None:
+    return await asyncio.to_thread(_plan_of_sync, plans, blobs, node)
 
 
 def content_present(plan: NarPlan, blobs: PackedBlobService) -> bool:

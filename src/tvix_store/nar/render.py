@@ -8,17 +8,23 @@ says is an error, not a silently different NAR.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import hashlib
 from collections.abc import AsyncIterator, Mapping
+from typing import TYPE_CHECKING
 
 from nix_compat.nar import wire
 from tvix_castore.blobservice.base import BlobService
 from tvix_castore.digests import B3Digest
 from tvix_castore.directoryservice.base import DirectoryService
 from tvix_castore.errors import CastoreError, DataCorruption
+from tvix_castore.lazy import lazy_module
 from tvix_castore.nodes import Directory, DirectoryNode, FileNode, Node, SymlinkNode
+
+if TYPE_CHECKING:
+    import asyncio
+else:
+    asyncio = lazy_module("asyncio")  # not needed to write a NAR from its plan
 
 __all__ = ["NarRenderError", "blob_range", "calculate_nar", "fetch_closure", "render_nar"]
 

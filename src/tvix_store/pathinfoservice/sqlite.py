@@ -6,16 +6,22 @@ the SQLite DirectoryService; each service keeps its own connection.
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tvix_castore.directoryservice.sqlite import connect, storage_error
 from tvix_castore.errors import DataCorruption, ValidationError
+from tvix_castore.lazy import lazy_module
 from tvix_store.pathinfo import PathInfo
 from tvix_store.pathinfoservice.base import PathInfoService
+
+if TYPE_CHECKING:
+    import asyncio
+else:
+    asyncio = lazy_module("asyncio")  # not needed to write a NAR from its plan
 
 __all__ = ["SqlitePathInfoService"]
 
@@ -60,9 +66,13 @@ class SqlitePathInfoService(PathInfoService):
                 raise storage_error("reading a PathInfo", exc) from exc
         return None if row is None else bytes(row[0])
 
-    async def get(self, digest: bytes) -> PathInfo | None:
-        data = await asyncio.to_thread(self._get, digest)
+    def get_sync(self, digest: bytes) -> PathInfo | None:
+        """:meth:`get`, blocking."""
+        data = self._get(digest)
         return None if data is None else self._decode(digest, data)
+
+    async def get(self, digest: bytes) -> PathInfo | None:
+        return await asyncio.to_thread(self.get_sync, digest)
 
     def _put(self, digest: bytes, data: bytes) -> None:
         with self._lock:
@@ -95,6 +105,9 @@ class SqlitePathInfoService(PathInfoService):
                 yield self._decode(digest, data)
             after = rows[-1][0]
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+    async def aclose(self) -> None:
+        self.close()
