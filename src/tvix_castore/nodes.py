@@ -307,6 +307,7 @@ class Directory:
     symlinks: tuple[SymlinkNode, ...] = ()
     _size: int = field(default=0, init=False, repr=False, compare=False)
     _digest: B3Digest | None = field(default=None, init=False, repr=False, compare=False)
+    _encoded: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         lists: list[tuple[Node, ...]] = []
@@ -353,6 +354,7 @@ class Directory:
             ("symlinks", symlinks),
             ("_size", entries.size),
             ("_digest", None),
+            ("_encoded", None),
         ):
             object.__setattr__(self, attr, value)
         return self
@@ -376,8 +378,16 @@ class Directory:
         )
 
     def encode(self) -> bytes:
-        """The canonical encoding (B §2.2): what is hashed and stored."""
-        return self.to_proto().SerializeToString(deterministic=True)
+        """The canonical encoding (B §2.2): what is hashed and stored; computed once.
+
+        (A stored closure is encoded for its digests and again for its rows:
+        building protobuf messages is most of the cost of either.)
+        """
+        encoded = self._encoded
+        if encoded is None:
+            encoded = self.to_proto().SerializeToString(deterministic=True)
+            object.__setattr__(self, "_encoded", encoded)
+        return encoded
 
     @property
     def digest(self) -> B3Digest:
