@@ -315,23 +315,18 @@ class PackedBlobService(BlobService):
             self._recent.clear()
         self._recent.update(located)
 
-    def locate_many(self, digests: Sequence[B3Digest]) -> dict[B3Digest, BlobLocation]:
-        """Where each packed blob among ``digests`` lies (others are absent from the result).
+    def locate_many(self, raws: Sequence[bytes]) -> dict[bytes, BlobLocation]:
+        """Where each packed blob among the digests ``raws`` lies (others are absent).
 
+        Keyed by the digests' bytes (plans look up tens of thousands at once).
         Blocking; locations of this process's recent writes need no query.
         Callers read through :meth:`pack_path` and must verify what they read.
         """
-        out: dict[B3Digest, BlobLocation] = {}
-        ask: list[B3Digest] = []
         recent = self._recent
-        for d in digests:
-            loc = recent.get(d.raw)
-            if loc is None:
-                ask.append(d)
-            else:
-                out[d] = loc
-        if ask:
-            out.update((B3Digest(raw), loc) for raw, loc in self._locate(ask).items())
+        out = {raw: loc for raw in raws if (loc := recent.get(raw)) is not None}
+        if len(out) < len(raws):
+            ask = [B3Digest(raw) for raw in dict.fromkeys(raws) if raw not in out]
+            out.update(self._locate(ask))
         return out
 
     def segments(self, packs: Sequence[str]) -> dict[str, list[Segment]]:

@@ -168,7 +168,7 @@ def build_plan(
 ) -> NarPlan:
     """The plan of ``node``'s NAR, whose sha256 the caller has established (blocking)."""
     layout = build_layout(node, closure)
-    located = blobs.locate_many([f.digest for f in layout.files])
+    located = blobs.locate_many([f.digest.raw for f in layout.files])
     pack_index: dict[str, int] = {}
     literals = bytearray()
     entries: list[_Entry] = []
@@ -176,7 +176,7 @@ def build_plan(
         if isinstance(seg, bytes):
             literals += seg
             continue
-        loc = located.get(seg.digest)
+        loc = located.get(seg.digest.raw)
         if loc is None or loc[2] != seg.size:
             pack, offset = _NOT_PACKED, 0
         else:
