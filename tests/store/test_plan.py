@@ -545,33 +545,30 @@ def test_export_from_a_plan_runs_no_event_loop(tmp_path: Path, home: Path, nix: 
         "finally:\n"
         "    print('asyncio loaded:', 'asyncio' in sys.modules, file=sys.stderr)\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", probe, store_path],
-        capture_output=True,
-        env=tvix_env(home),
-        timeout=60,
-        check=False,
-    )
-    err = proc.stderr.decode()
-    assert proc.returncode == 0, err
+
+    def export() -> tuple[bytes, str]:
+        proc = subprocess.run(
+            [sys.executable, "-c", probe, store_path],
+            capture_output=True,
+            env=tvix_env(home),
+            timeout=60,
+            check=False,
+        )
+        err = proc.stderr.decode()
+        assert proc.returncode == 0, err
+        return proc.stdout, err
+
+    nar, err = export()
     assert "from its plan" in err and "asyncio loaded: False" in err, err
     ours = DigestSink()
-    ours.write(proc.stdout)
+    ours.write(nar)
     assert_same_nar(ours, nix_dump(nix, tree), "export without an event loop")
     # Without a vouching plan the general way runs (and records one).
     with sqlite3.connect(home / "store.sqlite") as conn:
         conn.execute("DELETE FROM nar_plans")
-    proc = subprocess.run(
-        [sys.executable, "-c", probe, store_path],
-        capture_output=True,
-        env=tvix_env(home),
-        timeout=60,
-        check=False,
-    )
-    err = proc.stderr.decode()
-    assert proc.returncode == 0, err
+    rendered, err = export()
     assert "rendering from castore" in err and "asyncio loaded: True" in err, err
-    assert proc.stdout == ours.data
+    assert rendered == ours.data
 
 
 @pytest.mark.parametrize("arg", ["{sp}/dir0", "{sp}/dir0/link"])
