@@ -36,8 +36,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _timed(argv: list[str], env: dict[str, str], stdout: int | None = None) -> tuple[float, bytes]:
+    """Wall time of ``argv``, after a ``sync`` (untimed).
+
+    Without it, a command pays for writing back what the one before it left
+    dirty: ``nix-store --add`` (1.9 GB written per round) then swung from 3 to
+    13 s and took our import with it.
+    """
     import time
 
+    subprocess.run(["sync"], check=True)
     start = time.perf_counter()
     proc = subprocess.run(argv, env=env, stdout=stdout or subprocess.PIPE, check=True)
     return time.perf_counter() - start, proc.stdout or b""
@@ -109,8 +116,8 @@ def run(args: argparse.Namespace) -> str:
             f"Machine: {machine()}.",
             "",
             f"Input: the NAR-dump tree ({nar_mb:.0f} MB of NAR). Fresh process and fresh store per"
-            f" run, best of {rounds} alternating rounds, page cache warm. Store paths and NARs"
-            " checked identical.",
+            f" run, best of {rounds} alternating rounds, page cache warm, `sync` before each"
+            " command. Store paths and NARs checked identical.",
             "",
             "| operation | nix-store | tvix-store | tvix/nix | target |",
             "|---|---:|---:|---:|---|",
