@@ -14,7 +14,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass, field
 
 from tvix_castore.blobservice.base import BlobService
@@ -24,7 +24,16 @@ from tvix_castore.errors import IngestionError
 from tvix_castore.forked import run_forked
 from tvix_castore.nodes import Directory, DirectoryNode, FileNode, Node, SymlinkNode
 
-__all__ = ["DEFAULT_CONCURRENCY", "ScannedTree", "ingest_path", "ingest_tree", "scan_tree"]
+__all__ = [
+    "DEFAULT_CONCURRENCY",
+    "ScannedFile",
+    "ScannedTree",
+    "ingest_path",
+    "ingest_tree",
+    "put_directories",
+    "scan_tree",
+    "upload_files",
+]
 
 DEFAULT_CONCURRENCY = os.cpu_count() or 2  # more workers only contend for the cores
 _SMALL_FILE = 1 << 20
@@ -44,12 +53,21 @@ class _Dir:
 
 
 @dataclass(slots=True)
-class _File:
+class ScannedFile:
+    """A regular file as scanned; its ``digest`` once uploaded."""
+
     path: bytes
     name: bytes
     size: int
     executable: bool
-    node: FileNode | None = None
+    digest: B3Digest | None = None
+
+    def node(self) -> FileNode:
+        assert self.digest is not None, "node() before upload_files()"
+        return FileNode(self.name, self.digest, self.size, self.executable)
+
+
+_File = ScannedFile
 
 
 def _show(path: bytes) -> str:
@@ -82,6 +100,36 @@ class ScannedTree:
         """Whether an entry changed so close to the scan that its stat cannot be trusted."""
         limit = self.started_ns - _RACY_NS
         return any(fp[5] >= limit for _, fp in self.stats)
+
+    @property
+    def is_directory(self) -> bool:
+        return isinstance(self.root, _Dir)
+
+    def walk(self) -> Iterator[tuple[bytes, ScannedFile | SymlinkNode | None]]:
+        """The uploaded tree in pre-order, children by name: what a NAR lists, in its order.
+
+        Yields ``(name, node)`` for files and symlinks, ``(name, None)`` on
+        entering a directory and ``(b"", None)`` on leaving it (the root's
+        name is ``b""``). Only after :func:`upload_files`.
+        """
+        stack: list[tuple[list[_Entry], int]] = []
+
+        def enter(e: _Entry) -> Iterator[tuple[bytes, ScannedFile | SymlinkNode | None]]:
+            if isinstance(e, _Dir):
+                stack.append((e.children, 0))
+                yield e.name, None
+            else:
+                yield e.name, e
+
+        yield from enter(self.root)
+        while stack:
+            children, i = stack[-1]
+            if i == len(children):
+                stack.pop()
+                yield b"", None
+                continue
+            stack[-1] = (children, i + 1)
+            yield from enter(children[i])
 
     def changed(self) -> str | None:
         """The first entry whose stat differs from the scan's (blocking), or ``None``."""
@@ -202,7 +250,19 @@ async def ingest_tree(
     collect: MutableMapping[B3Digest, Directory] | None = None,
 ) -> Node:
     """Ingest a scanned tree (see :func:`ingest_path`); ``collect`` receives its Directories."""
-    root, files, dirs = tree.root, tree.files, tree.dirs
+    await upload_files(tree, blobs, concurrency=concurrency, fork=fork)
+    return await put_directories(tree, directories, collect=collect)
+
+
+async def upload_files(
+    tree: ScannedTree,
+    blobs: BlobService,
+    *,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    fork: bool = True,
+) -> None:
+    """The first half of :func:`ingest_tree`: every file's blob, its node kept in ``tree``."""
+    files = tree.files
 
     def fail(f: _File, exc: Exception) -> IngestionError:
         if isinstance(exc, OSError):
@@ -213,7 +273,7 @@ async def ingest_tree(
         for f, result in zip(batch, results, strict=True):
             if isinstance(result, Exception):
                 raise fail(f, result) from result
-            f.node = FileNode(f.name, result, f.size, f.executable)
+            f.digest = result
 
     async def upload(batch: list[_File]) -> None:
         record(batch, await blobs.ingest_files([(f.path, f.size) for f in batch]))
@@ -248,11 +308,19 @@ async def ingest_tree(
     else:
         await _in_threads(batches, upload, concurrency)
 
+
+async def put_directories(
+    tree: ScannedTree,
+    directories: DirectoryService,
+    *,
+    collect: MutableMapping[B3Digest, Directory] | None = None,
+) -> Node:
+    """The second half of :func:`ingest_tree`: the Directories, through one putter; the root."""
+    root, dirs = tree.root, tree.dirs
     if isinstance(root, SymlinkNode):
         return root
     if isinstance(root, _File):
-        assert root.node is not None
-        return root.node
+        return root.node()
 
     built: dict[int, DirectoryNode] = {}
     async with directories.put_multiple_start() as putter:
@@ -261,8 +329,7 @@ async def ingest_tree(
             nodes: list[Node] = []
             for child in d.children:
                 if isinstance(child, _File):
-                    assert child.node is not None
-                    nodes.append(child.node)
+                    nodes.append(child.node())
                 elif isinstance(child, _Dir):
                     nodes.append(built.pop(id(child)))
                 else:

@@ -3,22 +3,33 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 from dataclasses import dataclass
 
 from nix_compat.nar import nar_hash_path
 from nix_compat.nixhash import CAHash, CAKind, HashAlgo, NixHash
 from nix_compat.store_path import build_ca_path, validate_name
+from tvix_castore.blobservice.packed import PackedBlobService
 from tvix_castore.digests import B3Digest
-from tvix_castore.errors import IngestionError
-from tvix_castore.ingest import ingest_tree, scan_tree
-from tvix_castore.nodes import Directory, Node
+from tvix_castore.errors import CastoreError, IngestionError
+from tvix_castore.ingest import (
+    ScannedTree,
+    ingest_tree,
+    put_directories,
+    scan_tree,
+    upload_files,
+)
+from tvix_castore.nodes import Directory, DirectoryNode, Node
 from tvix_store.config import Store
-from tvix_store.nar.plan import save_plan
+from tvix_store.nar.plan import NarPlan, hashed_plan, save_plan
 from tvix_store.nar.render import calculate_nar
 from tvix_store.pathinfo import PathInfo
 
 __all__ = ["IngestedTree", "base_name_of", "import_path", "ingest_and_hash", "record"]
+
+_log = logging.getLogger(__name__)
 
 
 def base_name_of(path: str) -> str:
@@ -40,21 +51,30 @@ class IngestedTree:
     nar_size: int
     nar_sha256: bytes
     closure: dict[B3Digest, Directory]
+    plan: NarPlan | None = None  # vouching for nar_sha256, still to be recorded
 
 
 async def ingest_and_hash(path: str | os.PathLike[str], store: Store) -> IngestedTree:
     """Ingest the tree at ``path`` and hash its NAR, consistently.
 
-    The tree is read twice at once — ingested into castore, and hashed as a NAR
-    (the second read hits the page cache) — after one scan recorded every
-    entry's stat. Afterwards every entry is stat'ed again: if anything changed,
-    this fails (``IngestionError``) instead of returning a NarHash that does
-    not describe the stored content. If an entry changed within a second of
-    the scan (too close for timestamps to tell), the NarHash is computed from
-    castore instead.
+    With the embedded store, the tree is read once: ingested into the packs,
+    then its NAR is hashed from what they hold (see
+    :func:`~tvix_store.nar.plan.hashed_plan`), so the NarHash describes
+    exactly what was stored, whatever happened to the tree meanwhile.
+
+    Elsewhere (stores without packs: rendering from castore would mean reading
+    every blob back), the tree is read twice at once — ingested into castore,
+    and hashed as a NAR (the second read hits the page cache) — after one scan
+    recorded every entry's stat. Afterwards every entry is stat'ed again: if
+    anything changed, this fails (``IngestionError``) instead of returning a
+    NarHash that does not describe the stored content. If an entry changed
+    within a second of the scan (too close for timestamps to tell), the
+    NarHash is computed from castore instead.
     """
     tree = await asyncio.to_thread(scan_tree, path)
     closure: dict[B3Digest, Directory] = {}
+    if store.plans is not None and isinstance(store.blobs, PackedBlobService):
+        return await _ingest_then_hash(tree, store, store.blobs, closure)
     node, (nar_size, nar_sha256) = await asyncio.gather(
         ingest_tree(tree, store.blobs, store.directories, collect=closure),
         asyncio.to_thread(nar_hash_path, path),
@@ -69,9 +89,38 @@ async def ingest_and_hash(path: str | os.PathLike[str], store: Store) -> Ingeste
     return IngestedTree(node, nar_size, nar_sha256, closure)
 
 
+async def _ingest_then_hash(
+    tree: ScannedTree, store: Store, blobs: PackedBlobService, closure: dict[B3Digest, Directory]
+) -> IngestedTree:
+    await upload_files(tree, blobs)
+    if tree.is_directory:
+        # The NAR is hashed (mostly without the GIL) while the Directories are built.
+        # (Submitted now: put_directories may not yield to the loop for a while.)
+        hashing = asyncio.get_running_loop().run_in_executor(None, hashed_plan, tree, blobs)
+        try:
+            node = await put_directories(tree, store.directories, collect=closure)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await hashing
+            raise
+        plan = await hashing
+        return IngestedTree(node, plan.nar_size, plan.nar_sha256, closure, plan)
+    node = await put_directories(tree, store.directories, collect=closure)
+    # A lone file or symlink: its NAR read back from castore.
+    nar_size, nar_sha256 = await calculate_nar(node, blobs, store.directories, closure=closure)
+    return IngestedTree(node, nar_size, nar_sha256, closure)
+
+
 async def record(store: Store, tree: IngestedTree, info: PathInfo) -> PathInfo:
     """Put the PathInfo of an ingested tree, then its NAR plan (content first, plan last)."""
     stored = await store.pathinfos.put(info)
+    if tree.plan is not None and store.plans is not None:
+        assert isinstance(tree.node, DirectoryNode)
+        try:
+            await asyncio.to_thread(store.plans.put_sync, tree.node.digest, tree.plan)
+        except CastoreError as exc:  # a plan is a cache: export renders without one
+            _log.warning("no NAR plan recorded for %s: %s", tree.node.digest, exc)
+        return stored
     await save_plan(
         store.plans, store.blobs, tree.node, tree.closure, tree.nar_size, tree.nar_sha256
     )

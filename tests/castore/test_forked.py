@@ -51,12 +51,15 @@ def make_tree(root: Path) -> Path:
 def backend(kind: str, tmp_path: Path) -> BlobService:
     if kind == "objectstore":
         return ObjectStoreBlobService(LocalObjectStore(tmp_path / "objects"))
+    # "packed": large files go to compressed chunk files; "packed-raw": chunked into the packs
+    zstd = None if kind == "packed-raw" else 3
     return PackedBlobService(
-        tmp_path / "store.sqlite", ObjectStoreBlobService(LocalObjectStore(tmp_path / "blobs"))
+        tmp_path / "store.sqlite",
+        ObjectStoreBlobService(LocalObjectStore(tmp_path / "blobs"), zstd_level=zstd),
     )
 
 
-@pytest.mark.parametrize("kind", ["objectstore", "packed"])
+@pytest.mark.parametrize("kind", ["objectstore", "packed", "packed-raw"])
 async def test_forked_ingest_matches_in_process(tmp_path: Path, kind: str) -> None:
     src = make_tree(tmp_path / "src")
     expected = await ingest_path(src, MemoryBlobService(), MemoryDirectoryService())
@@ -73,9 +76,10 @@ async def test_forked_ingest_matches_in_process(tmp_path: Path, kind: str) -> No
                 assert got == path.read_bytes(), path
 
 
-async def test_forked_reingest_appends_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["packed", "packed-raw"])
+async def test_forked_reingest_appends_nothing(tmp_path: Path, kind: str) -> None:
     src = make_tree(tmp_path / "src")
-    blobs = backend("packed", tmp_path)
+    blobs = backend(kind, tmp_path)
     dirs = SqliteDirectoryService(tmp_path / "dirs.sqlite")
     async with blobs, dirs:
         first = await ingest_path(src, blobs, dirs)
@@ -87,7 +91,8 @@ async def test_forked_reingest_appends_nothing(tmp_path: Path) -> None:
         assert sorted(p.name for p in (tmp_path / "blobs").rglob("*") if p.is_file()) == chunks
 
 
-async def test_forked_index_rows_are_committed_once_per_blob(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["packed", "packed-raw"])
+async def test_forked_index_rows_are_committed_once_per_blob(tmp_path: Path, kind: str) -> None:
     """The parent defers the workers' index rows; they are all committed when ingestion ends.
 
     The same small contents recur in every directory, so batches ask about
@@ -100,15 +105,20 @@ async def test_forked_index_rows_are_committed_once_per_blob(tmp_path: Path) -> 
     small = {
         p.read_bytes() for p in src.rglob("*") if p.is_file() and 0 < p.stat().st_size <= 128 * 1024
     }
-    blobs = backend("packed", tmp_path)
+    blobs = backend(kind, tmp_path)
     dirs = SqliteDirectoryService(tmp_path / "dirs.sqlite")
     async with blobs, dirs:
         await ingest_path(src, blobs, dirs)
-    fresh = backend("packed", tmp_path)  # sees only what was committed
+    fresh = backend(kind, tmp_path)  # sees only what was committed
     assert isinstance(fresh, PackedBlobService)
     async with fresh:
         rows = fresh._conn.execute("SELECT count(*) FROM packed").fetchone()[0]
-        assert rows == len(small)
+        # Larger files are packed as chunks, each a blob with its own row too.
+        chunks: set[bytes] = set()
+        for (members,) in fresh._conn.execute("SELECT chunks FROM chunked"):
+            chunks |= {bytes(members[i : i + 32]) for i in range(0, len(members), 40)}
+        assert bool(chunks) == (kind == "packed-raw")
+        assert rows == len({B3Digest.of(d).raw for d in small} | chunks)
         for data in small:
             assert await fresh.read_all(B3Digest.of(data)) == data
 

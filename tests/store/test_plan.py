@@ -77,6 +77,13 @@ def the_plan(home: Path) -> tuple[B3Digest, NarPlan]:
     return root, found
 
 
+def chunked_rows(home: Path) -> int:
+    """Blobs stored as several chunks in the packs."""
+    with sqlite3.connect(home / "store.sqlite") as conn:
+        n: int = conn.execute("SELECT count(*) FROM chunked").fetchone()[0]
+    return n
+
+
 def export_log(home: Path, store_path: str) -> tuple[DigestSink, str]:
     sink = DigestSink()
     proc = subprocess.run(
@@ -102,8 +109,12 @@ def test_export_from_plan_matches_nix(tmp_path: Path, home: Path, nix: Nix, big:
     tree = make_tree(tmp_path / "tree", big=big)
     store_path = import_tree(home, tree)
     _, plan = the_plan(home)
-    assert any(e[3] >= 0 for e in plan.entries), "small files are packed"
-    assert any(e[3] < 0 for e in plan.entries), "large files are chunked"
+    assert all(e[3] >= 0 for e in plan.entries), "every file (or chunk) is packed"
+    assert chunked_rows(home) >= 1, "large files are chunked"
+    files = sum(
+        1 for p in tree.rglob("*") if p.is_file() and not p.is_symlink() and p.stat().st_size
+    )
+    assert len(plan.entries) > files, "a chunked file has an entry per chunk"
     ours, log = export_log(home, store_path)
     assert "from its plan" in log
     assert_same_nar(ours, nix_dump(nix, tree), "export from the plan")
@@ -167,9 +178,32 @@ def test_corrupt_pack_fails_export(tmp_path: Path, home: Path, big: int, which: 
     assert len(proc.stdout) < plan.nar_size
 
 
-def test_corrupt_chunk_fails_export(tmp_path: Path, home: Path) -> None:
+def test_corrupt_packed_chunk_fails_export(tmp_path: Path, home: Path) -> None:
+    """A large file's chunks lie in the packs: one damaged chunk fails the export."""
     tree = make_tree(tmp_path / "tree", big=0)
     store_path = import_tree(home, tree)
+    _, plan = the_plan(home)
+    with sqlite3.connect(home / "store.sqlite") as conn:
+        (members,) = conn.execute("SELECT chunks FROM chunked").fetchone()
+    first = bytes(members[:32])
+    (_, _, size, pack, offset) = next(e for e in plan.entries if e[1] == first)
+    with open(home / "packs" / plan.packs[pack], "r+b") as f:
+        f.seek(offset + size // 2)
+        byte = f.read(1)
+        f.seek(offset + size // 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    proc = tvix(home, "export", store_path)
+    err = proc.stderr.decode(errors="replace")
+    assert proc.returncode != 0
+    assert "Traceback" not in err, err
+    assert "wrong contents" in err or "failed rendering nar" in err, err
+    assert len(proc.stdout) < plan.nar_size
+
+
+def test_corrupt_chunk_fails_export(tmp_path: Path, home: Path) -> None:
+    """Compressed, large files are chunk files (B §7.1): one damaged chunk fails the export."""
+    tree = make_tree(tmp_path / "tree", big=0)
+    store_path = import_tree(home, tree, zstd="1")
     _, plan = the_plan(home)
     (_, raw, size, _, _) = next(e for e in plan.entries if e[3] < 0 and e[2] == 700 * 1024)
     chunks_dir = home / "blobs"
@@ -186,7 +220,7 @@ def test_corrupt_chunk_fails_export(tmp_path: Path, home: Path) -> None:
     err = proc.stderr.decode(errors="replace")
     assert proc.returncode != 0
     assert "Traceback" not in err, err
-    assert "wrong contents" in err, err
+    assert "wrong contents" in err or "corrupt" in err, err
     assert len(proc.stdout) < size
 
 
@@ -202,8 +236,17 @@ def test_export_into_a_pipe_matches(tmp_path: Path, home: Path, nix: Nix) -> Non
 
 
 # -- import: a tree that changes while it is imported -------------------------------
+def unplanned_store_urls(tmp_path: Path) -> tuple[str, str, str]:
+    """Services without packs or plans: import reads the tree twice (ingest, NAR hash)."""
+    return (
+        f"objectstore+file://{tmp_path / 'blobs'}",
+        f"sqlite://{tmp_path / 'dirs.sqlite'}",
+        f"sqlite://{tmp_path / 'pathinfo.sqlite'}",
+    )
+
+
 def test_import_fails_if_a_file_changes_meanwhile(
-    tmp_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from tvix_store import importer
     from tvix_store.config import open_store
@@ -223,8 +266,9 @@ def test_import_fails_if_a_file_changes_meanwhile(
     monkeypatch.setattr(importer, "nar_hash_path", hash_while_someone_writes)
 
     async def run() -> int:
-        store = await open_store(home=home)
+        store = await open_store(*unplanned_store_urls(tmp_path))
         async with store:
+            assert store.plans is None
             with pytest.raises(IngestionError, match="changed while it was being imported"):
                 await importer.import_path(tree, store)
             return len([i async for i in store.pathinfos.list()])
@@ -232,11 +276,47 @@ def test_import_fails_if_a_file_changes_meanwhile(
     assert asyncio.run(run()) == 0
 
 
+def test_embedded_import_hashes_what_it_stored(
+    tmp_path: Path, home: Path, nix: Nix, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The embedded store hashes the NAR from its packs: a file changed after it was read
+    changes nothing recorded (NarHash, store path and export all describe what was read)."""
+    from tvix_store import importer
+    from tvix_store.config import open_store
+
+    tree = make_tree(tmp_path / "tree", big=0)
+    before = nix_dump(nix, tree)
+    want = nix.run("nix-store", *nix.store_args, "--add", tree).decode().strip()
+    victim = tree / "dir3" / "nested" / "f7.txt"
+    real = importer.upload_files  # type: ignore[attr-defined]
+
+    async def upload_then_someone_writes(*args: Any, **kwargs: Any) -> None:
+        await real(*args, **kwargs)
+        victim.write_bytes(b"changed after it was read\n")
+
+    monkeypatch.setattr(importer, "upload_files", upload_then_someone_writes)
+
+    async def run() -> tuple[str, int, bytes]:
+        store = await open_store(home=home)
+        async with store:
+            assert store.plans is not None
+            info = await importer.import_path(tree, store)
+            return info.store_path.absolute, info.nar_size, info.nar_sha256
+
+    printed, nar_size, nar_sha256 = asyncio.run(run())
+    assert (nar_size, nar_sha256) == (before.size, before.digest)
+    assert printed == want
+    ours = DigestSink(keep=False)
+    export_to(home, printed, ours)
+    assert (ours.size, ours.digest) == (before.size, before.digest)
+
+
 @pytest.mark.parametrize("racy", [False, True])
 def test_import_nar_hash_source(
-    tmp_path: Path, home: Path, nix: Nix, monkeypatch: pytest.MonkeyPatch, racy: bool
+    tmp_path: Path, nix: Nix, monkeypatch: pytest.MonkeyPatch, racy: bool
 ) -> None:
-    """Files older than the racy window: NarHash from the tree; fresh ones: from castore."""
+    """Without packs: files older than the racy window: NarHash from the tree; fresh ones:
+    from castore."""
     from tvix_castore import ingest
     from tvix_store import importer
     from tvix_store.config import open_store
@@ -254,7 +334,7 @@ def test_import_nar_hash_source(
     monkeypatch.setattr(importer, "calculate_nar", counting)
 
     async def run() -> str:
-        store = await open_store(home=home)
+        store = await open_store(*unplanned_store_urls(tmp_path))
         async with store:
             info = await importer.import_path(tree, store)
             return info.store_path.absolute
@@ -359,7 +439,7 @@ def test_export_memory_stays_flat_for_a_large_compressible_file(
     """160 MiB of text compresses to almost nothing: it must still be streamed.
 
     Compressed, the forked child cannot keep all it decompressed, and reads
-    the rest again when it writes; raw, it serves views of the chunk files.
+    the rest again when it writes; raw, it serves views of the mapped packs.
     """
     tree = make_tree(tmp_path / "tree", big=0)
     line = b"the same compressible line, again and again and again\n"
@@ -368,8 +448,10 @@ def test_export_memory_stays_flat_for_a_large_compressible_file(
             f.write(line * 1024)
     store_path = import_tree(home, tree, zstd)
     frames = [p.read_bytes() for p in (home / "blobs" / "chunks").rglob("*") if p.is_file()]
-    compressed = [f for f in frames if raw_frame_pieces(f) is None]
-    assert frames and bool(compressed) == (zstd != "none")
+    if zstd == "none":  # raw: chunked into the packs, served as views of the mapped packs
+        assert not frames and chunked_rows(home) >= 2
+    else:
+        assert any(raw_frame_pieces(f) is None for f in frames)  # compressed ones among them
     peak = 0
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(

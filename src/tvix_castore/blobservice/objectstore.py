@@ -316,6 +316,16 @@ class ObjectStoreBlobService(BlobService):
         # Chunks known to exist (written or seen here): skips a stat per chunk.
         self._known: set[B3Digest] = set()
 
+    @property
+    def compresses(self) -> bool:
+        """Whether chunks are stored zstd-compressed (else as raw frames)."""
+        return self._zstd_level is not None
+
+    @property
+    def chunker(self) -> pyfastcdc.FastCDC:
+        """The FastCDC cutter of this store's chunk sizes (same input, same chunks)."""
+        return self._cdc
+
     # -- writing ----------------------------------------------------------
     def _store_chunk_sync(
         self, data: memoryview, out: list[ChunkMeta], digest: B3Digest | None = None

@@ -1,4 +1,4 @@
-"""Small blobs appended to pack files, large ones chunked in an object store.
+"""Blobs and chunks appended to pack files, indexed in SQLite.
 
 Most files in real store paths are a few KiB, and one filesystem object per
 blob costs far more than hashing it (a create + rename is ~0.3 ms here;
@@ -6,8 +6,18 @@ SQLite BLOB rows are better but still write every byte twice through the
 WAL). So blobs up to ``threshold`` bytes (default: the FastCDC minimum chunk
 size, below which a blob is a single chunk anyway) are appended, a batch at a
 time, to this process's pack file under ``packs/``; a SQLite table maps each
-digest to (pack, offset, length). Larger blobs go to an
-:class:`ObjectStoreBlobService` (B §7.1 layout).
+digest to (pack, offset, length).
+
+Larger files being ingested are cut into chunks exactly as the chunk store
+would cut them (FastCDC, same sizes, so the same chunk digests), and the
+chunks are packed like small blobs (a chunk is a blob of its own); the
+``chunked`` table lists each such blob's chunks. One chunk file per chunk in
+the B §7.1 layout cost ~0.8 ms each here (a fresh shard directory, a create,
+a rename): 1.3 s of a 745 MB import. Packs are not compressed, so where the
+chunk store compresses (``TVIX_STORE_CHUNK_ZSTD``), large files still go to
+it, as do blobs written through :meth:`open_write` (NAR ingestion, gRPC
+Put): the :class:`ObjectStoreBlobService` ``large`` (B §7.1 layout). Reads
+look in both.
 
 Safety: bytes are appended before their index rows are committed, so a crash
 can leave unreferenced bytes in a pack, never an index row pointing at
@@ -23,7 +33,7 @@ import sqlite3
 import struct
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,8 +50,8 @@ from tvix_castore.blobservice.base import (
     checked,
     read_file,
 )
-from tvix_castore.blobservice.objectstore import ObjectStoreBlobService
-from tvix_castore.digests import EMPTY_DIGEST, B3Digest
+from tvix_castore.blobservice.objectstore import ChunkedReader, ObjectStoreBlobService
+from tvix_castore.digests import EMPTY_DIGEST, B3Digest, hash_threads
 from tvix_castore.directoryservice.sqlite import connect, storage_error, write_tables
 from tvix_castore.errors import DataCorruption, StorageError
 from tvix_castore.lazy import lazy_module
@@ -59,6 +69,7 @@ Segment = tuple[int, int, bytes, dict[int, tuple[bytes, int]]]
 """Bytes appended to a pack at once: (offset, length, their BLAKE3 digest, and
 its blobs: offset → (digest, length))."""
 _Row = tuple[bytes, str, int, int]
+_ChunkedRow = tuple[bytes, bytes]  # blob digest, its chunks (_MEMBER records)
 _SegmentRow = tuple[str, int, int, bytes, bytes, bytes]  # ..., members, checksum
 _MEMBER = struct.Struct("<32sQ")  # a segment's blob: digest, length (in order)
 
@@ -85,11 +96,16 @@ CREATE TABLE IF NOT EXISTS pack_segments (
     checksum BLOB NOT NULL,
     PRIMARY KEY (pack, offset)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS chunked (
+    digest BLOB PRIMARY KEY,
+    chunks BLOB NOT NULL
+) WITHOUT ROWID;
 """
 _PACK_LIMIT = 1 << 30  # start a new pack file beyond this
 _QUERY_BATCH = 500
 _RECENT_LIMIT = 1 << 20  # locations remembered from this process's own writes
 _PENDING_ROWS = 1 << 17  # index rows from forked workers committed at once
+_FLUSH_BYTES = 8 << 20  # blob bytes read before they are appended (memory stays bounded)
 
 
 class _Appender:
@@ -176,6 +192,7 @@ class _ForkedPackedIngest(ForkedIngest):
         # the WAL (a commit per batch cost ~1 s of the parent for 47k files).
         self._pending: dict[bytes, _Row] = {}
         self._pending_segments: list[_SegmentRow] = []
+        self._pending_chunked: list[_ChunkedRow] = []
 
     def ingest_in_child(
         self, files: Sequence[tuple[str | bytes, int]], ask: Ask
@@ -183,14 +200,18 @@ class _ForkedPackedIngest(ForkedIngest):
         svc = self._svc
         if self._appender is None:
             self._appender = _Appender(svc.pack_dir, svc._fsync)
-        out, small = svc._read_files(files)
-        small = [(d, data) for d, data in small if data]
-        if small:
-            present = ask(("present", [d.raw for d, _ in small]))
+        appender = self._appender
+
+        def store(blobs: list[tuple[B3Digest, bytes]]) -> None:
+            present = ask(("present", [d.raw for d, _ in blobs]))
             assert isinstance(present, set)
-            new = {d.raw: data for d, data in small if d.raw not in present}
+            new = {d.raw: data for d, data in blobs if d.raw not in present}
             if new:
-                ask(("index", *self._appender.append_blobs(new)))
+                ask(("index", *appender.append_blobs(new)))
+
+        out, chunked = svc._read_files(files, store)
+        if chunked:
+            ask(("chunked", chunked))  # after their chunks' rows: committed with or after them
         return out
 
     def answer(self, question: object) -> object:
@@ -206,14 +227,18 @@ class _ForkedPackedIngest(ForkedIngest):
                 if len(self._pending) >= _PENDING_ROWS:
                     self.finish()
                 return None
+            case ("chunked", list(chunked)):
+                self._pending_chunked += chunked
+                return None
         return super().answer(question)
 
     def finish(self) -> None:
         """Commit the pending index rows (their bytes are already in the packs)."""
-        if self._pending:
+        if self._pending or self._pending_chunked:
             rows, segments = list(self._pending.values()), self._pending_segments
-            self._pending, self._pending_segments = {}, []
-            self._svc._index(rows, segments)
+            chunked = self._pending_chunked
+            self._pending, self._pending_segments, self._pending_chunked = {}, [], []
+            self._svc._index(rows, segments, chunked)
 
 
 class _Writer(BlobWriter):
@@ -247,7 +272,7 @@ class _Writer(BlobWriter):
 
 
 class PackedBlobService(BlobService):
-    """Pack files + SQLite index for small blobs, chunk objects for large ones."""
+    """Pack files + SQLite index for blobs and chunks; chunk objects for large written blobs."""
 
     def __init__(
         self,
@@ -289,7 +314,9 @@ class PackedBlobService(BlobService):
             return
         self._index(*self._appender.append_blobs(new))
 
-    def _index(self, rows: list[_Row], segments: list[_SegmentRow]) -> None:
+    def _index(
+        self, rows: list[_Row], segments: list[_SegmentRow], chunked: Sequence[_ChunkedRow] = ()
+    ) -> None:
         with self._lock:
             write_tables(
                 self._conn,
@@ -305,6 +332,7 @@ class PackedBlobService(BlobService):
                         " VALUES (?, ?, ?, ?, ?, ?)",
                         segments,
                     ),
+                    ("INSERT OR IGNORE INTO chunked (digest, chunks) VALUES (?, ?)", chunked),
                 ],
                 "indexing packed blobs",
             )
@@ -381,33 +409,85 @@ class PackedBlobService(BlobService):
         return _ForkedPackedIngest(self)
 
     def _read_files(
-        self, files: Sequence[tuple[str | bytes, int]]
-    ) -> tuple[list[B3Digest | Exception], list[tuple[B3Digest, bytes]]]:
-        """Large files stored as chunks; small ones read and hashed, to be packed by the caller.
+        self,
+        files: Sequence[tuple[str | bytes, int]],
+        store: Callable[[list[tuple[B3Digest, bytes]]], None],
+    ) -> tuple[list[B3Digest | Exception], list[_ChunkedRow]]:
+        """Read and hash files (large ones cut into chunks); ``store`` packs the bytes.
 
-        Per file its digest or the ``OSError``/``ValueError``, and the small blobs.
+        ``store`` gets (digest, bytes) batches of about ``_FLUSH_BYTES``, so
+        memory stays bounded whatever the file sizes. Returns per file its
+        digest or the ``OSError``/``ValueError``, and the ``chunked`` rows of
+        the files cut into several chunks (to be indexed after their chunks).
         """
         out: list[B3Digest | Exception] = []
-        small: list[tuple[B3Digest, bytes]] = []
+        chunked: list[_ChunkedRow] = []
+        batch: list[tuple[B3Digest, bytes]] = []
+        held = 0
+
+        def add(digest: B3Digest, data: bytes) -> None:
+            nonlocal held
+            batch.append((digest, data))
+            held += len(data)
+            if held >= _FLUSH_BYTES:
+                store(batch.copy())
+                batch.clear()
+                held = 0
+
+        compressed = self.large.compresses  # chunk files, for the space
         for path, size in files:
             try:
-                if size > self.threshold:
+                if size > self.threshold and compressed:
                     out.append(self.large.ingest_file_sync(path, size))
+                    continue
+                if size > self.threshold:
+                    digest, members = self._cut_file(path, size, add)
+                    if members is not None:
+                        chunked.append((digest.raw, members))
+                    out.append(digest)
                     continue
                 data = read_file(path, size)
                 digest = B3Digest(blake3.blake3(data).digest())
-                small.append((digest, data))
+                if data:
+                    add(digest, data)
                 out.append(digest)
             except (OSError, ValueError) as exc:
                 out.append(exc)
-        return out, small
+        if batch:
+            store(batch)
+        return out, chunked
+
+    def _cut_file(
+        self, path: str | bytes, size: int, add: Callable[[B3Digest, bytes], None]
+    ) -> tuple[B3Digest, bytes | None]:
+        """Cut a large file as the chunk store would, handing each chunk to ``add``.
+
+        Returns the blob's digest and its chunk records (``None`` if it is one
+        chunk: that chunk is the blob). Raises ``ValueError`` if the file no
+        longer has ``size`` bytes.
+        """
+        hasher = blake3.blake3(max_threads=hash_threads())
+        members: list[bytes] = []
+        total = 0
+        with open(path, "rb") as f:
+            for c in self.large.chunker.cut_stream(f):
+                data = bytes(c.data)  # the view is only valid until the next chunk
+                raw = blake3.blake3(data).digest()
+                hasher.update(data)
+                total += len(data)
+                members.append(_MEMBER.pack(raw, len(data)))
+                add(B3Digest(raw), data)
+        if total != size:
+            raise ValueError(f"file changed size while reading ({total} != {size})")
+        return B3Digest(hasher.digest()), b"".join(members) if len(members) > 1 else None
 
     async def ingest_files(
         self, files: Sequence[tuple[str | bytes, int]]
     ) -> list[B3Digest | Exception]:
         def work() -> list[B3Digest | Exception]:
-            out, small = self._read_files(files)
-            self._store_small(small)
+            out, chunked = self._read_files(files, self._store_small)
+            if chunked:
+                self._index([], [], chunked)
             return out
 
         return await asyncio.to_thread(work)
@@ -431,6 +511,10 @@ class PackedBlobService(BlobService):
         located = await asyncio.to_thread(self._locate, unique)
         found = {d for d in unique if d.raw in located or d == EMPTY_DIGEST}
         rest = [d for d in unique if d not in found]
+        if rest:
+            chunked = await asyncio.to_thread(self._chunked, [d.raw for d in rest])
+            found |= {d for d in rest if d.raw in chunked}
+            rest = [d for d in rest if d not in found]
         if rest:
             found |= await self.large.has_many(rest)
         return found
@@ -458,6 +542,44 @@ class PackedBlobService(BlobService):
             except sqlite3.Error as exc:
                 raise storage_error("looking up packed blobs", exc) from exc
         return found
+
+    def _chunked(self, digests: Sequence[bytes]) -> dict[bytes, list[ChunkMeta]]:
+        """The chunk lists of those of ``digests`` stored as packed chunks (blocking)."""
+        found: dict[bytes, list[ChunkMeta]] = {}
+        rows: list[tuple[bytes, bytes]] = []
+        with self._lock:
+            try:
+                for i in range(0, len(digests), _QUERY_BATCH):
+                    batch = list(digests[i : i + _QUERY_BATCH])
+                    marks = ",".join("?" * len(batch))
+                    rows += self._conn.execute(
+                        "SELECT digest, CAST(chunks AS BLOB) FROM chunked"
+                        f" WHERE digest IN ({marks})",
+                        batch,
+                    ).fetchall()
+            except sqlite3.Error as exc:
+                raise storage_error("looking up chunked blobs", exc) from exc
+        for raw, members in rows:
+            if not members or len(members) % _MEMBER.size:
+                raise DataCorruption(f"blob {B3Digest(bytes(raw))}: its chunk list is corrupt")
+            found[bytes(raw)] = [
+                ChunkMeta(B3Digest(d), n) for d, n in _MEMBER.iter_unpack(bytes(members))
+            ]
+        return found
+
+    def chunked_sync(self, digest: B3Digest) -> list[ChunkMeta] | None:
+        """The chunks of a blob stored as packed chunks, or ``None`` (blocking)."""
+        return self._chunked([digest.raw]).get(digest.raw)
+
+    def chunked_many(self, raws: Sequence[bytes]) -> dict[bytes, list[ChunkMeta]]:
+        """:meth:`chunked_sync` for many digests (given as bytes) at once (blocking)."""
+        return self._chunked(list(dict.fromkeys(raws)))
+
+    async def _load_chunk(self, digest: B3Digest, size: int) -> bytes | None:
+        data = await asyncio.to_thread(self.read_packed_sync, digest)
+        if data is not None and len(data) != size:
+            raise DataCorruption(f"chunk {digest} does not have the {size} bytes indexed")
+        return data
 
     def _pread(self, digest: B3Digest, pack: str, offset: int, length: int) -> bytes:
         try:
@@ -494,6 +616,8 @@ class PackedBlobService(BlobService):
             return True
         if await asyncio.to_thread(self._locate, [digest]):
             return True
+        if await asyncio.to_thread(self.chunked_sync, digest) is not None:
+            return True
         return await self.large.has(digest)
 
     async def size(self, digest: B3Digest) -> int | None:
@@ -502,6 +626,9 @@ class PackedBlobService(BlobService):
         found = await asyncio.to_thread(self._locate, [digest])
         if found:
             return found[digest.raw][2]
+        chunks = await asyncio.to_thread(self.chunked_sync, digest)
+        if chunks is not None:
+            return sum(c.size for c in chunks)
         return await self.large.size(digest)
 
     async def size_many(self, digests: Sequence[B3Digest]) -> dict[B3Digest, int]:
@@ -512,12 +639,19 @@ class PackedBlobService(BlobService):
             out[EMPTY_DIGEST] = 0
         rest = [d for d in unique if d not in out]
         if rest:
+            chunked = await asyncio.to_thread(self._chunked, [d.raw for d in rest])
+            out.update({d: sum(c.size for c in chunked[d.raw]) for d in rest if d.raw in chunked})
+            rest = [d for d in rest if d not in out]
+        if rest:
             out.update(await self.large.size_many(rest))
         return out
 
     async def chunks(self, digest: B3Digest) -> list[ChunkMeta] | None:
         if digest == EMPTY_DIGEST or len(await asyncio.to_thread(self._locate, [digest])):
             return []
+        chunks = await asyncio.to_thread(self.chunked_sync, digest)
+        if chunks is not None:
+            return chunks
         return await self.large.chunks(digest)
 
     async def read_many(self, digests: Sequence[B3Digest]) -> dict[B3Digest, bytes]:
@@ -527,8 +661,25 @@ class PackedBlobService(BlobService):
             found[EMPTY_DIGEST] = b""
         rest = [d for d in unique if d not in found]
         if rest:
+            found.update(await asyncio.to_thread(self._read_many_chunked, rest))
+            rest = [d for d in rest if d not in found]
+        if rest:
             found.update(await self.large.read_many(rest))
         return found
+
+    def _read_many_chunked(self, digests: Sequence[B3Digest]) -> dict[B3Digest, bytes]:
+        """Whole blobs stored as packed chunks, each chunk verified (blocking)."""
+        out: dict[B3Digest, bytes] = {}
+        for raw, chunks in self._chunked([d.raw for d in digests]).items():
+            got = self._read_many_small([c.digest for c in chunks])
+            parts = []
+            for c in chunks:
+                part = got.get(c.digest)
+                if part is None or len(part) != c.size:
+                    raise DataCorruption(f"blob {B3Digest(raw)}: chunk {c.digest} is missing")
+                parts.append(part)
+            out[B3Digest(raw)] = b"".join(parts)
+        return out
 
     async def open_read(self, digest: B3Digest) -> BlobReader | None:
         if digest == EMPTY_DIGEST:
@@ -536,6 +687,9 @@ class PackedBlobService(BlobService):
         found = await asyncio.to_thread(self._read_many_small, [digest])
         if digest in found:
             return BytesBlobReader(found[digest])
+        chunks = await asyncio.to_thread(self.chunked_sync, digest)
+        if chunks is not None:
+            return ChunkedReader(chunks, self._load_chunk)
         return await self.large.open_read(digest)
 
     def close(self) -> None:

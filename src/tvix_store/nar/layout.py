@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from nix_compat.nar import wire
 from tvix_castore.blobservice.base import BlobService
@@ -18,7 +19,10 @@ from tvix_castore.directoryservice.base import DirectoryService
 from tvix_castore.nodes import Directory, DirectoryNode, FileNode, Node, SymlinkNode
 from tvix_store.nar.render import NarRenderError, blob_range, fetch_closure
 
-__all__ = ["NarLayout", "build_layout", "nar_layout"]
+if TYPE_CHECKING:
+    from tvix_castore.ingest import ScannedFile, ScannedTree
+
+__all__ = ["NarLayout", "build_layout", "nar_layout", "scanned_layout"]
 
 _READ = 1 << 20
 
@@ -122,6 +126,36 @@ def build_layout(node: Node, closure: Mapping[B3Digest, Directory]) -> NarLayout
     if lit:
         segments.append(bytes(lit))
     return NarLayout.of(segments)
+
+
+def scanned_layout(tree: ScannedTree) -> tuple[list[bytes | ScannedFile], int]:
+    """An uploaded tree's NAR from its scan (as from its Directories): segments, and size."""
+    segments: list[bytes | ScannedFile] = []
+    lit = bytearray(wire.MAGIC + wire.OPEN_TYPE)
+    depth = 0
+    for name, node in tree.walk():
+        if node is None and not name and depth:  # leaving a directory
+            depth -= 1
+            lit += wire.CLOSE + wire.CLOSE if depth else wire.CLOSE
+            continue
+        if depth:
+            lit += wire.ENTRY_NAME + _str(name) + wire.NODE_OPEN_TYPE
+        if node is None:
+            lit += wire.DIRECTORY
+            depth += 1
+            continue
+        if isinstance(node, SymlinkNode):
+            lit += wire.SYMLINK + _str(node.target)
+        else:
+            lit += (wire.EXECUTABLE if node.executable else wire.REGULAR) + wire.U64.pack(node.size)
+            if node.size:
+                segments.append(bytes(lit))
+                segments.append(node)
+                lit = bytearray()
+            lit += b"\0" * wire.padding(node.size)
+        lit += wire.CLOSE + wire.CLOSE if depth else wire.CLOSE
+    segments.append(bytes(lit))
+    return segments, sum(len(s) if isinstance(s, bytes) else s.size for s in segments)
 
 
 async def nar_layout(

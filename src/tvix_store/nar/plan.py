@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import dataclasses
+import hashlib
 import logging
 import mmap
 import os
@@ -51,11 +53,13 @@ from tvix_castore.errors import CastoreError, DataCorruption
 from tvix_castore.forked import fork_child
 from tvix_castore.lazy import lazy_module
 from tvix_castore.nodes import Directory, DirectoryNode, FileNode, Node
-from tvix_store.nar.layout import NarLayout, build_layout
+from tvix_store.nar.layout import NarLayout, build_layout, scanned_layout
 from tvix_store.nar.render import NarRenderError, calculate_nar, fetch_closure
 
 if TYPE_CHECKING:
     import asyncio
+
+    from tvix_castore.ingest import ScannedFile, ScannedTree
 else:
     asyncio = lazy_module("asyncio")  # not needed to write a NAR from its plan
 
@@ -66,6 +70,7 @@ __all__ = [
     "build_plan",
     "calculate_nar_planned",
     "content_present",
+    "hashed_plan",
     "planned_stream",
     "save_plan",
     "vouching_plan",
@@ -168,30 +173,80 @@ def build_plan(
 ) -> NarPlan:
     """The plan of ``node``'s NAR, whose sha256 the caller has established (blocking)."""
     layout = build_layout(node, closure)
-    located = blobs.locate_many([f.digest.raw for f in layout.files])
+    return _plan_of_segments(layout.segments, layout.size, blobs, nar_sha256)
+
+
+def _plan_of_segments(
+    segments: Sequence[bytes | FileNode | ScannedFile],
+    nar_size: int,
+    blobs: PackedBlobService,
+    nar_sha256: bytes,
+) -> NarPlan:
+    raws: list[bytes] = []
+    for seg in segments:
+        if not isinstance(seg, bytes):
+            if seg.digest is None:
+                raise ValueError("a NAR plan of files not uploaded")
+            raws.append(seg.digest.raw)
+    located = blobs.locate_many(raws)
+    # Blobs stored as packed chunks become one entry per chunk (a chunk is a
+    # blob of its own, verified alone), with nothing literal between them.
+    chunked = blobs.chunked_many([raw for raw in raws if raw not in located])
+    if chunked:
+        located.update(blobs.locate_many([c.digest.raw for cs in chunked.values() for c in cs]))
     pack_index: dict[str, int] = {}
     literals = bytearray()
     entries: list[_Entry] = []
-    for seg in layout.segments:
+    raw_of = iter(raws)
+    for seg in segments:
         if isinstance(seg, bytes):
             literals += seg
             continue
-        loc = located.get(seg.digest.raw)
-        if loc is None or loc[2] != seg.size:
-            pack, offset = _NOT_PACKED, 0
-        else:
-            pack = pack_index.setdefault(loc[0], len(pack_index))
-            offset = loc[1]
-        entries.append((len(literals), seg.digest.raw, seg.size, pack, offset))
+        raw, size = next(raw_of), seg.size
+        pieces = [(raw, size)]
+        chunks = chunked.get(raw)
+        if chunks is not None and sum(c.size for c in chunks) == size:
+            pieces = [(c.digest.raw, c.size) for c in chunks]
+            if any(located.get(r, ("", 0, -1))[2] != n for r, n in pieces):
+                pieces = [(raw, size)]  # a chunk not where it should be: the slow way
+        for raw, size in pieces:
+            loc = located.get(raw)
+            if loc is None or loc[2] != size:
+                pack, offset = _NOT_PACKED, 0
+            else:
+                pack = pack_index.setdefault(loc[0], len(pack_index))
+                offset = loc[1]
+            entries.append((len(literals), raw, size, pack, offset))
     packs = tuple(pack_index)
     return NarPlan(
-        layout.size,
+        nar_size,
         nar_sha256,
         packs,
         bytes(literals),
         tuple(entries),
         _covering_segments(entries, packs, blobs),
     )
+
+
+def hashed_plan(tree: ScannedTree, blobs: PackedBlobService) -> NarPlan:
+    """The plan of a just uploaded tree's NAR, vouching for its sha256 as read back (blocking).
+
+    Hashing what the packs hold (each blob verified on the way) gives the
+    NarHash of exactly what was stored, without reading the source tree again
+    (and whatever happened to it meanwhile). The layout comes from the scan,
+    so no Directory is needed: this can run while they are being built and
+    put (it mostly hashes, without the GIL).
+    """
+    plan = _plan_of_segments(*scanned_layout(tree), blobs, _UNVOUCHED)
+    sha = hashlib.sha256()
+    update = sha.update
+
+    def sink(iov: list[bytes | memoryview], total: int) -> None:
+        for piece in iov:
+            update(piece)
+
+    _write(plan, blobs, sink, None)
+    return dataclasses.replace(plan, nar_sha256=sha.digest())
 
 
 def _covering_segments(
@@ -398,6 +453,10 @@ class _Reader:
                 yield from self._chunks(digest, size, chunks or [ChunkMeta(digest, size)])
                 return
             if self._fallback:
+                packed = self._blobs.chunked_sync(digest)
+                if packed is not None:
+                    yield from self._packed_chunks(digest, size, packed)
+                    return
                 yield _fallback(self._blobs, digest, size)
                 return
         except NarRenderError:
@@ -425,6 +484,15 @@ class _Reader:
             if sum(len(p) for p in got) != c.size:
                 raise DataCorruption(f"chunk {c.digest} does not have the {c.size} bytes indexed")
             yield from got
+
+    def _packed_chunks(
+        self, digest: B3Digest, size: int, chunks: list[ChunkMeta]
+    ) -> Iterator[bytes | memoryview]:
+        """A blob stored as packed chunks, looked up chunk by chunk (parent process only)."""
+        if sum(c.size for c in chunks) != size:
+            raise NarRenderError(f"failed rendering nar: blob {digest} does not have {size} bytes")
+        for c in chunks:
+            yield _fallback(self._blobs, c.digest, c.size)
 
     def close(self) -> None:
         self._packs.close()
@@ -808,7 +876,8 @@ def content_present(plan: NarPlan, blobs: PackedBlobService) -> bool:
     ends: dict[int, int] = {}
     for _, raw, size, pack, offset in plan.entries:
         if pack == _NOT_PACKED:
-            if blobs.large.chunks_sync(B3Digest(raw)) is None:
+            digest = B3Digest(raw)
+            if blobs.large.chunks_sync(digest) is None and blobs.chunked_sync(digest) is None:
                 return False
         else:
             ends[pack] = max(ends.get(pack, 0), offset + size)
