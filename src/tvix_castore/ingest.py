@@ -112,24 +112,22 @@ class ScannedTree:
         entering a directory and ``(b"", None)`` on leaving it (the root's
         name is ``b""``). Only after :func:`upload_files`.
         """
-        stack: list[tuple[list[_Entry], int]] = []
-
-        def enter(e: _Entry) -> Iterator[tuple[bytes, ScannedFile | SymlinkNode | None]]:
-            if isinstance(e, _Dir):
-                stack.append((e.children, 0))
-                yield e.name, None
-            else:
-                yield e.name, e
-
-        yield from enter(self.root)
+        root = self.root
+        if not isinstance(root, _Dir):
+            yield root.name, root
+            return
+        yield root.name, None
+        stack = [iter(root.children)]
         while stack:
-            children, i = stack[-1]
-            if i == len(children):
+            for e in stack[-1]:  # (one flat generator: this runs per entry)
+                if isinstance(e, _Dir):
+                    yield e.name, None
+                    stack.append(iter(e.children))
+                    break
+                yield e.name, e
+            else:
                 stack.pop()
                 yield b"", None
-                continue
-            stack[-1] = (children, i + 1)
-            yield from enter(children[i])
 
     def changed(self) -> str | None:
         """The first entry whose stat differs from the scan's (blocking), or ``None``."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -23,7 +23,7 @@ from tvix_castore.ingest import (
 )
 from tvix_castore.nodes import Directory, DirectoryNode, Node
 from tvix_store.config import Store
-from tvix_store.nar.plan import NarPlan, hashed_plan, save_plan
+from tvix_store.nar.plan import NarPlan, PlanHasher, save_plan, scanned_plan
 from tvix_store.nar.render import calculate_nar
 from tvix_store.pathinfo import PathInfo
 
@@ -94,16 +94,15 @@ async def _ingest_then_hash(
 ) -> IngestedTree:
     await upload_files(tree, blobs)
     if tree.is_directory:
-        # The NAR is hashed (mostly without the GIL) while the Directories are built.
-        # (Submitted now: put_directories may not yield to the loop for a while.)
-        hashing = asyncio.get_running_loop().run_in_executor(None, hashed_plan, tree, blobs)
+        plan = await asyncio.to_thread(scanned_plan, tree, blobs)
+        # The NAR is hashed (by a forked child, if large) while the Directories are built.
+        hasher = PlanHasher(plan, blobs)
         try:
             node = await put_directories(tree, store.directories, collect=closure)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await hashing
-            raise
-        plan = await hashing
+            sha = await asyncio.to_thread(hasher.result)
+        finally:
+            hasher.close()
+        plan = dataclasses.replace(plan, nar_sha256=sha)
         return IngestedTree(node, plan.nar_size, plan.nar_sha256, closure, plan)
     node = await put_directories(tree, store.directories, collect=closure)
     # A lone file or symlink: its NAR read back from castore.

@@ -19,7 +19,7 @@ from tvix_castore.directoryservice.base import DirectoryService
 from tvix_castore.nodes import Directory, DirectoryNode, FileNode, Node, SymlinkNode
 from tvix_store.nar.render import NarRenderError, blob_range, fetch_closure
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # (not imported at run time: ingest loads asyncio, export must not)
     from tvix_castore.ingest import ScannedFile, ScannedTree
 
 __all__ = ["NarLayout", "build_layout", "nar_layout", "scanned_layout"]
@@ -141,25 +141,46 @@ def build_layout(node: Node, closure: Mapping[B3Digest, Directory]) -> NarLayout
 
 
 def scanned_layout(tree: ScannedTree) -> tuple[list[bytes | ScannedFile], int]:
-    """An uploaded tree's NAR from its scan (as from its Directories): segments, and size."""
+    """An uploaded tree's NAR from its scan (as from its Directories): segments, and size.
+
+    Runs once per entry of trees of tens of thousands: the wire pieces are
+    bound to locals and entries without content stay in the literal.
+    """
     segments: list[bytes | ScannedFile] = []
     lit = bytearray(wire.MAGIC + wire.OPEN_TYPE)
+    u64 = wire.U64.pack
+    entry_open, entry_close = wire.ENTRY_NAME, wire.CLOSE + wire.CLOSE
+    node_open, directory = wire.NODE_OPEN_TYPE, wire.DIRECTORY
+    symlink, regular, executable = wire.SYMLINK, wire.REGULAR, wire.EXECUTABLE
+    zeros = bytes(8)
     depth = 0
+    size = 0
     for name, node in tree.walk():
         if node is None and not name and depth:  # leaving a directory
             depth -= 1
-            lit += wire.CLOSE + wire.CLOSE if depth else wire.CLOSE
+            lit += entry_close if depth else wire.CLOSE
             continue
         if depth:
-            lit += wire.ENTRY_NAME + _str(name) + wire.NODE_OPEN_TYPE
+            n = len(name)
+            lit += entry_open + u64(n) + name + zeros[: -n % 8] + node_open
         if node is None:
-            lit += wire.DIRECTORY
+            lit += directory
             depth += 1
             continue
-        lit = _leaf(lit, node, segments)
-        lit += wire.CLOSE + wire.CLOSE if depth else wire.CLOSE
+        if isinstance(node, SymlinkNode):
+            n = len(node.target)
+            lit += symlink + u64(n) + node.target + zeros[: -n % 8]
+        else:
+            n = node.size
+            lit += (executable if node.executable else regular) + u64(n)
+            if n:
+                size += len(lit) + n
+                segments.append(bytes(lit))
+                segments.append(node)
+                lit = bytearray(zeros[: -n % 8])
+        lit += entry_close if depth else wire.CLOSE
     segments.append(bytes(lit))
-    return segments, sum(len(s) if isinstance(s, bytes) else s.size for s in segments)
+    return segments, size + len(lit)
 
 
 async def nar_layout(

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import dataclasses
 import hashlib
 import logging
 import mmap
@@ -70,7 +69,8 @@ __all__ = [
     "build_plan",
     "calculate_nar_planned",
     "content_present",
-    "hashed_plan",
+    "PlanHasher",
+    "scanned_plan",
     "planned_stream",
     "save_plan",
     "vouching_plan",
@@ -197,12 +197,20 @@ def _plan_of_segments(
     pack_index: dict[str, int] = {}
     literals = bytearray()
     entries: list[_Entry] = []
+    add = entries.append
     raw_of = iter(raws)
-    for seg in segments:
+    for seg in segments:  # (runs per file of trees of tens of thousands)
         if isinstance(seg, bytes):
             literals += seg
             continue
         raw, size = next(raw_of), seg.size
+        loc = located.get(raw)
+        if loc is not None and loc[2] == size:  # a packed blob: the common case
+            pack = pack_index.get(loc[0])
+            if pack is None:
+                pack = pack_index[loc[0]] = len(pack_index)
+            add((len(literals), raw, size, pack, loc[1]))
+            continue
         pieces = [(raw, size)]
         chunks = chunked.get(raw)
         if chunks is not None and sum(c.size for c in chunks) == size:
@@ -216,7 +224,7 @@ def _plan_of_segments(
             else:
                 pack = pack_index.setdefault(loc[0], len(pack_index))
                 offset = loc[1]
-            entries.append((len(literals), raw, size, pack, offset))
+            add((len(literals), raw, size, pack, offset))
     packs = tuple(pack_index)
     return NarPlan(
         nar_size,
@@ -228,16 +236,16 @@ def _plan_of_segments(
     )
 
 
-def hashed_plan(tree: ScannedTree, blobs: PackedBlobService) -> NarPlan:
-    """The plan of a just uploaded tree's NAR, vouching for its sha256 as read back (blocking).
+def scanned_plan(tree: ScannedTree, blobs: PackedBlobService) -> NarPlan:
+    """The plan of a just uploaded tree's NAR, vouching for nothing yet (blocking).
 
-    Hashing what the packs hold (each blob verified on the way) gives the
-    NarHash of exactly what was stored, without reading the source tree again
-    (and whatever happened to it meanwhile). The layout comes from the scan,
-    so no Directory is needed: this can run while they are being built and
-    put (it mostly hashes, without the GIL).
+    The layout comes from the scan, so no Directory is needed: the NAR can
+    be hashed (see :class:`PlanHasher`) while they are built and put.
     """
-    plan = _plan_of_segments(*scanned_layout(tree), blobs, _UNVOUCHED)
+    return _plan_of_segments(*scanned_layout(tree), blobs, _UNVOUCHED)
+
+
+def _sha256_of(plan: NarPlan, blobs: PackedBlobService, *, fallback: bool) -> bytes:
     sha = hashlib.sha256()
     update = sha.update
 
@@ -245,8 +253,60 @@ def hashed_plan(tree: ScannedTree, blobs: PackedBlobService) -> NarPlan:
         for piece in iov:
             update(piece)
 
-    _write(plan, blobs, sink, None)
-    return dataclasses.replace(plan, nar_sha256=sha.digest())
+    _write(plan, blobs, sink, None, fallback=fallback)
+    return sha.digest()
+
+
+class PlanHasher:
+    """The sha256 of a plan's NAR as the packs hold it, every blob verified on the way.
+
+    For a tree just ingested, this is the NarHash of exactly what was stored,
+    without reading the source tree again (or whatever happened to it
+    meanwhile). A large NAR is hashed by a forked child, so the caller's
+    Python work (building Directories) runs beside it: a thread would
+    contend for the GIL on every one of tens of thousands of small updates.
+    If the child fails (say, a blob not where the plan says, which only the
+    parent may look up), :meth:`result` hashes in this process instead.
+    """
+
+    def __init__(self, plan: NarPlan, blobs: PackedBlobService) -> None:
+        self._plan = plan
+        self._blobs = blobs
+        self._pid = 0
+        self._pipe = -1
+        if plan.nar_size >= _FORK_MIN and (os.cpu_count() or 1) > 1:
+            r, w = os.pipe()
+
+            def main() -> int:
+                os.write(w, _sha256_of(plan, blobs, fallback=False))
+                return 0
+
+            self._pid = fork_child(main, lambda exc: None, (r,))
+            os.close(w)
+            self._pipe = r
+
+    def result(self) -> bytes:
+        """The sha256 (blocking). Raises ``NarRenderError`` for missing or corrupt content."""
+        if self._pid:
+            try:
+                data = b""
+                while len(data) < 32 and (more := os.read(self._pipe, 32 - len(data))):
+                    data += more
+            finally:
+                self.close()
+            if len(data) == 32:
+                return data
+            _log.debug("the NAR hashing child failed: hashing in this process")
+        return _sha256_of(self._plan, self._blobs, fallback=True)
+
+    def close(self) -> None:
+        """Stop the child, if any (blocking)."""
+        if self._pid:
+            pid, self._pid = self._pid, 0
+            os.close(self._pipe)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
 
 
 def _covering_segments(
@@ -548,15 +608,26 @@ def write_plan(plan: NarPlan, blobs: PackedBlobService, fd: int) -> None:
     _write(plan, blobs, _fd_sink(fd), fd)
 
 
-def _write(plan: NarPlan, blobs: PackedBlobService, sink: _Sink, fork_fd: int | None) -> None:
-    """Write ``plan`` into ``sink``; with ``fork_fd``, a large one with a forked child."""
+def _write(
+    plan: NarPlan,
+    blobs: PackedBlobService,
+    sink: _Sink,
+    fork_fd: int | None,
+    *,
+    fallback: bool = True,
+) -> None:
+    """Write ``plan`` into ``sink``; with ``fork_fd``, a large one with a forked child.
+
+    Without ``fallback`` (in a forked process), a blob not where the plan
+    says is an error rather than looked up.
+    """
     entries = plan.entries
     literals = memoryview(plan.literals)
     child = None
     multi_core = (os.cpu_count() or 1) > 1
     if fork_fd is not None and plan.nar_size >= _FORK_MIN and len(entries) > 1 and multi_core:
         child = _Child.start(plan, blobs, fork_fd, entries)
-    reader = _Reader(blobs, plan, fallback=True)
+    reader = _Reader(blobs, plan, fallback=fallback)
     out = _Out(sink, _FLUSH_BYTES if fork_fd is not None else _SERVER_PIECE)
     stop = len(entries)
     try:
