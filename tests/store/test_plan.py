@@ -10,6 +10,7 @@ content fails the export with a clear message instead of wrong bytes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import random
 import sqlite3
@@ -30,6 +31,7 @@ from tvix_castore.digests import B3Digest
 from tvix_castore.errors import IngestionError
 from tvix_store.nar import plan as plan_mod
 from tvix_store.nar.plan import NarPlan, SqliteNarPlans
+from tvix_store.nar.render import NarRenderError
 
 from .conftest import TVIX, export_to, ok, tvix, tvix_env
 
@@ -653,3 +655,72 @@ def test_export_of_a_path_inside_a_store_path(tmp_path: Path, home: Path, arg: s
     proc = tvix(home, "export", arg.format(sp=store_path))
     assert proc.returncode != 0 and proc.stdout == b""
     assert "export takes a store path, not a path inside one" in proc.stderr.decode()
+
+
+# -- hashing a just uploaded tree's NAR from the packs ------------------------------
+def _uploaded_plan(home: Path, tree: Path) -> NarPlan:
+    """The plan of a tree uploaded into the embedded store at ``home`` (unvouched)."""
+    from tvix_castore.ingest import scan_tree, upload_files
+    from tvix_store.config import open_store
+
+    async def run() -> NarPlan:
+        store = await open_store(home=home)
+        async with store:
+            assert isinstance(store.blobs, PackedBlobService)
+            scanned = scan_tree(tree)
+            await upload_files(scanned, store.blobs)
+            return plan_mod.scanned_plan(scanned, store.blobs)
+
+    return asyncio.run(run())
+
+
+def _hash_plan(home: Path, plan: NarPlan) -> tuple[bytes, bool]:
+    """PlanHasher's result, and whether it forked a child."""
+    from tvix_store.config import open_store
+
+    async def run() -> tuple[bytes, bool]:
+        store = await open_store(home=home)
+        async with store:
+            assert isinstance(store.blobs, PackedBlobService)
+            hasher = plan_mod.PlanHasher(plan, store.blobs)
+            forked = hasher._pid != 0
+            try:
+                return hasher.result(), forked
+            finally:
+                hasher.close()
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("big", [0, 40 * MiB], ids=["in-process", "forked"])
+def test_plan_hasher_matches_nix(tmp_path: Path, home: Path, nix: Nix, big: int) -> None:
+    tree = make_tree(tmp_path / "tree", big=big)
+    plan = _uploaded_plan(home, tree)
+    want = nix_dump(nix, tree)
+    assert plan.nar_size == want.size
+    sha, forked = _hash_plan(home, plan)
+    assert forked == bool(big)
+    assert sha == want.digest
+
+
+def test_plan_hasher_does_not_trust_a_misplaced_blob(tmp_path: Path, home: Path, nix: Nix) -> None:
+    """The child reads blobs unverified: one not where the plan says (here: one byte
+    off) must not make its sha256 count; the NAR is hashed again, blobs looked up."""
+    tree = make_tree(tmp_path / "tree", big=40 * MiB)
+    plan = _uploaded_plan(home, tree)
+    entries = list(plan.entries)
+    i = next(i for i, e in enumerate(entries) if e[3] >= 0 and 100 < e[2] < 10_000)
+    lit_end, raw, size, pack, offset = entries[i]
+    entries[i] = (lit_end, raw, size, pack, offset + 1)
+    bad = dataclasses.replace(plan, entries=tuple(entries), segments=())
+    sha, forked = _hash_plan(home, bad)
+    assert forked
+    assert sha == nix_dump(nix, tree).digest
+
+
+def test_plan_hasher_fails_on_a_corrupt_blob(tmp_path: Path, home: Path) -> None:
+    tree = make_tree(tmp_path / "tree", big=40 * MiB)
+    plan = _uploaded_plan(home, tree)
+    corrupt_pack(home, plan, 3)
+    with pytest.raises(NarRenderError, match=r"wrong contents|failed rendering nar"):
+        _hash_plan(home, plan)

@@ -245,7 +245,7 @@ def scanned_plan(tree: ScannedTree, blobs: PackedBlobService) -> NarPlan:
     return _plan_of_segments(*scanned_layout(tree), blobs, _UNVOUCHED)
 
 
-def _sha256_of(plan: NarPlan, blobs: PackedBlobService, *, fallback: bool) -> bytes:
+def _sha256_of(plan: NarPlan, blobs: PackedBlobService, *, fallback: bool, verify: bool) -> bytes:
     sha = hashlib.sha256()
     update = sha.update
 
@@ -253,20 +253,22 @@ def _sha256_of(plan: NarPlan, blobs: PackedBlobService, *, fallback: bool) -> by
         for piece in iov:
             update(piece)
 
-    _write(plan, blobs, sink, None, fallback=fallback)
+    _write(plan, blobs, sink, None, fallback=fallback, verify=verify)
     return sha.digest()
 
 
 class PlanHasher:
-    """The sha256 of a plan's NAR as the packs hold it, every blob verified on the way.
+    """The sha256 of a plan's NAR as the packs hold it, every blob verified.
 
     For a tree just ingested, this is the NarHash of exactly what was stored,
     without reading the source tree again (or whatever happened to it
     meanwhile). A large NAR is hashed by a forked child, so the caller's
     Python work (building Directories) runs beside it: a thread would
     contend for the GIL on every one of tens of thousands of small updates.
-    If the child fails (say, a blob not where the plan says, which only the
-    parent may look up), :meth:`result` hashes in this process instead.
+    The child only hashes; :meth:`result` verifies every blob's BLAKE3 (in
+    this process, while the child hashes the same pack bytes: packs are
+    append-only). If the child fails (say, a blob not where the plan says,
+    which only the parent may look up), :meth:`result` hashes here instead.
     """
 
     def __init__(self, plan: NarPlan, blobs: PackedBlobService) -> None:
@@ -278,7 +280,7 @@ class PlanHasher:
             r, w = os.pipe()
 
             def main() -> int:
-                os.write(w, _sha256_of(plan, blobs, fallback=False))
+                os.write(w, _sha256_of(plan, blobs, fallback=False, verify=False))
                 return 0
 
             self._pid = fork_child(main, lambda exc: None, (r,))
@@ -286,18 +288,25 @@ class PlanHasher:
             self._pipe = r
 
     def result(self) -> bytes:
-        """The sha256 (blocking). Raises ``NarRenderError`` for missing or corrupt content."""
+        """The sha256 (blocking). Raises ``NarRenderError`` for missing or corrupt content.
+
+        The child's sha256 counts only if every blob is where the plan says
+        (it read them from there, unverified); otherwise this process hashes
+        the NAR itself, looking misplaced blobs up.
+        """
         if self._pid:
+            data = b""
             try:
-                data = b""
-                while len(data) < 32 and (more := os.read(self._pipe, 32 - len(data))):
-                    data += more
+                with contextlib.suppress(NarRenderError):  # then: the slow way, below
+                    _write(self._plan, self._blobs, lambda iov, total: None, None, fallback=False)
+                    while len(data) < 32 and (more := os.read(self._pipe, 32 - len(data))):
+                        data += more
             finally:
                 self.close()
             if len(data) == 32:
                 return data
-            _log.debug("the NAR hashing child failed: hashing in this process")
-        return _sha256_of(self._plan, self._blobs, fallback=True)
+            _log.debug("hashing the NAR in this process (the child failed, or a blob moved)")
+        return _sha256_of(self._plan, self._blobs, fallback=True, verify=True)
 
     def close(self) -> None:
         """Stop the child, if any (blocking)."""
@@ -454,15 +463,20 @@ class _Reader:
 
     Packed blobs are views of the mapped pack file; incompressible chunks are
     views of the mapped chunk file; other chunks are decompressed. Everything
-    is BLAKE3-verified before it is returned. With ``fallback``, a blob not
-    where the plan says is looked up through the blob service (parent process
-    only: the SQLite connection must not be used after a fork).
+    is BLAKE3-verified before it is returned (packed blobs not, with
+    ``verify=False``: for a caller that verifies them apart). With
+    ``fallback``, a blob not where the plan says is looked up through the blob
+    service (parent process only: the SQLite connection must not be used
+    after a fork).
     """
 
-    def __init__(self, blobs: PackedBlobService, plan: NarPlan, *, fallback: bool) -> None:
+    def __init__(
+        self, blobs: PackedBlobService, plan: NarPlan, *, fallback: bool, verify: bool = True
+    ) -> None:
         self._blobs = blobs
         self._packs = _Packs(blobs, plan.packs)
         self._fallback = fallback
+        self._verify = verify
         # Per pack: its plan segments (start, end, digest), their starts, and
         # whether each was checked (0: not yet, 1: intact, 2: not intact).
         self._segments: list[list[tuple[int, int, bytes]]] = [[] for _ in plan.packs]
@@ -482,8 +496,8 @@ class _Reader:
         if pack == _NOT_PACKED:
             return None
         view = self._packs.view(pack, offset, size)
-        if view is None:
-            return None
+        if view is None or not self._verify:
+            return view
         k = bisect.bisect_right(self._starts[pack], offset) - 1
         if k >= 0:
             start, end, b3 = self._segments[pack][k]
@@ -615,11 +629,13 @@ def _write(
     fork_fd: int | None,
     *,
     fallback: bool = True,
+    verify: bool = True,
 ) -> None:
     """Write ``plan`` into ``sink``; with ``fork_fd``, a large one with a forked child.
 
     Without ``fallback`` (in a forked process), a blob not where the plan
-    says is an error rather than looked up.
+    says is an error rather than looked up; without ``verify``, packed blobs
+    are not hashed (the caller verifies them apart: see :class:`PlanHasher`).
     """
     entries = plan.entries
     literals = memoryview(plan.literals)
@@ -627,7 +643,7 @@ def _write(
     multi_core = (os.cpu_count() or 1) > 1
     if fork_fd is not None and plan.nar_size >= _FORK_MIN and len(entries) > 1 and multi_core:
         child = _Child.start(plan, blobs, fork_fd, entries)
-    reader = _Reader(blobs, plan, fallback=fallback)
+    reader = _Reader(blobs, plan, fallback=fallback, verify=verify)
     out = _Out(sink, _FLUSH_BYTES if fork_fd is not None else _SERVER_PIECE)
     stop = len(entries)
     try:
