@@ -10,7 +10,9 @@ SQLite connection) it asks the parent to do: see
 :class:`~tvix_castore.blobservice.base.ForkedIngest`.
 
 Messages are pickles with a length prefix, over one pipe each way per
-worker. A worker that dies or fails makes the whole run fail with a
+worker. A worker's question waits for the parent's answer; a one-way
+message (``ask(..., reply=False)``, e.g. index rows to record) does not, and
+the parent handles it in order with that worker's other messages. A worker that dies or fails makes the whole run fail with a
 ``StorageError``; the others stop after their current batch.
 """
 
@@ -76,16 +78,19 @@ def _child(forker: ForkedIngest, batches: Sequence[Files], tasks: int, results: 
     """
     queued: collections.deque[int] = collections.deque()
 
-    def ask(question: object) -> object:
+    def ask(question: object, *, reply: bool = True) -> object:
+        if not reply:
+            _send(results, ("tell", question))
+            return None
         _send(results, ("ask", question))
         while True:
-            reply = _recv(tasks)
-            if isinstance(reply, int):
-                queued.append(reply)
-            elif isinstance(reply, tuple) and reply[0] == "answer":
-                return reply[1]
+            msg = _recv(tasks)
+            if isinstance(msg, int):
+                queued.append(msg)
+            elif isinstance(msg, tuple) and msg[0] == "answer":
+                return msg[1]
             else:
-                raise StorageError(f"ingestion worker: unexpected reply {reply!r}")
+                raise StorageError(f"ingestion worker: unexpected reply {msg!r}")
 
     while True:
         task = queued.popleft() if queued else _recv(tasks)
@@ -207,6 +212,8 @@ def run_forked(
                 assert isinstance(msg, tuple)
                 if msg[0] == "ask":
                     _send(w.tasks, ("answer", forker.answer(msg[1])))
+                elif msg[0] == "tell":
+                    forker.answer(msg[1])
                 elif msg[0] == "done":
                     out[msg[1]] = msg[2]
                     w.queued -= 1

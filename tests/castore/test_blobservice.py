@@ -349,3 +349,24 @@ def test_concurrent_processes_write_one_store(tmp_path: Path) -> None:
 
     asyncio.run(check())
     assert not list(tmp_path.rglob(".tmp-*"))
+
+
+async def test_packed_append_survives_short_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``writev`` may write less than asked (a signal, a full disk's last bytes): the
+    rest, from the middle of a blob on, is written in order."""
+    real = os.writev
+
+    def short(fd: int, buffers: list[bytes]) -> int:
+        return real(fd, [bytes(buffers[0])[:3]])  # at most 3 bytes at a time
+
+    blobs = BACKENDS["packed, raw chunks"](tmp_path)
+    assert isinstance(blobs, PackedBlobService)
+    data = [os.urandom(n) for n in (1, 7, 100, 5000)]
+    monkeypatch.setattr(os, "writev", short)
+    async with blobs:
+        digests = await blobs.put_many(data)
+        monkeypatch.setattr(os, "writev", real)
+        for digest, blob in zip(digests, data, strict=True):
+            assert await blobs.read_all(digest) == blob

@@ -12,8 +12,9 @@ from __future__ import annotations
 import abc
 import io
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from tvix_castore.digests import B3Digest
 from tvix_castore.errors import ChecksumMismatch
@@ -124,8 +125,14 @@ class BlobWriter(AbortOnError, abc.ABC):
         """Publish and return the digest of everything written."""
 
 
-Ask = Callable[[object], object]
-"""In a forked ingestion worker: send a question to the parent, return its answer."""
+class Ask(Protocol):
+    """In a forked ingestion worker: send a question to the parent, return its answer.
+
+    With ``reply=False`` the parent answers nobody (``None`` is returned at
+    once): a one-way message, handled in order with the worker's others.
+    """
+
+    def __call__(self, question: object, *, reply: bool = True) -> object: ...
 
 
 class ForkedIngest(abc.ABC):

@@ -105,7 +105,22 @@ _PACK_LIMIT = 1 << 30  # start a new pack file beyond this
 _QUERY_BATCH = 500
 _RECENT_LIMIT = 1 << 20  # locations remembered from this process's own writes
 _PENDING_ROWS = 1 << 17  # index rows from forked workers committed at once
+_SEGMENT_BLOB_MAX = 64 << 10  # batches of blobs larger than this on average get no segment
+_IOV_MAX = 1000  # below the kernel's 1024
 _FLUSH_BYTES = 8 << 20  # blob bytes read before they are appended (memory stays bounded)
+
+
+def _writev_all(fd: int, pieces: list[bytes], total: int) -> None:
+    """Write every piece, in order (``writev`` may write fewer bytes than asked)."""
+    i = 0
+    while total:
+        n = os.writev(fd, pieces[i : i + _IOV_MAX])
+        total -= n
+        while i < len(pieces) and n >= len(pieces[i]):
+            n -= len(pieces[i])
+            i += 1
+        if n:  # a short write ended inside this piece
+            pieces[i] = pieces[i][n:]
 
 
 class _Appender:
@@ -119,10 +134,11 @@ class _Appender:
         self._fd = -1
         self._size = 0
 
-    def append(self, data: bytes) -> tuple[str, int]:
-        """Write ``data`` at the end of the pack; return (pack name, offset)."""
+    def append(self, pieces: Sequence[bytes]) -> tuple[str, int]:
+        """Write ``pieces`` at the end of the pack, in order; return (pack name, offset)."""
+        size = sum(len(p) for p in pieces)
         with self._lock:
-            if self._fd < 0 or self._size + len(data) > _PACK_LIMIT:
+            if self._fd < 0 or self._size + size > _PACK_LIMIT:
                 if self._fd >= 0:
                     os.close(self._fd)
                     self._fd = -1
@@ -135,12 +151,10 @@ class _Appender:
                 )
                 self._size = 0
             offset = self._size
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._fd, view) :]
+            _writev_all(self._fd, list(pieces), size)
             if self._fsync:
                 os.fsync(self._fd)
-            self._size += len(data)
+            self._size += size
             assert self._name is not None
             return self._name, offset
 
@@ -149,19 +163,24 @@ class _Appender:
 
         The segment's BLAKE3 digest is of the very bytes each blob was hashed
         from, so verifying it verifies them all at once (bulk hashing is ~3×
-        faster than hashing 5 KB blobs one by one). A lone blob has none.
+        faster than hashing 5 KB blobs one by one). A lone blob has none, nor
+        have batches of large blobs (chunks: they are hashed fast one by one).
         """
-        data = b"".join(blobs.values())
+        data = list(blobs.values())
         try:
             pack, offset = self.append(data)
         except OSError as exc:
             raise StorageError(f"appending to a pack file: {exc}") from exc
         segments = []
-        if len(blobs) > 1:
-            b3 = blake3.blake3(data).digest()
+        total = sum(len(blob) for blob in data)
+        if len(blobs) > 1 and total < _SEGMENT_BLOB_MAX * len(blobs):
+            hasher = blake3.blake3()
+            for blob in data:
+                hasher.update(blob)
+            b3 = hasher.digest()
             members = b"".join([_MEMBER.pack(raw, len(blob)) for raw, blob in blobs.items()])
-            check = _segment_checksum(pack, offset, len(data), b3, members)
-            segments.append((pack, offset, len(data), b3, members, check))
+            check = _segment_checksum(pack, offset, total, b3, members)
+            segments.append((pack, offset, total, b3, members, check))
         rows = []
         for raw, blob in blobs.items():
             rows.append((raw, pack, offset, len(blob)))
@@ -206,12 +225,13 @@ class _ForkedPackedIngest(ForkedIngest):
             present = ask(("present", [d.raw for d, _ in blobs]))
             assert isinstance(present, set)
             new = {d.raw: data for d, data in blobs if d.raw not in present}
-            if new:
-                ask(("index", *appender.append_blobs(new)))
+            if new:  # (one-way: other workers' "present" see it, in order)
+                ask(("index", *appender.append_blobs(new)), reply=False)
 
         out, chunked = svc._read_files(files, store)
         if chunked:
-            ask(("chunked", chunked))  # after their chunks' rows: committed with or after them
+            # after their chunks' rows: committed with or after them
+            ask(("chunked", chunked), reply=False)
         return out
 
     def answer(self, question: object) -> object:
