@@ -10,10 +10,12 @@ SQLite connection) it asks the parent to do: see
 :class:`~tvix_castore.blobservice.base.ForkedIngest`.
 
 Messages are pickles with a length prefix, over one pipe each way per
-worker. A worker's question waits for the parent's answer; a one-way
-message (``ask(..., reply=False)``, e.g. index rows to record) does not, and
-the parent handles it in order with that worker's other messages. A worker that dies or fails makes the whole run fail with a
-``StorageError``; the others stop after their current batch.
+worker. A worker's question waits for the parent's answer (or is sent
+ahead: ``ask.later``); a one-way message (``ask(..., reply=False)``, e.g.
+index rows to record) waits for nothing, and the parent handles it in order
+with that worker's other messages. A worker that dies or fails makes the
+whole run fail with a ``StorageError``; the others stop after their
+current batch.
 """
 
 from __future__ import annotations
@@ -77,20 +79,7 @@ def _child(forker: ForkedIngest, batches: Sequence[Files], tasks: int, results: 
     arrive while waiting for an answer are kept for later.
     """
     queued: collections.deque[int] = collections.deque()
-
-    def ask(question: object, *, reply: bool = True) -> object:
-        if not reply:
-            _send(results, ("tell", question))
-            return None
-        _send(results, ("ask", question))
-        while True:
-            msg = _recv(tasks)
-            if isinstance(msg, int):
-                queued.append(msg)
-            elif isinstance(msg, tuple) and msg[0] == "answer":
-                return msg[1]
-            else:
-                raise StorageError(f"ingestion worker: unexpected reply {msg!r}")
+    ask = _Asker(tasks, results, queued)
 
     while True:
         task = queued.popleft() if queued else _recv(tasks)
@@ -98,6 +87,46 @@ def _child(forker: ForkedIngest, batches: Sequence[Files], tasks: int, results: 
             return 0
         assert isinstance(task, int)
         _send(results, ("done", task, forker.ingest_in_child(batches[task], ask)))
+
+
+class _Asker:
+    """A worker's side of questions to the parent (see :class:`ForkedIngest`).
+
+    Answers come back in the order of the questions; batch numbers queued
+    ahead that arrive meanwhile are kept for later.
+    """
+
+    def __init__(self, tasks: int, results: int, queued: collections.deque[int]) -> None:
+        self._tasks = tasks
+        self._results = results
+        self._queued = queued
+        self._asked = 0
+        self._answered = 0
+        self._answers: dict[int, object] = {}
+
+    def __call__(self, question: object, *, reply: bool = True) -> object:
+        if not reply:
+            _send(self._results, ("tell", question))
+            return None
+        return self.later(question)()
+
+    def later(self, question: object) -> Callable[[], object]:
+        _send(self._results, ("ask", question))
+        n = self._asked
+        self._asked += 1
+        return lambda: self._answer(n)
+
+    def _answer(self, n: int) -> object:
+        while n not in self._answers:
+            msg = _recv(self._tasks)
+            if isinstance(msg, int):
+                self._queued.append(msg)
+            elif isinstance(msg, tuple) and msg[0] == "answer":
+                self._answers[self._answered] = msg[1]
+                self._answered += 1
+            else:
+                raise StorageError(f"ingestion worker: unexpected reply {msg!r}")
+        return self._answers.pop(n)
 
 
 class _Worker:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 import io
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -130,9 +130,13 @@ class Ask(Protocol):
 
     With ``reply=False`` the parent answers nobody (``None`` is returned at
     once): a one-way message, handled in order with the worker's others.
+    :meth:`later` sends a question now and returns a function that waits for
+    its answer, so the worker can go on meanwhile.
     """
 
     def __call__(self, question: object, *, reply: bool = True) -> object: ...
+
+    def later(self, question: object) -> Callable[[], object]: ...
 
 
 class ForkedIngest(abc.ABC):

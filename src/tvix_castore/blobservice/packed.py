@@ -206,6 +206,8 @@ class _ForkedPackedIngest(ForkedIngest):
     def __init__(self, svc: PackedBlobService) -> None:
         self._svc = svc
         self._appender: _Appender | None = None  # the worker's own pack file
+        # what the worker appended (the parent's "present" may not know it yet)
+        self._appended: set[bytes] = set()
         # Index rows received, committed in few large transactions: with random
         # digests as keys, every commit rewrites most of the index's pages to
         # the WAL (a commit per batch cost ~1 s of the parent for 47k files).
@@ -220,15 +222,29 @@ class _ForkedPackedIngest(ForkedIngest):
         if self._appender is None:
             self._appender = _Appender(svc.pack_dir, svc._fsync)
         appender = self._appender
+        mine = self._appended
+        # Which blobs are present is asked a batch ahead: while the parent
+        # answers, this worker reads and hashes the next batch.
+        waiting: list[tuple[list[tuple[B3Digest, bytes]], Callable[[], object]]] = []
 
-        def store(blobs: list[tuple[B3Digest, bytes]]) -> None:
-            present = ask(("present", [d.raw for d, _ in blobs]))
+        def append(blobs: list[tuple[B3Digest, bytes]], present: object) -> None:
             assert isinstance(present, set)
-            new = {d.raw: data for d, data in blobs if d.raw not in present}
+            new = {d.raw: data for d, data in blobs if d.raw not in present and d.raw not in mine}
             if new:  # (one-way: other workers' "present" see it, in order)
                 ask(("index", *appender.append_blobs(new)), reply=False)
+                if len(mine) + len(new) > _RECENT_LIMIT:
+                    mine.clear()
+                mine.update(new)
+
+        def store(blobs: list[tuple[B3Digest, bytes]]) -> None:
+            waiting.append((blobs, ask.later(("present", [d.raw for d, _ in blobs]))))
+            if len(waiting) > 1:
+                earlier, answer = waiting.pop(0)
+                append(earlier, answer())
 
         out, chunked = svc._read_files(files, store)
+        for blobs, answer in waiting:
+            append(blobs, answer())
         if chunked:
             # after their chunks' rows: committed with or after them
             ask(("chunked", chunked), reply=False)
