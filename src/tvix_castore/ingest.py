@@ -141,8 +141,12 @@ class ScannedTree:
         return None
 
 
-def scan_tree(path: str | bytes | os.PathLike[str]) -> ScannedTree:
+def scan_tree(path: str | bytes | os.PathLike[str], *, fingerprints: bool = True) -> ScannedTree:
     """Scan the tree at ``path`` (blocking), without following symlinks.
+
+    Without ``fingerprints``, no entry's stat is kept (nor can
+    :meth:`ScannedTree.changed` tell anything): for callers that never read
+    the tree twice.
 
     Raises:
         IngestionError: a special file, or an entry that cannot be listed or read.
@@ -155,7 +159,8 @@ def scan_tree(path: str | bytes | os.PathLike[str]) -> ScannedTree:
 
     def entry(path: bytes, name: bytes, st: os.stat_result) -> _Entry:
         mode = st.st_mode
-        stats.append((path, _fingerprint(st)))
+        if fingerprints:
+            stats.append((path, _fingerprint(st)))
         if stat.S_ISREG(mode):
             f = _File(path, name, st.st_size, bool(mode & stat.S_IXUSR))
             files.append(f)

@@ -71,10 +71,11 @@ async def ingest_and_hash(path: str | os.PathLike[str], store: Store) -> Ingeste
     within a second of the scan (too close for timestamps to tell), the
     NarHash is computed from castore instead.
     """
-    tree = await asyncio.to_thread(scan_tree, path)
     closure: dict[B3Digest, Directory] = {}
     if store.plans is not None and isinstance(store.blobs, PackedBlobService):
+        tree = await asyncio.to_thread(scan_tree, path, fingerprints=False)
         return await _ingest_then_hash(tree, store, store.blobs, closure)
+    tree = await asyncio.to_thread(scan_tree, path)
     node, (nar_size, nar_sha256) = await asyncio.gather(
         ingest_tree(tree, store.blobs, store.directories, collect=closure),
         asyncio.to_thread(nar_hash_path, path),

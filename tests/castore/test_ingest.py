@@ -14,6 +14,7 @@ import blake3
 import pytest
 
 from tvix_castore.blobservice import BlobService, MemoryBlobService, ObjectStoreBlobService
+from tvix_castore.digests import B3Digest
 from tvix_castore.directoryservice.base import DirectoryService
 from tvix_castore.directoryservice.memory import MemoryDirectoryService
 from tvix_castore.directoryservice.sqlite import SqliteDirectoryService
@@ -199,3 +200,43 @@ def test_unreadable_file_as_unprivileged_user(world_tmp: Path) -> None:
     lines = result.stdout.splitlines()
     assert lines[0] == f"IngestionError {src / 'secret'}: cannot read: Permission denied"
     assert lines[1] == "0"  # no directory committed
+
+
+async def test_scanned_tree_walk_and_fingerprints(tmp_path: Path) -> None:
+    """``walk`` lists an uploaded tree in NAR order (pre-order, children by name);
+    a scan without fingerprints keeps no stats, so it cannot tell a change."""
+    from tvix_castore.ingest import ScannedFile, scan_tree, upload_files
+
+    root = tmp_path / "t"
+    (root / "b" / "c").mkdir(parents=True)
+    (root / "a").write_bytes(b"x")
+    (root / "b" / "c" / "d").write_bytes(b"")
+    (root / "b" / "l").symlink_to("c")
+    (root / "e").mkdir()
+    tree = scan_tree(root)
+    await upload_files(tree, MemoryBlobService())
+    events = []
+    for name, node in tree.walk():
+        kind = "dir" if node is None else "link" if isinstance(node, SymlinkNode) else "file"
+        events.append((name, kind))
+        if isinstance(node, ScannedFile):
+            data = b"x" if name == b"a" else b""
+            assert node.node() == FileNode(name, B3Digest.of(data), len(data))
+    assert events == [
+        (b"", "dir"),
+        (b"a", "file"),
+        (b"b", "dir"),
+        (b"c", "dir"),
+        (b"d", "file"),
+        (b"", "dir"),  # leaving c
+        (b"l", "link"),
+        (b"", "dir"),  # leaving b
+        (b"e", "dir"),
+        (b"", "dir"),  # leaving e
+        (b"", "dir"),  # leaving the root
+    ]
+    assert tree.stats and tree.changed() is None
+    (root / "a").write_bytes(b"xy")
+    assert tree.changed() == str(root / "a")
+    bare = scan_tree(root, fingerprints=False)
+    assert bare.stats == [] and bare.changed() is None
