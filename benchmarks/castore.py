@@ -15,7 +15,8 @@ Ingestion, each a fresh process (start-up counts), best of ``--castore-rounds``:
 
 Every store of every round is kept until all rounds are done (then deleted):
 deleting ~100k files between timed runs makes ext4 (mounted with ``discard``)
-slow down whatever runs next. ``sync`` runs before each timed command.
+slow down whatever runs next. ``sync`` and ``fstrim`` run before each timed
+command (see :func:`benchmarks.common.settle`).
 
 gRPC: a 1 GiB random blob is Put and Read through ``GrpcBlobService`` against
 a server in a separate process (``memory://`` and ``objectstore+memory:///``
@@ -46,7 +47,7 @@ from pathlib import Path
 import blake3
 
 from benchmarks import nar_dump
-from benchmarks.common import MB, WORK, machine, python_snippet, tool_version
+from benchmarks.common import MB, WORK, machine, python_snippet, settle, tool_version
 
 NAME = "castore"
 TITLE = "castore ingestion and gRPC throughput (issue 3)"
@@ -156,7 +157,7 @@ class Timing:
 
 def timed(argv: list[str], *, env: dict[str, str] | None = None) -> Timing:
     """Run ``argv`` after a ``sync``; time it (wall and CPU), fail if it fails."""
-    os.sync()
+    settle()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(argv, stdout=subprocess.PIPE, env=env, check=False, text=True)
@@ -417,7 +418,8 @@ def run(args: argparse.Namespace) -> str:
         f"{meta['symlinks']:,} symlinks.",
         "",
         "Each command is a fresh process (start-up counts); best of "
-        f"{rounds} wall-clock runs, `sync` before each, page cache warm. CPU = user + sys "
+        f"{rounds} wall-clock runs, `sync` and `fstrim` before each, page cache warm. "
+        "CPU = user + sys "
         "of the process and its children. Ours: `ingest_path` into "
         "`objectstore+file://` + `sqlite://` (fresh store; then again into the same store, "
         "where every chunk already exists). `nix-store --store <fresh dir> --add`. "

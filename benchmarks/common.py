@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -25,6 +26,21 @@ class Run:
 
     seconds: float
     returncode: int
+
+
+def settle() -> None:
+    """Before a timed command: write back what is dirty and trim the filesystem.
+
+    Without ``sync``, a command pays for writing back what the one before it
+    left dirty (``nix-store --add`` swung from 3 to 13 s). Without ``fstrim``,
+    the discards this VM's disk (mounted with ``discard``) still owes for
+    deleted trees slow later writes down: ``nix-store --add`` took 7-12 s
+    after the castore benchmark had deleted its stores, 2.9 s right after an
+    ``fstrim``. Trimming is best effort (not every filesystem or user can).
+    """
+    subprocess.run(["sync"], check=True)
+    if shutil.which("fstrim"):
+        subprocess.run(["fstrim", str(WORK)], check=False, capture_output=True)
 
 
 def run_timed(argv: list[str], *, stdout: int | None = None) -> Run:

@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import MB, WORK, machine
+from benchmarks.common import MB, WORK, machine, settle
 from benchmarks.nar_dump import TREE, build_tree
 
 NAME = "store"
@@ -38,18 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _timed(
     argv: list[str], env: dict[str, str], stdout: int | None = None
 ) -> tuple[float, float, bytes]:
-    """Wall time and CPU time (user + sys, its children included) of ``argv``, after a
-    ``sync`` (untimed).
-
-    Without it, a command pays for writing back what the one before it left
-    dirty: ``nix-store --add`` (1.9 GB written per round) then swung from 3 to
-    13 s and took our import with it. CPU time is steadier than wall time on
-    this shared VM, whose disk stalls now and then.
-    """
+    """Wall time and CPU time (user + sys, its children included) of ``argv``, after
+    :func:`~benchmarks.common.settle` (untimed)."""
     import resource
     import time
 
-    subprocess.run(["sync"], check=True)
+    settle()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(argv, env=env, stdout=stdout or subprocess.PIPE, check=True)
@@ -137,7 +131,9 @@ def run(args: argparse.Namespace) -> str:
             "",
             f"Input: the NAR-dump tree ({nar_mb:.0f} MB of NAR). Fresh process and fresh store per"
             f" run, best of {rounds} alternating rounds, page cache warm, `sync` before each"
-            " command. Store paths and NARs checked identical. CPU = user + sys of the command"
+            " command, and `fstrim` (the VM's disk owes discards for deleted trees, which"
+            " slowed `nix-store --add` down up to 4×). Store paths and NARs checked identical."
+            " CPU = user + sys of the command"
             " and its children (our forked workers), best run: steadier than wall time here.",
             "",
             "| operation | nix-store s | tvix-store s | tvix/nix | nix CPU s | tvix CPU s"
