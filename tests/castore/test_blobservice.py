@@ -370,3 +370,70 @@ async def test_packed_append_survives_short_writes(
         monkeypatch.setattr(os, "writev", real)
         for digest, blob in zip(digests, data, strict=True):
             assert await blobs.read_all(digest) == blob
+
+
+@pytest.mark.parametrize("zstd", [None, 3], ids=["raw: chunks packed", "zstd: chunk files"])
+async def test_packed_ingest_of_large_files(tmp_path: Path, zstd: int | None) -> None:
+    """Imported large files are cut as the object store cuts them: same chunk list (what
+    gRPC ``Stat`` reports), every chunk a readable blob; raw, the chunks lie in the
+    packs (no chunk files), compressed, in chunk files."""
+    large = ObjectStoreBlobService(LocalObjectStore(tmp_path / "objects"), zstd_level=zstd)
+    svc = PackedBlobService(tmp_path / "blobs.sqlite", large)
+    reference = ObjectStoreBlobService(MemoryObjectStore())
+    data = pseudo_random(3_000_000, seed=5)
+    one_chunk = pseudo_random(svc.threshold + 10, seed=6)  # above the threshold, one chunk
+    files = []
+    for name, blob in (("large", data), ("one-chunk", one_chunk), ("small", HELLOWORLD)):
+        (tmp_path / name).write_bytes(blob)
+        files.append((str(tmp_path / name), len(blob)))
+    async with svc:
+        digests = await svc.ingest_files(files)
+        assert digests == [B3Digest.of(d) for d in (data, one_chunk, HELLOWORLD)]
+        digest = B3Digest.of(data)
+        chunks = await svc.chunks(digest)
+        assert chunks is not None and len(chunks) > 4
+        assert chunks == await reference.chunks(await reference.put(data))
+        assert await svc.chunks(B3Digest.of(one_chunk)) == []
+        chunk_files = [p for p in (tmp_path / "objects").rglob("*") if p.is_file()]
+        assert bool(chunk_files) == (zstd is not None)
+        assert await svc.has(digest) and await svc.size(digest) == len(data)
+        assert await svc.has_many([digest, *[c.digest for c in chunks]]) == {
+            digest,
+            *[c.digest for c in chunks],
+        }
+        assert await svc.size_many([digest, B3Digest.of(HELLOWORLD)]) == {
+            digest: len(data),
+            B3Digest.of(HELLOWORLD): len(HELLOWORLD),
+        }
+        assert (await svc.read_many([digest]))[digest] == data
+        reader = await svc.open_read(digest)
+        assert reader is not None
+        async with reader:
+            await reader.seek(1_000_001)
+            assert await reader.readexactly(500_000) == data[1_000_001:1_500_001]
+        at = 0
+        for c in chunks:  # each chunk is a blob of its own
+            assert await svc.read_all(c.digest) == data[at : at + c.size]
+            at += c.size
+        # A second ingest appends nothing.
+        packs = sum(p.stat().st_size for p in (tmp_path / "packs").iterdir())
+        assert await svc.ingest_files(files) == digests
+        assert sum(p.stat().st_size for p in (tmp_path / "packs").iterdir()) == packs
+
+
+async def test_corrupt_packed_chunk_is_detected(tmp_path: Path) -> None:
+    svc = BACKENDS["packed, raw chunks"](tmp_path)
+    assert isinstance(svc, PackedBlobService)
+    data = pseudo_random(2_000_000, seed=7)
+    (tmp_path / "f").write_bytes(data)
+    async with svc:
+        (digest,) = await svc.ingest_files([(str(tmp_path / "f"), len(data))])
+        assert isinstance(digest, B3Digest)
+        chunks = await svc.chunks(digest)
+        assert chunks
+        pack, offset, size = svc.locate_many([chunks[1].digest.raw])[chunks[1].digest.raw]
+        with open(svc.pack_path(pack), "r+b") as f:
+            f.seek(offset + size // 2)
+            f.write(b"\xff" if f.read(1) != b"\xff" else b"\x00")
+        with pytest.raises(ChecksumMismatch):
+            await svc.read_all(digest)
