@@ -695,8 +695,8 @@ def bigtrees(tmp_path_factory: pytest.TempPathFactory) -> BigTrees:
         sub.mkdir()
         for f in range(60):
             (sub / f"f{f:02d}").write_bytes(rng.randbytes(64 + 2 * d * f))
-    for i in range(6):
-        (big / f"big{i}.bin").write_bytes(rng.randbytes(16 << 20))
+    for i in range(8):  # large enough that the kill lands mid-import (~0.8 s here)
+        (big / f"big{i}.bin").write_bytes(rng.randbytes(24 << 20))
         (big / f"big{i}.bin").chmod(0o755 if i % 2 else 0o644)
     (big / "link").symlink_to("d00/f00")
     nix = Nix(base / "nix")
@@ -718,7 +718,7 @@ def _integrity(home: Path) -> str:
         return str(db.execute("PRAGMA integrity_check").fetchone()[0])
 
 
-@pytest.mark.parametrize("delay", [0.0, 0.1, 0.2])
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.15])
 async def test_kill_9_during_import_leaves_a_consistent_store(
     home: Path, bigtrees: BigTrees, delay: float
 ) -> None:
