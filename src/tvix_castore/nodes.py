@@ -95,6 +95,25 @@ def _check_common(name: bytes, digest: B3Digest | None = None, size: int | None 
         raise NodeError(_K.INVALID_SIZE, name, f"{size!r} is not a u64")
 
 
+def _plainly_valid(name: object, digest: object, size: object) -> bool:
+    """The common case of :func:`_check_common`, in one expression without calls.
+
+    Nodes are built by the tens of thousands. ``False`` means: let
+    ``_check_common`` decide (and raise the precise error).
+    """
+    return (
+        type(name) is bytes
+        and len(name) <= MAX_NAME_LENGTH
+        and b"/" not in name
+        and b"\0" not in name
+        and name != b"."
+        and name != b".."
+        and type(digest) is B3Digest
+        and type(size) is int
+        and 0 <= size <= U64_MAX
+    )
+
+
 def _digest_from_wire(name: bytes, raw: bytes) -> B3Digest:
     """Convert a wire digest; a bad name is still reported first (HEAD's order)."""
     try:
@@ -115,7 +134,8 @@ class DirectoryNode:
     """The child's ``Directory.size()``, as stated by the parent (checked per graph)."""
 
     def __post_init__(self) -> None:
-        _check_common(self.name, self.digest, self.size)
+        if not _plainly_valid(self.name, self.digest, self.size):
+            _check_common(self.name, self.digest, self.size)
 
     @classmethod
     def from_proto(cls, msg: pb.DirectoryNode) -> DirectoryNode:
@@ -142,7 +162,8 @@ class FileNode:
     executable: bool = False
 
     def __post_init__(self) -> None:
-        _check_common(self.name, self.digest, self.size)
+        if not _plainly_valid(self.name, self.digest, self.size):
+            _check_common(self.name, self.digest, self.size)
         if type(self.executable) is not bool:
             raise TypeError("executable must be a bool")
 
@@ -370,12 +391,22 @@ class Directory:
         return cls.from_proto(msg)
 
     def to_proto(self) -> pb.Directory:
-        """A fresh message (so it carries no unknown fields)."""
-        return pb.Directory(
-            directories=[n.to_proto() for n in self.directories],
-            files=[n.to_proto() for n in self.files],
-            symlinks=[n.to_proto() for n in self.symlinks],
-        )
+        """A fresh message (so it carries no unknown fields).
+
+        Entries are added in place: building each node's message and copying
+        it into the list took twice as long.
+        """
+        msg = pb.Directory()
+        add_dir = msg.directories.add
+        for d in self.directories:
+            add_dir(name=d.name, digest=d.digest.raw, size=d.size)
+        add_file = msg.files.add
+        for f in self.files:
+            add_file(name=f.name, digest=f.digest.raw, size=f.size, executable=f.executable)
+        add_link = msg.symlinks.add
+        for link in self.symlinks:
+            add_link(name=link.name, target=link.target)
+        return msg
 
     def encode(self) -> bytes:
         """The canonical encoding (B §2.2): what is hashed and stored; computed once.

@@ -254,7 +254,7 @@ class _ForkedPackedIngest(ForkedIngest):
         match question:
             case ("present", list(raws)):
                 pending = self._pending
-                located = self._svc._locate([B3Digest(r) for r in raws if r not in pending])
+                located = self._svc._locate_raw([r for r in raws if r not in pending])
                 self._svc._remember(located)
                 return set(located) | {r for r in raws if r in pending}
             case ("index", list(rows), list(segments)):
@@ -389,8 +389,7 @@ class PackedBlobService(BlobService):
         recent = self._recent
         out = {raw: loc for raw in raws if (loc := recent.get(raw)) is not None}
         if len(out) < len(raws):
-            ask = [B3Digest(raw) for raw in dict.fromkeys(raws) if raw not in out]
-            out.update(self._locate(ask))
+            out.update(self._locate_raw([raw for raw in dict.fromkeys(raws) if raw not in out]))
         return out
 
     def segments(self, packs: Sequence[str]) -> dict[str, list[Segment]]:
@@ -563,11 +562,14 @@ class PackedBlobService(BlobService):
 
     # -- reading ----------------------------------------------------------
     def _locate(self, digests: Sequence[B3Digest]) -> dict[bytes, tuple[str, int, int]]:
+        return self._locate_raw([d.raw for d in digests])
+
+    def _locate_raw(self, raws: Sequence[bytes]) -> dict[bytes, tuple[str, int, int]]:
         found: dict[bytes, tuple[str, int, int]] = {}
         with self._lock:
             try:
-                for i in range(0, len(digests), _QUERY_BATCH):
-                    batch = [d.raw for d in digests[i : i + _QUERY_BATCH]]
+                for i in range(0, len(raws), _QUERY_BATCH):
+                    batch = raws[i : i + _QUERY_BATCH]
                     marks = ",".join("?" * len(batch))
                     for raw, pack, offset, length in self._conn.execute(
                         "SELECT digest, pack, offset, length FROM packed"
