@@ -93,22 +93,27 @@ async def ingest_and_hash(path: str | os.PathLike[str], store: Store) -> Ingeste
 async def _ingest_then_hash(
     tree: ScannedTree, store: Store, blobs: PackedBlobService, closure: dict[B3Digest, Directory]
 ) -> IngestedTree:
-    await upload_files(tree, blobs)
-    if tree.is_directory:
+    with blobs.staged_index() as commit_index:
+        await upload_files(tree, blobs)
+        if not tree.is_directory:
+            await asyncio.to_thread(commit_index)
+            node = await put_directories(tree, store.directories, collect=closure)
+            # A lone file or symlink: its NAR read back from castore.
+            nar_size, sha = await calculate_nar(node, blobs, store.directories, closure=closure)
+            return IngestedTree(node, nar_size, sha, closure)
         plan = await asyncio.to_thread(scanned_plan, tree, blobs)
-        # The NAR is hashed (by a forked child, if large) while the Directories are built.
+        # The NAR is hashed (by a forked child, if large) while the blob index is
+        # committed (before any Directory refers to its blobs) and the Directories
+        # are built; this process then verifies the blobs that were already stored.
         hasher = PlanHasher(plan, blobs)
         try:
+            await asyncio.to_thread(commit_index)
             node = await put_directories(tree, store.directories, collect=closure)
             sha = await asyncio.to_thread(hasher.result)
         finally:
             hasher.close()
-        plan = dataclasses.replace(plan, nar_sha256=sha)
-        return IngestedTree(node, plan.nar_size, plan.nar_sha256, closure, plan)
-    node = await put_directories(tree, store.directories, collect=closure)
-    # A lone file or symlink: its NAR read back from castore.
-    nar_size, nar_sha256 = await calculate_nar(node, blobs, store.directories, closure=closure)
-    return IngestedTree(node, nar_size, nar_sha256, closure)
+    plan = dataclasses.replace(plan, nar_sha256=sha)
+    return IngestedTree(node, plan.nar_size, plan.nar_sha256, closure, plan)
 
 
 async def record(store: Store, tree: IngestedTree, info: PathInfo) -> PathInfo:

@@ -437,3 +437,42 @@ async def test_corrupt_packed_chunk_is_detected(tmp_path: Path) -> None:
             f.write(b"\xff" if f.read(1) != b"\xff" else b"\x00")
         with pytest.raises(ChecksumMismatch):
             await svc.read_all(digest)
+
+
+async def test_packed_staged_index(tmp_path: Path) -> None:
+    """Staged index rows are seen by this process only, until committed; rows still
+    staged at the end are dropped (another process never saw them)."""
+    svc = BACKENDS["packed, raw chunks"](tmp_path)
+    assert isinstance(svc, PackedBlobService)
+    big = pseudo_random(1_000_000, seed=9)
+    (tmp_path / "big").write_bytes(big)
+    files = [(str(tmp_path / "big"), len(big))]
+
+    def committed(digest: B3Digest) -> bool:
+        other = BACKENDS["packed, raw chunks"](tmp_path)
+        assert isinstance(other, PackedBlobService)
+        try:
+            return bool(other._locate([digest]) or other.chunked_sync(digest))
+        finally:
+            other.close()
+
+    async with svc:
+        with svc.staged_index() as commit:
+            small = await svc.put_many([b"staged blob", b"and another: a segment"])
+            (chunked,) = await svc.ingest_files(files)
+            assert isinstance(chunked, B3Digest)
+            for digest, data in ((small[0], b"staged blob"), (chunked, big)):
+                assert await svc.read_all(digest) == data  # seen here
+                assert not committed(digest)  # not by others
+            assert small[0].raw in svc.appended
+            chunks = await svc.chunks(chunked)
+            assert chunks and len(chunks) > 1
+            packs = [p.name for p in (tmp_path / "packs").iterdir()]
+            assert any(svc.segments(packs).values())  # the staged segment too
+            commit()
+            assert committed(small[0]) and committed(chunked)
+            dropped = (await svc.put_many([b"staged, never committed"]))[0]
+            assert await svc.has(dropped)
+        assert not committed(dropped)
+        assert not await svc.has(dropped)
+        assert await svc.read_all(chunked) == big

@@ -731,3 +731,22 @@ def test_plan_hasher_fails_on_a_corrupt_blob(tmp_path: Path, home: Path) -> None
     corrupt_pack(home, plan, 3)
     with pytest.raises(NarRenderError, match=r"wrong contents|failed rendering nar"):
         _hash_plan(home, plan)
+
+
+@pytest.mark.parametrize("big", [0, 40 * MiB], ids=["in-process", "forked"])
+def test_import_does_not_hash_a_corrupt_stored_blob(tmp_path: Path, home: Path, big: int) -> None:
+    """Blobs an import finds already stored are verified before their bytes count in
+    its NarHash: a damaged one fails the import (nothing recorded), never a wrong path."""
+    first = make_tree(tmp_path / "first", big=0)
+    import_tree(home, first)
+    _, plan = the_plan(home)
+    corrupt_pack(home, plan, 5)
+    second = make_tree(tmp_path / "second", big=big)  # the same small files, and more
+    proc = tvix(home, "import", second)
+    err = proc.stderr.decode(errors="replace")
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in err, err
+    assert "wrong contents" in err or "failed rendering nar" in err, err
+    with sqlite3.connect(home / "store.sqlite") as conn:
+        assert conn.execute("SELECT count(*) FROM nar_plans").fetchone()[0] == 1
+        assert conn.execute("SELECT count(*) FROM pathinfos").fetchone()[0] == 1

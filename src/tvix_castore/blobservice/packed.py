@@ -28,12 +28,14 @@ is verified against its BLAKE3 digest.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import struct
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -307,6 +309,15 @@ class _Writer(BlobWriter):
             await self._large.abort()
 
 
+@dataclass(slots=True)
+class _Staged:
+    """Index rows not committed yet (see :meth:`PackedBlobService.staged_index`)."""
+
+    rows: dict[bytes, _Row] = field(default_factory=dict)
+    segments: list[_SegmentRow] = field(default_factory=list)
+    chunked: dict[bytes, bytes] = field(default_factory=dict)
+
+
 class PackedBlobService(BlobService):
     """Pack files + SQLite index for blobs and chunks; chunk objects for large written blobs."""
 
@@ -331,6 +342,11 @@ class PackedBlobService(BlobService):
         # Locations of blobs this process appended or found present while writing,
         # so callers building read plans right after a write need no queries.
         self._recent: dict[bytes, BlobLocation] = {}
+        # Blobs this process (or its ingestion workers) appended and indexed: their
+        # bytes were written from the very buffers their digests were computed from.
+        self.appended: set[bytes] = set()
+        # Index rows kept in memory instead of committed (see staged_index).
+        self._staged: _Staged | None = None
         try:
             self._conn.executescript(_SCHEMA)
         except sqlite3.Error as exc:
@@ -350,10 +366,54 @@ class PackedBlobService(BlobService):
             return
         self._index(*self._appender.append_blobs(new))
 
+    @contextlib.contextmanager
+    def staged_index(self) -> Iterator[Callable[[], None]]:
+        """Keep index rows in memory until the function this yields commits them.
+
+        Meanwhile this process sees them as committed; rows still staged at
+        exit are dropped (their bytes stay behind unreferenced, as after any
+        failure). An import commits them while a forked child hashes its NAR,
+        not before.
+        """
+        with self._lock:
+            self._staged = _Staged()
+        try:
+            yield self._commit_staged
+        finally:
+            with self._lock:
+                self._staged = None
+
+    def _commit_staged(self) -> None:
+        with self._lock:
+            staged = self._staged
+            if staged is None:
+                return
+            self._staged = _Staged()
+            self._write_index(
+                list(staged.rows.values()), staged.segments, list(staged.chunked.items())
+            )
+
     def _index(
         self, rows: list[_Row], segments: list[_SegmentRow], chunked: Sequence[_ChunkedRow] = ()
     ) -> None:
         with self._lock:
+            staged = self._staged
+            if staged is None:
+                self._write_index(rows, segments, chunked)
+            else:
+                staged.rows.update((row[0], row) for row in rows)
+                staged.segments += segments
+                staged.chunked.update(chunked)
+        self._remember({raw: (p, off, n) for raw, p, off, n in rows})
+        if len(self.appended) + len(rows) > _RECENT_LIMIT:
+            self.appended.clear()
+        self.appended.update(row[0] for row in rows)
+
+    def _write_index(
+        self, rows: list[_Row], segments: list[_SegmentRow], chunked: Sequence[_ChunkedRow]
+    ) -> None:
+        """Commit index rows (the caller holds the lock)."""
+        if rows or segments or chunked:
             write_tables(
                 self._conn,
                 [
@@ -372,7 +432,6 @@ class PackedBlobService(BlobService):
                 ],
                 "indexing packed blobs",
             )
-        self._remember({raw: (p, off, n) for raw, p, off, n in rows})
 
     def _remember(self, located: dict[bytes, BlobLocation]) -> None:
         if len(self._recent) + len(located) > _RECENT_LIMIT:
@@ -414,6 +473,14 @@ class PackedBlobService(BlobService):
                 }
             except sqlite3.Error as exc:
                 raise storage_error("looking up pack segments", exc) from exc
+            if self._staged is not None:
+                touched = set()
+                for pack, *row in self._staged.segments:
+                    if pack in rows:
+                        rows[pack].append(tuple(row))
+                        touched.add(pack)
+                for pack in touched:
+                    rows[pack].sort(key=lambda r: r[0] if isinstance(r[0], int) else -1)
         for pack, found in rows.items():
             out[pack] = segs = []
             for off, n, b3, members, check in found:
@@ -567,6 +634,12 @@ class PackedBlobService(BlobService):
     def _locate_raw(self, raws: Sequence[bytes]) -> dict[bytes, tuple[str, int, int]]:
         found: dict[bytes, tuple[str, int, int]] = {}
         with self._lock:
+            if self._staged is not None and self._staged.rows:
+                staged = self._staged.rows
+                for raw in raws:
+                    if (row := staged.get(raw)) is not None:
+                        found[raw] = row[1:]
+                raws = [raw for raw in raws if raw not in found]
             try:
                 for i in range(0, len(raws), _QUERY_BATCH):
                     batch = raws[i : i + _QUERY_BATCH]
@@ -586,6 +659,9 @@ class PackedBlobService(BlobService):
         found: dict[bytes, list[ChunkMeta]] = {}
         rows: list[tuple[bytes, bytes]] = []
         with self._lock:
+            if self._staged is not None and self._staged.chunked:
+                staged = self._staged.chunked
+                rows += [(raw, staged[raw]) for raw in digests if raw in staged]
             try:
                 for i in range(0, len(digests), _QUERY_BATCH):
                     batch = list(digests[i : i + _QUERY_BATCH])

@@ -36,7 +36,7 @@ import signal
 import sqlite3
 import struct
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Container, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -245,6 +245,21 @@ def scanned_plan(tree: ScannedTree, blobs: PackedBlobService) -> NarPlan:
     return _plan_of_segments(*scanned_layout(tree), blobs, _UNVOUCHED)
 
 
+def _verify(plan: NarPlan, blobs: PackedBlobService, skip: Container[bytes]) -> None:
+    """Check every blob of ``plan`` is where it says, except those in ``skip`` (blocking).
+
+    Raises ``NarRenderError`` for the first that is not (missing, misplaced or corrupt).
+    """
+    reader = _Reader(blobs, plan, fallback=False)
+    try:
+        for entry in plan.entries:
+            if entry[1] not in skip and reader.packed(entry) is None:
+                for _ in reader.unpacked(entry):
+                    pass
+    finally:
+        reader.close()
+
+
 def _sha256_of(plan: NarPlan, blobs: PackedBlobService, *, fallback: bool, verify: bool) -> bytes:
     sha = hashlib.sha256()
     update = sha.update
@@ -265,10 +280,13 @@ class PlanHasher:
     meanwhile). A large NAR is hashed by a forked child, so the caller's
     Python work (building Directories) runs beside it: a thread would
     contend for the GIL on every one of tens of thousands of small updates.
-    The child only hashes; :meth:`result` verifies every blob's BLAKE3 (in
-    this process, while the child hashes the same pack bytes: packs are
-    append-only). If the child fails (say, a blob not where the plan says,
-    which only the parent may look up), :meth:`result` hashes here instead.
+    The child only hashes; :meth:`result` verifies the BLAKE3 of every blob
+    that was already stored (in this process, while the child hashes the
+    same pack bytes: packs are append-only). Blobs this import appended are
+    not hashed again: their bytes were written from the very buffers their
+    digests were computed from (export verifies them all, as ever). If a
+    blob is not where the plan says, or the child fails, :meth:`result`
+    hashes here instead, looking blobs up and verifying each.
     """
 
     def __init__(self, plan: NarPlan, blobs: PackedBlobService) -> None:
@@ -298,7 +316,7 @@ class PlanHasher:
             data = b""
             try:
                 with contextlib.suppress(NarRenderError):  # then: the slow way, below
-                    _write(self._plan, self._blobs, lambda iov, total: None, None, fallback=False)
+                    _verify(self._plan, self._blobs, skip=self._blobs.appended)
                     while len(data) < 32 and (more := os.read(self._pipe, 32 - len(data))):
                         data += more
             finally:
