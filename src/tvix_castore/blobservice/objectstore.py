@@ -21,8 +21,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 import blake3
-import pyfastcdc
-import zstandard
 
 from tvix_castore.blobservice.base import (
     Ask,
@@ -44,8 +42,14 @@ from tvix_castore.protos import rpc_blobstore_pb2 as pb
 
 if TYPE_CHECKING:
     import asyncio
+
+    import pyfastcdc
+    import zstandard
 else:
-    asyncio = lazy_module("asyncio")  # not needed to write a NAR from its plan
+    asyncio = lazy_module("asyncio")
+    # (loaded on first use: writing a NAR from its plan needs neither)
+    pyfastcdc = lazy_module("pyfastcdc")
+    zstandard = lazy_module("zstandard")
 
 __all__ = [
     "DEFAULT_AVG_CHUNK_SIZE",
@@ -308,9 +312,7 @@ class ObjectStoreBlobService(BlobService):
         self.avg_size = avg_chunk_size
         self.min_size = avg_chunk_size // 2
         self.max_size = avg_chunk_size * 2
-        self._cdc = pyfastcdc.FastCDC(
-            avg_chunk_size, min_size=self.min_size, max_size=self.max_size, normalized_chunking=1
-        )
+        self._cdc_instance: pyfastcdc.FastCDC | None = None
         self._flush_at = max(4 * self.max_size, 1 << 21)
         self._local = threading.local()
         # Chunks known to exist (written or seen here): skips a stat per chunk.
@@ -325,6 +327,18 @@ class ObjectStoreBlobService(BlobService):
     def chunker(self) -> pyfastcdc.FastCDC:
         """The FastCDC cutter of this store's chunk sizes (same input, same chunks)."""
         return self._cdc
+
+    @property
+    def _cdc(self) -> pyfastcdc.FastCDC:
+        cdc = self._cdc_instance
+        if cdc is None:
+            cdc = self._cdc_instance = pyfastcdc.FastCDC(
+                self.avg_size,
+                min_size=self.min_size,
+                max_size=self.max_size,
+                normalized_chunking=1,
+            )
+        return cdc
 
     # -- writing ----------------------------------------------------------
     def _store_chunk_sync(
