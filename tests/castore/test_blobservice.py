@@ -476,3 +476,31 @@ async def test_packed_staged_index(tmp_path: Path) -> None:
         assert not committed(dropped)
         assert not await svc.has(dropped)
         assert await svc.read_all(chunked) == big
+
+
+@pytest.mark.parametrize("zstd", [None, 3], ids=["raw: chunks packed", "zstd: chunk files"])
+async def test_packed_streamed_large_blob(tmp_path: Path, zstd: int | None) -> None:
+    """A large blob written as a stream (NAR ingestion, gRPC Put) is cut like an imported
+    file: the same chunks as the object store makes, packed unless chunks are compressed."""
+    large = ObjectStoreBlobService(LocalObjectStore(tmp_path / "objects"), zstd_level=zstd)
+    svc = PackedBlobService(tmp_path / "blobs.sqlite", large)
+    reference = ObjectStoreBlobService(MemoryObjectStore())
+    data = pseudo_random(20_000_000, seed=11)  # several flushes of chunks
+    async with svc:
+        writer = svc.open_write()
+        for i in range(0, len(data), 999_983):  # odd pieces
+            await writer.write(data[i : i + 999_983])
+        digest = await writer.close()
+        assert digest == B3Digest.of(data)
+        assert await svc.chunks(digest) == await reference.chunks(await reference.put(data))
+        chunk_files = [p for p in (tmp_path / "objects").rglob("*") if p.is_file()]
+        assert bool(chunk_files) == (zstd is not None)
+        assert await svc.read_all(digest) == data
+    again = PackedBlobService(tmp_path / "blobs.sqlite", large)  # what was committed
+    async with again:
+        assert await again.size(digest) == len(data)
+        reader = await again.open_read(digest)
+        assert reader is not None
+        async with reader:
+            await reader.seek(len(data) - 1000)
+            assert await reader.read() == data[-1000:]

@@ -56,7 +56,10 @@ __all__ = [
     "DEFAULT_ZSTD_LEVEL",
     "ChunkLoader",
     "ChunkedReader",
+    "ChunkSink",
+    "ChunkingWriter",
     "ObjectStoreBlobService",
+    "Publisher",
     "blob_key",
     "chunk_key",
     "raw_frame",
@@ -232,9 +235,28 @@ class ChunkedReader(BlobReader):
         self._pending.clear()
 
 
-class _Writer(BlobWriter):
-    def __init__(self, svc: ObjectStoreBlobService) -> None:
+ChunkSink = Callable[[memoryview, list[ChunkMeta]], None]
+"""Stores one chunk (its bytes are only valid during the call) and appends its ChunkMeta."""
+Publisher = Callable[[B3Digest, list[ChunkMeta]], None]
+"""Records a finished blob's chunks (all stored by then)."""
+
+
+class ChunkingWriter(BlobWriter):
+    """Hashes and cuts a stream as the chunk store does; where chunks go is up to the sinks.
+
+    By default (``ObjectStoreBlobService.open_write``) chunk objects and an index
+    object; a packed store appends the chunks to its packs instead.
+    """
+
+    def __init__(
+        self,
+        svc: ObjectStoreBlobService,
+        store: ChunkSink | None = None,
+        publish: Publisher | None = None,
+    ) -> None:
         self._svc = svc
+        self._store = store or svc._store_chunk_sync
+        self._publish = publish or svc.publish_sync
         self._buf = bytearray()
         self._hashed = 0  # leading bytes of _buf already fed to the hasher
         self._hasher = blake3.blake3()
@@ -266,7 +288,7 @@ class _Writer(BlobWriter):
                     cuts.pop()
             consumed = 0
             for off, length in cuts:
-                svc._store_chunk_sync(view[off : off + length], self._chunks)
+                self._store(view[off : off + length], self._chunks)
                 consumed = off + length
         del buf[:consumed]
         self._hashed = len(buf)
@@ -277,7 +299,7 @@ class _Writer(BlobWriter):
         self._closed = True
         await asyncio.to_thread(self._cut, True)
         digest = B3Digest(self._hasher.digest())
-        await asyncio.to_thread(self._svc.publish_sync, digest, self._chunks)
+        await asyncio.to_thread(self._publish, digest, self._chunks)
         return digest
 
     async def abort(self) -> None:
@@ -404,7 +426,7 @@ class ObjectStoreBlobService(BlobService):
         return _ForkedObjectStoreIngest(self) if isinstance(self.store, LocalObjectStore) else None
 
     def open_write(self) -> BlobWriter:
-        return _Writer(self)
+        return ChunkingWriter(self)
 
     def _ingest_file_sync(self, path: str | bytes, size: int) -> tuple[B3Digest, list[ChunkMeta]]:
         chunks: list[ChunkMeta] = []

@@ -13,11 +13,12 @@ would cut them (FastCDC, same sizes, so the same chunk digests), and the
 chunks are packed like small blobs (a chunk is a blob of its own); the
 ``chunked`` table lists each such blob's chunks. One chunk file per chunk in
 the B §7.1 layout cost ~0.8 ms each here (a fresh shard directory, a create,
-a rename): 1.3 s of a 745 MB import. Packs are not compressed, so where the
-chunk store compresses (``TVIX_STORE_CHUNK_ZSTD``), large files still go to
-it, as do blobs written through :meth:`open_write` (NAR ingestion, gRPC
-Put): the :class:`ObjectStoreBlobService` ``large`` (B §7.1 layout). Reads
-look in both.
+a rename): 1.3 s of a 745 MB import. Large blobs written as a stream
+(:meth:`open_write`: NAR ingestion, gRPC Put) are cut and packed the same
+way. Packs are not compressed, so where the chunk store compresses
+(``TVIX_STORE_CHUNK_ZSTD``), large blobs go to it instead: the
+:class:`ObjectStoreBlobService` ``large`` (B §7.1 layout). Reads look in
+both.
 
 Safety: bytes are appended before their index rows are committed, so a crash
 can leave unreferenced bytes in a pack, never an index row pointing at
@@ -52,7 +53,13 @@ from tvix_castore.blobservice.base import (
     checked,
     read_file,
 )
-from tvix_castore.blobservice.objectstore import ChunkedReader, ObjectStoreBlobService
+from tvix_castore.blobservice.objectstore import (
+    ChunkedReader,
+    ChunkingWriter,
+    ChunkSink,
+    ObjectStoreBlobService,
+    Publisher,
+)
 from tvix_castore.digests import EMPTY_DIGEST, B3Digest, hash_threads
 from tvix_castore.directoryservice.sqlite import connect, storage_error, write_tables
 from tvix_castore.errors import DataCorruption, StorageError
@@ -291,7 +298,11 @@ class _Writer(BlobWriter):
             return
         self._buf += data
         if len(self._buf) > self._svc.threshold:
-            self._large = self._svc.large.open_write()
+            svc = self._svc
+            if svc.large.compresses:  # chunk files, for the space
+                self._large = svc.large.open_write()
+            else:
+                self._large = ChunkingWriter(svc.large, *_PackedChunks(svc).sinks())
             await self._large.write(bytes(self._buf))
             self._buf.clear()
 
@@ -307,6 +318,42 @@ class _Writer(BlobWriter):
         self._buf.clear()
         if self._large is not None:
             await self._large.abort()
+
+
+class _PackedChunks:
+    """Where a streamed large blob's chunks go in a packed store: into the packs.
+
+    Chunks are appended a batch of about ``_FLUSH_BYTES`` at a time (their
+    index rows committed with them); the ``chunked`` row, last, once all are.
+    """
+
+    def __init__(self, svc: PackedBlobService) -> None:
+        self._svc = svc
+        self._batch: list[tuple[B3Digest, bytes]] = []
+        self._held = 0
+
+    def sinks(self) -> tuple[ChunkSink, Publisher]:
+        return self._store, self._publish
+
+    def _store(self, data: memoryview, out: list[ChunkMeta]) -> None:
+        chunk = bytes(data)  # (the view is only valid during the call)
+        digest = B3Digest(blake3.blake3(chunk).digest())
+        out.append(ChunkMeta(digest, len(chunk)))
+        self._batch.append((digest, chunk))
+        self._held += len(chunk)
+        if self._held >= _FLUSH_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        batch, self._batch, self._held = self._batch, [], 0
+        if batch:
+            self._svc._store_small(batch)
+
+    def _publish(self, digest: B3Digest, chunks: list[ChunkMeta]) -> None:
+        self._flush()
+        if len(chunks) > 1:  # (a one-chunk blob is its chunk)
+            members = b"".join([_MEMBER.pack(c.digest.raw, c.size) for c in chunks])
+            self._svc._index([], [], [(digest.raw, members)])
 
 
 @dataclass(slots=True)
