@@ -59,7 +59,7 @@ async def ingest_and_hash(path: str | os.PathLike[str], store: Store) -> Ingeste
 
     With the embedded store, the tree is read once: ingested into the packs,
     then its NAR is hashed from what they hold (see
-    :func:`~tvix_store.nar.plan.hashed_plan`), so the NarHash describes
+    :class:`~tvix_store.nar.plan.PlanHasher`), so the NarHash describes
     exactly what was stored, whatever happened to the tree meanwhile.
 
     Elsewhere (stores without packs: rendering from castore would mean reading

@@ -10,7 +10,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 from nix_compat.nar import wire
 from tvix_castore.blobservice.base import BlobService
@@ -29,26 +29,6 @@ _READ = 1 << 20
 
 def _str(data: bytes) -> bytes:
     return wire.U64.pack(len(data)) + data + b"\0" * wire.padding(len(data))
-
-
-_F = TypeVar("_F", "FileNode", "ScannedFile")
-
-
-def _leaf(lit: bytearray, node: SymlinkNode | _F, segments: list[bytes | _F]) -> bytearray:
-    """A symlink's or file's NAR body after ``lit``; returns the literal bytes to go on with.
-
-    A file with content ends the literal before it: the file is a segment of its own.
-    """
-    if isinstance(node, SymlinkNode):
-        lit += wire.SYMLINK + _str(node.target)
-        return lit
-    lit += (wire.EXECUTABLE if node.executable else wire.REGULAR) + wire.U64.pack(node.size)
-    if node.size:
-        segments.append(bytes(lit))
-        segments.append(node)
-        lit = bytearray()
-    lit += b"\0" * wire.padding(node.size)
-    return lit
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,8 +85,16 @@ def build_layout(node: Node, closure: Mapping[B3Digest, Directory]) -> NarLayout
 
     def body(n: Node) -> Directory | None:
         nonlocal lit
-        if isinstance(n, SymlinkNode | FileNode):
-            lit = _leaf(lit, n, segments)
+        if isinstance(n, SymlinkNode):
+            lit += wire.SYMLINK + _str(n.target)
+            return None
+        if isinstance(n, FileNode):
+            lit += (wire.EXECUTABLE if n.executable else wire.REGULAR) + wire.U64.pack(n.size)
+            if n.size:
+                segments.append(bytes(lit))
+                segments.append(n)
+                lit = bytearray()
+            lit += b"\0" * wire.padding(n.size)
             return None
         assert isinstance(n, DirectoryNode)
         directory = closure.get(n.digest)
