@@ -273,7 +273,7 @@ def _sha256_of(plan: NarPlan, blobs: PackedBlobService, *, fallback: bool, verif
 
 
 class PlanHasher:
-    """The sha256 of a plan's NAR as the packs hold it, what it counts verified.
+    """The sha256 of a plan's NAR, read back from the packs.
 
     For a tree just ingested, this is the NarHash of exactly what was stored,
     without reading the source tree again (or whatever happened to it
