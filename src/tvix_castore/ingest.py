@@ -49,7 +49,7 @@ _RACY_NS = 1_000_000_000
 class _Dir:
     path: bytes
     name: bytes
-    children: list[_Dir | _File | SymlinkNode] = field(default_factory=list)
+    children: list[_Dir | ScannedFile | SymlinkNode] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -67,14 +67,11 @@ class ScannedFile:
         return FileNode(self.name, self.digest, self.size, self.executable)
 
 
-_File = ScannedFile
-
-
 def _show(path: bytes) -> str:
     return os.fsdecode(path)
 
 
-_Entry = _Dir | _File | SymlinkNode
+_Entry = _Dir | ScannedFile | SymlinkNode
 
 
 def _fingerprint(st: os.stat_result) -> tuple[int, ...]:
@@ -90,7 +87,7 @@ class ScannedTree:
     """
 
     root: _Entry
-    files: list[_File]
+    files: list[ScannedFile]
     dirs: list[_Dir]  # post-order
     stats: list[tuple[bytes, tuple[int, ...]]]
     started_ns: int
@@ -153,7 +150,7 @@ def scan_tree(path: str | bytes | os.PathLike[str], *, fingerprints: bool = True
     """
     root = os.fsencode(path)
     started = time.time_ns()
-    files: list[_File] = []
+    files: list[ScannedFile] = []
     dirs: list[_Dir] = []
     stats: list[tuple[bytes, tuple[int, ...]]] = []
 
@@ -162,7 +159,7 @@ def scan_tree(path: str | bytes | os.PathLike[str], *, fingerprints: bool = True
         if fingerprints:
             stats.append((path, _fingerprint(st)))
         if stat.S_ISREG(mode):
-            f = _File(path, name, st.st_size, bool(mode & stat.S_IXUSR))
+            f = ScannedFile(path, name, st.st_size, bool(mode & stat.S_IXUSR))
             files.append(f)
             return f
         if stat.S_ISLNK(mode):
@@ -195,8 +192,8 @@ def scan_tree(path: str | bytes | os.PathLike[str], *, fingerprints: bool = True
 
 
 async def _in_threads(
-    batches: list[list[_File]],
-    upload: Callable[[list[_File]], Awaitable[None]],
+    batches: list[list[ScannedFile]],
+    upload: Callable[[list[ScannedFile]], Awaitable[None]],
     concurrency: int,
 ) -> None:
     """Upload batches on ``concurrency`` thread-backed workers, in order of the list."""
@@ -267,24 +264,24 @@ async def upload_files(
     """The first half of :func:`ingest_tree`: every file's blob, its node kept in ``tree``."""
     files = tree.files
 
-    def fail(f: _File, exc: Exception) -> IngestionError:
+    def fail(f: ScannedFile, exc: Exception) -> IngestionError:
         if isinstance(exc, OSError):
             return IngestionError(_show(f.path), f"cannot read: {exc.strerror or exc}")
         return IngestionError(_show(f.path), str(exc))
 
-    def record(batch: list[_File], results: Sequence[B3Digest | Exception]) -> None:
+    def record(batch: list[ScannedFile], results: Sequence[B3Digest | Exception]) -> None:
         for f, result in zip(batch, results, strict=True):
             if isinstance(result, Exception):
                 raise fail(f, result) from result
             f.digest = result
 
-    async def upload(batch: list[_File]) -> None:
+    async def upload(batch: list[ScannedFile]) -> None:
         record(batch, await blobs.ingest_files([(f.path, f.size) for f in batch]))
 
     # Small files go in batches (one thread hand-off each); largest work first
     # keeps both cores busy to the end.
-    batches: list[list[_File]] = []
-    current: list[_File] = []
+    batches: list[list[ScannedFile]] = []
+    current: list[ScannedFile] = []
     current_bytes = 0
     for f in sorted(files, key=lambda f: f.size, reverse=True):
         if f.size >= _SMALL_FILE:
@@ -322,7 +319,7 @@ async def put_directories(
     root, dirs = tree.root, tree.dirs
     if isinstance(root, SymlinkNode):
         return root
-    if isinstance(root, _File):
+    if isinstance(root, ScannedFile):
         return root.node()
 
     built: dict[int, DirectoryNode] = {}
@@ -331,7 +328,7 @@ async def put_directories(
         for d in dirs:
             nodes: list[Node] = []
             for child in d.children:
-                if isinstance(child, _File):
+                if isinstance(child, ScannedFile):
                     nodes.append(child.node())
                 elif isinstance(child, _Dir):
                     nodes.append(built.pop(id(child)))

@@ -25,6 +25,7 @@ import pytest
 import zstandard
 
 from tests.compat.oracle import DigestSink, Nix, assert_same_nar
+from tvix_castore.blobservice.base import writev_all
 from tvix_castore.blobservice.objectstore import chunk_key, raw_frame_pieces
 from tvix_castore.blobservice.packed import PackedBlobService
 from tvix_castore.digests import B3Digest
@@ -380,7 +381,7 @@ def test_writev_all_resumes_after_short_writes(
     monkeypatch.setattr(os, "writev", at_most_7)
     parts: list[bytes | memoryview] = [b"abc", memoryview(b"defghij"), b"", b"klmnopqrstuvwxyz"]
     with open(tmp_path / "out", "wb") as f:
-        plan_mod._writev_all(f.fileno(), parts, sum(len(p) for p in parts))
+        writev_all(f.fileno(), parts, sum(len(p) for p in parts))
     assert (tmp_path / "out").read_bytes() == b"abcdefghijklmnopqrstuvwxyz"
 
 

@@ -30,7 +30,10 @@ __all__ = [
     "ForkedIngest",
     "checked",
     "read_file",
+    "writev_all",
 ]
+
+_IOV_MAX = 1000  # below the kernel's 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,3 +327,19 @@ def read_file(path: str | bytes, size: int) -> bytes:
     if len(data) != size:
         raise ValueError(f"file changed size while reading ({len(data)} != {size})")
     return data
+
+
+def writev_all(fd: int, pieces: list[bytes | memoryview], total: int) -> None:
+    """``writev`` every piece (``total`` bytes), in order, resuming after short writes.
+
+    Any number of pieces (``IOV_MAX`` at a time). ``pieces`` is consumed.
+    """
+    i = 0
+    while total:
+        n = os.writev(fd, pieces[i : i + _IOV_MAX])
+        total -= n
+        while i < len(pieces) and n >= len(pieces[i]):
+            n -= len(pieces[i])
+            i += 1
+        if n:  # a short write ended inside this piece
+            pieces[i] = memoryview(pieces[i])[n:]

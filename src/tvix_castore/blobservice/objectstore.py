@@ -283,7 +283,7 @@ class ChunkingWriter(BlobWriter):
             if final and len(buf) <= svc.min_size:
                 cuts = [(0, len(buf))] if buf else []
             else:
-                cuts = [(c.offset, c.length) for c in svc._cdc.cut_buf(view)]
+                cuts = [(c.offset, c.length) for c in svc.chunker.cut_buf(view)]
                 if not final and cuts:
                     cuts.pop()
             consumed = 0
@@ -348,10 +348,6 @@ class ObjectStoreBlobService(BlobService):
     @property
     def chunker(self) -> pyfastcdc.FastCDC:
         """The FastCDC cutter of this store's chunk sizes (same input, same chunks)."""
-        return self._cdc
-
-    @property
-    def _cdc(self) -> pyfastcdc.FastCDC:
         cdc = self._cdc_instance
         if cdc is None:
             cdc = self._cdc_instance = pyfastcdc.FastCDC(
@@ -440,7 +436,7 @@ class ObjectStoreBlobService(BlobService):
         with open(path, "rb") as f:
             hasher = blake3.blake3(max_threads=hash_threads())
             total = 0
-            for c in self._cdc.cut_stream(f):
+            for c in self.chunker.cut_stream(f):
                 hasher.update(c.data)
                 total += c.length
                 self._store_chunk_sync(c.data, chunks)

@@ -52,6 +52,7 @@ from tvix_castore.blobservice.base import (
     ForkedIngest,
     checked,
     read_file,
+    writev_all,
 )
 from tvix_castore.blobservice.objectstore import (
     ChunkedReader,
@@ -115,21 +116,7 @@ _QUERY_BATCH = 500
 _RECENT_LIMIT = 1 << 20  # locations remembered from this process's own writes
 _PENDING_ROWS = 1 << 17  # index rows from forked workers committed at once
 _SEGMENT_BLOB_MAX = 64 << 10  # batches of blobs larger than this on average get no segment
-_IOV_MAX = 1000  # below the kernel's 1024
 _FLUSH_BYTES = 8 << 20  # blob bytes read before they are appended (memory stays bounded)
-
-
-def _writev_all(fd: int, pieces: list[bytes], total: int) -> None:
-    """Write every piece, in order (``writev`` may write fewer bytes than asked)."""
-    i = 0
-    while total:
-        n = os.writev(fd, pieces[i : i + _IOV_MAX])
-        total -= n
-        while i < len(pieces) and n >= len(pieces[i]):
-            n -= len(pieces[i])
-            i += 1
-        if n:  # a short write ended inside this piece
-            pieces[i] = pieces[i][n:]
 
 
 class _Appender:
@@ -143,9 +130,11 @@ class _Appender:
         self._fd = -1
         self._size = 0
 
-    def append(self, pieces: Sequence[bytes]) -> tuple[str, int]:
-        """Write ``pieces`` at the end of the pack, in order; return (pack name, offset)."""
-        size = sum(len(p) for p in pieces)
+    def append(self, pieces: list[bytes | memoryview], size: int) -> tuple[str, int]:
+        """Write ``pieces`` (``size`` bytes; consumed) at the end of the pack, in order.
+
+        Returns (pack name, offset).
+        """
         with self._lock:
             if self._fd < 0 or self._size + size > _PACK_LIMIT:
                 if self._fd >= 0:
@@ -160,7 +149,7 @@ class _Appender:
                 )
                 self._size = 0
             offset = self._size
-            _writev_all(self._fd, list(pieces), size)
+            writev_all(self._fd, pieces, size)
             if self._fsync:
                 os.fsync(self._fd)
             self._size += size
@@ -175,16 +164,15 @@ class _Appender:
         faster than hashing 5 KB blobs one by one). A lone blob has none, nor
         have batches of large blobs (chunks: they are hashed fast one by one).
         """
-        data = list(blobs.values())
+        total = sum(len(blob) for blob in blobs.values())
         try:
-            pack, offset = self.append(data)
+            pack, offset = self.append(list(blobs.values()), total)
         except OSError as exc:
             raise StorageError(f"appending to a pack file: {exc}") from exc
         segments = []
-        total = sum(len(blob) for blob in data)
         if len(blobs) > 1 and total < _SEGMENT_BLOB_MAX * len(blobs):
             hasher = blake3.blake3()
-            for blob in data:
+            for blob in blobs.values():
                 hasher.update(blob)
             b3 = hasher.digest()
             members = b"".join([_MEMBER.pack(raw, len(blob)) for raw, blob in blobs.items()])
@@ -320,40 +308,64 @@ class _Writer(BlobWriter):
             await self._large.abort()
 
 
+class _Batch:
+    """(digest, bytes) pairs handed to ``store`` about ``_FLUSH_BYTES`` at a time.
+
+    Blobs are appended a batch at a time; memory stays bounded whatever the sizes.
+    """
+
+    def __init__(self, store: Callable[[list[tuple[B3Digest, bytes]]], None]) -> None:
+        self._store = store
+        self._pairs: list[tuple[B3Digest, bytes]] = []
+        self._held = 0
+
+    def add(self, digest: B3Digest, data: bytes) -> None:
+        self._pairs.append((digest, data))
+        self._held += len(data)
+        if self._held >= _FLUSH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        pairs, self._pairs, self._held = self._pairs, [], 0
+        if pairs:
+            self._store(pairs)
+
+
+def _add_chunk(data: bytes | memoryview, out: list[ChunkMeta], batch: _Batch) -> bytes:
+    """Hash one chunk, list it in ``out`` and hand its bytes to ``batch``; its bytes."""
+    chunk = bytes(data)  # (a cutter's view is only valid until its next chunk)
+    digest = B3Digest(blake3.blake3(chunk).digest())
+    out.append(ChunkMeta(digest, len(chunk)))
+    batch.add(digest, chunk)
+    return chunk
+
+
+def _chunk_list(chunks: list[ChunkMeta]) -> bytes:
+    """A ``chunked`` row's chunk list: each chunk's digest and size, in order."""
+    return b"".join([_MEMBER.pack(c.digest.raw, c.size) for c in chunks])
+
+
 class _PackedChunks:
     """Where a streamed large blob's chunks go in a packed store: into the packs.
 
-    Chunks are appended a batch of about ``_FLUSH_BYTES`` at a time (their
-    index rows committed with them); the ``chunked`` row, last, once all are.
+    Chunks are appended a batch at a time (their index rows committed with
+    them); the ``chunked`` row, last, once all are.
     """
 
     def __init__(self, svc: PackedBlobService) -> None:
         self._svc = svc
-        self._batch: list[tuple[B3Digest, bytes]] = []
-        self._held = 0
+        self._batch = _Batch(svc._store_small)
 
     def sinks(self) -> tuple[ChunkSink, Publisher]:
         return self._store, self._publish
 
     def _store(self, data: memoryview, out: list[ChunkMeta]) -> None:
-        chunk = bytes(data)  # (the view is only valid during the call)
-        digest = B3Digest(blake3.blake3(chunk).digest())
-        out.append(ChunkMeta(digest, len(chunk)))
-        self._batch.append((digest, chunk))
-        self._held += len(chunk)
-        if self._held >= _FLUSH_BYTES:
-            self._flush()
-
-    def _flush(self) -> None:
-        batch, self._batch, self._held = self._batch, [], 0
-        if batch:
-            self._svc._store_small(batch)
+        _add_chunk(data, out, self._batch)
 
     def _publish(self, digest: B3Digest, chunks: list[ChunkMeta]) -> None:
-        self._flush()
+        self._batch.flush()
         if len(chunks) > 1:  # (a one-chunk blob is its chunk)
-            members = b"".join([_MEMBER.pack(c.digest.raw, c.size) for c in chunks])
-            self._svc._index([], [], [(digest.raw, members)])
+            self._svc._index([], [], [(digest.raw, _chunk_list(chunks))])
 
 
 @dataclass(slots=True)
@@ -571,18 +583,7 @@ class PackedBlobService(BlobService):
         """
         out: list[B3Digest | Exception] = []
         chunked: list[_ChunkedRow] = []
-        batch: list[tuple[B3Digest, bytes]] = []
-        held = 0
-
-        def add(digest: B3Digest, data: bytes) -> None:
-            nonlocal held
-            batch.append((digest, data))
-            held += len(data)
-            if held >= _FLUSH_BYTES:
-                store(batch.copy())
-                batch.clear()
-                held = 0
-
+        batch = _Batch(store)
         compressed = self.large.compresses  # chunk files, for the space
         for path, size in files:
             try:
@@ -590,45 +591,40 @@ class PackedBlobService(BlobService):
                     out.append(self.large.ingest_file_sync(path, size))
                     continue
                 if size > self.threshold:
-                    digest, members = self._cut_file(path, size, add)
-                    if members is not None:
-                        chunked.append((digest.raw, members))
+                    digest, chunks = self._cut_file(path, size, batch)
+                    if len(chunks) > 1:  # (a one-chunk blob is its chunk)
+                        chunked.append((digest.raw, _chunk_list(chunks)))
                     out.append(digest)
                     continue
                 data = read_file(path, size)
                 digest = B3Digest(blake3.blake3(data).digest())
                 if data:
-                    add(digest, data)
+                    batch.add(digest, data)
                 out.append(digest)
             except (OSError, ValueError) as exc:
                 out.append(exc)
-        if batch:
-            store(batch)
+        batch.flush()
         return out, chunked
 
     def _cut_file(
-        self, path: str | bytes, size: int, add: Callable[[B3Digest, bytes], None]
-    ) -> tuple[B3Digest, bytes | None]:
-        """Cut a large file as the chunk store would, handing each chunk to ``add``.
+        self, path: str | bytes, size: int, batch: _Batch
+    ) -> tuple[B3Digest, list[ChunkMeta]]:
+        """Cut a large file as the chunk store would, handing each chunk to ``batch``.
 
-        Returns the blob's digest and its chunk records (``None`` if it is one
-        chunk: that chunk is the blob). Raises ``ValueError`` if the file no
-        longer has ``size`` bytes.
+        Returns the blob's digest and its chunks. Raises ``ValueError`` if the
+        file no longer has ``size`` bytes.
         """
         hasher = blake3.blake3(max_threads=hash_threads())
-        members: list[bytes] = []
+        chunks: list[ChunkMeta] = []
         total = 0
         with open(path, "rb") as f:
             for c in self.large.chunker.cut_stream(f):
-                data = bytes(c.data)  # the view is only valid until the next chunk
-                raw = blake3.blake3(data).digest()
-                hasher.update(data)
-                total += len(data)
-                members.append(_MEMBER.pack(raw, len(data)))
-                add(B3Digest(raw), data)
+                chunk = _add_chunk(c.data, chunks, batch)
+                hasher.update(chunk)
+                total += len(chunk)
         if total != size:
             raise ValueError(f"file changed size while reading ({total} != {size})")
-        return B3Digest(hasher.digest()), b"".join(members) if len(members) > 1 else None
+        return B3Digest(hasher.digest()), chunks
 
     async def ingest_files(
         self, files: Sequence[tuple[str | bytes, int]]

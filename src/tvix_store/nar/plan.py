@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING
 
 import blake3
 
-from tvix_castore.blobservice.base import BlobService, ChunkMeta
+from tvix_castore.blobservice.base import BlobService, ChunkMeta, writev_all
 from tvix_castore.blobservice.packed import PackedBlobService
 from tvix_castore.digests import B3Digest
 from tvix_castore.directoryservice.base import DirectoryService
@@ -616,7 +616,7 @@ class _Out:
 
 
 def _fd_sink(fd: int) -> _Sink:
-    return lambda iov, total: _writev_all(fd, iov, total)
+    return lambda iov, total: writev_all(fd, iov, total)
 
 
 def write_plan(plan: NarPlan, blobs: PackedBlobService, fd: int) -> None:
@@ -836,20 +836,6 @@ def _child_main(
             out.add(item)
     out.flush()
     return 0
-
-
-def _writev_all(fd: int, iov: list[bytes | memoryview], total: int) -> None:
-    """``writev`` all of ``iov`` (``total`` bytes), resuming after short writes."""
-    while True:
-        n = os.writev(fd, iov)
-        if n == total:
-            return
-        total -= n
-        i = 0
-        while n >= len(iov[i]):
-            n -= len(iov[i])
-            i += 1
-        iov = [memoryview(iov[i])[n:], *iov[i + 1 :]]
 
 
 def _fallback(blobs: PackedBlobService, digest: B3Digest, size: int) -> bytes:
