@@ -156,3 +156,68 @@ async def test_source_error_propagates() -> None:
 
     with pytest.raises((ConnectionResetError, InvalidNar)):
         await ingest_nar(read, MemoryBlobService(), MemoryDirectoryService())
+
+
+def test_nar_ingestion_memory_stays_flat(tmp_path: Path) -> None:
+    """A 256 MiB file inside a NAR, streamed into the embedded store (its chunks packed):
+    the ingesting process never holds the file (peak RSS stays far below its size)."""
+    import subprocess
+    import sys
+
+    script = r"""
+import asyncio, hashlib, resource, sys
+from pathlib import Path
+from nix_compat.nar.wire import U64, token
+from tvix_store.config import open_store
+from tvix_store.nar import ingest_nar
+
+SIZE = 256 << 20
+head = token(b"nix-archive-1", b"(", b"type", b"directory", b"entry", b"(", b"name", b"big",
+             b"node", b"(", b"type", b"regular", b"contents") + U64.pack(SIZE)
+tail = token(b")", b")", b")")
+
+def pieces():
+    yield head
+    for i in range(SIZE >> 20):
+        yield hashlib.shake_256(i.to_bytes(8, "little")).digest(1 << 20)
+    yield tail
+
+async def main() -> None:
+    stream = pieces()
+    pending = b""
+    sha = hashlib.sha256()
+
+    async def read(n: int) -> bytes:
+        nonlocal pending
+        while len(pending) < n:
+            more = next(stream, b"")
+            if not more:
+                break
+            pending += more
+        out, pending = pending[:n], pending[n:]
+        sha.update(out)
+        return out
+
+    store = await open_store(home=Path(sys.argv[1]))
+    async with store:
+        result = await ingest_nar(read, store.blobs, store.directories)
+    assert result.nar_sha256 == sha.digest(), "NarHash"
+    assert result.nar_size == len(head) + SIZE + len(tail), "NarSize"
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+asyncio.run(main())
+"""
+    home = tmp_path / "home"
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(home)],
+        capture_output=True,
+        timeout=300,
+        check=False,
+        env={"TVIX_STORE_CHUNK_ZSTD": "none", "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    peak_mib = int(proc.stdout.decode().strip()) // 1024
+    assert peak_mib < 150, f"peak RSS {peak_mib} MiB for a 256 MiB file"
+    packs = sum(p.stat().st_size for p in (home / "packs").iterdir())
+    assert packs >= 256 << 20  # the chunks went into the packs
+    assert not any(p.is_file() for p in (home / "blobs").rglob("*"))  # no chunk files
