@@ -132,7 +132,9 @@ def run(args: argparse.Namespace) -> str:
             f"Input: the NAR-dump tree ({nar_mb:.0f} MB of NAR). Fresh process and fresh store per"
             f" run, best of {rounds} alternating rounds, page cache warm, `sync` before each"
             " command, and `fstrim` (the VM's disk owes discards for deleted trees, which"
-            " slowed `nix-store --add` down up to 4×). Store paths and NARs checked identical."
+            " slowed `nix-store --add` down up to 4×; run after the castore benchmark had"
+            " deleted its stores, it still took 7-8 s, so this one runs first)."
+            " Store paths and NARs checked identical."
             " CPU = user + sys of the command"
             " and its children (our forked workers), best run: steadier than wall time here.",
             "",
