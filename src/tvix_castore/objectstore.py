@@ -51,6 +51,11 @@ class ObjectStore(abc.ABC):
         """The object's bytes without copying where possible (a read-only map of a file)."""
         return self.get_sync(key)
 
+    def size_sync(self, key: str) -> int | None:
+        """The object's size in bytes, or ``None`` if it does not exist."""
+        data = self.get_sync(key)
+        return None if data is None else len(data)
+
     async def get(self, key: str) -> bytes | None:
         """The object's bytes, or ``None``."""
         return await asyncio.to_thread(self.get_sync, key)
@@ -127,6 +132,14 @@ class LocalObjectStore(ObjectStore):
             raise StorageError(f"reading object {key}: {exc}") from exc
         finally:
             os.close(fd)
+
+    def size_sync(self, key: str) -> int | None:
+        try:
+            return os.stat(self._path(key)).st_size
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StorageError(f"reading object {key}: {exc}") from exc
 
     def put_sync(self, key: str, data: bytes) -> None:
         path = self._path(key)

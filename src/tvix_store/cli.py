@@ -362,7 +362,10 @@ async def _write_nar(store: Any, info: Any, out: Any) -> None:
     import hashlib
     import io
 
-    from tvix_store.nar.plan import save_plan, write_planned
+    from tvix_castore.errors import DataCorruption
+    from tvix_store.content import unreadable
+    from tvix_store.nar.layout import build_layout
+    from tvix_store.nar.plan import clear_damage, mark_damaged, save_plan, write_planned
     from tvix_store.nar.render import fetch_closure, render_nar
 
     out.flush()
@@ -376,18 +379,28 @@ async def _write_nar(store: Any, info: Any, out: Any) -> None:
     ):
         return
     closure = await fetch_closure(node, store.directories)
+    # Before writing anything: are the bytes of every indexed blob there?
+    problem = await unreadable(store.blobs, [f.digest for f in build_layout(node, closure).files])
+    if problem is not None:
+        await mark_damaged(store.plans, node, problem)
+        raise click.ClickException(f"{info.store_path}: stored content is damaged: {problem}")
     h = hashlib.sha256()
     size = 0
-    async for piece in render_nar(node, store.blobs, store.directories, closure=closure):
-        h.update(piece)
-        size += len(piece)
-        out.write(piece)
+    try:
+        async for piece in render_nar(node, store.blobs, store.directories, closure=closure):
+            h.update(piece)
+            size += len(piece)
+            out.write(piece)
+    except DataCorruption as exc:
+        await mark_damaged(store.plans, node, str(exc))
+        raise
     out.flush()
     if size != info.nar_size or h.digest() != info.nar_sha256:
         raise click.ClickException(
             f"{info.store_path}: rendered NAR does not match its recorded NarHash/NarSize"
         )
     await save_plan(store.plans, store.blobs, node, closure, size, info.nar_sha256)
+    await clear_damage(store.plans, node)
 
 
 @main.command()

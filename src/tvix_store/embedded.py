@@ -88,7 +88,7 @@ def export_planned(home: Path, store_path: StorePath, fd: int) -> bool:
         NarRenderError: a blob is missing or corrupt (after the bytes before it).
         OSError: writing to ``fd`` failed.
     """
-    from tvix_store.nar.plan import SqliteNarPlans, vouching_plan, write_plan
+    from tvix_store.nar.plan import SqliteNarPlans, write_vouched_sync
     from tvix_store.pathinfoservice.sqlite import SqlitePathInfoService
 
     db = home / STORE_DB
@@ -105,11 +105,7 @@ def export_planned(home: Path, store_path: StorePath, fd: int) -> bool:
     assert isinstance(blobs, PackedBlobService)
     plans = SqliteNarPlans(db)
     try:
-        found = vouching_plan(plans, blobs, info.node, info.nar_size, info.nar_sha256)
-        if found is None:
-            return False
-        write_plan(*found, fd)
-        return True
+        return write_vouched_sync(plans, blobs, info.node, info.nar_size, info.nar_sha256, fd)
     finally:
         plans.close()
         blobs.close()

@@ -23,7 +23,7 @@ from tvix_castore.ingest import (
 )
 from tvix_castore.nodes import Directory, DirectoryNode, Node
 from tvix_store.config import Store
-from tvix_store.nar.plan import NarPlan, PlanHasher, save_plan, scanned_plan
+from tvix_store.nar.plan import NarPlan, PlanHasher, clear_damage, save_plan, scanned_plan
 from tvix_store.nar.render import calculate_nar
 from tvix_store.pathinfo import PathInfo
 
@@ -117,7 +117,12 @@ async def _ingest_then_hash(
 
 
 async def record(store: Store, tree: IngestedTree, info: PathInfo) -> PathInfo:
-    """Put the PathInfo of an ingested tree, then its NAR plan (content first, plan last)."""
+    """Put the PathInfo of an ingested tree, then its NAR plan (content first, plan last).
+
+    The tree's NarHash was computed from what the store holds (verified), so a
+    damage mark of the same content is cleared: ingesting stored anew every
+    blob whose bytes were gone.
+    """
     stored = await store.pathinfos.put(info)
     if tree.plan is not None and store.plans is not None:
         assert isinstance(tree.node, DirectoryNode)
@@ -125,10 +130,11 @@ async def record(store: Store, tree: IngestedTree, info: PathInfo) -> PathInfo:
             await asyncio.to_thread(store.plans.put_sync, tree.node.digest, tree.plan)
         except CastoreError as exc:  # a plan is a cache: export renders without one
             _log.warning("no NAR plan recorded for %s: %s", tree.node.digest, exc)
-        return stored
-    await save_plan(
-        store.plans, store.blobs, tree.node, tree.closure, tree.nar_size, tree.nar_sha256
-    )
+    else:
+        await save_plan(
+            store.plans, store.blobs, tree.node, tree.closure, tree.nar_size, tree.nar_sha256
+        )
+    await clear_damage(store.plans, tree.node)
     return stored
 
 

@@ -35,7 +35,7 @@ from tvix_castore.blobservice.base import (
     read_file,
 )
 from tvix_castore.digests import EMPTY_DIGEST, B3Digest, hash_threads
-from tvix_castore.errors import ChecksumMismatch, DataCorruption, NotFound
+from tvix_castore.errors import ChecksumMismatch, DataCorruption, NotFound, StorageError
 from tvix_castore.lazy import lazy_module
 from tvix_castore.objectstore import LocalObjectStore, ObjectStore
 from tvix_castore.protos import rpc_blobstore_pb2 as pb
@@ -480,15 +480,40 @@ class ObjectStoreBlobService(BlobService):
             return [] if self.store.exists_sync(chunk_key(digest)) else None
         return self._parse_index(digest, raw)
 
+    def unreadable_sync(self, digest: B3Digest) -> str | None:
+        """Why ``digest`` cannot be read (absent, index corrupt, a chunk file missing or empty).
+
+        ``None`` if every object a read needs is there; their bytes are
+        verified by the read itself. Blocking.
+        """
+        if digest == EMPTY_DIGEST:
+            return None
+        try:
+            chunks = self.chunks_sync(digest)
+        except StorageError as exc:
+            return str(exc)
+        if chunks is None:
+            return f"blob {digest} is not in the store"
+        for c in chunks or [ChunkMeta(digest, 0)]:
+            try:
+                size = self.store.size_sync(chunk_key(c.digest))
+            except StorageError as exc:
+                return str(exc)
+            if not size:  # (a chunk file is a zstd frame: never empty)
+                return f"blob {digest}: chunk file of {c.digest} is missing or empty"
+        return None
+
     def load_chunk_pieces_sync(
-        self, digest: B3Digest, size: int
+        self, digest: B3Digest, size: int, *, mapped: bool = True
     ) -> list[bytes | memoryview] | None:
         """A chunk's verified bytes as pieces, zero-copy for incompressible chunks.
 
         ``None`` if the chunk is absent; raises ``DataCorruption`` if it does
-        not hash to ``digest``.
+        not hash to ``digest``. Without ``mapped`` the chunk file is read, not
+        mapped (for servers: a file truncated while mapped raises SIGBUS).
         """
-        frame = self.store.view_sync(chunk_key(digest))
+        key = chunk_key(digest)
+        frame = self.store.view_sync(key) if mapped else self.store.get_sync(key)
         if frame is None:
             return None
         raw = raw_frame_pieces(frame)

@@ -30,6 +30,7 @@ is verified against its BLAKE3 digest.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sqlite3
 import struct
@@ -82,6 +83,7 @@ _Row = tuple[bytes, str, int, int]
 _ChunkedRow = tuple[bytes, bytes]  # blob digest, its chunks (_MEMBER records)
 _SegmentRow = tuple[str, int, int, bytes, bytes, bytes]  # ..., members, checksum
 _MEMBER = struct.Struct("<32sQ")  # a segment's blob: digest, length (in order)
+_log = logging.getLogger(__name__)
 
 
 def _segment_checksum(pack: str, offset: int, length: int, b3: bytes, members: bytes) -> bytes:
@@ -251,7 +253,9 @@ class _ForkedPackedIngest(ForkedIngest):
         match question:
             case ("present", list(raws)):
                 pending = self._pending
-                located = self._svc._locate_raw([r for r in raws if r not in pending])
+                located = self._svc._intact(
+                    self._svc._locate_raw([r for r in raws if r not in pending])
+                )
                 self._svc._remember(located)
                 return set(located) | {r for r in raws if r in pending}
             case ("index", list(rows), list(segments)):
@@ -415,7 +419,8 @@ class PackedBlobService(BlobService):
     # -- writing ----------------------------------------------------------
     def _store_small(self, blobs: Sequence[tuple[B3Digest, bytes]]) -> None:
         """Append new blobs in one write and index them in one transaction."""
-        present = self._locate([d for d, _ in blobs])  # already stored: not appended again
+        # already stored (and its pack still holds it): not appended again
+        present = self._intact(self._locate([d for d, _ in blobs]))
         new: dict[bytes, bytes] = {}
         for digest, data in blobs:
             if digest.raw not in present and data:
@@ -476,8 +481,8 @@ class PackedBlobService(BlobService):
             write_tables(
                 self._conn,
                 [
-                    (
-                        "INSERT OR IGNORE INTO packed (digest, pack, offset, length)"
+                    (  # REPLACE: a row whose pack lost the bytes is superseded
+                        "INSERT OR REPLACE INTO packed (digest, pack, offset, length)"
                         " VALUES (?, ?, ?, ?)",
                         rows,
                     ),
@@ -491,6 +496,87 @@ class PackedBlobService(BlobService):
                 ],
                 "indexing packed blobs",
             )
+
+    def _intact(self, located: dict[bytes, BlobLocation]) -> dict[bytes, BlobLocation]:
+        """Those of ``located`` whose pack file exists and is long enough (blocking).
+
+        A blob whose pack was deleted or truncated counts as absent, so
+        storing it again (a re-upload, a re-import) appends it anew and its
+        row is replaced. One ``stat`` per pack.
+        """
+        sizes: dict[str, int] = {}
+        out = {}
+        for raw, loc in located.items():
+            pack, offset, length = loc
+            if pack not in sizes:
+                sizes[pack] = self._pack_size(pack)
+            if offset + length <= sizes[pack]:
+                out[raw] = loc
+        return out
+
+    def _pack_size(self, pack: str) -> int:
+        """The size of pack file ``pack``; -1 if it is missing or unreadable."""
+        try:
+            return os.stat(self.pack_path(pack)).st_size
+        except (OSError, DataCorruption):
+            return -1
+
+    def unreadable_sync(self, digests: Sequence[B3Digest]) -> str | None:
+        """Why one of ``digests``, all indexed, cannot be read: ``None`` if all can (blocking).
+
+        Checks what a read needs without reading it: each packed blob's (or
+        packed chunk's) pack file is there and long enough, each chunk file of
+        the chunk store exists. What a blob's bytes hash to is for the reader
+        to check. A blob not indexed at all is reported too.
+        """
+        unique = [d for d in dict.fromkeys(digests) if d != EMPTY_DIGEST]
+        located = self._locate(unique)
+        rest = [d for d in unique if d.raw not in located]
+        chunked = self._chunked([d.raw for d in rest]) if rest else {}
+        for meta in chunked.values():
+            raws = [c.digest.raw for c in meta]
+            found = self._locate_raw(raws)
+            for c in meta:
+                if c.digest.raw not in found:
+                    return f"chunk {c.digest} of a blob is not in the store"
+            located.update(found)
+        sizes: dict[str, int] = {}
+        for raw, (pack, offset, length) in located.items():
+            if pack not in sizes:
+                sizes[pack] = self._pack_size(pack)
+            if sizes[pack] < 0:
+                return f"blob {B3Digest(raw)}: pack file {pack} is missing"
+            if offset + length > sizes[pack]:
+                return (
+                    f"blob {B3Digest(raw)}: pack file {pack} is truncated"
+                    f" ({sizes[pack]} bytes, the blob ends at {offset + length})"
+                )
+        for digest in rest:
+            if digest.raw in chunked:
+                continue
+            problem = self.large.unreadable_sync(digest)
+            if problem is not None:
+                return problem
+        return None
+
+    def _forget(self, digest: B3Digest, pack: str, offset: int) -> None:
+        """Drop the index row of a blob found damaged at ``pack``/``offset``.
+
+        Its bytes there are useless; without the row, the blob is absent, so
+        storing it again (a re-upload of its NAR) appends it anew. A failure
+        to write is logged: the read fails either way.
+        """
+        self._recent.pop(digest.raw, None)
+        with self._lock:
+            try:
+                self._conn.execute(
+                    "DELETE FROM packed WHERE digest = ? AND pack = ? AND offset = ?",
+                    (digest.raw, pack, offset),
+                )
+            except sqlite3.Error as exc:
+                _log.warning("cannot unindex damaged blob %s: %s", digest, exc)
+            else:
+                _log.warning("unindexed blob %s: damaged in pack %s", digest, pack)
 
     def _remember(self, located: dict[bytes, BlobLocation]) -> None:
         if len(self._recent) + len(located) > _RECENT_LIMIT:
@@ -751,9 +837,13 @@ class PackedBlobService(BlobService):
             data = os.pread(fd, length, offset)
         except OSError as exc:
             raise DataCorruption(f"blob {digest}: cannot read pack {pack}: {exc}") from exc
-        if len(data) != length:
+        if len(data) != length:  # (kept indexed: the pack may be put back)
             raise DataCorruption(f"blob {digest}: pack {pack} is truncated")
-        return checked(digest, data)
+        try:
+            return checked(digest, data)
+        except DataCorruption:
+            self._forget(digest, pack, offset)
+            raise
 
     def read_packed_sync(self, digest: B3Digest) -> bytes | None:
         """A packed blob's verified bytes (``None`` if not packed), on the caller's thread."""

@@ -68,13 +68,19 @@ __all__ = [
     "SqliteNarPlans",
     "build_plan",
     "calculate_nar_planned",
+    "clear_damage",
     "content_present",
+    "content_problem",
+    "damage_of",
+    "mark_damaged",
     "PlanHasher",
     "scanned_plan",
     "planned_stream",
     "save_plan",
+    "verify_planned",
     "vouching_plan",
     "write_plan",
+    "write_vouched_sync",
     "write_planned",
 ]
 
@@ -97,6 +103,7 @@ _CHILD_MAPPED = 1 << 30
 _AHEAD = 4  # pieces a server's plan writer may run ahead of the response
 _SERVER_PIECE = 1 << 20  # ... each about this large (memory per download stays ~5 MiB)
 _UNVOUCHED = bytes(32)  # the sha256 of a plan whose NAR nobody hashed
+_WINDOW_MIN = 256 << 10  # reads from this size are kept for the next (see _Packs)
 
 _Entry = tuple[int, bytes, int, int, int]  # as _ENTRY
 _Segment = tuple[int, int, int, bytes]  # as _SEGMENT
@@ -387,6 +394,11 @@ class SqliteNarPlans:
                 " root BLOB PRIMARY KEY, plan BLOB NOT NULL, checksum BLOB NOT NULL"
                 ") WITHOUT ROWID"
             )
+            self._conn.execute(
+                "CREATE TABLE IF NOT EXISTS nar_damage ("
+                " root BLOB PRIMARY KEY, reason TEXT NOT NULL"
+                ") WITHOUT ROWID"
+            )
         except sqlite3.Error as exc:
             self._conn.close()
             raise storage_error("creating the nar_plans table", exc) from exc
@@ -421,6 +433,45 @@ class SqliteNarPlans:
     async def get(self, root: B3Digest) -> NarPlan | None:
         return await asyncio.to_thread(self.get_sync, root)
 
+    # -- damage marks (see :func:`mark_damaged`) --------------------------
+    def damage_sync(self, node: Node) -> str | None:
+        """Why ``node``'s NAR was found damaged, or ``None`` if it is not marked."""
+        key = _damage_key(node)
+        if key is None:
+            return None
+        with self._lock:
+            try:
+                row = self._conn.execute(
+                    "SELECT reason FROM nar_damage WHERE root = ?", (key,)
+                ).fetchone()
+            except sqlite3.Error as exc:
+                raise storage_error("reading a damage mark", exc) from exc
+        return None if row is None else str(row[0])
+
+    def mark_damaged_sync(self, node: Node, reason: str) -> None:
+        key = _damage_key(node)
+        if key is None:
+            return
+        with self._lock:
+            try:
+                self._conn.execute(
+                    "INSERT OR REPLACE INTO nar_damage (root, reason) VALUES (?, ?)",
+                    (key, reason[:1000]),
+                )
+            except sqlite3.Error as exc:
+                raise storage_error("writing a damage mark", exc) from exc
+
+    def clear_damage_sync(self, node: Node) -> bool:
+        """Remove ``node``'s mark; whether there was one (no write if not)."""
+        if self.damage_sync(node) is None:
+            return False
+        with self._lock:
+            try:
+                self._conn.execute("DELETE FROM nar_damage WHERE root = ?", (_damage_key(node),))
+            except sqlite3.Error as exc:
+                raise storage_error("clearing a damage mark", exc) from exc
+        return True
+
     def close(self) -> None:
         with self._lock:
             self._conn.close()
@@ -430,22 +481,54 @@ class SqliteNarPlans:
 
 
 class _Packs:
-    """Read-only maps of pack files, opened on first use, remapped if a pack grew."""
+    """Read-only maps of pack files, opened on first use, remapped if a pack grew.
 
-    def __init__(self, blobs: PackedBlobService, names: Sequence[str]) -> None:
+    Without ``mapped`` (servers), bytes are read with ``pread`` instead: a
+    pack truncated while mapped would kill the process with SIGBUS on the
+    next access, and a server copies what it sends anyway. The last large
+    read (a segment verified whole) is kept, so its blobs are not read twice.
+    """
+
+    def __init__(self, blobs: PackedBlobService, names: Sequence[str], mapped: bool = True) -> None:
         self._blobs = blobs
         self._names = names
+        self._mapped = mapped
         self._maps: list[tuple[mmap.mmap, memoryview] | None] = [None] * len(names)
         self._old: list[tuple[mmap.mmap, memoryview]] = []  # replaced maps, views may be queued
+        self._fds: dict[int, int] = {}
+        self._window: tuple[int, int, memoryview] | None = None  # pack, offset, bytes
 
     def view(self, index: int, offset: int, size: int) -> memoryview | None:
         """The mapped bytes, or ``None`` if the pack is missing or too short."""
+        if not self._mapped:
+            return self._read(index, offset, size)
         entry = self._maps[index]
         if entry is None or offset + size > len(entry[1]):
             entry = self._map(index)
             if entry is None or offset + size > len(entry[1]):
                 return None
         return entry[1][offset : offset + size]
+
+    def _read(self, index: int, offset: int, size: int) -> memoryview | None:
+        window = self._window
+        if window is not None and window[0] == index:
+            start = offset - window[1]
+            if start >= 0 and start + size <= len(window[2]):
+                return window[2][start : start + size]
+        fd = self._fds.get(index)
+        try:
+            if fd is None:
+                path = self._blobs.pack_path(self._names[index])
+                fd = self._fds[index] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            data = os.pread(fd, size, offset)
+        except (OSError, DataCorruption):
+            return None
+        if len(data) != size:
+            return None
+        view = memoryview(data)
+        if size >= _WINDOW_MIN:
+            self._window = (index, offset, view)
+        return view
 
     def _map(self, index: int) -> tuple[mmap.mmap, memoryview] | None:
         try:
@@ -469,6 +552,10 @@ class _Packs:
         return entry
 
     def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self._window = None
         for entry in [*self._maps, *self._old]:
             if entry is not None:
                 entry[1].release()
@@ -489,10 +576,17 @@ class _Reader:
     """
 
     def __init__(
-        self, blobs: PackedBlobService, plan: NarPlan, *, fallback: bool, verify: bool = True
+        self,
+        blobs: PackedBlobService,
+        plan: NarPlan,
+        *,
+        fallback: bool,
+        verify: bool = True,
+        mapped: bool = True,
     ) -> None:
         self._blobs = blobs
-        self._packs = _Packs(blobs, plan.packs)
+        self._mapped = mapped
+        self._packs = _Packs(blobs, plan.packs, mapped)
         self._fallback = fallback
         self._verify = verify
         # Per pack: its plan segments (start, end, digest), their starts, and
@@ -568,7 +662,7 @@ class _Reader:
                 f"failed rendering nar: blob {digest} has {total} bytes, expected {size}"
             )
         for c in chunks:  # a one-chunk blob is its chunk
-            got = large.load_chunk_pieces_sync(c.digest, c.size)
+            got = large.load_chunk_pieces_sync(c.digest, c.size, mapped=self._mapped)
             if got is None:
                 raise NarRenderError(
                     f"failed rendering nar: blob {digest}: chunk {c.digest} missing"
@@ -648,6 +742,7 @@ def _write(
     *,
     fallback: bool = True,
     verify: bool = True,
+    mapped: bool = True,
 ) -> None:
     """Write ``plan`` into ``sink``; with ``fork_fd``, a large one with a forked child.
 
@@ -661,7 +756,7 @@ def _write(
     multi_core = (os.cpu_count() or 1) > 1
     if fork_fd is not None and plan.nar_size >= _FORK_MIN and len(entries) > 1 and multi_core:
         child = _Child.start(plan, blobs, fork_fd, entries)
-    reader = _Reader(blobs, plan, fallback=fallback, verify=verify)
+    reader = _Reader(blobs, plan, fallback=fallback, verify=verify, mapped=mapped)
     out = _Out(sink, _FLUSH_BYTES if fork_fd is not None else _SERVER_PIECE)
     stop = len(entries)
     try:
@@ -929,10 +1024,40 @@ async def write_planned(
 
     Returns ``False`` (having written nothing) when there is no such plan.
     """
-    found = await asyncio.to_thread(vouching_plan, plans, blobs, node, nar_size, nar_sha256)
-    if found is None:
+    return await asyncio.to_thread(write_vouched_sync, plans, blobs, node, nar_size, nar_sha256, fd)
+
+
+def write_vouched_sync(
+    plans: SqliteNarPlans | None,
+    blobs: BlobService,
+    node: Node,
+    nar_size: int,
+    nar_sha256: bytes,
+    fd: int,
+) -> bool:
+    """:func:`write_planned`, blocking (for a command that runs no event loop).
+
+    Nothing is written (``False``) if a pack the plan reads is missing or
+    short: the caller renders from castore, which finds the blob elsewhere or
+    reports it before writing. A blob found corrupt while writing marks the
+    NAR damaged (see :func:`mark_damaged`); a NAR written whole clears a mark.
+    """
+    found = vouching_plan(plans, blobs, node, nar_size, nar_sha256)
+    if found is None or plans is None or not isinstance(node, DirectoryNode):
         return False
-    await asyncio.to_thread(write_plan, *found, fd)
+    problem = content_problem(*found)
+    if problem is not None:
+        _log.debug("the NAR plan of %s cannot be read (%s): rendering", node.digest, problem)
+        return False
+    try:
+        write_plan(*found, fd)
+    except DataCorruption as exc:
+        with contextlib.suppress(CastoreError):
+            _log.warning("marking the NAR of %s damaged: %s", node.digest, exc)
+            plans.mark_damaged_sync(node, str(exc))
+        raise
+    with contextlib.suppress(CastoreError):
+        plans.clear_damage_sync(node)
     return True
 
 
@@ -958,27 +1083,97 @@ async def _plan_of(
     return await asyncio.to_thread(_plan_of_sync, plans, blobs, node)
 
 
-def content_present(plan: NarPlan, blobs: PackedBlobService) -> bool:
-    """Whether every blob of ``plan`` is there (pack long enough, chunks listed); blocking.
+def content_problem(plan: NarPlan, blobs: PackedBlobService) -> str | None:
+    """Why some blob of ``plan`` cannot be read, or ``None`` (blocking).
 
-    What a server checks before it sends headers; the bytes themselves are
-    verified as they are written.
+    What a server checks before it sends headers: every pack the plan reads
+    exists and is long enough for each range, every other blob's chunks are
+    listed and their files exist. The bytes themselves are verified as they
+    are written.
     """
     ends: dict[int, int] = {}
+    unpacked: list[B3Digest] = []
     for _, raw, size, pack, offset in plan.entries:
         if pack == _NOT_PACKED:
-            digest = B3Digest(raw)
-            if blobs.large.chunks_sync(digest) is None and blobs.chunked_sync(digest) is None:
-                return False
+            unpacked.append(B3Digest(raw))
         else:
             ends[pack] = max(ends.get(pack, 0), offset + size)
     for pack, end in ends.items():
+        name = plan.packs[pack]
         try:
-            if os.stat(blobs.pack_path(plan.packs[pack])).st_size < end:
-                return False
-        except (OSError, DataCorruption):
-            return False
-    return True
+            have = os.stat(blobs.pack_path(name)).st_size
+        except (OSError, DataCorruption) as exc:
+            return f"pack file {name} is missing: {exc}"
+        if have < end:
+            return f"pack file {name} is truncated ({have} bytes, the NAR reads up to {end})"
+    return blobs.unreadable_sync(unpacked) if unpacked else None
+
+
+def content_present(plan: NarPlan, blobs: PackedBlobService) -> bool:
+    """Whether every blob of ``plan`` can be read (see :func:`content_problem`); blocking."""
+    return content_problem(plan, blobs) is None
+
+
+def _damage_key(node: Node) -> bytes | None:
+    """The key of ``node``'s damage mark: its kind and digest (symlinks cannot be damaged)."""
+    if isinstance(node, DirectoryNode):
+        return b"d" + node.digest.raw
+    if isinstance(node, FileNode):
+        return b"f" + node.digest.raw
+    return None
+
+
+async def damage_of(plans: SqliteNarPlans | None, node: Node) -> str | None:
+    """Why ``node``'s NAR is marked damaged, or ``None`` (also without a plan store)."""
+    if plans is None:
+        return None
+    return await asyncio.to_thread(plans.damage_sync, node)
+
+
+async def mark_damaged(plans: SqliteNarPlans | None, node: Node, reason: str) -> None:
+    """Remember that ``node``'s NAR cannot be produced (a read found ``reason``).
+
+    Servers then refuse it before sending headers, and stop vouching for it
+    (narinfo, ``CalculateNAR``) until the mark is cleared: by a successful
+    upload or import of the same content, or a successful ``tvix-store
+    export`` (each reads and verifies every blob). Marks live next to the
+    plans (the embedded store); failing to write one is logged.
+    """
+    if plans is None or not isinstance(node, (DirectoryNode, FileNode)):
+        return
+    _log.warning("marking the NAR of %s damaged: %s", node.digest, reason)
+    try:
+        await asyncio.to_thread(plans.mark_damaged_sync, node, reason)
+    except CastoreError as exc:
+        _log.warning("cannot mark the NAR of %s damaged: %s", node.digest, exc)
+
+
+async def clear_damage(plans: SqliteNarPlans | None, node: Node) -> None:
+    """Drop ``node``'s damage mark after its content was stored and verified again."""
+    if plans is None or not isinstance(node, (DirectoryNode, FileNode)):
+        return
+    try:
+        if await asyncio.to_thread(plans.clear_damage_sync, node):
+            _log.info("the NAR of %s is no longer marked damaged", node.digest)
+    except CastoreError as exc:
+        _log.warning("cannot clear the damage mark of %s: %s", node.digest, exc)
+
+
+async def verify_planned(
+    plans: SqliteNarPlans | None, blobs: BlobService, node: Node, nar_sha256: bytes
+) -> str | None:
+    """Read and verify ``node``'s whole NAR from its plan: the problem, or ``None`` if intact.
+
+    ``None`` also if there is no plan to read (nothing to say).
+    """
+    found = await _plan_of(plans, blobs, node)
+    if found is None:
+        return None
+    try:
+        sha = await asyncio.to_thread(_sha256_of, *found, fallback=True, verify=True)
+    except CastoreError as exc:
+        return str(exc)
+    return None if sha == nar_sha256 else "its NAR does not hash to the recorded NarHash"
 
 
 @dataclass(frozen=True, slots=True)
@@ -1039,7 +1234,7 @@ async def _pieces(plan: NarPlan, blobs: PackedBlobService) -> AsyncIterator[byte
 
     def write() -> None:
         try:
-            _write(plan, blobs, sink, None)
+            _write(plan, blobs, sink, None, mapped=False)  # no SIGBUS for a server
         except _Stopped:
             return
         except BaseException as exc:  # raised on the loop side
@@ -1072,6 +1267,9 @@ async def calculate_nar_planned(
     for the result is recorded: the server-side NAR cache the protocol's
     ``CalculateNAR`` asks for.
     """
+    reason = await damage_of(plans, node)
+    if reason is not None:  # a read found it damaged: no more vouching (see mark_damaged)
+        raise NarRenderError(f"this NAR is damaged in the store: {reason}")
     found = await _plan_of(plans, blobs, node)
     vouched = found is not None and found[0].nar_sha256 != _UNVOUCHED
     if vouched and found is not None and await asyncio.to_thread(content_present, *found):
@@ -1079,7 +1277,12 @@ async def calculate_nar_planned(
     closure = None
     if _planned(plans, blobs, node) is not None:
         closure = await fetch_closure(node, dirs)
-    size, sha = await calculate_nar(node, blobs, dirs, closure=closure)
+    try:
+        size, sha = await calculate_nar(node, blobs, dirs, closure=closure)
+    except DataCorruption as exc:
+        if found is not None:  # it had a plan, so it was whole once: damaged since
+            await mark_damaged(plans, node, str(exc))
+        raise
     if closure is not None:
         await save_plan(plans, blobs, node, closure, size, sha)
     return size, sha

@@ -25,6 +25,7 @@ from nix_compat.signing import SigningKey
 from tvix_castore.digests import B3Digest
 from tvix_castore.errors import (
     CastoreError,
+    DataCorruption,
     NotFound,
     StorageUnavailable,
     ValidationError,
@@ -39,10 +40,17 @@ from tvix_castore.nodes import (
 from tvix_castore.protos import castore_pb2
 from tvix_store.compression import SUFFIXES, DecompressingReader, TooLarge, decompressor
 from tvix_store.config import Store
-from tvix_store.content import MissingContent, check_content
+from tvix_store.content import MissingContent, check_content, unreadable
 from tvix_store.nar.ingest import ingest_nar
 from tvix_store.nar.layout import NarLayout, nar_layout
-from tvix_store.nar.plan import planned_stream, save_plan
+from tvix_store.nar.plan import (
+    clear_damage,
+    damage_of,
+    mark_damaged,
+    planned_stream,
+    save_plan,
+    verify_planned,
+)
 from tvix_store.nar.render import NarRenderError, fetch_closure, render_nar
 from tvix_store.pathinfo import PathInfo
 
@@ -58,6 +66,11 @@ _IMMUTABLE = "public, max-age=31536000, immutable"
 _NAR_NAME = re.compile(r"([0-9a-df-np-sv-z]{52})(\.nar(?:\.xz|\.bz2|\.gz|\.zst)?)")
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 _GZIP_MAGIC = b"\x1f\x8b"
+# A NAR whose stored content was found damaged is "gone": Nix takes 404 and 410
+# as "not there" (no retries; the next substituter; ``nix copy`` uploads it
+# again, which repairs it), while it retries a 5xx and ``nix copy``'s HEAD
+# existence check fails on one.
+_DAMAGED = 410
 
 
 @dataclass
@@ -152,9 +165,13 @@ def node_url(node: Node, nar_size: int) -> str:
 
 async def get_narinfo(request: web.Request) -> web.Response:
     digest = _digest20(request.match_info["hash"])
-    info = await _store(request).pathinfos.get(digest)
+    store = _store(request)
+    info = await store.pathinfos.get(digest)
     if info is None:
         raise HttpError(404, f"{request.match_info['hash']}: no such path")
+    reason = await damage_of(store.plans, info.node)
+    if reason is not None:  # "not here": Nix then asks its next substituter
+        raise HttpError(404, f"{request.match_info['hash']}: damaged in this store ({reason})")
     if request.method == "HEAD":
         return web.Response(content_type=_NARINFO_TYPE)
     keys = request.app[CONFIG_KEY].signing_keys
@@ -230,6 +247,14 @@ async def put_nar(request: web.Request) -> web.Response:
     await save_plan(
         store.plans, store.blobs, result.node, closure, result.nar_size, result.nar_sha256
     )
+    if await damage_of(store.plans, result.node) is not None:
+        # Ingesting stored anew every blob whose bytes were found gone or corrupt;
+        # the mark goes once the whole NAR reads back intact.
+        problem = await verify_planned(store.plans, store.blobs, result.node, result.nar_sha256)
+        if problem is not None:
+            await mark_damaged(store.plans, result.node, problem)
+            raise HttpError(500, f"stored content of this NAR is still damaged: {problem}")
+        await clear_damage(store.plans, result.node)
     return web.Response(status=200)
 
 
@@ -245,6 +270,10 @@ async def _layout_for(store: Store, node: Node) -> tuple[NarLayout, Mapping[B3Di
     missing = [f for f in files if f.digest not in present]
     if missing:
         raise HttpError(500, f"store is missing content for this NAR: blob {missing[0].digest}")
+    problem = await unreadable(store.blobs, [f.digest for f in files])
+    if problem is not None:  # indexed, but its bytes are gone: damage
+        await mark_damaged(store.plans, node, problem)
+        raise HttpError(_DAMAGED, f"store content of this NAR is damaged: {problem}")
     return layout, closure
 
 
@@ -269,9 +298,13 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | None:
 
 
 async def _stream(
-    request: web.Request, resp: web.StreamResponse, pieces: AsyncIterator[bytes]
+    request: web.Request, resp: web.StreamResponse, pieces: AsyncIterator[bytes], node: Node
 ) -> web.StreamResponse:
-    """Send ``pieces``; a failure after the headers can only cut the connection short."""
+    """Send ``pieces``; a failure after the headers can only cut the connection short.
+
+    Content found missing or corrupt marks ``node`` damaged, so the next
+    request is refused before its headers.
+    """
     try:
         async for piece in pieces:
             await resp.write(piece)
@@ -279,6 +312,8 @@ async def _stream(
         log.error("NAR stream for %s failed: %s", request.path, exc)
         if request.transport is not None:
             request.transport.close()
+        if isinstance(exc, DataCorruption):
+            await mark_damaged(_store(request).plans, node, str(exc))
         return resp
     await resp.write_eof()
     return resp
@@ -291,13 +326,16 @@ async def _serve_nar(request: web.Request, node: Node) -> web.StreamResponse:
         "Cache-Control": _IMMUTABLE,
         "Accept-Ranges": "bytes",
     }
+    reason = await damage_of(store.plans, node)
+    if reason is not None:
+        raise HttpError(_DAMAGED, f"store content of this NAR is damaged: {reason}")
     served = await planned_stream(store.plans, store.blobs, node)
     if served is not None and request.method == "GET" and "Range" not in request.headers:
         # The whole NAR, straight from the pack files.
         size = served.plan.nar_size
         resp = web.StreamResponse(status=200, headers={**headers, "Content-Length": str(size)})
         await resp.prepare(request)
-        return await _stream(request, resp, served.pieces())
+        return await _stream(request, resp, served.pieces(), node)
     if served is not None:
         layout, closure = served.layout(), None
     else:
@@ -322,15 +360,16 @@ async def _serve_nar(request: web.Request, node: Node) -> web.StreamResponse:
         await resp.write_eof()
         return resp
     if status == 206:
-        return await _stream(request, resp, layout.read(store.blobs, start, end))
+        return await _stream(request, resp, layout.read(store.blobs, start, end), node)
     if closure is None:  # from a plan; a Range header we ignore (several ranges, say)
         assert served is not None
-        return await _stream(request, resp, served.pieces())
+        return await _stream(request, resp, served.pieces(), node)
     resp = await _stream(
-        request, resp, render_nar(node, store.blobs, store.directories, closure=closure)
+        request, resp, render_nar(node, store.blobs, store.directories, closure=closure), node
     )
-    # Next time, serve it from a plan (one that vouches for no NarHash: not hashed here).
-    await save_plan(store.plans, store.blobs, node, closure, layout.size, None)
+    if resp.prepared and request.transport is not None and not request.transport.is_closing():
+        # Next time, serve it from a plan (one that vouches for no NarHash: not hashed here).
+        await save_plan(store.plans, store.blobs, node, closure, layout.size, None)
     return resp
 
 
