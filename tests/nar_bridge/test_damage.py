@@ -11,6 +11,7 @@ then on its NAR is refused before headers, its narinfo is 404 and gRPC
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import os
@@ -26,6 +27,7 @@ import pytest
 from nix_compat import nixbase32
 from nix_compat.narinfo import NarInfo
 from tvix_castore.digests import B3Digest
+from tvix_castore.protos import castore_pb2
 from tvix_castore.rpc.channel import channel_options
 from tvix_store.nar.plan import NarPlan, SqliteNarPlans
 from tvix_store.protos import rpc_pathinfo_pb2, rpc_pathinfo_pb2_grpc
@@ -261,3 +263,51 @@ async def test_pack_truncated_while_streaming_cuts_without_a_signal(
         assert bridge.alive(), bridge.log()
         async with session.get(url) as resp:
             assert resp.status == 410
+
+
+async def test_a_made_up_node_url_marks_no_real_path(
+    bridges: Bridges, closure: Closure, tmp_path: Path
+) -> None:
+    """A node URL with a wrong size fails to render; the real path stays served."""
+    bridge = await uploaded(bridges, closure, tmp_path)
+    single = closure.by_name("single")
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        urls = await nar_urls(session, bridge, single)
+        text = urls[0].split("/nar/tvix-castore/", 1)[1].split("?", 1)[0]
+        node = castore_pb2.Node()
+        node.ParseFromString(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+        node.file.size += 1
+        raw = node.SerializeToString(deterministic=True)
+        bad = base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+        with contextlib.suppress(aiohttp.ClientPayloadError):
+            async with session.get(f"{bridge.url}/nar/tvix-castore/{bad}") as resp:
+                assert resp.status != 200 or len(await resp.read()) != len(single.nar) + 1
+        assert await narinfo_status(session, bridge, single) == 200
+        await assert_served(session, urls, single)
+
+
+def test_import_again_repairs_a_deleted_pack(tmp_path: Path) -> None:
+    """The CLI alone: export fails cleanly on a lost pack; importing the tree again repairs it."""
+    home = tmp_path / "home"
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "a").write_bytes(b"alpha\n" * 100)
+    (tree / "sub" / "b").write_bytes(random.Random(3).randbytes(300_000))
+    env = tvix_env(home)
+
+    def tvix(*args: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([TVIX, *args], capture_output=True, env=env, check=False)
+
+    imported = tvix("import", str(tree))
+    assert imported.returncode == 0, imported.stderr
+    store_path = imported.stdout.decode().strip()
+    nar = tvix("export", store_path).stdout
+    for pack in (home / "packs").iterdir():
+        pack.unlink()
+    broken = tvix("export", store_path)
+    assert broken.returncode == 1 and broken.stdout == b""
+    assert b"damaged" in broken.stderr and b"missing" in broken.stderr
+    assert tvix("import", str(tree)).returncode == 0
+    again = tvix("export", store_path)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == nar

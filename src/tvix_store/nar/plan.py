@@ -100,10 +100,10 @@ _CHILD_KEEP = 64 << 20  # decompressed chunk bytes the child holds between verif
 # ... and bytes of views of mapped (raw) chunk files: file-backed, so this only
 # bounds how many maps stay open (at least 128 KiB each: at most 8192)
 _CHILD_MAPPED = 1 << 30
+_WINDOW_MIN = 256 << 10  # reads from this size are kept for the next (see _Packs)
 _AHEAD = 4  # pieces a server's plan writer may run ahead of the response
 _SERVER_PIECE = 1 << 20  # ... each about this large (memory per download stays ~5 MiB)
 _UNVOUCHED = bytes(32)  # the sha256 of a plan whose NAR nobody hashed
-_WINDOW_MIN = 256 << 10  # reads from this size are kept for the next (see _Packs)
 
 _Entry = tuple[int, bytes, int, int, int]  # as _ENTRY
 _Segment = tuple[int, int, int, bytes]  # as _SEGMENT
@@ -486,7 +486,8 @@ class _Packs:
     Without ``mapped`` (servers), bytes are read with ``pread`` instead: a
     pack truncated while mapped would kill the process with SIGBUS on the
     next access, and a server copies what it sends anyway. The last large
-    read (a segment verified whole) is kept, so its blobs are not read twice.
+    read of each pack (a segment verified whole) is kept, so the blobs after
+    it are slices of it, not read again (uploads are packed in NAR order).
     """
 
     def __init__(self, blobs: PackedBlobService, names: Sequence[str], mapped: bool = True) -> None:
@@ -496,7 +497,7 @@ class _Packs:
         self._maps: list[tuple[mmap.mmap, memoryview] | None] = [None] * len(names)
         self._old: list[tuple[mmap.mmap, memoryview]] = []  # replaced maps, views may be queued
         self._fds: dict[int, int] = {}
-        self._window: tuple[int, int, memoryview] | None = None  # pack, offset, bytes
+        self._windows: dict[int, tuple[int, memoryview]] = {}  # per pack: offset, bytes
 
     def view(self, index: int, offset: int, size: int) -> memoryview | None:
         """The mapped bytes, or ``None`` if the pack is missing or too short."""
@@ -510,11 +511,11 @@ class _Packs:
         return entry[1][offset : offset + size]
 
     def _read(self, index: int, offset: int, size: int) -> memoryview | None:
-        window = self._window
-        if window is not None and window[0] == index:
-            start = offset - window[1]
-            if start >= 0 and start + size <= len(window[2]):
-                return window[2][start : start + size]
+        window = self._windows.get(index)
+        if window is not None:
+            start = offset - window[0]
+            if start >= 0 and start + size <= len(window[1]):
+                return window[1][start : start + size]
         fd = self._fds.get(index)
         try:
             if fd is None:
@@ -527,7 +528,7 @@ class _Packs:
             return None
         view = memoryview(data)
         if size >= _WINDOW_MIN:
-            self._window = (index, offset, view)
+            self._windows[index] = (offset, view)
         return view
 
     def _map(self, index: int) -> tuple[mmap.mmap, memoryview] | None:
@@ -555,7 +556,7 @@ class _Packs:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
-        self._window = None
+        self._windows.clear()
         for entry in [*self._maps, *self._old]:
             if entry is not None:
                 entry[1].release()
@@ -1115,11 +1116,15 @@ def content_present(plan: NarPlan, blobs: PackedBlobService) -> bool:
 
 
 def _damage_key(node: Node) -> bytes | None:
-    """The key of ``node``'s damage mark: its kind and digest (symlinks cannot be damaged)."""
+    """The key of ``node``'s damage mark: kind, digest and size (symlinks cannot be damaged).
+
+    With the size, a node URL a client made up with a wrong size (which fails
+    to render) marks only itself, not the path whose node has the real one.
+    """
     if isinstance(node, DirectoryNode):
-        return b"d" + node.digest.raw
+        return b"d" + node.digest.raw + node.size.to_bytes(8, "little")
     if isinstance(node, FileNode):
-        return b"f" + node.digest.raw
+        return b"f" + node.digest.raw + node.size.to_bytes(8, "little")
     return None
 
 
