@@ -12,7 +12,11 @@ Export then maps the pack files, verifies each blob's BLAKE3 on the mapped
 bytes and hands header and content ranges to ``writev`` — no copies, no
 per-entry lookups. Chunks of large blobs that zstd stored as raw blocks are
 served from the mapped chunk file as well; others are decompressed. A large
-NAR is verified by two processes (see :func:`write_plan`).
+NAR is verified by two processes (see :func:`write_plan`). Servers read with
+``pread`` instead of mapping (a pack truncated under a map is a SIGBUS), check
+that every pack and chunk file a NAR needs is there before sending headers
+(:func:`content_problem`), and remember a NAR found damaged
+(:func:`mark_damaged`) so they stop serving and vouching for it.
 
 A plan is keyed by the root Directory's digest, so it describes exactly one
 NAR; it records that NAR's size and sha256 as established when it was built
