@@ -3,7 +3,8 @@
 A PathInfo is served to Nix as a narinfo, so every claim in it must hold:
 its NarSize/NarHash are those of the content it names (:func:`check_nar`),
 a content address is the one its store path was computed from
-(:func:`check_ca`), and a signature by a key we know verifies
+(:func:`check_ca`) and the hash of that content (:func:`check_ca_content`),
+and a signature by a key we know verifies
 (:func:`check_signatures`). Each failure is a :class:`MetadataMismatch`
 (a ``ValidationError``: INVALID_ARGUMENT over gRPC, 400 over HTTP) naming
 the claimed and the actual value. Nothing here writes a PathInfo.
@@ -23,19 +24,22 @@ from dataclasses import dataclass
 from nix_compat import nixbase32
 from nix_compat.errors import StorePathError
 from nix_compat.narinfo import fingerprint
-from nix_compat.nixhash import CAKind, HashAlgo
+from nix_compat.nixhash import CAKind, HashAlgo, NixHash
 from nix_compat.signing import VerifyingKey
 from nix_compat.store_path import build_ca_path
 from tvix_castore.blobservice.base import BlobService
 from tvix_castore.directoryservice.base import DirectoryService
 from tvix_castore.errors import ValidationError
+from tvix_castore.nodes import FileNode
 from tvix_store.nar.plan import SqliteNarPlans, calculate_nar_planned
+from tvix_store.nar.render import blob_range, render_nar
 from tvix_store.pathinfo import PathInfo
 
 __all__ = [
     "MetadataMismatch",
     "UploadPolicy",
     "check_ca",
+    "check_ca_content",
     "check_metadata",
     "check_nar",
     "check_signatures",
@@ -150,6 +154,35 @@ async def check_nar(
         )
 
 
+async def check_ca_content(info: PathInfo, blobs: BlobService, dirs: DirectoryService) -> None:
+    """Raise unless ``info.ca``'s hash is that of the content (streaming).
+
+    Flat and text addresses hash a non-executable regular file's bytes; a
+    NAR address hashes the NAR (for sha256 that is the NarHash, checked by
+    :func:`check_ca` and :func:`check_nar`, so nothing is read here).
+    """
+    ca = info.ca
+    if ca is None or (ca.kind is CAKind.NAR and ca.hash.algo is HashAlgo.SHA256):
+        return
+    node = info.node
+    h = ca.hash.algo.new()
+    if ca.kind is CAKind.NAR:
+        async for piece in render_nar(node.with_name(b""), blobs, dirs):
+            h.update(piece)
+    else:
+        if not isinstance(node, FileNode) or node.executable:
+            raise MetadataMismatch(
+                f"CA {ca.render()} of {info.store_path} needs a non-executable regular file"
+            )
+        async for piece in blob_range(blobs, node):
+            h.update(piece)
+    if h.digest() != ca.hash.digest:
+        actual = NixHash(ca.hash.algo, h.digest()).nix32()
+        raise MetadataMismatch(
+            f"CA {ca.render()} of {info.store_path} is not the hash of its content ({actual})"
+        )
+
+
 async def check_metadata(
     info: PathInfo,
     policy: UploadPolicy,
@@ -158,12 +191,13 @@ async def check_metadata(
     """Every check of this module that ``policy`` asks for.
 
     ``content`` is where the NAR is looked for; ``None`` (a metadata-only
-    service) skips the NarSize/NarHash check, as does a trusting policy.
+    service) skips the checks against the content, as does a trusting policy.
     """
     check_ca(info)
     check_signatures(info, policy.known_keys)
     if content is not None and not policy.trust_nar_metadata:
         await check_nar(info, *content)
+        await check_ca_content(info, content[0], content[1])
 
 
 def known_keys(

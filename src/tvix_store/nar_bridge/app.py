@@ -47,7 +47,7 @@ from tvix_store.nar.layout import NarLayout, nar_layout
 from tvix_store.nar.plan import planned_stream, save_plan
 from tvix_store.nar.render import NarRenderError, fetch_closure, render_nar
 from tvix_store.pathinfo import PathInfo
-from tvix_store.verify import check_ca, check_signatures, known_keys
+from tvix_store.verify import check_ca, check_ca_content, check_signatures, known_keys
 
 __all__ = ["STORE_KEY", "AppConfig", "make_app"]
 
@@ -206,6 +206,7 @@ async def put_narinfo(request: web.Request) -> web.Response:
     check_ca(pathinfo)  # NarHash/NarSize: from the NAR index, i.e. hashed here
     check_signatures(pathinfo, request.app[CONFIG_KEY].known_keys())
     await check_content(pathinfo.node, store.blobs, store.directories)
+    await check_ca_content(pathinfo, store.blobs, store.directories)
     await store.pathinfos.put(pathinfo)
     return web.Response(status=200)
 
