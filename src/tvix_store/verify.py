@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from nix_compat import nixbase32
 from nix_compat.errors import StorePathError
 from nix_compat.narinfo import fingerprint
-from nix_compat.nixhash import CAKind, HashAlgo, NixHash
+from nix_compat.nixhash import CAHash, CAKind, HashAlgo, NixHash
 from nix_compat.signing import VerifyingKey
-from nix_compat.store_path import build_ca_path
+from nix_compat.store_path import StorePath, build_ca_path
 from tvix_castore.blobservice.base import BlobService
 from tvix_castore.directoryservice.base import DirectoryService
 from tvix_castore.errors import ValidationError
@@ -40,6 +40,7 @@ __all__ = [
     "UploadPolicy",
     "check_ca",
     "check_ca_content",
+    "check_ca_of",
     "check_metadata",
     "check_nar",
     "check_signatures",
@@ -72,30 +73,31 @@ def _nar_hash(digest: bytes) -> str:
 
 
 def check_ca(info: PathInfo) -> None:
-    """Raise unless ``info.ca`` (if any) yields ``info.store_path``.
+    """Raise unless ``info.ca`` (if any) yields ``info.store_path`` (see :func:`check_ca_of`)."""
+    check_ca_of(info.store_path, info.ca, info.references, info.nar_sha256)
+
+
+def check_ca_of(
+    sp: StorePath, ca: CAHash | None, references: Sequence[StorePath], nar_sha256: bytes
+) -> None:
+    """Raise unless ``ca`` (if any) yields the store path ``sp``.
 
     The store path is recomputed from the CA hash, the name and, for text
     and NAR-sha256 ("source") addresses, the references (a reference to the
     path itself is the self reference). A NAR-sha256 address is also the
     NarHash, so the two must be equal.
     """
-    ca = info.ca
     if ca is None:
         return
-    sp = info.store_path
-    if (
-        ca.kind is CAKind.NAR
-        and ca.hash.algo is HashAlgo.SHA256
-        and ca.hash.digest != info.nar_sha256
-    ):
+    if ca.kind is CAKind.NAR and ca.hash.algo is HashAlgo.SHA256 and ca.hash.digest != nar_sha256:
         raise MetadataMismatch(
-            f"CA {ca.render()} of {sp} is not its NarHash {_nar_hash(info.nar_sha256)}"
+            f"CA {ca.render()} of {sp} is not its NarHash {_nar_hash(nar_sha256)}"
         )
-    others = [r for r in info.references if r != sp]
+    others = [r for r in references if r != sp]
     try:
         # Nix lists references (a set) in store-path order.
         expected = build_ca_path(
-            sp.name, ca, sorted(others), self_reference=len(others) != len(info.references)
+            sp.name, ca, sorted(others), self_reference=len(others) != len(references)
         )
     except StorePathError as exc:
         raise MetadataMismatch(f"CA {ca.render()} does not fit {sp}: {exc}") from exc
