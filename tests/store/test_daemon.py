@@ -97,6 +97,14 @@ REF = sp("a-reference")
 OTHER = sp("another-reference")
 
 
+def _nar_bytes(build: Callable[[NarWriter], None]) -> bytes:
+    out = io.BytesIO()
+    w = NarWriter(out)
+    build(w)
+    w.close()
+    return out.getvalue()
+
+
 def ca_path(name: str) -> StorePath:
     """The store path of ``base_info(name)``: its CA (the symlink NAR) with reference REF."""
     return build_ca_path(
@@ -104,13 +112,17 @@ def ca_path(name: str) -> StorePath:
     )
 
 
-def base_info(name: str = "valid-path") -> pb.PathInfo:
+def base_info(path: str | StorePath = "valid-path") -> pb.PathInfo:
     """A valid PathInfo using every field; its symlink root needs no content.
 
-    NarSize/NarHash are the real ones (B §3.4 symlink NAR), and the CA is that
-    NarHash, which with the reference gives the store path: a PUT checks both.
+    NarSize/NarHash are the real ones (B §3.4 symlink NAR). Given a name, the
+    path is content-addressed: the CA is that NarHash, which with the reference
+    gives the store path (a Put checks both); given a store path, it has no CA.
     """
-    path = ca_path(name)
+    ca = None
+    if isinstance(path, str):
+        path = ca_path(path)
+        ca = pb.NARInfo.CA(type=pb.NARInfo.CA.NAR_SHA256, digest=SYMLINK_NAR_SHA256)
     return pb.PathInfo(
         node=cpb.Node(
             symlink=cpb.SymlinkNode(name=path.basename.encode(), target=b"/nix/store/somewhereelse")
@@ -122,7 +134,7 @@ def base_info(name: str = "valid-path") -> pb.PathInfo:
             signatures=[pb.NARInfo.Signature(name="key-1", data=bytes(64))],
             reference_names=[REF.basename],
             deriver=pb.StorePath(name="valid-path", digest=bytes(20)),
-            ca=pb.NARInfo.CA(type=pb.NARInfo.CA.NAR_SHA256, digest=SYMLINK_NAR_SHA256),
+            ca=ca,
         ),
     )
 
@@ -255,7 +267,7 @@ async def test_every_validation_rule_is_enforced(stub: PathInfoStub) -> None:
 
 async def test_valid_edge_cases_are_accepted(stub: PathInfoStub) -> None:
     # Store-path names may start with "." (A1.4); no narinfo extras at all is fine;
-    # ca with FLAT_SHA512 takes 64 bytes. (Signature names: B §2.9 does not check
+    # ca with NAR_SHA512 takes 64 bytes. (Signature names: B §2.9 does not check
     # them, we insist on a Nix key name, which narinfo text needs anyway.)
     cases = []
     m = base_info(".dotfile")
@@ -269,11 +281,13 @@ async def test_valid_edge_cases_are_accepted(stub: PathInfoStub) -> None:
     cases.append(m)
     m = base_info("odd-sig")
     m.narinfo.signatures[0].name = "cache.example.com-1"
-    m.narinfo.ca.CopyFrom(pb.NARInfo.CA(type=_CA.FLAT_SHA512, digest=bytes(64)))
-    m.ClearField("references")  # a flat CA path has none
+    # (The CA must be true: the sha512 of the symlink's NAR, a path without references.)
+    nar_sha512 = hashlib.sha512(_nar_bytes(lambda w: w.symlink(b"/nix/store/somewhereelse")))
+    m.narinfo.ca.CopyFrom(pb.NARInfo.CA(type=_CA.NAR_SHA512, digest=nar_sha512.digest()))
+    m.ClearField("references")
     m.narinfo.ClearField("reference_names")
-    flat = CAHash(CAKind.FLAT, NixHash(HashAlgo.SHA512, bytes(64)))
-    m.node.symlink.name = build_ca_path("odd-sig", flat).basename.encode()
+    rec = CAHash(CAKind.NAR, NixHash(HashAlgo.SHA512, nar_sha512.digest()))
+    m.node.symlink.name = build_ca_path("odd-sig", rec).basename.encode()
     cases.append(m)
     for m in cases:
         assert await stub.Put(m) == m
@@ -347,11 +361,8 @@ async def test_put_with_missing_content_is_rejected(
 
 def nar_of(build: Callable[[NarWriter], None]) -> tuple[int, bytes]:
     """Size and sha256 of the NAR ``build`` writes (computed here, not by the store)."""
-    out = io.BytesIO()
-    w = NarWriter(out)
-    build(w)
-    w.close()
-    return len(out.getvalue()), hashlib.sha256(out.getvalue()).digest()
+    nar = _nar_bytes(build)
+    return len(nar), hashlib.sha256(nar).digest()
 
 
 async def test_put_with_uploaded_content(stub: PathInfoStub, channel: grpc.aio.Channel) -> None:
