@@ -199,8 +199,9 @@ def dump(path: str) -> None:
     "--trust-uploaded-nar-metadata",
     is_flag=True,
     envvar="TVIX_STORE_TRUST_UPLOADED_NAR_METADATA",
-    help="Record PathInfo Puts without rendering their content to check NarSize/NarHash"
-    " (for trusted bulk copies; CA and signatures are still checked).",
+    help="Record PathInfo Puts without reading their content to check NarSize/NarHash"
+    " (and a CA's hash), for trusted bulk copies; that a CA fits the store path, and"
+    " signatures by known keys, are still checked.",
 )
 @nar_bridge_options
 @service_options

@@ -59,9 +59,10 @@ class UploadPolicy:
     """What a server checks in uploaded PathInfos.
 
     ``known_keys``: public keys whose signatures must verify (a server's own
-    signing keys and its trusted keys). ``trust_nar_metadata`` skips
-    rendering the content to check NarSize/NarHash (for trusted bulk copies);
-    CA and signature checks are cheap and always done.
+    signing keys and its trusted keys). ``trust_nar_metadata`` skips reading
+    the content to check NarSize/NarHash and a CA's hash (for trusted bulk
+    copies); that a CA fits the store path, and signatures, are cheap to
+    check and always checked.
     """
 
     known_keys: tuple[VerifyingKey, ...] = ()
@@ -129,6 +130,9 @@ def check_signatures(info: PathInfo, keys: Iterable[VerifyingKey]) -> None:
             continue
         fps = fps or _fingerprints(info)
         if not any(key.verify(fp, sig) for key in named for fp in fps):
+            log.warning(
+                "refusing %s: its signature by %s does not verify", info.store_path, sig.name
+            )
             raise MetadataMismatch(
                 f"signature {i} of {info.store_path} by key {sig.name} does not verify"
                 " (NarHash, NarSize or references differ from what the key signed, or it is forged)"
