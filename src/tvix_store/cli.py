@@ -79,7 +79,17 @@ def service_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def nar_bridge_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """Binary-cache options: priority, signing keys, upload bound."""
+    """Binary-cache options: priority, signing keys, trusted keys, upload bound."""
+    f = click.option(
+        "--trusted-public-keys",
+        "trusted_public_keys",
+        multiple=True,
+        envvar="TVIX_STORE_TRUSTED_PUBLIC_KEYS",
+        metavar="KEYS",
+        help="Nix public keys (name:base64, space-separated, repeatable; env"
+        " TVIX_STORE_TRUSTED_PUBLIC_KEYS): an uploaded signature by one of these names, or"
+        " by a --signing-key, must verify, else the upload is refused.",
+    )(f)
     f = click.option(
         "--max-nar-size",
         type=int,
@@ -104,12 +114,18 @@ def nar_bridge_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _nar_bridge_config(kw: dict[str, Any]) -> Any:
-    from nix_compat.signing import SigningKey
+    from nix_compat.signing import SigningKey, VerifyingKey
     from tvix_store.nar_bridge.app import AppConfig
 
     keys = [SigningKey.from_file(p) for p in kw.pop("signing_keys", ())]
+    trusted = [
+        VerifyingKey.parse(k) for arg in kw.pop("trusted_public_keys", ()) for k in arg.split()
+    ]
     return AppConfig(
-        priority=kw.pop("priority", 39), signing_keys=keys, max_nar_size=kw.pop("max_nar_size")
+        priority=kw.pop("priority", 39),
+        signing_keys=keys,
+        max_nar_size=kw.pop("max_nar_size"),
+        trusted_keys=trusted,
     )
 
 
@@ -179,19 +195,36 @@ def dump(path: str) -> None:
     metavar="ADDR",
     help="Also serve the Nix binary cache (nar-bridge) on ADDR, e.g. [::1]:9000.",
 )
+@click.option(
+    "--trust-uploaded-nar-metadata",
+    is_flag=True,
+    envvar="TVIX_STORE_TRUST_UPLOADED_NAR_METADATA",
+    help="Record PathInfo Puts without reading their content to check NarSize/NarHash"
+    " (and a CA's hash), for trusted bulk copies; that a CA fits the store path, and"
+    " signatures by known keys, are still checked.",
+)
 @nar_bridge_options
 @service_options
-def daemon(listen_address: str, nar_bridge_listen: str | None, **kw: Any) -> None:
+def daemon(
+    listen_address: str,
+    nar_bridge_listen: str | None,
+    trust_uploaded_nar_metadata: bool,
+    **kw: Any,
+) -> None:
     """Serve BlobService, DirectoryService and PathInfoService over gRPC.
 
     Also serves gRPC reflection (grpcurl, evans) and the standard health service,
     and with --nar-bridge the HTTP binary cache from the same process.
+    A PathInfo Put is recorded only if its NarSize/NarHash are those of its
+    content, its CA fits its store path and its signatures by known keys verify.
     Stops cleanly on SIGINT/SIGTERM.
     """
     from tvix_store.daemon import serve
+    from tvix_store.verify import UploadPolicy
 
     async def run() -> None:
         config = _nar_bridge_config(kw)
+        policy = UploadPolicy(config.known_keys(), trust_uploaded_nar_metadata)
         store = await _open(kw)
         async with store:
             await serve(
@@ -199,6 +232,7 @@ def daemon(listen_address: str, nar_bridge_listen: str | None, **kw: Any) -> Non
                 listen_address,
                 nar_bridge_listen=nar_bridge_listen,
                 nar_bridge_config=config,
+                upload_policy=policy,
             )
 
     _run(run())

@@ -3,7 +3,8 @@
 Accepts the ``exportReferencesGraph`` form (``{"closure": [...]}``, B §3.10)
 and ``nix path-info --json --recursive`` output (a list, Nix 2.8). Paths are
 imported dependencies first; each NAR hash and size is recomputed from the
-files and must equal what the JSON claims — the JSON is never trusted.
+files and must equal what the JSON claims, and a ``ca`` must fit its store
+path and content (:mod:`tvix_store.verify`) — the JSON is never trusted.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from tvix_castore.errors import DataCorruption, ValidationError
 from tvix_store.config import Store
 from tvix_store.importer import ingest_and_hash, record
 from tvix_store.pathinfo import PathInfo
+from tvix_store.verify import check_ca, check_ca_content
 
 __all__ = ["ClosureEntry", "copy_closure", "parse_closure"]
 
@@ -146,6 +148,8 @@ async def copy_closure(
             deriver=e.deriver,
             ca=e.ca,
         )
+        check_ca(info)
+        await check_ca_content(info, store.blobs, store.directories)
         await record(store, tree, info)
         imported.append(e.path)
         if on_imported is not None:

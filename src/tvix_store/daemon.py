@@ -17,18 +17,19 @@ from tvix_store.config import Store
 from tvix_store.nar_bridge.app import AppConfig as NarBridgeConfig
 from tvix_store.protos import rpc_pathinfo_pb2_grpc
 from tvix_store.rpc.pathinfo_server import PathInfoServiceServicer
+from tvix_store.verify import UploadPolicy
 
 __all__ = ["registrations", "serve"]
 
 log = logging.getLogger(__name__)
 
 
-def registrations(store: Store) -> list[Registration]:
-    """The servicers of ``store`` for :func:`start_server`."""
+def registrations(store: Store, policy: UploadPolicy | None = None) -> list[Registration]:
+    """The servicers of ``store`` for :func:`start_server` (``policy``: PathInfo Put checks)."""
     blob = BlobServiceServicer(store.blobs)
     directory = DirectoryServiceServicer(store.directories)
     pathinfo = PathInfoServiceServicer(
-        store.pathinfos, store.blobs, store.directories, plans=store.plans
+        store.pathinfos, store.blobs, store.directories, plans=store.plans, policy=policy
     )
     return [
         (
@@ -53,6 +54,7 @@ async def serve(
     *,
     nar_bridge_listen: str | None = None,
     nar_bridge_config: NarBridgeConfig | None = None,
+    upload_policy: UploadPolicy | None = None,
 ) -> None:
     """Serve gRPC on ``listen`` and/or the binary cache on ``nar_bridge_listen``.
 
@@ -63,7 +65,7 @@ async def serve(
     runner = None
     try:
         if listen is not None:
-            server, addr = await start_server(listen, registrations(store))
+            server, addr = await start_server(listen, registrations(store, upload_policy))
             url = f"grpc+unix://{addr[5:]}" if addr.startswith("unix:") else f"grpc+http://{addr}"
             print(
                 f"tvix-store listening on {addr} ({store.description})\n"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import io
 import json
 import os
 import random
@@ -31,6 +32,7 @@ import grpc.aio
 import pytest
 
 from nix_compat import nixbase32
+from nix_compat.nar import NarWriter
 from nix_compat.nixhash import CAHash, CAKind, HashAlgo, NixHash
 from nix_compat.store_path import StorePath, build_ca_path
 from tests.compat.oracle import DigestSink, Nix, assert_same_nar
@@ -95,13 +97,32 @@ REF = sp("a-reference")
 OTHER = sp("another-reference")
 
 
-def base_info(path: StorePath | None = None) -> pb.PathInfo:
+def _nar_bytes(build: Callable[[NarWriter], None]) -> bytes:
+    out = io.BytesIO()
+    w = NarWriter(out)
+    build(w)
+    w.close()
+    return out.getvalue()
+
+
+def ca_path(name: str) -> StorePath:
+    """The store path of ``base_info(name)``: its CA (the symlink NAR) with reference REF."""
+    return build_ca_path(
+        name, CAHash(CAKind.NAR, NixHash(HashAlgo.SHA256, SYMLINK_NAR_SHA256)), [REF]
+    )
+
+
+def base_info(path: str | StorePath = "valid-path") -> pb.PathInfo:
     """A valid PathInfo using every field; its symlink root needs no content.
 
-    NarSize/NarHash are the real ones (B §3.4 symlink NAR), so the store stays
-    consistent when such PathInfos are accepted.
+    NarSize/NarHash are the real ones (B §3.4 symlink NAR). Given a name, the
+    path is content-addressed: the CA is that NarHash, which with the reference
+    gives the store path (a Put checks both); given a store path, it has no CA.
     """
-    path = path or sp("valid-path")
+    ca = None
+    if isinstance(path, str):
+        path = ca_path(path)
+        ca = pb.NARInfo.CA(type=pb.NARInfo.CA.NAR_SHA256, digest=SYMLINK_NAR_SHA256)
     return pb.PathInfo(
         node=cpb.Node(
             symlink=cpb.SymlinkNode(name=path.basename.encode(), target=b"/nix/store/somewhereelse")
@@ -113,7 +134,7 @@ def base_info(path: StorePath | None = None) -> pb.PathInfo:
             signatures=[pb.NARInfo.Signature(name="key-1", data=bytes(64))],
             reference_names=[REF.basename],
             deriver=pb.StorePath(name="valid-path", digest=bytes(20)),
-            ca=pb.NARInfo.CA(type=pb.NARInfo.CA.NAR_SHA256, digest=bytes(32)),
+            ca=ca,
         ),
     )
 
@@ -246,21 +267,27 @@ async def test_every_validation_rule_is_enforced(stub: PathInfoStub) -> None:
 
 async def test_valid_edge_cases_are_accepted(stub: PathInfoStub) -> None:
     # Store-path names may start with "." (A1.4); no narinfo extras at all is fine;
-    # ca with FLAT_SHA512 takes 64 bytes. (Signature names: B §2.9 does not check
+    # ca with NAR_SHA512 takes 64 bytes. (Signature names: B §2.9 does not check
     # them, we insist on a Nix key name, which narinfo text needs anyway.)
     cases = []
-    m = base_info(sp(".dotfile"))
+    m = base_info(".dotfile")
     cases.append(m)
-    m = base_info(sp("bare"))
+    m = base_info("bare")
     m.ClearField("references")
     m.narinfo.ClearField("reference_names")
     m.narinfo.ClearField("deriver")
     m.narinfo.ClearField("ca")
     m.narinfo.ClearField("signatures")
     cases.append(m)
-    m = base_info(sp("odd-sig"))
+    m = base_info("odd-sig")
     m.narinfo.signatures[0].name = "cache.example.com-1"
-    m.narinfo.ca.CopyFrom(pb.NARInfo.CA(type=_CA.FLAT_SHA512, digest=bytes(64)))
+    # (The CA must be true: the sha512 of the symlink's NAR, a path without references.)
+    nar_sha512 = hashlib.sha512(_nar_bytes(lambda w: w.symlink(b"/nix/store/somewhereelse")))
+    m.narinfo.ca.CopyFrom(pb.NARInfo.CA(type=_CA.NAR_SHA512, digest=nar_sha512.digest()))
+    m.ClearField("references")
+    m.narinfo.ClearField("reference_names")
+    rec = CAHash(CAKind.NAR, NixHash(HashAlgo.SHA512, nar_sha512.digest()))
+    m.node.symlink.name = build_ca_path("odd-sig", rec).basename.encode()
     cases.append(m)
     for m in cases:
         assert await stub.Put(m) == m
@@ -305,11 +332,13 @@ async def put_directories(channel: grpc.aio.Channel, *dirs: cpb.Directory) -> by
     return root
 
 
-def info_for(path: StorePath, node: cpb.Node, nar_size: int = 1) -> pb.PathInfo:
+def info_for(
+    path: StorePath, node: cpb.Node, nar_size: int = 1, nar_sha256: bytes = bytes(32)
+) -> pb.PathInfo:
     named = cpb.Node()
     named.CopyFrom(node)
     getattr(named, named.WhichOneof("node") or "file").name = path.basename.encode()
-    return pb.PathInfo(node=named, narinfo=pb.NARInfo(nar_size=nar_size, nar_sha256=bytes(32)))
+    return pb.PathInfo(node=named, narinfo=pb.NARInfo(nar_size=nar_size, nar_sha256=nar_sha256))
 
 
 async def test_put_with_missing_content_is_rejected(
@@ -330,6 +359,12 @@ async def test_put_with_missing_content_is_rejected(
         await expect(Code.NOT_FOUND, stub.Get(req))
 
 
+def nar_of(build: Callable[[NarWriter], None]) -> tuple[int, bytes]:
+    """Size and sha256 of the NAR ``build`` writes (computed here, not by the store)."""
+    nar = _nar_bytes(build)
+    return len(nar), hashlib.sha256(nar).digest()
+
+
 async def test_put_with_uploaded_content(stub: PathInfoStub, channel: grpc.aio.Channel) -> None:
     hello = await put_blob(channel, b"Hello World!")
     big = os.urandom(3 << 20)  # several messages, chunked by the server
@@ -348,22 +383,40 @@ async def test_put_with_uploaded_content(stub: PathInfoStub, channel: grpc.aio.C
         files=[cpb.FileNode(name=b"z-big", digest=big_digest, size=len(big))],
     )
     root_digest = await put_directories(channel, leaf, root)
-    for i, node in enumerate(
+
+    def tree(w: NarWriter) -> None:
+        w.directory()
+        w.entry(b"sub")
+        w.directory()
+        w.entry(b"hello")
+        w.file(b"Hello World!", executable=True)
+        w.entry(b"link")
+        w.symlink(b"hello")
+        w.end_directory()
+        w.entry(b"z-big")
+        w.file(big)
+        w.end_directory()
+
+    for i, (node, (nar_size, nar_sha256)) in enumerate(
         [
-            cpb.Node(directory=cpb.DirectoryNode(digest=root_digest, size=4)),
-            cpb.Node(file=cpb.FileNode(digest=hello, size=12)),
-            cpb.Node(file=cpb.FileNode(digest=big_digest, size=len(big))),
+            (cpb.Node(directory=cpb.DirectoryNode(digest=root_digest, size=4)), nar_of(tree)),
+            (cpb.Node(file=cpb.FileNode(digest=hello, size=12)),
+             nar_of(lambda w: w.file(b"Hello World!"))),
+            (cpb.Node(file=cpb.FileNode(digest=big_digest, size=len(big))),
+             nar_of(lambda w: w.file(big))),
         ]
-    ):
+    ):  # fmt: skip
         path = sp(f"with-content-{i}")
-        msg = info_for(path, node)
+        msg = info_for(path, node, nar_size, nar_sha256)
         msg.references.append(REF.digest)
         msg.narinfo.reference_names.append(REF.basename)
         assert await stub.Put(msg) == msg
         assert await stub.Get(rpb.GetPathInfoRequest(by_output_hash=path.digest)) == msg
     # Last write wins.
     path = sp("with-content-1")
-    again = info_for(path, cpb.Node(file=cpb.FileNode(digest=hello, size=12)), nar_size=128)
+    hello_nar = nar_of(lambda w: w.file(b"Hello World!"))
+    again = info_for(path, cpb.Node(file=cpb.FileNode(digest=hello, size=12)), *hello_nar)
+    again.narinfo.deriver.CopyFrom(pb.StorePath(name="newer", digest=bytes(20)))
     assert await stub.Put(again) == again
     assert await stub.Get(rpb.GetPathInfoRequest(by_output_hash=path.digest)) == again
 
@@ -388,15 +441,15 @@ async def test_put_with_wrong_root_size_is_rejected(
 
 
 async def test_list_streams_all_entries(stub: PathInfoStub) -> None:
-    paths = [sp(f"listed-{i:03d}") for i in range(300)]
-    for i in range(0, len(paths), 50):
-        await asyncio.gather(*(stub.Put(base_info(p)) for p in paths[i : i + 50]))
+    names = [f"listed-{i:03d}" for i in range(300)]
+    for i in range(0, len(names), 50):
+        await asyncio.gather(*(stub.Put(base_info(n)) for n in names[i : i + 50]))
     seen: list[bytes] = []
     call = stub.List(rpb.ListPathInfoRequest())
     async for msg in call:
         seen.append(msg.node.symlink.name)
-        assert msg == base_info(StorePath.from_basename(msg.node.symlink.name))
-    assert sorted(seen) == sorted(p.basename.encode() for p in paths)
+        assert msg == base_info(StorePath.from_basename(msg.node.symlink.name).name)
+    assert sorted(seen) == sorted(ca_path(n).basename.encode() for n in names)
     # A client may stop reading early.
     partial = stub.List(rpb.ListPathInfoRequest())
     async for _ in partial:
@@ -637,7 +690,7 @@ async def test_daemon_and_cli_share_one_data_directory(
     loop = asyncio.get_running_loop()
     with ThreadPoolExecutor(len(paths)) as pool:
         cli = [loop.run_in_executor(pool, partial(tvix, home, "import", p)) for p in paths]
-        remote = [stub.Put(base_info(sp(f"via-daemon-{i}"))) for i in range(100)]
+        remote = [stub.Put(base_info(f"via-daemon-{i}")) for i in range(100)]
         nars = [_ingest_via_daemon(daemon.url, stub, n) for n in ("net-tools", "complicated")]
         done, _, via_daemon = await asyncio.gather(
             asyncio.gather(*cli), asyncio.gather(*remote), asyncio.gather(*nars)
@@ -660,7 +713,7 @@ async def test_daemon_and_cli_share_one_data_directory(
     assert out["narHash"] == "sha256:" + nix.hash_path(paths[0])
     # And the CLI (embedded store) sees what went through the daemon.
     stored = {info.store_path for info in await list_infos(home)}
-    assert {sp(f"via-daemon-{i}") for i in range(100)} <= stored
+    assert {ca_path(f"via-daemon-{i}") for i in range(100)} <= stored
     net_tools = StorePath.from_basename(via_daemon[0].node.directory.name).absolute
     sink = DigestSink()
     export_to(home, net_tools, sink)

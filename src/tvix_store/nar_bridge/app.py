@@ -4,7 +4,9 @@ Handlers only translate: storage work is done by the store's services,
 ``ingest_nar`` and the NAR layout. Uploads are verified before anything
 refers to them: a NAR is indexed (NarHash → root node) only after its hash
 matched the URL, and a narinfo becomes a PathInfo only if it names a NAR that
-was received, with the same size, under the store path its URL names.
+was received, with the same size, under the store path its URL names, and
+only if its CA fits that store path and every signature by a key the bridge
+knows verifies (:mod:`tvix_store.verify`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from aiohttp import web
 from nix_compat import nixbase32
 from nix_compat.errors import NixCompatError
 from nix_compat.narinfo import NarInfo
-from nix_compat.signing import SigningKey
+from nix_compat.signing import SigningKey, VerifyingKey
 from tvix_castore.digests import B3Digest
 from tvix_castore.errors import (
     CastoreError,
@@ -53,6 +55,7 @@ from tvix_store.nar.plan import (
 )
 from tvix_store.nar.render import NarRenderError, fetch_closure, render_nar
 from tvix_store.pathinfo import PathInfo
+from tvix_store.verify import check_ca, check_ca_content, check_signatures, known_keys
 
 __all__ = ["STORE_KEY", "AppConfig", "make_app"]
 
@@ -81,6 +84,12 @@ class AppConfig:
     signing_keys: list[SigningKey] = field(default_factory=list)
     max_nar_size: int = 64 << 30
     """Refuse uploads that decompress to more than this."""
+    trusted_keys: list[VerifyingKey] = field(default_factory=list)
+    """Public keys whose signatures in uploaded narinfos must verify (besides our own)."""
+
+    def known_keys(self) -> tuple[VerifyingKey, ...]:
+        """Keys an uploaded signature is checked against: trusted ones and our own."""
+        return known_keys(self.trusted_keys, (k.verifying_key() for k in self.signing_keys))
 
 
 STORE_KEY = web.AppKey("store", Store)
@@ -211,7 +220,10 @@ async def put_narinfo(request: web.Request) -> web.Response:
             400, f"NarSize {info.nar_size} does not match the uploaded NAR ({nar_size})"
         )
     pathinfo = PathInfo.from_narinfo(info, node)
+    check_ca(pathinfo)  # NarHash/NarSize: from the NAR index, i.e. hashed here
+    check_signatures(pathinfo, request.app[CONFIG_KEY].known_keys())
     await check_content(pathinfo.node, store.blobs, store.directories)
+    await check_ca_content(pathinfo, store.blobs, store.directories)
     await store.pathinfos.put(pathinfo)
     return web.Response(status=200)
 

@@ -1,7 +1,8 @@
 """``nix+http://`` / ``nix+https://``: substitute from a Nix binary cache (B §10, A5).
 
-``get`` fetches ``<hash>.narinfo``, checks it names the requested path and is
-signed by a trusted key (when keys are configured), then fetches the NAR
+``get`` fetches ``<hash>.narinfo``, checks it names the requested path, is
+signed by a trusted key (when keys are configured) and has a CA that fits its
+store path (signatures do not cover the CA), then fetches the NAR
 relative to the base URL, decompresses it with an output bound of NarSize,
 ingests it into the configured blob/directory services and checks NarSize and
 NarHash before anything refers to it. Connections are reused; transient
@@ -35,6 +36,7 @@ from tvix_store.compression import COMPRESSIONS, DecompressingReader, decompress
 from tvix_store.nar.ingest import ingest_nar
 from tvix_store.pathinfo import PathInfo
 from tvix_store.pathinfoservice.base import PathInfoService
+from tvix_store.verify import MetadataMismatch, check_ca_of
 
 __all__ = ["NarTooLarge", "NixHttpPathInfoService", "UntrustedPath"]
 
@@ -141,6 +143,10 @@ class NixHttpPathInfoService(PathInfoService):
             raise DataCorruption(f"{url}: narinfo is for {info.store_path}, not {hash_part}")
         if self._keys is not None and not info.verify(self._keys):
             raise UntrustedPath(f"{info.store_path}: no valid signature by a trusted key")
+        try:  # signatures do not cover the CA
+            check_ca_of(info.store_path, info.ca, info.references, info.nar_hash)
+        except MetadataMismatch as exc:
+            raise DataCorruption(f"{url}: {exc}") from exc
         compression = info.effective_compression
         if compression not in COMPRESSIONS:
             raise DataCorruption(f"{info.store_path}: unsupported compression {compression!r}")

@@ -19,6 +19,7 @@ from tvix_store.pathinfo import PathInfo
 from tvix_store.pathinfoservice.base import PathInfoService
 from tvix_store.protos import pathinfo_pb2, rpc_pathinfo_pb2
 from tvix_store.protos import rpc_pathinfo_pb2_grpc as pb_grpc
+from tvix_store.verify import UploadPolicy, check_metadata
 
 __all__ = ["PathInfoServiceServicer"]
 
@@ -29,7 +30,8 @@ class PathInfoServiceServicer(pb_grpc.PathInfoServiceServicer):
     """Serves Get/Put/CalculateNAR/List.
 
     ``Put`` validates the PathInfo (B §2.9) and, unless ``metadata_only``,
-    that its content is in ``blobs``/``directories`` (A3).
+    that its content is in ``blobs``/``directories`` (A3); then that its
+    metadata is true (:mod:`tvix_store.verify`, as ``policy`` says).
     """
 
     def __init__(
@@ -40,12 +42,14 @@ class PathInfoServiceServicer(pb_grpc.PathInfoServiceServicer):
         *,
         metadata_only: bool = False,
         plans: SqliteNarPlans | None = None,
+        policy: UploadPolicy | None = None,
     ) -> None:
         self._infos = pathinfos
         self._blobs = blobs
         self._dirs = directories
         self._metadata_only = metadata_only
         self._plans = plans  # CalculateNAR's cache (NAR plans of the embedded store)
+        self._policy = policy or UploadPolicy()
 
     async def Get(
         self, request: rpc_pathinfo_pb2.GetPathInfoRequest, context: Ctx
@@ -74,6 +78,11 @@ class PathInfoServiceServicer(pb_grpc.PathInfoServiceServicer):
                     await check_content(info.node, self._blobs, self._dirs)
                 except (NotFound, ValidationError) as exc:  # the client's mistake
                     raise ValidationError(f"Invalid path info: {exc}") from exc
+            content = None if self._metadata_only else (self._blobs, self._dirs, self._plans)
+            try:
+                await check_metadata(info, self._policy, content)
+            except ValidationError as exc:
+                raise ValidationError(f"Invalid path info: {exc}") from exc
             stored = await self._infos.put(info)
         except Exception as exc:
             await abort_with(context, exc)
