@@ -56,7 +56,8 @@ _NAR_TYPE = "application/x-nix-nar"
 _NARINFO_TYPE = "text/x-nix-narinfo"
 _IMMUTABLE = "public, max-age=31536000, immutable"
 _NAR_NAME = re.compile(r"([0-9a-df-np-sv-z]{52})(\.nar(?:\.xz|\.bz2|\.gz|\.zst)?)")
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+_RANGE = re.compile(r"bytes=([0-9]{0,20})-([0-9]{0,20})")  # ASCII digits, ≤ 2^64
+_DECIMAL = re.compile(r"[0-9]{1,20}")
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
@@ -209,14 +210,17 @@ async def put_nar(request: web.Request) -> web.Response:
         raise HttpError(400, f"{m.group(1)}: invalid hash") from exc
     kind = SUFFIXES[m.group(2)]
     store = _store(request)
+    limit = request.app[CONFIG_KEY].max_nar_size
     first = await request.content.read(1 << 16)
     if kind == "none" and first.startswith(_GZIP_MAGIC):
         kind = "gzip"  # Nix names gzip-compressed NARs plain ".nar"
-    reader = DecompressingReader(
-        request.content.read, decompressor(kind, request.app[CONFIG_KEY].max_nar_size), first
-    )
+    elif kind == "none" and (request.content_length or 0) > limit:
+        raise HttpError(413, f"NAR of {request.content_length} bytes: over the {limit}-byte limit")
+    reader = DecompressingReader(request.content.read, decompressor(kind, limit), first)
     closure: dict[B3Digest, Directory] = {}
-    result = await ingest_nar(reader.read, store.blobs, store.directories, collect=closure)
+    result = await ingest_nar(
+        reader.read, store.blobs, store.directories, collect=closure, max_size=limit
+    )
     # The URL names the file as uploaded (FileHash; for an uncompressed NAR, its NarHash).
     got = reader.file_hash.digest()
     if got != url_hash:
@@ -250,12 +254,15 @@ async def _layout_for(store: Store, node: Node) -> tuple[NarLayout, Mapping[B3Di
 
 def _parse_range(header: str, size: int) -> tuple[int, int] | None:
     """``(start, end)`` (end exclusive) of a single byte range; ``None`` to ignore it."""
-    m = _RANGE.fullmatch(header.strip())
+    spec = header.strip()
+    if not spec.startswith("bytes=") or "," in spec:
+        return None  # another unit, or several ranges: serve the whole NAR
+    m = _RANGE.fullmatch(spec)
     if m is None:
-        return None  # multiple or unsupported ranges: serve the whole NAR
+        raise HttpError(416, f"malformed byte range {spec[:40]!r}")
     first, last = m.group(1), m.group(2)
     if first == "" and last == "":
-        return None
+        raise HttpError(416, "empty byte range")
     if first == "":
         length = int(last)
         if length == 0:
@@ -349,8 +356,8 @@ async def get_nar_by_node(request: web.Request) -> web.StreamResponse:
     except CastoreError as exc:
         raise HttpError(400, f"invalid node: {exc}") from exc
     narsize = request.query.get("narsize")
-    if narsize is not None and not narsize.isdigit():
-        raise HttpError(400, "narsize must be a decimal number")
+    if narsize is not None and _DECIMAL.fullmatch(narsize) is None:
+        raise HttpError(400, "narsize must be a decimal number below 2^64")
     return await _serve_nar(request, node)
 
 
