@@ -79,7 +79,31 @@ def service_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def nar_bridge_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """Binary-cache options: priority, signing keys, upload bound."""
+    """Binary-cache options: priority, signing keys, upload bound, connection limits."""
+    f = click.option(
+        "--max-connections",
+        type=click.IntRange(min=1),
+        default=1024,
+        show_default=True,
+        help="Refuse (503) HTTP connections beyond this many open ones.",
+    )(f)
+    f = click.option(
+        "--body-timeout",
+        type=click.FloatRange(min=0, min_open=True),
+        default=30.0,
+        show_default=True,
+        metavar="SECONDS",
+        help="Answer 408 and close when a request body sends nothing for this long.",
+    )(f)
+    f = click.option(
+        "--header-timeout",
+        type=click.FloatRange(min=0, min_open=True),
+        default=30.0,
+        show_default=True,
+        metavar="SECONDS",
+        help="Close connections whose request header (or next request, when idle)"
+        " has not arrived after this long.",
+    )(f)
     f = click.option(
         "--max-nar-size",
         type=int,
@@ -109,7 +133,12 @@ def _nar_bridge_config(kw: dict[str, Any]) -> Any:
 
     keys = [SigningKey.from_file(p) for p in kw.pop("signing_keys", ())]
     return AppConfig(
-        priority=kw.pop("priority", 39), signing_keys=keys, max_nar_size=kw.pop("max_nar_size")
+        priority=kw.pop("priority", 39),
+        signing_keys=keys,
+        max_nar_size=kw.pop("max_nar_size"),
+        header_timeout=kw.pop("header_timeout"),
+        body_timeout=kw.pop("body_timeout"),
+        max_connections=kw.pop("max_connections"),
     )
 
 
@@ -137,7 +166,10 @@ async def _open(kw: dict[str, Any]) -> Any:
 def main(log_level: str, json_logs: bool) -> None:
     """A content-addressed store for Nix (tvix protocols, Nix formats)."""
     level = {"TRACE": "DEBUG", "WARN": "WARNING"}.get(log_level.upper(), log_level.upper())
+    from tvix_store.logs import RepeatFilter
+
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RepeatFilter())
     handler.setFormatter(
         _JsonFormatter() if json_logs else logging.Formatter("%(levelname)s %(name)s: %(message)s")
     )

@@ -62,19 +62,10 @@ async def serve(
     addr = ""
     runner = None
     try:
+        # Bind everything before announcing anything: a busy port fails the
+        # whole command (the finally below stops what had started).
         if listen is not None:
             server, addr = await start_server(listen, registrations(store))
-            url = f"grpc+unix://{addr[5:]}" if addr.startswith("unix:") else f"grpc+http://{addr}"
-            print(
-                f"tvix-store listening on {addr} ({store.description})\n"
-                "  talk to it:\n"
-                f"    grpcurl -plaintext '{addr}' list\n"
-                f"    PATH_INFO_SERVICE_ADDR={url} BLOB_SERVICE_ADDR={url} \\\n"
-                f"      DIRECTORY_SERVICE_ADDR={url} tvix-store import PATH",
-                file=sys.stderr,
-                flush=True,
-            )
-            log.info("serving gRPC on %s", addr)
         if nar_bridge_listen is not None:
             from tvix_store.nar_bridge.server import start_nar_bridge
 
@@ -87,6 +78,18 @@ async def serve(
                     file=sys.stderr,
                     flush=True,
                 )
+        if listen is not None:
+            url = f"grpc+unix://{addr[5:]}" if addr.startswith("unix:") else f"grpc+http://{addr}"
+            print(
+                f"tvix-store listening on {addr} ({store.description})\n"
+                "  talk to it:\n"
+                f"    grpcurl -plaintext '{addr}' list\n"
+                f"    PATH_INFO_SERVICE_ADDR={url} BLOB_SERVICE_ADDR={url} \\\n"
+                f"      DIRECTORY_SERVICE_ADDR={url} tvix-store import PATH",
+                file=sys.stderr,
+                flush=True,
+            )
+            log.info("serving gRPC on %s", addr)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -9,6 +9,7 @@ was received, with the same size, under the store path its URL names.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import logging
@@ -69,6 +70,13 @@ class AppConfig:
     signing_keys: list[SigningKey] = field(default_factory=list)
     max_nar_size: int = 64 << 30
     """Refuse uploads that decompress to more than this."""
+    header_timeout: float = 30.0
+    """Close a connection whose request header is not complete this long after it
+    opened (or after the previous response)."""
+    body_timeout: float = 30.0
+    """Answer 408 and close when a request body sends nothing for this long."""
+    max_connections: int = 1024
+    """Refuse (503, closed) connections beyond this many open ones."""
 
 
 STORE_KEY = web.AppKey("store", Store)
@@ -118,11 +126,28 @@ async def _errors(
             log.error("%s %s: %s", request.method, request.path, exc)
         else:
             log.info("%s %s: %d %s", request.method, request.path, status, exc)
-        return web.Response(status=status, text=f"{exc}\n")
+        resp = web.Response(status=status, text=f"{exc}\n")
+        if status == 408:
+            resp.force_close()
+        return resp
 
 
 def _store(request: web.Request) -> Store:
     return request.app[STORE_KEY]
+
+
+def _body(request: web.Request) -> Callable[[int], Awaitable[bytes]]:
+    """``read(n)`` of the request body that gives up (408) when it stalls."""
+    timeout = request.app[CONFIG_KEY].body_timeout
+
+    async def read(n: int) -> bytes:
+        try:
+            async with asyncio.timeout(timeout):
+                return await request.content.read(n)
+        except TimeoutError:
+            raise HttpError(408, f"request body stalled for {timeout:g} s") from None
+
+    return read
 
 
 def _digest20(text: str) -> bytes:
@@ -171,9 +196,15 @@ async def put_narinfo(request: web.Request) -> web.Response:
     url_digest = _digest20(request.match_info["hash"])
     if request.content_length is not None and request.content_length > MAX_NARINFO:
         raise HttpError(413, f"narinfo larger than {MAX_NARINFO} bytes")
-    body = await request.read()  # until EOF; over client_max_size → 413
-    if len(body) > MAX_NARINFO:
-        raise HttpError(413, f"narinfo larger than {MAX_NARINFO} bytes")
+    read = _body(request)
+    parts: list[bytes] = []
+    size = 0
+    while part := await read(1 << 16):  # until the end of the body
+        size += len(part)
+        if size > MAX_NARINFO:
+            raise HttpError(413, f"narinfo larger than {MAX_NARINFO} bytes")
+        parts.append(part)
+    body = b"".join(parts)
     try:
         info = NarInfo.parse(body)
     except NixCompatError as exc:
@@ -211,12 +242,13 @@ async def put_nar(request: web.Request) -> web.Response:
     kind = SUFFIXES[m.group(2)]
     store = _store(request)
     limit = request.app[CONFIG_KEY].max_nar_size
-    first = await request.content.read(1 << 16)
+    read = _body(request)
+    first = await read(1 << 16)
     if kind == "none" and first.startswith(_GZIP_MAGIC):
         kind = "gzip"  # Nix names gzip-compressed NARs plain ".nar"
     elif kind == "none" and (request.content_length or 0) > limit:
         raise HttpError(413, f"NAR of {request.content_length} bytes: over the {limit}-byte limit")
-    reader = DecompressingReader(request.content.read, decompressor(kind, limit), first)
+    reader = DecompressingReader(read, decompressor(kind, limit), first)
     closure: dict[B3Digest, Directory] = {}
     result = await ingest_nar(
         reader.read, store.blobs, store.directories, collect=closure, max_size=limit
@@ -377,7 +409,8 @@ async def get_nar_classic(request: web.Request) -> web.StreamResponse:
 
 async def put_ignored(request: web.Request) -> web.Response:
     """Listings (``.ls``), logs and cache-info uploads are accepted and dropped."""
-    while await request.content.read(1 << 16):
+    read = _body(request)
+    while await read(1 << 16):
         pass
     return web.Response(status=200)
 
