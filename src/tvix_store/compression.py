@@ -86,10 +86,7 @@ class Decompressor:
                 if data:
                     yield self._count(data)
             elif self._zstd is not None:
-                for i in range(0, len(data), _ZSTD_IN):
-                    out = self._zstd.decompress(data[i : i + _ZSTD_IN])
-                    for j in range(0, len(out), _OUT):
-                        yield self._count(out[j : j + _OUT])
+                yield from self._zstd_feed(data)
             elif isinstance(self._obj, (lzma.LZMADecompressor, bz2.BZ2Decompressor)):
                 obj = self._obj
                 pending = data
@@ -119,6 +116,22 @@ class Decompressor:
                         raise InvalidCompressedData("trailing data after the gzip stream")
         except (lzma.LZMAError, OSError, zlib.error, zstandard.ZstdError, EOFError) as exc:
             raise InvalidCompressedData(f"invalid {self.kind} data: {exc}") from exc
+
+    def _zstd_feed(self, data: bytes) -> Iterator[bytes]:
+        """Small input steps (bounded output each), gathered into pieces of about ``_OUT``."""
+        assert self._zstd is not None
+        held: list[bytes] = []
+        size = 0
+        for i in range(0, len(data), _ZSTD_IN):
+            out = self._count(self._zstd.decompress(data[i : i + _ZSTD_IN]))
+            if out:
+                held.append(out)
+                size += len(out)
+            if size >= _OUT or (held and i + _ZSTD_IN >= len(data)):
+                joined = b"".join(held) if len(held) > 1 else held[0]
+                held, size = [], 0
+                for j in range(0, len(joined), _OUT):
+                    yield joined[j : j + _OUT]
 
     def finish(self) -> Iterator[bytes]:
         """Flush; raise if the compressed stream was truncated."""
