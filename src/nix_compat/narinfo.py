@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -21,6 +22,7 @@ from nix_compat.store_path import StorePath
 __all__ = ["NarInfo", "NarInfoFlag", "fingerprint"]
 
 MAX_NARINFO_SIZE = 2 << 20
+_DECIMAL = re.compile(r"[0-9]{1,20}")  # ASCII digits only; 2^64 has 20
 
 
 class NarInfoFlag(enum.Flag):
@@ -42,8 +44,9 @@ def fingerprint(
 
 
 def _u64(value: str, key: str) -> int:
-    if not value.isdigit() or not value.isascii():
-        raise NarInfoError(f"{key}: {value!r} is not a decimal number")
+    # Length first: int() of thousands of digits is slow, then refused by Python.
+    if _DECIMAL.fullmatch(value) is None:
+        raise NarInfoError(f"{key}: {value[:40]!r} is not a decimal number below 2^64")
     n = int(value)
     if n >= 1 << 64:
         raise NarInfoError(f"{key}: {value} does not fit in 64 bits")

@@ -79,7 +79,7 @@ def service_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def nar_bridge_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """Binary-cache options: priority, signing keys, trusted keys, upload bound."""
+    """Binary-cache options: priority, keys, upload bound, connection limits."""
     f = click.option(
         "--trusted-public-keys",
         "trusted_public_keys",
@@ -89,6 +89,30 @@ def nar_bridge_options(f: Callable[..., Any]) -> Callable[..., Any]:
         help="Nix public keys (name:base64, space-separated, repeatable; env"
         " TVIX_STORE_TRUSTED_PUBLIC_KEYS): an uploaded signature by one of these names, or"
         " by a --signing-key, must verify, else the upload is refused.",
+    )(f)
+    f = click.option(
+        "--max-connections",
+        type=click.IntRange(min=1),
+        default=1024,
+        show_default=True,
+        help="Refuse (503) HTTP connections beyond this many open ones.",
+    )(f)
+    f = click.option(
+        "--body-timeout",
+        type=click.FloatRange(min=0, min_open=True),
+        default=30.0,
+        show_default=True,
+        metavar="SECONDS",
+        help="Answer 408 and close when a request body sends nothing for this long.",
+    )(f)
+    f = click.option(
+        "--header-timeout",
+        type=click.FloatRange(min=0, min_open=True),
+        default=30.0,
+        show_default=True,
+        metavar="SECONDS",
+        help="Close connections whose request header (or next request, when idle)"
+        " has not arrived after this long.",
     )(f)
     f = click.option(
         "--max-nar-size",
@@ -126,6 +150,9 @@ def _nar_bridge_config(kw: dict[str, Any]) -> Any:
         signing_keys=keys,
         max_nar_size=kw.pop("max_nar_size"),
         trusted_keys=trusted,
+        header_timeout=kw.pop("header_timeout"),
+        body_timeout=kw.pop("body_timeout"),
+        max_connections=kw.pop("max_connections"),
     )
 
 
@@ -153,7 +180,10 @@ async def _open(kw: dict[str, Any]) -> Any:
 def main(log_level: str, json_logs: bool) -> None:
     """A content-addressed store for Nix (tvix protocols, Nix formats)."""
     level = {"TRACE": "DEBUG", "WARN": "WARNING"}.get(log_level.upper(), log_level.upper())
+    from tvix_store.logs import RepeatFilter
+
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RepeatFilter())
     handler.setFormatter(
         _JsonFormatter() if json_logs else logging.Formatter("%(levelname)s %(name)s: %(message)s")
     )

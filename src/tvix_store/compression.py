@@ -1,14 +1,15 @@
 """Streaming decompression for every compression Nix produces, with an output bound.
 
-Each decompressor is fed compressed pieces and yields output in pieces of at
-most ``_OUT`` bytes, so a decompression bomb never balloons memory, and the
-total output is capped by ``limit`` (:class:`TooLarge` beyond it).
+Each decompressor is fed compressed pieces and yields output lazily, in pieces
+of at most ``_OUT`` bytes (zstd: one bounded step at a time), and
+:class:`DecompressingReader` pulls one piece per ``read``: whatever the ratio,
+only one step's output is in memory, and the total output is capped by
+``limit`` (:class:`TooLarge` as soon as it is crossed).
 """
 
 from __future__ import annotations
 
 import bz2
-import collections
 import hashlib
 import lzma
 import zlib
@@ -28,9 +29,10 @@ __all__ = [
 ]
 
 _OUT = 1 << 20
-# zstd's decompressobj has no output cap per call, and a block may inflate
-# ~32000:1: feeding 1 KiB at a time bounds one call's output to ~32 MiB.
-_ZSTD_IN = 1 << 10
+# zstd's decompressobj has no output cap per call, and a frame may inflate
+# ~32000:1 (an RLE block: 4 bytes for 128 KiB): feeding 512 bytes at a time
+# bounds one call's output to ~16 MiB.
+_ZSTD_IN = 1 << 9
 
 COMPRESSIONS = ("none", "xz", "bzip2", "gzip", "zstd")
 SUFFIXES = {
@@ -78,16 +80,13 @@ class Decompressor:
         return data
 
     def feed(self, data: bytes) -> Iterator[bytes]:
-        """Decompress ``data``; yields output pieces (≤ 1 MiB each)."""
+        """Decompress ``data`` lazily: each piece is produced when asked for (≤ 1 MiB)."""
         try:
             if self.kind == "none":
                 if data:
                     yield self._count(data)
             elif self._zstd is not None:
-                for i in range(0, len(data), _ZSTD_IN):
-                    out = self._zstd.decompress(data[i : i + _ZSTD_IN])
-                    for j in range(0, len(out), _OUT):
-                        yield self._count(out[j : j + _OUT])
+                yield from self._zstd_feed(data)
             elif isinstance(self._obj, (lzma.LZMADecompressor, bz2.BZ2Decompressor)):
                 obj = self._obj
                 pending = data
@@ -118,6 +117,22 @@ class Decompressor:
         except (lzma.LZMAError, OSError, zlib.error, zstandard.ZstdError, EOFError) as exc:
             raise InvalidCompressedData(f"invalid {self.kind} data: {exc}") from exc
 
+    def _zstd_feed(self, data: bytes) -> Iterator[bytes]:
+        """Small input steps (bounded output each), gathered into pieces of about ``_OUT``."""
+        assert self._zstd is not None
+        held: list[bytes] = []
+        size = 0
+        for i in range(0, len(data), _ZSTD_IN):
+            out = self._count(self._zstd.decompress(data[i : i + _ZSTD_IN]))
+            if out:
+                held.append(out)
+                size += len(out)
+            if size >= _OUT or (held and i + _ZSTD_IN >= len(data)):
+                joined = b"".join(held) if len(held) > 1 else held[0]
+                held, size = [], 0
+                for j in range(0, len(joined), _OUT):
+                    yield joined[j : j + _OUT]
+
     def finish(self) -> Iterator[bytes]:
         """Flush; raise if the compressed stream was truncated."""
         if self.kind == "none":
@@ -146,7 +161,9 @@ class DecompressingReader:
     """``read(n)`` of decompressed bytes over an async source of compressed ones.
 
     What :func:`~tvix_store.nar.ingest.ingest_nar` consumes; the compressed
-    bytes are sha256-hashed on the way (a narinfo's FileHash).
+    bytes are sha256-hashed on the way (a narinfo's FileHash). Output is pulled
+    from the decompressor one piece per ``read``, never a whole network chunk's
+    worth: a bomb costs one decompression step of memory.
     """
 
     def __init__(
@@ -155,25 +172,25 @@ class DecompressingReader:
         self._read = read
         self.decompressor = dec
         self.file_hash = hashlib.sha256()
-        self._pending: collections.deque[bytes] = collections.deque()
+        self._pieces: Iterator[bytes] = iter(())
+        self._first = first
         self._eof = False
-        if first:
-            self._feed(first)
-
-    def _feed(self, chunk: bytes) -> None:
-        self.file_hash.update(chunk)
-        self._pending.extend(self.decompressor.feed(chunk))
 
     async def read(self, n: int) -> bytes:
         """Some decompressed bytes (b"" at the end); raises at a truncated stream."""
-        while not self._pending and not self._eof:
-            chunk = await self._read(max(n, 1 << 16))
-            if not chunk:
+        while True:
+            for piece in self._pieces:
+                if piece:
+                    return piece
+            if self._eof:
+                return b""
+            chunk, self._first = self._first or await self._read(max(n, 1 << 16)), b""
+            if chunk:
+                self.file_hash.update(chunk)
+                self._pieces = self.decompressor.feed(chunk)
+            else:
                 self._eof = True
-                self._pending.extend(self.decompressor.finish())
-                break
-            self._feed(chunk)
-        return self._pending.popleft() if self._pending else b""
+                self._pieces = self.decompressor.finish()
 
 
 def decompressor(kind: str, limit: int) -> Decompressor:

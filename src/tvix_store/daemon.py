@@ -63,9 +63,23 @@ async def serve(
     server = None
     addr = ""
     runner = None
+    bridge_url = ""
+    # Signals are handled from before the first bind: a SIGTERM that arrives as
+    # soon as the banner is printed still stops the daemon cleanly (exit 0).
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     try:
+        # Bind everything before announcing anything: a busy port fails the
+        # whole command (the finally below stops what had started).
         if listen is not None:
             server, addr = await start_server(listen, registrations(store, upload_policy))
+        if nar_bridge_listen is not None:
+            from tvix_store.nar_bridge.server import start_nar_bridge
+
+            runner, bridge_url = await start_nar_bridge(store, nar_bridge_listen, nar_bridge_config)
+        if listen is not None:
             url = f"grpc+unix://{addr[5:]}" if addr.startswith("unix:") else f"grpc+http://{addr}"
             print(
                 f"tvix-store listening on {addr} ({store.description})\n"
@@ -77,31 +91,21 @@ async def serve(
                 flush=True,
             )
             log.info("serving gRPC on %s", addr)
-        if nar_bridge_listen is not None:
-            from tvix_store.nar_bridge.server import start_nar_bridge
-
-            runner, http_url = await start_nar_bridge(store, nar_bridge_listen, nar_bridge_config)
-            if not http_url.startswith("unix:"):
-                print(
-                    "  use it as a Nix binary cache:\n"
-                    f"    nix copy --to '{http_url}' /nix/store/…\n"
-                    f"    nix copy --from '{http_url}' --no-check-sigs /nix/store/…",
-                    file=sys.stderr,
-                    flush=True,
-                )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        if runner is not None and not bridge_url.startswith("unix:"):
+            print(
+                "  use it as a Nix binary cache:\n"
+                f"    nix copy --to '{bridge_url}' /nix/store/…\n"
+                f"    nix copy --from '{bridge_url}' --no-check-sigs /nix/store/…",
+                file=sys.stderr,
+                flush=True,
+            )
         if ready is not None:
             ready.set()
-        try:
-            await stop.wait()
-            print("tvix-store: shutting down", file=sys.stderr, flush=True)
-        finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
+        await stop.wait()
+        print("tvix-store: shutting down", file=sys.stderr, flush=True)
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
         if runner is not None:
             from tvix_store.nar_bridge.server import stop_nar_bridge
 

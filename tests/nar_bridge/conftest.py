@@ -95,10 +95,17 @@ class Bridge:
             self._log = None
 
 
-def start_process(home: Path, log_path: Path, argv: Sequence[str], grpc: bool = False) -> Bridge:
+def start_process(
+    home: Path,
+    log_path: Path,
+    argv: Sequence[str],
+    grpc: bool = False,
+    prefix: Sequence[str] = (),
+) -> Bridge:
+    """Start ``[*prefix, tvix-store, *argv]`` (``prefix`` must exec it, as ``prlimit`` does)."""
     log = log_path.open("wb")
     proc = subprocess.Popen(
-        [TVIX, *argv],
+        [*prefix, TVIX, *argv],
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=subprocess.STDOUT,

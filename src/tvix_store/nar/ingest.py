@@ -19,12 +19,14 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from nix_compat.errors import NarError
-from nix_compat.nar import NarDirectory, NarDirectoryEnd, NarFile, NarSymlink, read_nar
+from nix_compat.nar import NarDirectory, NarDirectoryEnd, NarFile, NarSymlink
+from nix_compat.nar.reader import NarReader
 from tvix_castore.blobservice.base import BlobService
 from tvix_castore.digests import B3Digest
 from tvix_castore.directoryservice.base import DirectoryService
 from tvix_castore.errors import DataCorruption, ValidationError
 from tvix_castore.nodes import Directory, DirectoryNode, FileNode, Node, SymlinkNode
+from tvix_store.compression import TooLarge
 
 __all__ = ["IngestedNar", "InvalidNar", "NarMismatch", "ingest_nar", "ingest_nar_file"]
 
@@ -137,7 +139,7 @@ def _name(path: bytes) -> bytes:
     return path.rpartition(b"/")[2]
 
 
-def _parse(source: _ThreadSource, emit: Callable[[list[_Op]], None]) -> None:
+def _parse(source: _ThreadSource, emit: Callable[[list[_Op]], None], max_size: int | None) -> None:
     """Parser thread: turn NAR events into batches of operations."""
     batch: list[_Op] = []
     batch_bytes = 0
@@ -150,8 +152,15 @@ def _parse(source: _ThreadSource, emit: Callable[[list[_Op]], None]) -> None:
             emit(batch)
             batch, batch_bytes = [], 0
 
-    for ev in read_nar(source):
+    nar = NarReader(source)
+    for ev in nar:
         if isinstance(ev, NarFile):
+            if max_size is not None and nar.offset + ev.size > max_size:
+                # Refused on the header's word: no need to read gigabytes first.
+                raise TooLarge(
+                    f"NAR declares a file of {ev.size} bytes at offset {nar.offset},"
+                    f" beyond the {max_size}-byte limit"
+                )
             if ev.size <= _SMALL:
                 push(_SmallFile(_name(ev.path), ev.executable, ev.contents.read()), ev.size)
             else:
@@ -176,16 +185,19 @@ async def ingest_nar(
     *,
     expect: tuple[int, bytes] | None = None,
     collect: MutableMapping[B3Digest, Directory] | None = None,
+    max_size: int | None = None,
 ) -> IngestedNar:
     """Ingest the NAR produced by ``await read(n)`` (b"" at its end).
 
     With ``expect=(nar_size, nar_sha256)`` the NAR must match them, checked
     before its directories are committed. ``collect`` receives the
-    Directories (its closure, for a directory NAR).
+    Directories (its closure, for a directory NAR). ``max_size`` refuses a
+    NAR as soon as a file header says it will be longer.
 
     Raises:
         InvalidNar: the bytes are not a valid NAR (nothing is committed).
         NarMismatch: the NAR differs from ``expect`` (nothing is committed).
+        TooLarge: a file would take the NAR beyond ``max_size``.
     """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[list[_Op] | BaseException | None] = asyncio.Queue(maxsize=16)
@@ -199,7 +211,7 @@ async def ingest_nar(
 
     def run() -> None:
         try:
-            _parse(source, emit)
+            _parse(source, emit, max_size)
             result: BaseException | None = None
         except _Stop:
             return

@@ -11,6 +11,7 @@ knows verifies (:mod:`tvix_store.verify`).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import logging
@@ -67,7 +68,8 @@ _NAR_TYPE = "application/x-nix-nar"
 _NARINFO_TYPE = "text/x-nix-narinfo"
 _IMMUTABLE = "public, max-age=31536000, immutable"
 _NAR_NAME = re.compile(r"([0-9a-df-np-sv-z]{52})(\.nar(?:\.xz|\.bz2|\.gz|\.zst)?)")
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+_RANGE = re.compile(r"bytes=([0-9]{0,20})-([0-9]{0,20})")  # ASCII digits, ≤ 2^64
+_DECIMAL = re.compile(r"[0-9]{1,20}")
 _GZIP_MAGIC = b"\x1f\x8b"
 # A NAR whose stored content was found damaged is "gone": Nix takes 404 and 410
 # as "not there" (no retries; the next substituter; ``nix copy`` uploads it
@@ -86,6 +88,13 @@ class AppConfig:
     """Refuse uploads that decompress to more than this."""
     trusted_keys: list[VerifyingKey] = field(default_factory=list)
     """Public keys whose signatures in uploaded narinfos must verify (besides our own)."""
+    header_timeout: float = 30.0
+    """Close a connection whose request header is not complete this long after it
+    opened (or after the previous response)."""
+    body_timeout: float = 30.0
+    """Answer 408 and close when a request body sends nothing for this long."""
+    max_connections: int = 1024
+    """Refuse (503, closed) connections beyond this many open ones."""
 
     def known_keys(self) -> tuple[VerifyingKey, ...]:
         """Keys an uploaded signature is checked against: trusted ones and our own."""
@@ -139,11 +148,28 @@ async def _errors(
             log.error("%s %s: %s", request.method, request.path, exc)
         else:
             log.info("%s %s: %d %s", request.method, request.path, status, exc)
-        return web.Response(status=status, text=f"{exc}\n")
+        resp = web.Response(status=status, text=f"{exc}\n")
+        if status == 408:
+            resp.force_close()
+        return resp
 
 
 def _store(request: web.Request) -> Store:
     return request.app[STORE_KEY]
+
+
+def _body(request: web.Request) -> Callable[[int], Awaitable[bytes]]:
+    """``read(n)`` of the request body that gives up (408) when it stalls."""
+    timeout = request.app[CONFIG_KEY].body_timeout
+
+    async def read(n: int) -> bytes:
+        try:
+            async with asyncio.timeout(timeout):
+                return await request.content.read(n)
+        except TimeoutError:
+            raise HttpError(408, f"request body stalled for {timeout:g} s") from None
+
+    return read
 
 
 def _digest20(text: str) -> bytes:
@@ -196,9 +222,15 @@ async def put_narinfo(request: web.Request) -> web.Response:
     url_digest = _digest20(request.match_info["hash"])
     if request.content_length is not None and request.content_length > MAX_NARINFO:
         raise HttpError(413, f"narinfo larger than {MAX_NARINFO} bytes")
-    body = await request.read()  # until EOF; over client_max_size → 413
-    if len(body) > MAX_NARINFO:
-        raise HttpError(413, f"narinfo larger than {MAX_NARINFO} bytes")
+    read = _body(request)
+    parts: list[bytes] = []
+    size = 0
+    while part := await read(1 << 16):  # until the end of the body
+        size += len(part)
+        if size > MAX_NARINFO:
+            raise HttpError(413, f"narinfo larger than {MAX_NARINFO} bytes")
+        parts.append(part)
+    body = b"".join(parts)
     try:
         info = NarInfo.parse(body)
     except NixCompatError as exc:
@@ -238,14 +270,18 @@ async def put_nar(request: web.Request) -> web.Response:
         raise HttpError(400, f"{m.group(1)}: invalid hash") from exc
     kind = SUFFIXES[m.group(2)]
     store = _store(request)
-    first = await request.content.read(1 << 16)
+    limit = request.app[CONFIG_KEY].max_nar_size
+    read = _body(request)
+    first = await read(1 << 16)
     if kind == "none" and first.startswith(_GZIP_MAGIC):
         kind = "gzip"  # Nix names gzip-compressed NARs plain ".nar"
-    reader = DecompressingReader(
-        request.content.read, decompressor(kind, request.app[CONFIG_KEY].max_nar_size), first
-    )
+    elif kind == "none" and (request.content_length or 0) > limit:
+        raise HttpError(413, f"NAR of {request.content_length} bytes: over the {limit}-byte limit")
+    reader = DecompressingReader(read, decompressor(kind, limit), first)
     closure: dict[B3Digest, Directory] = {}
-    result = await ingest_nar(reader.read, store.blobs, store.directories, collect=closure)
+    result = await ingest_nar(
+        reader.read, store.blobs, store.directories, collect=closure, max_size=limit
+    )
     # The URL names the file as uploaded (FileHash; for an uncompressed NAR, its NarHash).
     got = reader.file_hash.digest()
     if got != url_hash:
@@ -291,12 +327,15 @@ async def _layout_for(store: Store, node: Node) -> tuple[NarLayout, Mapping[B3Di
 
 def _parse_range(header: str, size: int) -> tuple[int, int] | None:
     """``(start, end)`` (end exclusive) of a single byte range; ``None`` to ignore it."""
-    m = _RANGE.fullmatch(header.strip())
+    spec = header.strip()
+    if not spec.startswith("bytes=") or "," in spec:
+        return None  # another unit, or several ranges: serve the whole NAR
+    m = _RANGE.fullmatch(spec)
     if m is None:
-        return None  # multiple or unsupported ranges: serve the whole NAR
+        raise HttpError(416, f"malformed byte range {spec[:40]!r}")
     first, last = m.group(1), m.group(2)
     if first == "" and last == "":
-        return None
+        raise HttpError(416, "empty byte range")
     if first == "":
         length = int(last)
         if length == 0:
@@ -400,8 +439,8 @@ async def get_nar_by_node(request: web.Request) -> web.StreamResponse:
     except CastoreError as exc:
         raise HttpError(400, f"invalid node: {exc}") from exc
     narsize = request.query.get("narsize")
-    if narsize is not None and not narsize.isdigit():
-        raise HttpError(400, "narsize must be a decimal number")
+    if narsize is not None and _DECIMAL.fullmatch(narsize) is None:
+        raise HttpError(400, "narsize must be a decimal number below 2^64")
     return await _serve_nar(request, node)
 
 
@@ -421,7 +460,8 @@ async def get_nar_classic(request: web.Request) -> web.StreamResponse:
 
 async def put_ignored(request: web.Request) -> web.Response:
     """Listings (``.ls``), logs and cache-info uploads are accepted and dropped."""
-    while await request.content.read(1 << 16):
+    read = _body(request)
+    while await read(1 << 16):
         pass
     return web.Response(status=200)
 
