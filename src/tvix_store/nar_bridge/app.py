@@ -26,6 +26,7 @@ from tvix_castore.digests import B3Digest
 from tvix_castore.errors import (
     CastoreError,
     NotFound,
+    StorageFull,
     StorageUnavailable,
     ValidationError,
 )
@@ -100,6 +101,8 @@ def _status_for(exc: BaseException) -> int:
         return 404
     if isinstance(exc, StorageUnavailable):
         return 503
+    if isinstance(exc, StorageFull):
+        return 507  # Insufficient Storage
     return 500
 
 
