@@ -17,6 +17,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -337,3 +338,57 @@ def test_running_daemon_on_a_full_disk(disk: Path, tmp_path: Path) -> None:
         assert daemon.alive()
         assert daemon.stop() == 0
     assert_reads_work(home, store_path, before)
+
+
+_WAL_GROWTH = """
+import os, sys
+from tvix_castore.directoryservice.sqlite import connect, write_tables
+from tvix_castore.errors import StorageError
+
+db, free = sys.argv[1], int(sys.argv[2])
+conn = connect(db)
+conn.execute("CREATE TABLE t (k BLOB PRIMARY KEY, v BLOB)")
+
+def put(n):
+    rows = [(os.urandom(16), os.urandom(3000)) for _ in range(n)]  # a page each
+    write_tables(conn, [("INSERT INTO t VALUES (?, ?)", rows)], "test rows")
+
+# Just short of the WAL frame (4062) whose index needs the -shm's second 32 KiB.
+while os.path.getsize(db + "-wal") < 32 + 4040 * (4096 + 24):
+    put(1)
+fd = os.open(os.path.dirname(db) + "/filler", os.O_WRONLY | os.O_CREAT, 0o644)
+try:
+    while True:
+        os.write(fd, bytes(1024))
+except OSError:
+    pass
+os.ftruncate(fd, os.fstat(fd).st_size - free)  # leave exactly this much
+os.close(fd)
+try:
+    for _ in range(1000):
+        put(3)
+except StorageError as exc:
+    print(type(exc).__name__, exc)
+"""
+
+
+@pytest.mark.parametrize("free_kib", [100, 106, 112, 118, 124, 130])
+def test_wal_index_growth_on_a_full_disk(disk: Path, tmp_path: Path, free_kib: int) -> None:
+    """A long-lived connection whose WAL index grows into a new 32 KiB region of the
+    -shm just as the disk fills: a clean StorageFull, never a SIGBUS.
+
+    (Measured with SQLite 3.40 on this ext4: with 106-124 KiB left, SQLite's
+    one-byte extension of the -shm still fits, zeroing the new region's holes
+    through the map does not, and the process died of SIGBUS.)
+    """
+    script = tmp_path / "wal_growth.py"
+    script.write_text(_WAL_GROWTH)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(disk / "t.sqlite"), str(free_kib << 10)],
+        capture_output=True,
+        timeout=300,
+        check=False,
+    )
+    check_exit(proc)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(b"StorageFull test rows: no space left on device: "), proc

@@ -71,12 +71,12 @@ _BUSY = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
 # reports a failed -shm extension as a disk I/O error, a read-only fallback
 # connection's write as READONLY.
 _MAYBE_FULL = frozenset({sqlite3.SQLITE_IOERR, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN})
-# Blocks of the -shm file allocated at once: each 32 KiB of it indexes 4096 WAL
-# frames, so 2 MiB covers a 1 GiB WAL (a checkpoint runs every 64 MiB).
-_SHM_SIZE = 2 << 20
-# Allocated -shm beyond its current size required before a write transaction
-# (one transaction may append this many frames x 8 bytes: ~256 MiB of pages).
+# The -shm file holds 8 bytes per WAL frame (frames are >= 536 bytes: 1/64 of the
+# WAL at most). Before a write transaction, its blocks are allocated for the WAL
+# as it is plus this headroom (64k frames: a 256 MiB transaction of 4 KiB pages),
+# and at least _SHM_SIZE (a 64 MiB WAL, when a checkpoint runs, needs ~130 KiB).
 _SHM_HEADROOM = 512 << 10
+_SHM_SIZE = 1 << 20
 _LOW_SPACE = 1 << 20  # usable bytes below which a filesystem counts as full
 
 
@@ -87,7 +87,6 @@ class Connection(sqlite3.Connection):
     read_only: bool  # opened read-only because the disk was full
     shm_fd: int  # SQLite's own descriptor of the -shm file (-1: unknown)
     shm_id: tuple[int, int]
-    shm_allocated: int
 
 
 def usable_space(path: str | Path) -> int:
@@ -178,7 +177,9 @@ def prepare_write(conn: sqlite3.Connection, what: str) -> Path | None:
     if conn.read_only:
         raise StorageFull(what, conn.where)
     if conn.shm_fd < 0:
-        return conn.where
+        _find_shm(conn)  # a new database has none before its first write
+        if conn.shm_fd < 0:
+            return conn.where
     try:
         st = os.fstat(conn.shm_fd)
     except OSError:
@@ -186,26 +187,38 @@ def prepare_write(conn: sqlite3.Connection, what: str) -> Path | None:
     if st is None or (st.st_dev, st.st_ino) != conn.shm_id:
         _find_shm(conn)  # (not expected while the connection is open)
         return conn.where
-    if st.st_size + _SHM_HEADROOM > conn.shm_allocated:
-        size = max(st.st_size + _SHM_HEADROOM, conn.shm_allocated + _SHM_SIZE)
-        try:
-            os.posix_fallocate(conn.shm_fd, 0, size)
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise StorageFull(what, conn.where) from exc
-            raise StorageError(f"{what}: allocating {conn.where}-shm: {exc}") from exc
-        conn.shm_allocated = size
+    try:
+        _allocate_shm(conn, st)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageFull(what, conn.where) from exc
+        raise StorageError(f"{what}: allocating {conn.where}-shm: {exc}") from exc
     return conn.where
+
+
+def _allocate_shm(conn: Connection, st: os.stat_result) -> None:
+    """Give the -shm file real blocks for the WAL index's growth (a no-op when it has them).
+
+    ``posix_fallocate`` never changes bytes, so other processes using the
+    file are unaffected.
+    """
+    try:
+        wal = os.stat(f"{conn.where}-wal").st_size
+    except OSError:
+        wal = 0
+    want = max(wal // 64 + _SHM_HEADROOM, _SHM_SIZE)
+    if st.st_size >= want and st.st_blocks * 512 >= st.st_size:
+        return
+    os.posix_fallocate(conn.shm_fd, 0, max(want, st.st_size))
 
 
 def _find_shm(conn: Connection) -> None:
     """Find SQLite's descriptor of the -shm file and allocate its blocks.
 
     SQLite's own descriptor, because opening and closing another one would
-    drop every POSIX lock this process holds on the file. ``posix_fallocate``
-    never changes bytes, so other processes using the file are unaffected.
+    drop every POSIX lock this process holds on the file.
     """
-    conn.shm_fd, conn.shm_allocated = -1, 0
+    conn.shm_fd = -1
     try:
         st = os.stat(f"{conn.where}-shm")
         fds = os.listdir("/proc/self/fd")
@@ -224,8 +237,7 @@ def _find_shm(conn: Connection) -> None:
     else:
         return
     with contextlib.suppress(OSError):  # no space: the next write transaction will say so
-        os.posix_fallocate(conn.shm_fd, 0, _SHM_SIZE)
-        conn.shm_allocated = _SHM_SIZE
+        _allocate_shm(conn, os.fstat(conn.shm_fd))
 
 
 def _wal_index_fits(path: Path) -> bool:
@@ -260,7 +272,7 @@ def connect(path: str | Path) -> sqlite3.Connection:
         conn = sqlite3.connect(
             where, timeout=30, check_same_thread=False, isolation_level=None, factory=Connection
         )
-        conn.where, conn.read_only, conn.shm_fd, conn.shm_allocated = where, False, -1, 0
+        conn.where, conn.read_only, conn.shm_fd = where, False, -1
         conn.execute("PRAGMA journal_mode=WAL")  # (maps the -shm file)
         _find_shm(conn)
         conn.execute("PRAGMA synchronous=NORMAL")
@@ -290,7 +302,7 @@ def _connect_read_only(where: Path) -> Connection:
             isolation_level=None,
             factory=Connection,
         )
-        conn.where, conn.read_only, conn.shm_fd, conn.shm_allocated = where, True, -1, 0
+        conn.where, conn.read_only, conn.shm_fd = where, True, -1
         conn.execute("PRAGMA busy_timeout=30000")
         conn.execute("SELECT count(*) FROM sqlite_master").fetchall()
     except sqlite3.Error as exc:
