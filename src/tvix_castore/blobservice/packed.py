@@ -62,7 +62,12 @@ from tvix_castore.blobservice.objectstore import (
     Publisher,
 )
 from tvix_castore.digests import EMPTY_DIGEST, B3Digest, hash_threads
-from tvix_castore.directoryservice.sqlite import connect, storage_error, write_tables
+from tvix_castore.directoryservice.sqlite import (
+    connect,
+    prepare_write,
+    storage_error,
+    write_tables,
+)
 from tvix_castore.errors import DataCorruption, os_storage_error
 from tvix_castore.lazy import lazy_module
 
@@ -439,6 +444,8 @@ class PackedBlobService(BlobService):
         self._remember(present)
         if not new:
             return
+        # No bytes are appended when their index rows could not be written.
+        prepare_write(self._conn, "indexing packed blobs")
         self._index(*self._appender.append_blobs(new))
 
     @contextlib.contextmanager

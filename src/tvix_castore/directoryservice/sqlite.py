@@ -3,17 +3,18 @@
 A closure is committed in one transaction, so readers (also in other
 processes) see all of it or nothing. Every read re-hashes the stored bytes.
 
-A full disk (SPEC/README "reliability"): SQLite in WAL mode memory-maps its
-``-shm`` file and grows it by writing one byte at the end of each 4 KiB page;
-on a filesystem with smaller blocks the rest of each page is a hole, and
-touching a hole through the map on a full filesystem kills the process with
-SIGBUS. So :func:`connect` allocates the ``-shm`` file's blocks for real
-(``posix_fallocate``, through SQLite's own descriptor) while there is space,
-and every write transaction first makes sure the headroom is still
-allocated (or fails with :class:`StorageFull`, before SQLite touches
-anything). Where the ``-shm`` cannot be set up for lack of space, the
+A full disk: SQLite in WAL mode memory-maps its ``-shm`` file (the WAL
+index) and grows it by writing one byte at the end of each 4 KiB page; on a
+filesystem with smaller blocks (a small ext4 gets 1 KiB) the rest of each page is
+a hole, and touching a hole through the map on a full filesystem kills the
+process with SIGBUS. So :func:`connect` allocates the ``-shm`` file's blocks
+for real (``posix_fallocate``, through SQLite's own descriptor) while there
+is space, and every write transaction first makes sure they cover the WAL
+plus a headroom (or fails with :class:`StorageFull` before SQLite touches
+anything). Where the WAL index cannot be built for lack of space, the
 connection is opened read-only with a heap-memory WAL index
-(``readonly_shm``): reads keep working, writes raise :class:`StorageFull`.
+(``readonly_shm``): reads keep working, writes raise :class:`StorageFull`
+(until the process reopens the store).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ __all__ = [
     "Connection",
     "SqliteDirectoryService",
     "connect",
+    "prepare_write",
     "storage_error",
     "write_one",
     "write_rows",
@@ -81,12 +83,13 @@ _LOW_SPACE = 1 << 20  # usable bytes below which a filesystem counts as full
 
 
 class Connection(sqlite3.Connection):
-    """A connection that knows its file and the ``-shm`` blocks allocated for it."""
+    """A connection that knows its file and SQLite's descriptor of its ``-shm`` file."""
 
     where: Path
     read_only: bool  # opened read-only because the disk was full
     shm_fd: int  # SQLite's own descriptor of the -shm file (-1: unknown)
     shm_id: tuple[int, int]
+    shm_allocated: int  # leading bytes of it known to have real blocks
 
 
 def usable_space(path: str | Path) -> int:
@@ -181,6 +184,12 @@ def prepare_write(conn: sqlite3.Connection, what: str) -> Path | None:
         if conn.shm_fd < 0:
             return conn.where
     try:
+        wal = os.stat(f"{conn.where}-wal").st_size
+    except OSError:
+        wal = 0
+    if wal // 64 + _SHM_HEADROOM <= conn.shm_allocated:
+        return conn.where  # (the usual case: one stat)
+    try:
         st = os.fstat(conn.shm_fd)
     except OSError:
         st = None
@@ -208,8 +217,12 @@ def _allocate_shm(conn: Connection, st: os.stat_result) -> None:
         wal = 0
     want = max(wal // 64 + _SHM_HEADROOM, _SHM_SIZE)
     if st.st_size >= want and st.st_blocks * 512 >= st.st_size:
+        conn.shm_allocated = st.st_size
         return
-    os.posix_fallocate(conn.shm_fd, 0, max(want, st.st_size))
+    # a step ahead (not to be called again for every frame the WAL grows)
+    size = max(want + _SHM_SIZE, st.st_size)
+    os.posix_fallocate(conn.shm_fd, 0, size)
+    conn.shm_allocated = size
 
 
 def _find_shm(conn: Connection) -> None:
@@ -218,7 +231,7 @@ def _find_shm(conn: Connection) -> None:
     SQLite's own descriptor, because opening and closing another one would
     drop every POSIX lock this process holds on the file.
     """
-    conn.shm_fd = -1
+    conn.shm_fd, conn.shm_allocated = -1, 0
     try:
         st = os.stat(f"{conn.where}-shm")
         fds = os.listdir("/proc/self/fd")
@@ -253,7 +266,7 @@ def _wal_index_fits(path: Path) -> bool:
     except OSError:
         return True  # let SQLite report it
     try:
-        return usable_space(path.parent) >= wal // 128 + _LOW_SPACE
+        return usable_space(path.parent) >= wal // 64 + _LOW_SPACE
     except OSError:
         return True
 
@@ -272,7 +285,7 @@ def connect(path: str | Path) -> sqlite3.Connection:
         conn = sqlite3.connect(
             where, timeout=30, check_same_thread=False, isolation_level=None, factory=Connection
         )
-        conn.where, conn.read_only, conn.shm_fd = where, False, -1
+        conn.where, conn.read_only, conn.shm_fd, conn.shm_allocated = where, False, -1, 0
         conn.execute("PRAGMA journal_mode=WAL")  # (maps the -shm file)
         _find_shm(conn)
         conn.execute("PRAGMA synchronous=NORMAL")
@@ -302,7 +315,7 @@ def _connect_read_only(where: Path) -> Connection:
             isolation_level=None,
             factory=Connection,
         )
-        conn.where, conn.read_only, conn.shm_fd = where, True, -1
+        conn.where, conn.read_only, conn.shm_fd, conn.shm_allocated = where, True, -1, 0
         conn.execute("PRAGMA busy_timeout=30000")
         conn.execute("SELECT count(*) FROM sqlite_master").fetchall()
     except sqlite3.Error as exc:
