@@ -30,8 +30,10 @@ import pytest
 
 from nix_compat import nixbase32
 from nix_compat.nar import dump_path as _dump_path
+from tvix_castore.protos import castore_pb2 as cpb
 from tvix_castore.protos import rpc_blobstore_pb2 as bpb
 from tvix_castore.protos import rpc_blobstore_pb2_grpc as bpb_grpc
+from tvix_castore.protos import rpc_directory_pb2_grpc as dpb_grpc
 from tvix_castore.rpc.channel import channel_options
 
 from .conftest import TVIX, service_flags, tvix, tvix_env
@@ -301,6 +303,17 @@ def test_running_daemon_on_a_full_disk(disk: Path, tmp_path: Path) -> None:
         assert "no space left on device" in (err.details() or "")
         filler = fill_rest(disk)
         assert_grpc_put_refused(daemon.grpc_addr)
+        with grpc.insecure_channel(daemon.grpc_addr, options=channel_options()) as ch:
+            # A Directory (only SQLite rows) is refused the same way.
+            files = [
+                cpb.FileNode(name=b"f%03d" % i, digest=os.urandom(32), size=1) for i in range(200)
+            ]
+            with pytest.raises(grpc.RpcError) as dir_err:
+                dpb_grpc.DirectoryServiceStub(ch).Put(
+                    iter([cpb.Directory(files=files)]), timeout=60
+                )
+            assert dir_err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, dir_err.value
+            assert "no space left on device" in (dir_err.value.details() or "")
 
         # nar-bridge: 507 Insufficient Storage, with the reason.
         tree = random_tree(tmp_path / "put", 2 << 20)
