@@ -22,9 +22,11 @@ both.
 
 Safety: bytes are appended before their index rows are committed, so a crash
 can leave unreferenced bytes in a pack, never an index row pointing at
-nothing written by this process. Each process appends to its own pack file,
-so concurrent writers (daemon, CLI, nar-bridge) never interleave. Every read
-is verified against its BLAKE3 digest.
+nothing written by this process. An append that fails midway (a full disk)
+is cut back to where it started, so later appends land where their rows say.
+Each process appends to its own pack file, so concurrent writers (daemon,
+CLI, nar-bridge) never interleave. Every read is verified against its BLAKE3
+digest.
 """
 
 from __future__ import annotations
