@@ -14,7 +14,8 @@ classes to status codes in one table each::
     ├── StorageError               a backend failed            -> INTERNAL
     │   ├── DataCorruption         bytes don't match their key -> DATA_LOSS
     │   │   └── ChecksumMismatch   ... detected by re-hashing
-    │   └── StorageUnavailable     backend unreachable         -> UNAVAILABLE
+    │   ├── StorageUnavailable     backend unreachable         -> UNAVAILABLE
+    │   └── StorageFull            no space left on device     -> RESOURCE_EXHAUSTED
     └── ConfigError                bad service URL or composition
         ├── UnknownScheme          no backend registered for a URL scheme
         └── CompositionError       bad or cyclic composition graph
@@ -27,6 +28,8 @@ the middle of a blob, a missing child during a closure walk).
 from __future__ import annotations
 
 import enum
+import errno
+from pathlib import Path
 
 __all__ = [
     "CastoreError",
@@ -42,9 +45,11 @@ __all__ = [
     "NodeError",
     "NotFound",
     "StorageError",
+    "StorageFull",
     "StorageUnavailable",
     "UnknownScheme",
     "ValidationError",
+    "os_storage_error",
     "show_name",
 ]
 
@@ -137,6 +142,30 @@ class ChecksumMismatch(DataCorruption):
 
 class StorageUnavailable(StorageError):
     """A backend could not be reached; retrying later may help."""
+
+
+class StorageFull(StorageError):
+    """The filesystem (or quota) holding the store is full; nothing was written.
+
+    Reads of what is stored keep working; writes can succeed again once space
+    is freed.
+    """
+
+    def __init__(self, what: str, where: str | Path | None, *, message: str | None = None) -> None:
+        where_text = f": {where}" if where is not None else ""
+        super().__init__(message or f"{what}: no space left on device{where_text}")
+        #: The store file or directory that could not grow.
+        self.where = where
+
+
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def os_storage_error(what: str, exc: OSError, where: str | Path | None) -> StorageError:
+    """Our error for a failed filesystem write: :class:`StorageFull` if out of space."""
+    if exc.errno in _NO_SPACE:
+        return StorageFull(what, where)
+    return StorageError(f"{what}: {exc}")
 
 
 class ConfigError(CastoreError):

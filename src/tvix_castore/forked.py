@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 
 from tvix_castore.blobservice.base import ForkedIngest
 from tvix_castore.digests import B3Digest, after_fork_in_child
-from tvix_castore.errors import StorageError
+from tvix_castore.errors import StorageError, StorageFull
 
 __all__ = ["Cancelled", "fork_child", "run_forked"]
 
@@ -178,12 +178,19 @@ def fork_child(
     return pid
 
 
+def _full(exc: BaseException) -> str | None:
+    """Where a worker ran out of space (``StorageFull.where``), else ``None``."""
+    if isinstance(exc, StorageFull):
+        return str(exc.where)
+    return None
+
+
 def _fork(forker: ForkedIngest, batches: Sequence[Files]) -> _Worker:
     task_r, task_w = os.pipe()
     result_r, result_w = os.pipe()
     pid = fork_child(
         lambda: _child(forker, batches, task_r, result_w),
-        lambda exc: _send(result_w, ("fail", f"{type(exc).__name__}: {exc}")),
+        lambda exc: _send(result_w, ("fail", f"{type(exc).__name__}: {exc}", _full(exc))),
         (task_w, result_r),
     )
     os.close(task_r)
@@ -247,6 +254,8 @@ def run_forked(
                     out[msg[1]] = msg[2]
                     w.queued -= 1
                     w.give(take())
+                elif len(msg) > 2 and msg[2] is not None:  # out of space: say so, typed
+                    raise StorageFull("", msg[2], message=f"ingestion worker failed: {msg[1]}")
                 else:
                     raise StorageError(f"ingestion worker failed: {msg[1]}")
     finally:

@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tvix_castore.errors import StorageError
+from tvix_castore.errors import StorageError, os_storage_error
 from tvix_castore.lazy import lazy_module
 
 if TYPE_CHECKING:
@@ -162,7 +162,7 @@ class LocalObjectStore(ObjectStore):
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            raise StorageError(f"writing object {key}: {exc}") from exc
+            raise os_storage_error(f"writing object {key}", exc, self.root) from exc
 
     def exists_sync(self, key: str) -> bool:
         return os.path.exists(self._path(key))

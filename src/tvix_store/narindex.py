@@ -15,7 +15,7 @@ import sqlite3
 import threading
 from pathlib import Path
 
-from tvix_castore.directoryservice.sqlite import connect, storage_error
+from tvix_castore.directoryservice.sqlite import connect, storage_error, write_one
 from tvix_castore.errors import DataCorruption, ValidationError
 from tvix_castore.nodes import Node, node_from_proto, node_to_proto
 from tvix_castore.protos import castore_pb2
@@ -65,7 +65,7 @@ class SqliteNarIndex(NarIndex):
             )
         except sqlite3.Error as exc:
             self._conn.close()
-            raise storage_error("creating the nar_index table", exc) from exc
+            raise storage_error("creating the nar_index table", exc, path) from exc
 
     def _get(self, nar_sha256: bytes) -> tuple[bytes, int] | None:
         with self._lock:
@@ -90,14 +90,12 @@ class SqliteNarIndex(NarIndex):
 
     def _put(self, nar_sha256: bytes, node: bytes, nar_size: int) -> None:
         with self._lock:
-            try:
-                self._conn.execute(
-                    "INSERT OR REPLACE INTO nar_index (nar_sha256, node, nar_size)"
-                    " VALUES (?, ?, ?)",
-                    (nar_sha256, node, nar_size),
-                )
-            except sqlite3.Error as exc:
-                raise storage_error("writing the NAR index", exc) from exc
+            write_one(
+                self._conn,
+                "INSERT OR REPLACE INTO nar_index (nar_sha256, node, nar_size) VALUES (?, ?, ?)",
+                (nar_sha256, node, nar_size),
+                "writing the NAR index",
+            )
 
     async def put(self, nar_sha256: bytes, node: Node, nar_size: int) -> None:
         data = node_to_proto(node.with_name(b"")).SerializeToString(deterministic=True)

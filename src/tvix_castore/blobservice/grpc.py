@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import io
 from collections.abc import AsyncIterator
+from typing import Any
 
 import blake3
 import grpc
@@ -202,17 +203,24 @@ class _Writer(BlobWriter):
         self._queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=8)
         self._hasher = blake3.blake3()
         self._call = stub.Put(self._requests())
+        self._ended: asyncio.Future[Any] | None = None
         self._buf = bytearray()
+
+    def _call_ended(self) -> asyncio.Future[Any]:
+        """One future for the call's end (a new one per send would each log its error)."""
+        if self._ended is None:
+            self._ended = asyncio.ensure_future(self._call)
+            # retrieved here; _finish reports the error
+            self._ended.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return self._ended
 
     async def _requests(self) -> AsyncIterator[pb.BlobChunk]:
         while (data := await self._queue.get()) is not None:
             yield pb.BlobChunk(data=data)
 
     async def _send(self, data: bytes) -> None:
-        put = asyncio.ensure_future(self._queue.put(data))
-        done, _ = await asyncio.wait(
-            [put, asyncio.ensure_future(self._call)], return_when=asyncio.FIRST_COMPLETED
-        )
+        put: asyncio.Future[Any] = asyncio.ensure_future(self._queue.put(data))
+        done, _ = await asyncio.wait([put, self._call_ended()], return_when=asyncio.FIRST_COMPLETED)
         if put not in done:  # the call ended early: report its error
             put.cancel()
             await self._finish()

@@ -304,7 +304,8 @@ class ChunkingWriter(BlobWriter):
 
     async def abort(self) -> None:
         self._closed = True
-        self._buf.clear()
+        # Not clear(): after a failed store, the traceback may still hold views of it.
+        self._buf = bytearray()
 
 
 class _ForkedObjectStoreIngest(ForkedIngest):

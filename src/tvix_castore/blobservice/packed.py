@@ -22,9 +22,11 @@ both.
 
 Safety: bytes are appended before their index rows are committed, so a crash
 can leave unreferenced bytes in a pack, never an index row pointing at
-nothing written by this process. Each process appends to its own pack file,
-so concurrent writers (daemon, CLI, nar-bridge) never interleave. Every read
-is verified against its BLAKE3 digest.
+nothing written by this process. An append that fails midway (a full disk)
+is cut back to where it started, so later appends land where their rows say.
+Each process appends to its own pack file, so concurrent writers (daemon,
+CLI, nar-bridge) never interleave. Every read is verified against its BLAKE3
+digest.
 """
 
 from __future__ import annotations
@@ -63,8 +65,13 @@ from tvix_castore.blobservice.objectstore import (
     Publisher,
 )
 from tvix_castore.digests import EMPTY_DIGEST, B3Digest, hash_threads
-from tvix_castore.directoryservice.sqlite import connect, storage_error, write_tables
-from tvix_castore.errors import DataCorruption, StorageError
+from tvix_castore.directoryservice.sqlite import (
+    connect,
+    prepare_write,
+    storage_error,
+    write_tables,
+)
+from tvix_castore.errors import DataCorruption, os_storage_error
 from tvix_castore.lazy import lazy_module
 
 if TYPE_CHECKING:
@@ -151,12 +158,28 @@ class _Appender:
                 )
                 self._size = 0
             offset = self._size
-            writev_all(self._fd, pieces, size)
-            if self._fsync:
-                os.fsync(self._fd)
+            try:
+                writev_all(self._fd, pieces, size)
+                if self._fsync:
+                    os.fsync(self._fd)
+            except BaseException:
+                self._cut_back()
+                raise
             self._size += size
             assert self._name is not None
             return self._name, offset
+
+    def _cut_back(self) -> None:
+        """After a failed append: drop its partial bytes.
+
+        So later appends land where they are recorded (``O_APPEND`` writes at
+        the file's end, not at ``_size``), and the space is given back.
+        """
+        try:
+            os.ftruncate(self._fd, self._size)
+        except OSError:  # then never append to this pack again
+            os.close(self._fd)
+            self._fd = -1
 
     def append_blobs(self, blobs: dict[bytes, bytes]) -> tuple[list[_Row], list[_SegmentRow]]:
         """Append blobs (digest → bytes) in one write; their index rows, and its segment.
@@ -170,7 +193,7 @@ class _Appender:
         try:
             pack, offset = self.append(list(blobs.values()), total)
         except OSError as exc:
-            raise StorageError(f"appending to a pack file: {exc}") from exc
+            raise os_storage_error("appending to a pack file", exc, self._dir) from exc
         segments = []
         if len(blobs) > 1 and total < _SEGMENT_BLOB_MAX * len(blobs):
             hasher = blake3.blake3()
@@ -414,7 +437,7 @@ class PackedBlobService(BlobService):
             self._conn.executescript(_SCHEMA)
         except sqlite3.Error as exc:
             self._conn.close()
-            raise storage_error("creating the packed blobs table", exc) from exc
+            raise storage_error("creating the packed blobs table", exc, self.path) from exc
 
     # -- writing ----------------------------------------------------------
     def _store_small(self, blobs: Sequence[tuple[B3Digest, bytes]]) -> None:
@@ -428,6 +451,8 @@ class PackedBlobService(BlobService):
         self._remember(present)
         if not new:
             return
+        # No bytes are appended when their index rows could not be written.
+        prepare_write(self._conn, "indexing packed blobs")
         self._index(*self._appender.append_blobs(new))
 
     @contextlib.contextmanager

@@ -16,6 +16,7 @@ from tvix_castore.errors import (
     DataCorruption,
     NotFound,
     StorageError,
+    StorageFull,
     StorageUnavailable,
     ValidationError,
 )
@@ -28,6 +29,7 @@ _TABLE: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (DataCorruption, grpc.StatusCode.DATA_LOSS),
     (StorageUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (StorageFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (StorageError, grpc.StatusCode.INTERNAL),
 ]
 

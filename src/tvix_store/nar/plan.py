@@ -51,7 +51,7 @@ from tvix_castore.blobservice.base import BlobService, ChunkMeta, writev_all
 from tvix_castore.blobservice.packed import PackedBlobService
 from tvix_castore.digests import B3Digest
 from tvix_castore.directoryservice.base import DirectoryService
-from tvix_castore.directoryservice.sqlite import connect, storage_error
+from tvix_castore.directoryservice.sqlite import connect, storage_error, write_one
 from tvix_castore.errors import CastoreError, DataCorruption
 from tvix_castore.forked import fork_child
 from tvix_castore.lazy import lazy_module
@@ -405,7 +405,7 @@ class SqliteNarPlans:
             )
         except sqlite3.Error as exc:
             self._conn.close()
-            raise storage_error("creating the nar_plans table", exc) from exc
+            raise storage_error("creating the nar_plans table", exc, path) from exc
 
     def get_sync(self, root: B3Digest) -> NarPlan | None:
         """The plan of the Directory ``root``; ``DataCorruption`` if it fails its checks."""
@@ -426,13 +426,12 @@ class SqliteNarPlans:
     def put_sync(self, root: B3Digest, plan: NarPlan) -> None:
         data = plan.encode()
         with self._lock:
-            try:
-                self._conn.execute(
-                    "INSERT OR REPLACE INTO nar_plans (root, plan, checksum) VALUES (?, ?, ?)",
-                    (root.raw, data, blake3.blake3(data).digest()),
-                )
-            except sqlite3.Error as exc:
-                raise storage_error("writing a NAR plan", exc) from exc
+            write_one(
+                self._conn,
+                "INSERT OR REPLACE INTO nar_plans (root, plan, checksum) VALUES (?, ?, ?)",
+                (root.raw, data, blake3.blake3(data).digest()),
+                "writing a NAR plan",
+            )
 
     async def get(self, root: B3Digest) -> NarPlan | None:
         return await asyncio.to_thread(self.get_sync, root)

@@ -30,6 +30,7 @@ from tvix_castore.errors import (
     CastoreError,
     DataCorruption,
     NotFound,
+    StorageFull,
     StorageUnavailable,
     ValidationError,
 )
@@ -131,6 +132,8 @@ def _status_for(exc: BaseException) -> int:
         return 404
     if isinstance(exc, StorageUnavailable):
         return 503
+    if isinstance(exc, StorageFull):
+        return 507  # Insufficient Storage
     return 500
 
 

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tvix_castore.directoryservice.sqlite import connect, storage_error
+from tvix_castore.directoryservice.sqlite import connect, storage_error, write_one
 from tvix_castore.errors import DataCorruption, ValidationError
 from tvix_castore.lazy import lazy_module
 from tvix_store.pathinfo import PathInfo
@@ -45,7 +45,7 @@ class SqlitePathInfoService(PathInfoService):
             self._conn.executescript(_SCHEMA)
         except sqlite3.Error as exc:
             self._conn.close()
-            raise storage_error("creating the pathinfos table", exc) from exc
+            raise storage_error("creating the pathinfos table", exc, self.path) from exc
 
     def _decode(self, digest: bytes, data: bytes) -> PathInfo:
         try:
@@ -76,12 +76,12 @@ class SqlitePathInfoService(PathInfoService):
 
     def _put(self, digest: bytes, data: bytes) -> None:
         with self._lock:
-            try:
-                self._conn.execute(
-                    "INSERT OR REPLACE INTO pathinfos (digest, data) VALUES (?, ?)", (digest, data)
-                )
-            except sqlite3.Error as exc:
-                raise storage_error("writing a PathInfo", exc) from exc
+            write_one(
+                self._conn,
+                "INSERT OR REPLACE INTO pathinfos (digest, data) VALUES (?, ?)",
+                (digest, data),
+                "writing a PathInfo",
+            )
 
     async def put(self, info: PathInfo) -> PathInfo:
         await asyncio.to_thread(self._put, info.digest, info.encode())
