@@ -398,11 +398,12 @@ class SqliteNarPlans:
                 " root BLOB PRIMARY KEY, plan BLOB NOT NULL, checksum BLOB NOT NULL"
                 ") WITHOUT ROWID"
             )
-            self._conn.execute(
-                "CREATE TABLE IF NOT EXISTS nar_damage ("
-                " root BLOB PRIMARY KEY, reason TEXT NOT NULL"
-                ") WITHOUT ROWID"
-            )
+            if not getattr(self._conn, "read_only", False):  # a store opened on a full disk
+                self._conn.execute(
+                    "CREATE TABLE IF NOT EXISTS nar_damage ("
+                    " root BLOB PRIMARY KEY, reason TEXT NOT NULL"
+                    ") WITHOUT ROWID"
+                )
         except sqlite3.Error as exc:
             self._conn.close()
             raise storage_error("creating the nar_plans table", exc, path) from exc
@@ -447,6 +448,10 @@ class SqliteNarPlans:
                 row = self._conn.execute(
                     "SELECT reason FROM nar_damage WHERE root = ?", (key,)
                 ).fetchone()
+            except sqlite3.OperationalError as exc:
+                if "no such table" in str(exc):  # read-only, created by no release yet
+                    return None
+                raise storage_error("reading a damage mark", exc) from exc
             except sqlite3.Error as exc:
                 raise storage_error("reading a damage mark", exc) from exc
         return None if row is None else str(row[0])
@@ -456,23 +461,24 @@ class SqliteNarPlans:
         if key is None:
             return
         with self._lock:
-            try:
-                self._conn.execute(
-                    "INSERT OR REPLACE INTO nar_damage (root, reason) VALUES (?, ?)",
-                    (key, reason[:1000]),
-                )
-            except sqlite3.Error as exc:
-                raise storage_error("writing a damage mark", exc) from exc
+            write_one(
+                self._conn,
+                "INSERT OR REPLACE INTO nar_damage (root, reason) VALUES (?, ?)",
+                (key, reason[:1000]),
+                "writing a damage mark",
+            )
 
     def clear_damage_sync(self, node: Node) -> bool:
         """Remove ``node``'s mark; whether there was one (no write if not)."""
         if self.damage_sync(node) is None:
             return False
         with self._lock:
-            try:
-                self._conn.execute("DELETE FROM nar_damage WHERE root = ?", (_damage_key(node),))
-            except sqlite3.Error as exc:
-                raise storage_error("clearing a damage mark", exc) from exc
+            write_one(
+                self._conn,
+                "DELETE FROM nar_damage WHERE root = ?",
+                (_damage_key(node),),
+                "clearing a damage mark",
+            )
         return True
 
     def close(self) -> None:
