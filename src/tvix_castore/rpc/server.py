@@ -1,5 +1,8 @@
 """Build and start a ``grpc.aio`` server: our servicers, reflection and health.
 
+Every method decodes its requests through ``rpc.decoding``: garbage is
+INVALID_ARGUMENT, not UNKNOWN.
+
 Binding is strict: ``SO_REUSEPORT`` is off, so a busy port raises instead of
 silently sharing it (grpc.aio turns it on by default).
 """
@@ -17,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from tvix_castore.errors import ConfigError
 from tvix_castore.rpc.channel import channel_options
+from tvix_castore.rpc.decoding import DecodeErrors
 
 __all__ = ["Registration", "bind_address", "start_server"]
 
@@ -43,7 +47,7 @@ async def start_server(
     Port 0 picks a free port; the returned address names it.
     """
     options: list[tuple[str, int]] = [*channel_options(), ("grpc.so_reuseport", 0)]
-    server = grpc.aio.server(options=options)
+    server = grpc.aio.server(options=options, interceptors=[DecodeErrors()])
     names = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
     for add, name in registrations:
         add(server)
