@@ -25,7 +25,7 @@ from tvix_castore.errors import (
     StorageError,
     ValidationError,
 )
-from tvix_castore.nodes import Directory
+from tvix_castore.nodes import MAX_DIRECTORY_BYTES, Directory
 from tvix_castore.protos import castore_pb2
 from tvix_castore.protos import rpc_directory_pb2 as pb
 from tvix_castore.protos import rpc_directory_pb2_grpc as pb_grpc
@@ -34,8 +34,9 @@ from tvix_castore.rpc.streams import require_half_close
 
 __all__ = ["MAX_DIRECTORY_MESSAGE", "DirectoryServiceServicer", "directory_message"]
 
-MAX_DIRECTORY_MESSAGE: Final = 4 << 20
-"""Encoded Directories must stay below this to be sent at all (SPEC A1.5)."""
+MAX_DIRECTORY_MESSAGE: Final = MAX_DIRECTORY_BYTES
+"""Encoded Directories must stay below this to be sent at all (SPEC A1.5); putters
+refuse larger ones, so only a store written by an older version can hold any."""
 
 Ctx = grpc.aio.ServicerContext[object, object]
 
