@@ -19,6 +19,7 @@ import click
 
 from nix_compat.errors import NixCompatError
 from tvix_castore.errors import CastoreError
+from tvix_castore.rpc import DEFAULT_MAX_UPLOAD_STREAMS
 
 __all__ = ["main"]
 
@@ -179,9 +180,20 @@ def dump(path: str) -> None:
     metavar="ADDR",
     help="Also serve the Nix binary cache (nar-bridge) on ADDR, e.g. [::1]:9000.",
 )
+@click.option(
+    "--max-concurrent-streams",
+    "max_upload_streams",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_UPLOAD_STREAMS,
+    show_default=True,
+    help="Upload streams (Blob/Directory Put) run at once; more wait their turn."
+    " Each running one holds up to about 2 MiB.",
+)
 @nar_bridge_options
 @service_options
-def daemon(listen_address: str, nar_bridge_listen: str | None, **kw: Any) -> None:
+def daemon(
+    listen_address: str, nar_bridge_listen: str | None, max_upload_streams: int, **kw: Any
+) -> None:
     """Serve BlobService, DirectoryService and PathInfoService over gRPC.
 
     Also serves gRPC reflection (grpcurl, evans) and the standard health service,
@@ -199,6 +211,7 @@ def daemon(listen_address: str, nar_bridge_listen: str | None, **kw: Any) -> Non
                 listen_address,
                 nar_bridge_listen=nar_bridge_listen,
                 nar_bridge_config=config,
+                max_upload_streams=max_upload_streams,
             )
 
     _run(run())

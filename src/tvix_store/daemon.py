@@ -10,6 +10,7 @@ import signal
 import sys
 
 from tvix_castore.protos import rpc_blobstore_pb2_grpc, rpc_directory_pb2_grpc
+from tvix_castore.rpc import DEFAULT_MAX_UPLOAD_STREAMS
 from tvix_castore.rpc.blob_server import BlobServiceServicer
 from tvix_castore.rpc.directory_server import DirectoryServiceServicer
 from tvix_castore.rpc.server import Registration, start_server
@@ -53,6 +54,7 @@ async def serve(
     *,
     nar_bridge_listen: str | None = None,
     nar_bridge_config: NarBridgeConfig | None = None,
+    max_upload_streams: int = DEFAULT_MAX_UPLOAD_STREAMS,
 ) -> None:
     """Serve gRPC on ``listen`` and/or the binary cache on ``nar_bridge_listen``.
 
@@ -63,7 +65,9 @@ async def serve(
     runner = None
     try:
         if listen is not None:
-            server, addr = await start_server(listen, registrations(store))
+            server, addr = await start_server(
+                listen, registrations(store), max_upload_streams=max_upload_streams
+            )
             url = f"grpc+unix://{addr[5:]}" if addr.startswith("unix:") else f"grpc+http://{addr}"
             print(
                 f"tvix-store listening on {addr} ({store.description})\n"

@@ -2,12 +2,14 @@
 
 A client that sends a leaf and its parent and then cancels, or is killed,
 without half-closing must leave neither stored (issue 12, item 5); the same
-messages half-closed are committed.
+messages half-closed are committed. Many concurrent uploads take bounded
+memory, given back once they end (item 9).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -25,7 +27,7 @@ from tvix_castore.protos import rpc_directory_pb2 as dpb
 from tvix_castore.protos import rpc_directory_pb2_grpc as dpb_grpc
 from tvix_castore.rpc.channel import channel_options
 
-from .conftest import Daemon
+from .conftest import Daemon, start_daemon
 
 Code = grpc.StatusCode
 
@@ -164,3 +166,71 @@ async def test_cancelled_blob_put_stores_nothing(daemon: Daemon) -> None:
             else:
                 raise AssertionError("a cut blob stream was stored")
             await asyncio.sleep(0.05)
+
+
+def _vm(pid: int, field: str) -> int:
+    """``VmRSS``/``VmHWM`` of process ``pid``, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} for {pid}")
+
+
+STREAMS, MESSAGES, LIMIT = 100, 3, 8
+MiB = 1 << 20
+
+
+async def test_upload_streams_are_bounded_and_memory_comes_back(tmp_path: Path) -> None:
+    """100 Put streams of 3 MiB held open: the daemon holds ~1 MiB per waiting stream.
+
+    At most ``--max-concurrent-streams`` run (each holding a few MiB of buffers);
+    the others wait, gRPC reading only one message ahead for them. Once all
+    have ended, the daemon's RSS returns close to where it started.
+    """
+    daemon = start_daemon(
+        tmp_path / "home", tmp_path / "daemon.log", "127.0.0.1:0",
+        "--max-concurrent-streams", str(LIMIT),
+    )  # fmt: skip
+    pid = daemon.proc.pid
+    try:
+        idle = _vm(pid, "VmRSS")
+        body = os.urandom(MiB - 16)
+        release = asyncio.Event()
+        written = 0
+        channels = [
+            grpc.aio.insecure_channel(daemon.target, options=channel_options()) for _ in range(4)
+        ]
+
+        async def upload(i: int) -> bytes:
+            nonlocal written
+            call = bpb_grpc.BlobServiceStub(channels[i % 4]).Put(None)
+            for j in range(MESSAGES):
+                await call.write(bpb.BlobChunk(data=f"{i:8}{j:8}".encode() + body))
+            written += 1
+            await release.wait()
+            await call.done_writing()
+            return (await call).digest
+
+        tasks = [asyncio.create_task(upload(i)) for i in range(STREAMS)]
+        deadline = time.monotonic() + 60
+        while written < LIMIT:  # the running ones have sent everything
+            assert time.monotonic() < deadline, f"only {written} streams got through"
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(wait_read_by_daemon, daemon)
+        held = _vm(pid, "VmRSS") - idle
+        bound = STREAMS * 2 * MiB + LIMIT * 8 * MiB  # base: ~7 MiB per stream
+        assert held < bound, f"{held / MiB:.0f} MiB held by {STREAMS} streams"
+
+        release.set()
+        digests = await asyncio.gather(*tasks)
+        assert len(set(digests)) == STREAMS
+        for ch in channels:
+            await ch.close(None)
+        peak = _vm(pid, "VmHWM") - idle
+        assert peak < bound, f"peak {peak / MiB:.0f} MiB"
+        deadline = time.monotonic() + 10  # freed memory goes back once uploads stop
+        while (after := _vm(pid, "VmRSS") - idle) > 64 * MiB:
+            assert time.monotonic() < deadline, f"{after / MiB:.0f} MiB still held"
+            await asyncio.sleep(0.1)
+    finally:
+        daemon.stop()
