@@ -85,6 +85,7 @@ class DirectoryErrorKind(enum.Enum):
     SIZE_OVERFLOW = "size overflow"
     NO_NODE_SET = "no node set"
     UNEXPECTED_NAME = "root node must not have a name"
+    TOO_LARGE = "directory too large"
 
 
 def show_name(name: bytes) -> str:

@@ -22,7 +22,14 @@ from tvix_castore.digests import B3Digest
 from tvix_castore.directoryservice.base import DirectoryService
 from tvix_castore.errors import IngestionError
 from tvix_castore.forked import run_forked
-from tvix_castore.nodes import Directory, DirectoryNode, FileNode, Node, SymlinkNode
+from tvix_castore.nodes import (
+    Directory,
+    DirectoryNode,
+    FileNode,
+    Node,
+    SymlinkNode,
+    check_directory_size,
+)
 
 __all__ = [
     "DEFAULT_CONCURRENCY",
@@ -335,6 +342,7 @@ async def put_directories(
                 else:
                     nodes.append(child)
             directory = Directory.from_nodes(nodes)
+            check_directory_size(directory, d.name or b"<root>")
             await putter.put(directory)
             if collect is not None:
                 collect[directory.digest] = directory

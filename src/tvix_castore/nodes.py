@@ -39,6 +39,7 @@ from tvix_castore.protos import castore_pb2 as pb
 
 __all__ = [
     "DEFAULT_SIZE_MODE",
+    "MAX_DIRECTORY_BYTES",
     "MAX_NAME_LENGTH",
     "MAX_SYMLINK_TARGET_LENGTH",
     "U64_MAX",
@@ -49,6 +50,7 @@ __all__ = [
     "Node",
     "SizeMode",
     "SymlinkNode",
+    "check_directory_size",
     "node_from_proto",
     "node_to_proto",
     "validate_name",
@@ -56,6 +58,14 @@ __all__ = [
 
 MAX_NAME_LENGTH: Final = 255
 MAX_SYMLINK_TARGET_LENGTH: Final = 4095
+MAX_DIRECTORY_BYTES: Final = 4 << 20
+"""A stored Directory encodes to fewer bytes than this (4 MiB, about 14,000
+entries with 255-byte names or 40,000-60,000 with typical ones).
+
+It is the gRPC message limit every tvix client has by default (tonic's as
+well as ours), so whatever a store accepts can be fetched by any client.
+Every putter (NAR and filesystem ingest, gRPC Put) enforces it.
+"""
 U64_MAX: Final = 2**64 - 1
 
 SizeMode: TypeAlias = Literal["documented", "tvix-2024"]
@@ -460,3 +470,19 @@ class Directory:
             if index < len(nodes) and nodes[index].name == name:
                 return nodes[index]
         return None
+
+
+def check_directory_size(directory: Directory, name: bytes | None = None) -> None:
+    """Raise ``DirectoryError`` (TOO_LARGE) if ``directory`` is over :data:`MAX_DIRECTORY_BYTES`.
+
+    ``name`` is where the directory was found (for the message), if known.
+    """
+    size = len(directory.encode())
+    if size >= MAX_DIRECTORY_BYTES:
+        entries = len(directory.directories) + len(directory.files) + len(directory.symlinks)
+        raise DirectoryError(
+            DirectoryErrorKind.TOO_LARGE,
+            name,
+            f"directory {directory.digest} has {entries} entries, encoding to {size} bytes;"
+            f" a Directory must encode to less than {MAX_DIRECTORY_BYTES} bytes",
+        )

@@ -19,6 +19,7 @@ import click
 
 from nix_compat.errors import NixCompatError
 from tvix_castore.errors import CastoreError
+from tvix_castore.rpc import DEFAULT_MAX_UPLOAD_STREAMS
 
 __all__ = ["main"]
 
@@ -233,12 +234,22 @@ def dump(path: str) -> None:
     " (and a CA's hash), for trusted bulk copies; that a CA fits the store path, and"
     " signatures by known keys, are still checked.",
 )
+@click.option(
+    "--max-concurrent-streams",
+    "max_upload_streams",
+    type=click.IntRange(min=1),
+    default=DEFAULT_MAX_UPLOAD_STREAMS,
+    show_default=True,
+    help="Upload streams (Blob/Directory Put) run at once; more wait their turn."
+    " Each running one holds up to about 2 MiB.",
+)
 @nar_bridge_options
 @service_options
 def daemon(
     listen_address: str,
     nar_bridge_listen: str | None,
     trust_uploaded_nar_metadata: bool,
+    max_upload_streams: int,
     **kw: Any,
 ) -> None:
     """Serve BlobService, DirectoryService and PathInfoService over gRPC.
@@ -263,6 +274,7 @@ def daemon(
                 nar_bridge_listen=nar_bridge_listen,
                 nar_bridge_config=config,
                 upload_policy=policy,
+                max_upload_streams=max_upload_streams,
             )
 
     _run(run())

@@ -10,6 +10,7 @@ import signal
 import sys
 
 from tvix_castore.protos import rpc_blobstore_pb2_grpc, rpc_directory_pb2_grpc
+from tvix_castore.rpc import DEFAULT_MAX_UPLOAD_STREAMS
 from tvix_castore.rpc.blob_server import BlobServiceServicer
 from tvix_castore.rpc.directory_server import DirectoryServiceServicer
 from tvix_castore.rpc.server import Registration, start_server
@@ -55,6 +56,7 @@ async def serve(
     nar_bridge_listen: str | None = None,
     nar_bridge_config: NarBridgeConfig | None = None,
     upload_policy: UploadPolicy | None = None,
+    max_upload_streams: int = DEFAULT_MAX_UPLOAD_STREAMS,
 ) -> None:
     """Serve gRPC on ``listen`` and/or the binary cache on ``nar_bridge_listen``.
 
@@ -74,7 +76,9 @@ async def serve(
         # Bind everything before announcing anything: a busy port fails the
         # whole command (the finally below stops what had started).
         if listen is not None:
-            server, addr = await start_server(listen, registrations(store, upload_policy))
+            server, addr = await start_server(
+                listen, registrations(store, upload_policy), max_upload_streams=max_upload_streams
+            )
         if nar_bridge_listen is not None:
             from tvix_store.nar_bridge.server import start_nar_bridge
 

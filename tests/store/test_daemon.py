@@ -496,14 +496,18 @@ async def test_calculate_nar_errors(stub: PathInfoStub, channel: grpc.aio.Channe
     ok_node = cpb.Node(file=cpb.FileNode(digest=hello, size=12))
     resp = await stub.CalculateNAR(ok_node)
     assert (resp.nar_size, resp.nar_sha256.hex()) == NARS["helloworld"]
-    # ... while missing content or a wrong size is a storage error (B §2.9 HEAD).
+    # ... a wrong size is a storage error (B §2.9 HEAD) ...
     for node in [
         cpb.Node(file=cpb.FileNode(digest=hello, size=42)),
         cpb.Node(file=cpb.FileNode(digest=hello, size=2)),
-        cpb.Node(file=cpb.FileNode(digest=bytes(32), size=1)),
-        cpb.Node(directory=cpb.DirectoryNode(digest=bytes(32), size=0)),
     ]:
         await expect(Code.DATA_LOSS, stub.CalculateNAR(node))
+    # ... and a root that is not stored at all is NOT_FOUND, naming it.
+    for node, needle in [
+        (cpb.Node(file=cpb.FileNode(digest=bytes(32), size=1)), "blob"),
+        (cpb.Node(directory=cpb.DirectoryNode(digest=bytes(32), size=0)), "directory"),
+    ]:
+        await expect(Code.NOT_FOUND, stub.CalculateNAR(node), needle, "not found")
 
 
 async def test_calculate_nar_is_cached_in_nar_plans(

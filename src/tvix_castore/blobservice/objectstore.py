@@ -336,7 +336,9 @@ class ObjectStoreBlobService(BlobService):
         self.min_size = avg_chunk_size // 2
         self.max_size = avg_chunk_size * 2
         self._cdc_instance: pyfastcdc.FastCDC | None = None
-        self._flush_at = max(4 * self.max_size, 1 << 21)
+        # A streamed blob is cut once this much is buffered: with 1 MiB gRPC
+        # messages a writer holds at most ~2 MiB (issue 12, item 9).
+        self._flush_at = max(2 * self.max_size, 1 << 20)
         self._local = threading.local()
         # Chunks known to exist (written or seen here): skips a stat per chunk.
         self._known: set[B3Digest] = set()

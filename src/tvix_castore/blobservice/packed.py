@@ -126,6 +126,7 @@ _RECENT_LIMIT = 1 << 20  # locations remembered from this process's own writes
 _PENDING_ROWS = 1 << 17  # index rows from forked workers committed at once
 _SEGMENT_BLOB_MAX = 64 << 10  # batches of blobs larger than this on average get no segment
 _FLUSH_BYTES = 8 << 20  # blob bytes read before they are appended (memory stays bounded)
+_STREAM_FLUSH_BYTES = 1 << 20  # the same for a streamed blob: one per upload stream
 
 
 class _Appender:
@@ -318,8 +319,9 @@ class _Writer(BlobWriter):
                 self._large = svc.large.open_write()
             else:
                 self._large = ChunkingWriter(svc.large, *_PackedChunks(svc).sinks())
-            await self._large.write(bytes(self._buf))
-            self._buf.clear()
+            with memoryview(self._buf) as view:
+                await self._large.write(view)
+            self._buf = bytearray()
 
     async def close(self) -> B3Digest:
         if self._large is not None:
@@ -336,20 +338,25 @@ class _Writer(BlobWriter):
 
 
 class _Batch:
-    """(digest, bytes) pairs handed to ``store`` about ``_FLUSH_BYTES`` at a time.
+    """(digest, bytes) pairs handed to ``store`` about ``flush_bytes`` at a time.
 
     Blobs are appended a batch at a time; memory stays bounded whatever the sizes.
     """
 
-    def __init__(self, store: Callable[[list[tuple[B3Digest, bytes]]], None]) -> None:
+    def __init__(
+        self,
+        store: Callable[[list[tuple[B3Digest, bytes]]], None],
+        flush_bytes: int = _FLUSH_BYTES,
+    ) -> None:
         self._store = store
+        self._flush_bytes = flush_bytes
         self._pairs: list[tuple[B3Digest, bytes]] = []
         self._held = 0
 
     def add(self, digest: B3Digest, data: bytes) -> None:
         self._pairs.append((digest, data))
         self._held += len(data)
-        if self._held >= _FLUSH_BYTES:
+        if self._held >= self._flush_bytes:
             self.flush()
 
     def flush(self) -> None:
@@ -381,7 +388,8 @@ class _PackedChunks:
 
     def __init__(self, svc: PackedBlobService) -> None:
         self._svc = svc
-        self._batch = _Batch(svc._store_small)
+        # (small batches: a server runs many of these streams at once)
+        self._batch = _Batch(svc._store_small, _STREAM_FLUSH_BYTES)
 
     def sinks(self) -> tuple[ChunkSink, Publisher]:
         return self._store, self._publish

@@ -17,7 +17,7 @@ from tvix_castore.digests import B3Digest
 from tvix_castore.directoryservice.graph import DirectoryGraph
 from tvix_castore.errors import DataCorruption, DirectoryGraphError
 from tvix_castore.lifecycle import AbortOnError, AsyncClosing
-from tvix_castore.nodes import DEFAULT_SIZE_MODE, Directory, SizeMode
+from tvix_castore.nodes import DEFAULT_SIZE_MODE, Directory, SizeMode, check_directory_size
 
 __all__ = ["DirectoryPutter", "DirectoryService", "GraphPutter"]
 
@@ -49,6 +49,7 @@ class DirectoryService(AsyncClosing, abc.ABC):
 
     async def put(self, directory: Directory) -> B3Digest:
         """Store one Directory whose children are already in this service."""
+        check_directory_size(directory)
         for child in directory.directories:
             stored = await self.get(child.digest)
             if stored is None:

@@ -26,7 +26,7 @@ from types import MappingProxyType
 
 from tvix_castore.digests import B3Digest
 from tvix_castore.errors import DataCorruption, DirectoryGraphError, show_name
-from tvix_castore.nodes import DEFAULT_SIZE_MODE, Directory, SizeMode
+from tvix_castore.nodes import DEFAULT_SIZE_MODE, Directory, SizeMode, check_directory_size
 
 __all__ = ["Closure", "ClosureVerifier", "DirectoryGraph"]
 
@@ -98,7 +98,8 @@ class DirectoryGraph:
         self._referenced: set[B3Digest] = set()
 
     def add(self, directory: Directory) -> None:
-        """Add the next Directory of the stream; raise if it breaks the graph."""
+        """Add the next Directory of the stream; raise if it breaks the graph (or is too large)."""
+        check_directory_size(directory)
         known_sizes: list[int] = []
         for child in directory.directories:
             size = self._sizes.get(child.digest)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc.aio
@@ -13,6 +14,7 @@ from tvix_castore.protos import rpc_blobstore_pb2 as pb
 from tvix_castore.protos import rpc_blobstore_pb2_grpc as pb_grpc
 from tvix_castore.rpc.channel import CHUNK_SIZE
 from tvix_castore.rpc.status import abort_with
+from tvix_castore.rpc.streams import require_half_close
 
 __all__ = ["BlobServiceServicer"]
 
@@ -66,7 +68,11 @@ class BlobServiceServicer(pb_grpc.BlobServiceServicer):
             async for chunk in request_iterator:
                 if chunk.data:
                     await writer.write(chunk.data)
+            await require_half_close(context)  # a cut stream is not a blob
             digest = await writer.close()
+        except asyncio.CancelledError:  # the client left: drop what it sent
+            await writer.abort()
+            raise
         except Exception as exc:
             await writer.abort()
             await abort_with(context, exc)

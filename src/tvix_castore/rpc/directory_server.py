@@ -4,7 +4,9 @@
 message is streamed; a closure comes root first, breadth-first, each
 Directory once. ``Put`` validates every message, feeds the stream to one
 putter of the backend, and persists nothing unless the whole closure is a
-valid graph (SPEC A2, B §2.6–2.7). Statuses come from ``rpc.status``.
+valid graph (SPEC A2, B §2.6–2.7) and the client half-closed the stream (a
+cancelled or dropped stream commits nothing, see ``rpc.streams``). Statuses
+come from ``rpc.status``.
 """
 
 from __future__ import annotations
@@ -23,16 +25,18 @@ from tvix_castore.errors import (
     StorageError,
     ValidationError,
 )
-from tvix_castore.nodes import Directory
+from tvix_castore.nodes import MAX_DIRECTORY_BYTES, Directory
 from tvix_castore.protos import castore_pb2
 from tvix_castore.protos import rpc_directory_pb2 as pb
 from tvix_castore.protos import rpc_directory_pb2_grpc as pb_grpc
 from tvix_castore.rpc.status import abort_with
+from tvix_castore.rpc.streams import require_half_close
 
 __all__ = ["MAX_DIRECTORY_MESSAGE", "DirectoryServiceServicer", "directory_message"]
 
-MAX_DIRECTORY_MESSAGE: Final = 4 << 20
-"""Encoded Directories must stay below this to be sent at all (SPEC A1.5)."""
+MAX_DIRECTORY_MESSAGE: Final = MAX_DIRECTORY_BYTES
+"""Encoded Directories must stay below this to be sent at all (SPEC A1.5); putters
+refuse larger ones, so only a store written by an older version can hold any."""
 
 Ctx = grpc.aio.ServicerContext[object, object]
 
@@ -114,6 +118,7 @@ class DirectoryServiceServicer(pb_grpc.DirectoryServiceServicer):
                         ) from exc
                     await putter.put(directory)
                     index += 1
+                await require_half_close(context)  # a cut stream commits nothing
                 root = await putter.close()
         except Exception as exc:
             await abort_with(context, exc)

@@ -1,5 +1,9 @@
 """Build and start a ``grpc.aio`` server: our servicers, reflection and health.
 
+Every method decodes its requests through ``rpc.decoding``: garbage is
+INVALID_ARGUMENT, not UNKNOWN. Uploads are bounded by ``rpc.streams.UploadLimit``
+and a read-ahead of one message per stream.
+
 Binding is strict: ``SO_REUSEPORT`` is off, so a busy port raises instead of
 silently sharing it (grpc.aio turns it on by default).
 """
@@ -16,9 +20,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tvix_castore.errors import ConfigError
+from tvix_castore.rpc import DEFAULT_MAX_UPLOAD_STREAMS
 from tvix_castore.rpc.channel import channel_options
+from tvix_castore.rpc.decoding import DecodeErrors
+from tvix_castore.rpc.streams import UploadLimit
 
 __all__ = ["Registration", "bind_address", "start_server"]
+
+# How much of a request stream gRPC reads ahead of its handler: one 1 MiB message.
+# With BDP probing (the default) the window grew to whole uploads, so a
+# stream waiting for its turn (``UploadLimit``) still held all its client sent.
+# Loopback throughput of one Put is unchanged (issue 12, item 9).
+_READ_AHEAD = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1 << 20)]
 
 Registration = tuple[Callable[[grpc.aio.Server], None], str]
 """How to add one servicer to a server, and its full service name (for reflection)."""
@@ -36,14 +49,23 @@ def bind_address(listen: str) -> str:
 
 
 async def start_server(
-    listen: str, registrations: Iterable[Registration]
+    listen: str,
+    registrations: Iterable[Registration],
+    *,
+    max_upload_streams: int = DEFAULT_MAX_UPLOAD_STREAMS,
 ) -> tuple[grpc.aio.Server, str]:
     """Start a server on ``listen``; return it and the address it actually bound.
 
-    Port 0 picks a free port; the returned address names it.
+    Port 0 picks a free port; the returned address names it. At most
+    ``max_upload_streams`` client-streaming calls run at once; others wait.
     """
-    options: list[tuple[str, int]] = [*channel_options(), ("grpc.so_reuseport", 0)]
-    server = grpc.aio.server(options=options)
+    options: list[tuple[str, int]] = [
+        *channel_options(),
+        ("grpc.so_reuseport", 0),
+        *_READ_AHEAD,
+    ]
+    interceptors = [UploadLimit(max_upload_streams), DecodeErrors()]
+    server = grpc.aio.server(options=options, interceptors=interceptors)
     names = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
     for add, name in registrations:
         add(server)

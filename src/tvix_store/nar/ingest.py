@@ -25,7 +25,14 @@ from tvix_castore.blobservice.base import BlobService
 from tvix_castore.digests import B3Digest
 from tvix_castore.directoryservice.base import DirectoryService
 from tvix_castore.errors import DataCorruption, ValidationError
-from tvix_castore.nodes import Directory, DirectoryNode, FileNode, Node, SymlinkNode
+from tvix_castore.nodes import (
+    Directory,
+    DirectoryNode,
+    FileNode,
+    Node,
+    SymlinkNode,
+    check_directory_size,
+)
 from tvix_store.compression import TooLarge
 
 __all__ = ["IngestedNar", "InvalidNar", "NarMismatch", "ingest_nar", "ingest_nar_file"]
@@ -318,6 +325,7 @@ async def ingest_nar(
         built: dict[int, Node] = {}
         for frame in finished:
             directory = Directory.from_nodes(resolve(e, built) for e in frame.entries)
+            check_directory_size(directory, frame.name or b"<root>")
             await putter.put(directory)
             if collect is not None:
                 collect[directory.digest] = directory

@@ -9,7 +9,7 @@ import grpc.aio
 from tvix_castore.blobservice.base import BlobService
 from tvix_castore.directoryservice.base import DirectoryService
 from tvix_castore.errors import CastoreError, NotFound, ValidationError
-from tvix_castore.nodes import NameRule, node_from_proto
+from tvix_castore.nodes import DirectoryNode, FileNode, NameRule, Node, node_from_proto
 from tvix_castore.protos import castore_pb2
 from tvix_castore.rpc.status import abort_with
 from tvix_store.content import check_content
@@ -98,10 +98,30 @@ class PathInfoServiceServicer(pb_grpc.PathInfoServiceServicer):
                 raise ValidationError(f"invalid root node: {exc}") from exc
             size, sha = await calculate_nar_planned(self._plans, self._blobs, self._dirs, node)
         except NarRenderError as exc:
-            await abort_with(context, exc)
+            await abort_with(context, await self._missing_root(node) or exc)
         except Exception as exc:
             await abort_with(context, exc)
         return rpc_pathinfo_pb2.CalculateNARResponse(nar_size=size, nar_sha256=sha)
+
+    async def _missing_root(self, node: Node) -> NotFound | None:
+        """NOT_FOUND if the root the client named is not stored at all.
+
+        Asked only once rendering failed; damage below a stored root stays DATA_LOSS.
+        """
+        try:
+            if isinstance(node, DirectoryNode):
+                found = await self._dirs.get(node.digest) is not None or (
+                    self._plans is not None and await self._plans.get(node.digest) is not None
+                )  # (a recorded NAR plan: it was stored, and is lost)
+                what = "directory"
+            elif isinstance(node, FileNode):
+                found = await self._blobs.has(node.digest)
+                what = "blob"
+            else:
+                return None
+        except CastoreError:
+            return None  # the render error says more
+        return None if found else NotFound(f"{what} {node.digest} not found")
 
     async def List(
         self, request: rpc_pathinfo_pb2.ListPathInfoRequest, context: Ctx
