@@ -383,7 +383,7 @@ class CacheServer:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
         assert self._thread is not None
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=60)
 
 
 class CacheServers:
@@ -459,10 +459,10 @@ class Process:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=15)
+                self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-                self.proc.wait(timeout=15)
+                self.proc.wait(timeout=60)
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -492,7 +492,7 @@ class Processes:
         )
         p = Process(proc, log_path, _log=log)
         self._all.append(p)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120  # bounds a hang; start-up is slow on a busy machine
         while True:
             m = re.search(ready, p.log())
             if m:
