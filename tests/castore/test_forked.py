@@ -14,6 +14,8 @@ import contextlib
 import os
 import random
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.forking import FORK_ENV
 from tvix_castore.blobservice import MemoryBlobService, ObjectStoreBlobService
 from tvix_castore.blobservice.base import Ask, BlobService, ForkedIngest
 from tvix_castore.blobservice.packed import PackedBlobService
@@ -285,3 +288,34 @@ def test_cancel_stops_the_workers(tmp_path: Path) -> None:
         run_forked(_Slow(log), jobs, 2, cancel)
     done = len(log.read_text().splitlines())  # the workers have exited (waited for)
     assert 4 <= done < len(jobs)
+
+
+_DECIDE = """
+import os
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # as under taskset -c N
+from tvix_castore import forked, ingest
+print(forked.usable_cpus(), ingest.DEFAULT_CONCURRENCY,
+      forked.want_fork(None, large=True), forked.want_fork(None, large=False),
+      forked.want_fork(True, large=False), forked.want_fork(False, large=True))
+"""
+
+
+@pytest.mark.parametrize(
+    ("env", "auto_large", "auto_small"),
+    [(None, False, False), ("auto", False, False), ("always", True, True), ("never", False, False)],
+)
+def test_fork_decision_on_one_usable_cpu(
+    env: str | None, auto_large: bool, auto_small: bool
+) -> None:
+    """CPUs are counted by affinity (taskset, cpusets), not os.cpu_count(): on one usable CPU
+    large work does not fork by itself; $TVIX_STORE_FORK and ``fork=`` force the choice."""
+    environ = {k: v for k, v in os.environ.items() if k != FORK_ENV}
+    if env is not None:
+        environ[FORK_ENV] = env
+    proc = subprocess.run(
+        [sys.executable, "-c", _DECIDE], capture_output=True, env=environ, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    assert proc.stdout.decode().split() == [
+        "1", "1", str(auto_large), str(auto_small), "True", "False"
+    ]  # fmt: skip
