@@ -61,6 +61,12 @@ async def serve(
     server = None
     addr = ""
     runner = None
+    # Handled before anything is announced: a signal right after "listening on"
+    # (or between the gRPC and the HTTP start) stops gracefully, not by default.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     try:
         if listen is not None:
             server, addr = await start_server(listen, registrations(store))
@@ -87,19 +93,13 @@ async def serve(
                     file=sys.stderr,
                     flush=True,
                 )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
         if ready is not None:
             ready.set()
-        try:
-            await stop.wait()
-            print("tvix-store: shutting down", file=sys.stderr, flush=True)
-        finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
+        await stop.wait()
+        print("tvix-store: shutting down", file=sys.stderr, flush=True)
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
         if runner is not None:
             from tvix_store.nar_bridge.server import stop_nar_bridge
 

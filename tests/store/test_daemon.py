@@ -560,6 +560,30 @@ def test_unix_socket_and_clean_shutdown(home: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_right_after_listening_exits_zero(home: Path, sig: int) -> None:
+    """A signal as soon as the daemon says it listens (here: before its nar-bridge has
+    started) stops it gracefully: the handlers are in place before it says so."""
+    proc = subprocess.Popen(
+        [TVIX, "daemon", "-l", "127.0.0.1:0", "--nar-bridge", "127.0.0.1:0"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=tvix_env(home),
+    )
+    assert proc.stderr is not None
+    try:
+        first = proc.stderr.readline()
+        assert first.startswith(b"tvix-store listening on "), first
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, (first + err).decode(errors="replace")
+    assert b"Traceback" not in err, err.decode(errors="replace")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_tcp_daemon_signal_exits_zero(daemon: Daemon, sig: int) -> None:
     assert daemon.stop(sig) == 0, daemon.stderr.decode()
     assert b"shutting down" in daemon.stderr
