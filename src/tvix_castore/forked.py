@@ -16,6 +16,12 @@ index rows to record) waits for nothing, and the parent handles it in order
 with that worker's other messages. A worker that dies or fails makes the
 whole run fail with a ``StorageError``; the others stop after their
 current batch.
+
+Whether to fork at all is :func:`want_fork`'s decision: callers pass
+``fork=True``/``False`` to force it (tests do, so that the path under test
+runs whatever the machine), ``$TVIX_STORE_FORK`` (``always``/``never``)
+forces it for a whole process (e.g. a CLI run), and by default large work
+forks when more than one CPU is usable.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import gc
+import logging
 import os
 import pickle
 import selectors
@@ -34,7 +41,10 @@ from tvix_castore.blobservice.base import ForkedIngest
 from tvix_castore.digests import B3Digest, after_fork_in_child
 from tvix_castore.errors import StorageError, StorageFull
 
-__all__ = ["Cancelled", "fork_child", "run_forked"]
+__all__ = ["FORK_ENV", "Cancelled", "fork_child", "run_forked", "usable_cpus", "want_fork"]
+
+FORK_ENV = "TVIX_STORE_FORK"
+_log = logging.getLogger(__name__)
 
 Files = Sequence[tuple[str | bytes, int]]
 Results = list[B3Digest | Exception]
@@ -148,6 +158,37 @@ class _Worker:
         if self.tasks >= 0:
             os.close(self.tasks)
             self.tasks = -1
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask (``taskset``, cpusets).
+
+    Not ``os.cpu_count()``, which counts the machine's CPUs even when the
+    process is confined to one.
+    """
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # pragma: no cover - not on Linux
+        return os.cpu_count() or 1
+
+
+def want_fork(fork: bool | None, *, large: bool) -> bool:
+    """Whether to fork: ``fork`` if given, else ``$TVIX_STORE_FORK``, else by size and CPUs.
+
+    ``$TVIX_STORE_FORK`` is ``always`` or ``never`` (``auto``, unset or
+    anything else: decide). Deciding, ``large`` work forks when more than
+    one CPU is usable: on one, a second process only takes turns with this one.
+    """
+    if not hasattr(os, "fork"):  # pragma: no cover - not on Linux
+        return False
+    if fork is not None:
+        return fork
+    mode = os.environ.get(FORK_ENV, "auto")
+    if mode in ("always", "never"):
+        return mode == "always"
+    if mode != "auto":
+        _log.warning("ignoring %s=%r (not always, never or auto)", FORK_ENV, mode)
+    return large and usable_cpus() > 1
 
 
 def fork_child(

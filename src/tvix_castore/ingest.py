@@ -21,7 +21,7 @@ from tvix_castore.blobservice.base import BlobService
 from tvix_castore.digests import B3Digest
 from tvix_castore.directoryservice.base import DirectoryService
 from tvix_castore.errors import IngestionError
-from tvix_castore.forked import run_forked
+from tvix_castore.forked import run_forked, usable_cpus, want_fork
 from tvix_castore.nodes import (
     Directory,
     DirectoryNode,
@@ -42,7 +42,7 @@ __all__ = [
     "upload_files",
 ]
 
-DEFAULT_CONCURRENCY = os.cpu_count() or 2  # more workers only contend for the cores
+DEFAULT_CONCURRENCY = usable_cpus()  # more workers only contend for the cores
 _SMALL_FILE = 1 << 20
 _BATCH_FILES = 1024
 _BATCH_BYTES = 8 << 20
@@ -230,12 +230,14 @@ async def ingest_path(
     directories: DirectoryService,
     *,
     concurrency: int = DEFAULT_CONCURRENCY,
-    fork: bool = True,
+    fork: bool | None = None,
 ) -> Node:
     """Ingest the tree at ``path``; return its root node (with an empty name).
 
-    ``concurrency`` workers hash and upload files: forked processes for trees
-    of ``_FORK_MIN`` bytes or more if the blob service supports it (pass
+    ``concurrency`` workers hash and upload files: forked processes if the
+    blob service supports it and :func:`~tvix_castore.forked.want_fork`
+    says so (by default: trees of ``_FORK_MIN`` bytes or more, with more than
+    one CPU usable; ``fork=True`` forks whatever the size and CPUs, pass
     ``fork=False`` in a process that must not fork, e.g. one with gRPC
     threads), else threads.
 
@@ -253,7 +255,7 @@ async def ingest_tree(
     directories: DirectoryService,
     *,
     concurrency: int = DEFAULT_CONCURRENCY,
-    fork: bool = True,
+    fork: bool | None = None,
     collect: MutableMapping[B3Digest, Directory] | None = None,
 ) -> Node:
     """Ingest a scanned tree (see :func:`ingest_path`); ``collect`` receives its Directories."""
@@ -266,7 +268,7 @@ async def upload_files(
     blobs: BlobService,
     *,
     concurrency: int = DEFAULT_CONCURRENCY,
-    fork: bool = True,
+    fork: bool | None = None,
 ) -> None:
     """The first half of :func:`ingest_tree`: every file's blob, its node kept in ``tree``."""
     files = tree.files
@@ -301,8 +303,9 @@ async def upload_files(
             current, current_bytes = [], 0
     if current:
         batches.append(current)
-    forker = blobs.forked_ingest() if fork and concurrency > 1 and hasattr(os, "fork") else None
-    if forker is not None and len(batches) > 1 and sum(f.size for f in files) >= _FORK_MIN:
+    large = concurrency > 1 and len(batches) > 1 and sum(f.size for f in files) >= _FORK_MIN
+    forker = blobs.forked_ingest() if batches and want_fork(fork, large=large) else None
+    if forker is not None:
         jobs = [[(f.path, f.size) for f in batch] for batch in batches]
         cancel = threading.Event()
         try:

@@ -1,6 +1,6 @@
 """Property tests: any valid Directory survives the wire unchanged."""
 
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tvix_castore import (
@@ -38,7 +38,7 @@ def directory_strategy(draw: st.DrawFn) -> Directory:
     return Directory.from_nodes([draw(nodes(name)) for name in entry_names])
 
 
-@settings(deadline=None)
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(directory_strategy())
 def test_roundtrip(directory: Directory) -> None:
     encoded = directory.encode()
@@ -49,7 +49,7 @@ def test_roundtrip(directory: Directory) -> None:
     assert pb.Directory.FromString(encoded) == directory.to_proto()
 
 
-@settings(deadline=None)
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(directory_strategy())
 def test_iteration_is_sorted_and_complete(directory: Directory) -> None:
     listed = [node.name for node in directory.nodes()]

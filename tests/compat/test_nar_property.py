@@ -11,7 +11,7 @@ Sources hand out bytes in small, uneven pieces to exercise the read buffer.
 
 from __future__ import annotations
 
-from hypothesis import event, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from nix_compat.errors import NarError
@@ -24,7 +24,7 @@ from .trees import Node, expected, nodes, replay
 steps = st.lists(st.integers(min_value=1, max_value=70), max_size=8)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(root=nodes(), steps=steps)
 def test_written_nar_reads_back_and_rewrites_identically(root: Node, steps: list[int]) -> None:
     nar = nar_of(root)
@@ -34,7 +34,7 @@ def test_written_nar_reads_back_and_rewrites_identically(root: Node, steps: list
     assert out.data == nar
 
 
-@settings(max_examples=600, deadline=None)
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(root=nodes(max_leaves=12), muts=st.lists(mutations, min_size=1, max_size=3), steps=steps)
 def test_mutated_nar_raises_only_nar_error(
     root: Node, muts: list[Mutation], steps: list[int]
@@ -55,7 +55,7 @@ def test_mutated_nar_raises_only_nar_error(
     assert out.data == mutant
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(root=nodes(max_leaves=8), data=st.data())
 def test_every_proper_prefix_is_rejected(root: Node, data: st.DataObject) -> None:
     nar = nar_of(root)
@@ -68,7 +68,7 @@ def test_every_proper_prefix_is_rejected(root: Node, data: st.DataObject) -> Non
         raise AssertionError(f"a NAR truncated to {cut} of {len(nar)} bytes was accepted")
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(root=nodes(max_leaves=8), tail=st.binary(min_size=1, max_size=16))
 def test_trailing_bytes_are_rejected(root: Node, tail: bytes) -> None:
     nar = nar_of(root)

@@ -86,10 +86,10 @@ class Bridge:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=15)
+                self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-                self.proc.wait(timeout=15)
+                self.proc.wait(timeout=60)
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -112,7 +112,7 @@ def start_process(
         env=tvix_env(home),
     )
     bridge = Bridge(proc, home, "", log_path, _log=log)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120  # bounds a hang; start-up is slow on a busy machine
     while True:
         text = bridge.log()
         m = _LISTENING.search(text)

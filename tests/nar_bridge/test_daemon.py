@@ -22,7 +22,7 @@ async def test_daemon_serves_grpc_and_nar_bridge(
     assert d.grpc_addr is not None
     async with grpc.aio.insecure_channel(d.grpc_addr, options=channel_options()) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        reply = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=60)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
         async with aiohttp.ClientSession() as session:
@@ -41,7 +41,7 @@ async def test_daemon_serves_grpc_and_nar_bridge(
 
         pathinfos = rpc_pathinfo_pb2_grpc.PathInfoServiceStub(channel)
         info = await pathinfos.Get(
-            rpc_pathinfo_pb2.GetPathInfoRequest(by_output_hash=top.store_path.digest), timeout=10
+            rpc_pathinfo_pb2.GetPathInfoRequest(by_output_hash=top.store_path.digest), timeout=60
         )
         assert info.narinfo.nar_size == len(top.nar)
         assert info.narinfo.nar_sha256 == top.nar_hash

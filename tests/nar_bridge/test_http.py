@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import bz2
+import fcntl
 import gzip
 import hashlib
 import io
 import lzma
 import socket
 import struct
+import termios
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from urllib.parse import urlsplit
@@ -433,19 +435,44 @@ async def test_decompression_bomb(fresh: Bridge, session: aiohttp.ClientSession)
     await _still_serving(session, fresh)
 
 
-def _raw_put(bridge: Bridge, path: str, body: bytes, declared: int, pause: float = 0) -> bytes:
-    """PUT with ``Content-Length: declared``; send ``body`` (maybe in two halves), read, close."""
+def _read_by_peer(sock: socket.socket) -> bool:
+    """Whether the process at the other end of a loopback TCP ``sock`` has read all it was sent.
+
+    Nothing left in our send queue (``SIOCOUTQ``), and nothing in the peer socket's
+    receive queue (``rx_queue`` of its ``/proc/net/tcp`` row).
+    """
+    unsent = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+    if unsent:
+        return False
+    ours, theirs = sock.getsockname()[1], sock.getpeername()[1]
+    with open("/proc/net/tcp") as f:
+        for row in f.read().splitlines()[1:]:
+            local, remote, queues = row.split()[1], row.split()[2], row.split()[4]
+            if int(local.split(":")[1], 16) == theirs and int(remote.split(":")[1], 16) == ours:
+                return int(queues.split(":")[1], 16) == 0
+    return False
+
+
+def _raw_put(bridge: Bridge, path: str, body: bytes, declared: int, in_two: bool = False) -> bytes:
+    """PUT with ``Content-Length: declared``; send ``body``, read, close.
+
+    ``in_two``: the second half of ``body`` is sent only once the bridge has read the
+    first (an event polled for, not a pause).
+    """
     u = urlsplit(bridge.url)
     assert u.hostname is not None and u.port is not None
-    with socket.create_connection((u.hostname, u.port), timeout=10) as sock:
+    with socket.create_connection((u.hostname, u.port), timeout=60) as sock:
         head = (
             f"PUT {path} HTTP/1.1\r\nHost: {u.netloc}\r\n"
             f"Content-Length: {declared}\r\nContent-Type: application/octet-stream\r\n\r\n"
         ).encode()
-        if pause:
+        if in_two:
             mid = len(body) // 2
             sock.sendall(head + body[:mid])
-            time.sleep(pause)
+            deadline = time.monotonic() + 60
+            while not _read_by_peer(sock):
+                assert time.monotonic() < deadline, "the bridge read nothing for 60 s"
+                time.sleep(0.005)
             sock.sendall(body[mid:])
         else:
             sock.sendall(head + body)
@@ -463,29 +490,28 @@ def _raw_put(bridge: Bridge, path: str, body: bytes, declared: int, pause: float
 
 
 async def test_truncated_upload(
-    fresh: Bridge, session: aiohttp.ClientSession, closure: Closure
+    fresh: Bridge, bridges: Bridges, session: aiohttp.ClientSession, closure: Closure
 ) -> None:
-    p = closure.by_name("dep")
-    name = "/" + _nar_name(p.nar_hash)
-    await asyncio.to_thread(_raw_put, fresh, name, p.nar[: len(p.nar) // 2], len(p.nar))
-    await asyncio.sleep(0.3)
-    await _still_serving(session, fresh)
-    assert store_rows(fresh.home) == (0, 0)
-    status, _, _ = await _get(session, f"{fresh.url}{name}")
-    assert status == 404
-
-    # A narinfo cut short is not stored either, even when the part sent parses on its own.
-    status, text = await _put(session, f"{fresh.url}{name}", p.nar)
+    """Uploads cut short store nothing: a NAR, and a narinfo even when the part sent
+    parses on its own. The store is read once the bridge has exited (no handler can
+    still commit then), not after some time."""
+    top, dep = closure.by_name("top"), closure.by_name("dep")
+    top_nar = "/" + _nar_name(top.nar_hash)
+    await asyncio.to_thread(_raw_put, fresh, top_nar, top.nar[: len(top.nar) // 2], len(top.nar))
+    status, text = await _put(session, f"{fresh.url}/{_nar_name(dep.nar_hash)}", dep.nar)
     assert status == 200, text
-    full = p.narinfo().render().encode()
-    assert p.ca is not None  # the cut drops the last line (CA)
+    full = dep.narinfo().render().encode()
+    assert dep.ca is not None  # the cut drops the last line (CA)
     cut = full[: full.index(b"CA: ")]
-    await asyncio.to_thread(_raw_put, fresh, f"/{p.hash_part}.narinfo", cut, len(full))
-    await asyncio.sleep(0.3)
+    await asyncio.to_thread(_raw_put, fresh, f"/{dep.hash_part}.narinfo", cut, len(full))
     await _still_serving(session, fresh)
-    status, _, _ = await _get(session, f"{fresh.url}/{p.hash_part}.narinfo")
+    fresh.stop()
+    assert store_rows(fresh.home) == (1, 0)  # dep's NAR, nothing else
+    again = bridges.start(fresh.home)
+    status, _, _ = await _get(session, f"{again.url}{top_nar}")
     assert status == 404
-    assert store_rows(fresh.home) == (1, 0)
+    status, _, _ = await _get(session, f"{again.url}/{dep.hash_part}.narinfo")
+    assert status == 404
 
 
 async def test_narinfo_arriving_in_pieces(
@@ -497,7 +523,7 @@ async def test_narinfo_arriving_in_pieces(
     assert status == 200
     full = p.narinfo().render().encode()
     reply = await asyncio.to_thread(
-        _raw_put, fresh, f"/{p.hash_part}.narinfo", full, len(full), 0.3
+        _raw_put, fresh, f"/{p.hash_part}.narinfo", full, len(full), True
     )
     assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
     status, _, body = await _get(session, f"{fresh.url}/{p.hash_part}.narinfo")

@@ -36,7 +36,7 @@ def plans(home: Path) -> dict[bytes, bytes]:
         plan = store.get_sync(B3Digest(root))
         assert plan is not None
         out[root] = plan.nar_sha256
-    store._conn.close()
+    store.close()
     return out
 
 
@@ -80,11 +80,14 @@ async def test_upload_records_vouched_plans_and_get_serves_them(
     async with aiohttp.ClientSession(auto_decompress=False) as session:
         for p in closure.paths:
             assert await fetch_nar(session, bridge, p) == p.nar, p.path
-    # And `tvix-store export` of the same store uses them (they vouch for the NarHash).
+    # And `tvix-store export` of the same store uses them (they vouch for the NarHash):
+    # with every Directory gone, only a plan can give the NAR.
+    with contextlib.closing(sqlite3.connect(bridge.home / "store.sqlite")) as conn:
+        assert conn.execute("DELETE FROM directories").rowcount > 0
+        conn.commit()
     for p in dirs:
         proc = export_debug(bridge.home, p.path)
         assert proc.stdout == p.nar
-        assert b"from its plan" in proc.stderr
 
 
 async def test_get_without_plan_renders_then_records_an_unvouched_one(
@@ -107,7 +110,7 @@ async def test_get_without_plan_renders_then_records_an_unvouched_one(
     p = directory_paths(closure)[0]
     proc = export_debug(bridge.home, p.path)
     assert proc.stdout == p.nar
-    assert b"rendering from castore" in proc.stderr
+    # rendered (checked) and replaced by a plan that vouches for the NAR
     assert hashlib.sha256(p.nar).digest() in plans(bridge.home).values()
 
 
@@ -128,7 +131,7 @@ async def test_corrupt_pack_cuts_the_planned_stream(
                 packed = [e for e in plan.entries if e[3] >= 0]
                 if packed:
                     victim = (p, plan, packed[0])
-    store._conn.close()
+    store.close()
     assert victim is not None, "a directory path with a packed file"
     p, plan, (_, _, _, pack, offset) = victim
     with open(bridge.home / "packs" / plan.packs[pack], "r+b") as f:
@@ -139,8 +142,9 @@ async def test_corrupt_pack_cuts_the_planned_stream(
     async with aiohttp.ClientSession(auto_decompress=False) as session:
         with pytest.raises(aiohttp.ClientPayloadError):
             await fetch_nar(session, bridge, p)
-    assert bridge.alive(), bridge.log()
-    assert "wrong contents" in bridge.log()
+        assert bridge.alive(), bridge.log()
+        async with session.get(f"{bridge.url}/nix-cache-info") as resp:  # still serving
+            assert resp.status == 200
 
 
 async def test_range_and_head_come_from_the_plan(

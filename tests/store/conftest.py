@@ -166,7 +166,7 @@ class Daemon:
     def stderr(self) -> bytes:
         return self.log.read_bytes()
 
-    def wait_listening(self, timeout: float = 20) -> str:
+    def wait_listening(self, timeout: float = 120) -> str:
         """Wait for the "listening on ADDR" line; return ADDR."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -191,7 +191,7 @@ class Daemon:
         """The target for a grpc channel."""
         return self.addr
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         """Signal the daemon and wait for it; its exit code."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)

@@ -550,7 +550,7 @@ def grpcurl(daemon: Daemon, *args: str, data: str | None = None) -> bytes:
         cmd += ["-unix", daemon.addr.removeprefix("unix:")]
     else:
         cmd.append(daemon.addr)
-    return ok(subprocess.run([*cmd, *args], capture_output=True, timeout=30, check=False))
+    return ok(subprocess.run([*cmd, *args], capture_output=True, timeout=120, check=False))
 
 
 def test_grpcurl(daemon: Daemon) -> None:
@@ -575,7 +575,7 @@ def test_second_daemon_on_the_same_port_fails(daemon: Daemon, tmp_path: Path) ->
             [TVIX, "daemon", "-l", f"127.0.0.1:{port}"],
             capture_output=True,
             env=tvix_env(home),
-            timeout=30,
+            timeout=120,
             check=False,
         )
         err = proc.stderr.decode()
@@ -601,7 +601,7 @@ def test_unix_socket_and_clean_shutdown(home: Path, tmp_path: Path) -> None:
         # A second daemon on the same socket refuses (and leaves it alone).
         proc = subprocess.run(
             [TVIX, "daemon", "-l", str(sock)], capture_output=True, env=tvix_env(home),
-            timeout=30, check=False,
+            timeout=120, check=False,
         )  # fmt: skip
         assert proc.returncode != 0 and str(sock) in proc.stderr.decode(), proc.stderr
         assert json.loads(grpcurl(d, "grpc.health.v1.Health/Check")) == {"status": "SERVING"}
@@ -614,6 +614,30 @@ def test_unix_socket_and_clean_shutdown(home: Path, tmp_path: Path) -> None:
     assert rc == 0, d.stderr.decode()
     assert b"Traceback" not in d.stderr
     assert not sock.exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_right_after_listening_exits_zero(home: Path, sig: int) -> None:
+    """A signal as soon as the daemon says it listens (here: before its nar-bridge has
+    started) stops it gracefully: the handlers are in place before it says so."""
+    proc = subprocess.Popen(
+        [TVIX, "daemon", "-l", "127.0.0.1:0", "--nar-bridge", "127.0.0.1:0"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=tvix_env(home),
+    )
+    assert proc.stderr is not None
+    try:
+        first = proc.stderr.readline()
+        assert first.startswith(b"tvix-store listening on "), first
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, (first + err).decode(errors="replace")
+    assert b"Traceback" not in err, err.decode(errors="replace")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -752,7 +776,7 @@ def bigtrees(tmp_path_factory: pytest.TempPathFactory) -> BigTrees:
         sub.mkdir()
         for f in range(60):
             (sub / f"f{f:02d}").write_bytes(rng.randbytes(64 + 2 * d * f))
-    for i in range(8):  # large enough that the kill lands mid-import (~0.8 s here)
+    for i in range(8):  # 192 MiB: the kill lands while these are stored (see below)
         (big / f"big{i}.bin").write_bytes(rng.randbytes(24 << 20))
         (big / f"big{i}.bin").chmod(0o755 if i % 2 else 0o644)
     (big / "link").symlink_to("d00/f00")
@@ -775,30 +799,66 @@ def _integrity(home: Path) -> str:
         return str(db.execute("PRAGMA integrity_check").fetchone()[0])
 
 
-@pytest.mark.parametrize("delay", [0.0, 0.05, 0.15])
+def _stored_bytes(home: Path) -> int:
+    """Bytes of every file of the store at ``home`` (packs, chunks, SQLite)."""
+    total = 0
+    for root, _, files in os.walk(home):
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Processes of the process group ``pgid``."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(b")") + 2 :].split()[2]) == pgid:
+                found.append(int(name))
+    return found
+
+
+@pytest.mark.parametrize("after_mib", [0, 16, 120])
 async def test_kill_9_during_import_leaves_a_consistent_store(
-    home: Path, bigtrees: BigTrees, delay: float
+    home: Path, bigtrees: BigTrees, after_mib: int
 ) -> None:
-    # Import small-a, the big tree, small-b; kill -9 while the big tree is being
-    # ingested: DELAY seconds after small-a was reported.
+    # Import small-a, the big tree, small-b; kill -9 (with its forked workers) while
+    # the big tree is being ingested: once AFTER_MIB more MiB are stored than when
+    # small-a was reported (of the big tree's 192 MiB, so the import cannot be done).
     proc = subprocess.Popen(
         [TVIX, "import", *bigtrees.paths],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         stdin=subprocess.DEVNULL,
         env=tvix_env(home),
+        start_new_session=True,  # its own process group: the kill reaches the workers too
     )
     assert proc.stdout is not None
     loop = asyncio.get_running_loop()
-    first = await asyncio.wait_for(loop.run_in_executor(None, proc.stdout.readline), 60)
+    first = await asyncio.wait_for(loop.run_in_executor(None, proc.stdout.readline), 120)
     assert first.decode().strip() == bigtrees.expected[0]
-    await asyncio.sleep(delay)
-    still_running = proc.poll() is None
-    proc.kill()
-    rest, _ = proc.communicate(timeout=30)
-    if not still_running:
-        pytest.skip(f"the import finished within {delay}s of small-a: nothing was interrupted")
+    target = _stored_bytes(home) + (after_mib << 20)
+    deadline = loop.time() + 120
+    while _stored_bytes(home) < target:
+        assert proc.poll() is None, "the import ended before it could be interrupted"
+        assert loop.time() < deadline, f"{after_mib} MiB not stored within 120 s"
+        await asyncio.sleep(0.005)  # polls the condition
+    os.killpg(proc.pid, signal.SIGSTOP)  # frozen where it is: then it cannot finish
+    assert proc.poll() is None, "the import ended before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGKILL)
+    rest, _ = proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
+    assert bigtrees.expected[1] not in rest.decode().split(), "the big tree was not interrupted"
+    deadline = loop.time() + 60  # orphaned workers: gone (reaped by init) before the checks
+    while _group_members(proc.pid):
+        assert loop.time() < deadline, "killed workers still listed after 60 s"
+        await asyncio.sleep(0.01)
 
     # Every PathInfo in the store has all its content (and renders to its
     # NarHash); every path printed before the kill is among them.

@@ -301,8 +301,10 @@ class CacheServer:
     ``requests`` lists every request path seen; :meth:`fail` makes the next
     N requests (whose path ends with a suffix) answer 500; ``status`` forces
     the status of given paths; paths in ``cut_short`` get half their body and a
-    dropped connection; :meth:`stop` closes the listener and every open
-    connection, :meth:`start` listens again on the same port.
+    dropped connection; while ``gate`` is set to an unset Event, each request
+    is recorded and then waits for it (so a test decides when answers come:
+    no timing); :meth:`stop` releases the gate, closes the listener and every
+    open connection, :meth:`start` listens again on the same port.
     """
 
     def __init__(self, root: Path) -> None:
@@ -310,7 +312,7 @@ class CacheServer:
         self.requests: list[str] = []
         self.status: dict[str, int] = {}
         self.cut_short: set[str] = set()
-        self.delay = 0.0  # seconds before each answer
+        self.gate: threading.Event | None = None  # answers wait for it (see above)
         self._fail_next = 0
         self._fail_suffix = ""
         self._lock = threading.Lock()
@@ -329,10 +331,12 @@ class CacheServer:
         return self.url + PREFIX
 
     def _respond(self, method: str, path: str) -> tuple[int, bytes]:
-        if self.delay:
-            time.sleep(self.delay)
         with self._lock:
             self.requests.append(path)
+        gate = self.gate
+        if gate is not None:
+            assert gate.wait(timeout=120), "the test never released the cache server's gate"
+        with self._lock:
             if self._fail_next > 0 and path.endswith(self._fail_suffix):
                 self._fail_next -= 1
                 return 500, b"injected failure\n"
@@ -366,6 +370,8 @@ class CacheServer:
         self._thread.start()
 
     def stop(self) -> None:
+        if self.gate is not None:
+            self.gate.set()
         httpd, self._httpd = self._httpd, None
         if httpd is None:
             return
@@ -377,7 +383,7 @@ class CacheServer:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
         assert self._thread is not None
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=60)
 
 
 class CacheServers:
@@ -453,10 +459,10 @@ class Process:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=15)
+                self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-                self.proc.wait(timeout=15)
+                self.proc.wait(timeout=60)
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -486,7 +492,7 @@ class Processes:
         )
         p = Process(proc, log_path, _log=log)
         self._all.append(p)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120  # bounds a hang; start-up is slow on a busy machine
         while True:
             m = re.search(ready, p.log())
             if m:

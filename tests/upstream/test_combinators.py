@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import io
 import os
-from collections.abc import AsyncIterator, Sequence
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -55,14 +57,49 @@ def nix_svc(base: str, upstream: Upstream, *, retries: int = 3) -> NixHttpPathIn
     )
 
 
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """Wait for ``condition`` (polled; the deadline only bounds a hang)."""
+    deadline = time.monotonic() + 60
+    while not condition():
+        assert time.monotonic() < deadline, f"not within 60 s: {what}"
+        await asyncio.sleep(0.01)
+
+
+class CountingNear(PathInfoService):
+    """A near service counting the gets that have answered their caller.
+
+    ``CachePathInfoService.get`` does not yield between its near miss and
+    joining (or starting) the fetch: once ``gets`` counts a get, that get
+    waits on the fetch.
+    """
+
+    def __init__(self, inner: PathInfoService) -> None:
+        self.inner = inner
+        self.gets = 0
+
+    async def get(self, digest: bytes) -> PathInfo | None:
+        info = await self.inner.get(digest)
+        self.gets += 1
+        return info
+
+    async def put(self, info: PathInfo) -> PathInfo:
+        return await self.inner.put(info)
+
+    def list(self) -> AsyncIterator[PathInfo]:
+        return self.inner.list()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 # -- PathInfo cache -----------------------------------------------------------------------------
 @pytest.mark.parametrize("near_kind", ["memory", "sqlite"])
 async def test_cache_single_flight(
     near_kind: str, servers: CacheServers, upstream: Upstream, tmp_path: Path
 ) -> None:
     server = servers.serve("xz")
-    server.delay = 0.05
-    near: PathInfoService = (
+    server.gate = threading.Event()  # no answer until every get waits on the fetch
+    near = CountingNear(
         MemoryPathInfoService()
         if near_kind == "memory"
         else SqlitePathInfoService(tmp_path / "near.sqlite")
@@ -70,7 +107,10 @@ async def test_cache_single_flight(
     cache = CachePathInfoService(near, nix_svc(server.base, upstream))
     dep = upstream.by_name("dep")
     try:
-        infos = await asyncio.gather(*(cache.get(dep.digest) for _ in range(20)))
+        gets = [asyncio.ensure_future(cache.get(dep.digest)) for _ in range(20)]
+        await until(lambda: near.gets == 20 and server.count() >= 1, "20 gets on one fetch")
+        server.gate.set()
+        infos = await asyncio.gather(*gets)
         assert server.count(".narinfo") == 1
         assert server.count(".nar.xz") == 1
         first = check_info(infos[0], dep, upstream)
@@ -88,15 +128,16 @@ async def test_cache_single_flight_shares_errors_but_does_not_keep_them(
     servers: CacheServers, upstream: Upstream
 ) -> None:
     server = servers.serve("zstd")
-    server.delay = 0.05
-    near = MemoryPathInfoService()
+    server.gate = threading.Event()  # no answer until every get waits on the fetch
+    near = CountingNear(MemoryPathInfoService())
     cache = CachePathInfoService(near, nix_svc(server.base, upstream, retries=0))
     top = upstream.by_name("top")
     try:
         server.fail(1000)
-        results = await asyncio.gather(
-            *(cache.get(top.digest) for _ in range(20)), return_exceptions=True
-        )
+        gets = [asyncio.ensure_future(cache.get(top.digest)) for _ in range(20)]
+        await until(lambda: near.gets == 20 and server.count() >= 1, "20 gets on one fetch")
+        server.gate.set()
+        results = await asyncio.gather(*gets, return_exceptions=True)
         assert all(isinstance(r, StorageUnavailable) for r in results), results
         assert server.count() == 1
         assert [i async for i in near.list()] == []
@@ -114,25 +155,27 @@ async def test_cache_waiter_survives_cancelled_leader(
 ) -> None:
     """Cancelling the request that started a fetch must not cancel the others waiting on it."""
     server = servers.serve("xz")
-    server.delay = 0.2
-    near = MemoryPathInfoService()
+    server.gate = threading.Event()  # the fetch stays in flight until released
+    near = CountingNear(MemoryPathInfoService())
     cache = CachePathInfoService(near, nix_svc(server.base, upstream))
     dep = upstream.by_name("dep")
     try:
         leader = asyncio.create_task(cache.get(dep.digest))
-        await asyncio.sleep(0.05)
+        await until(lambda: server.count(".narinfo") == 1, "the leader's fetch at the server")
         follower = asyncio.create_task(cache.get(dep.digest))
-        await asyncio.sleep(0.05)
+        await until(lambda: near.gets == 2, "the follower waiting on the leader's fetch")
         leader.cancel()
         with pytest.raises(asyncio.CancelledError):
             await leader
+        server.gate.set()
         try:
-            info = await asyncio.wait_for(follower, 30)
+            info = await asyncio.wait_for(follower, 60)
         except asyncio.CancelledError:
             if asyncio.current_task() is not None and asyncio.current_task().cancelling():  # type: ignore[union-attr]
                 raise
             pytest.fail("a waiter that nobody cancelled got CancelledError from the leader")
         check_info(info, dep, upstream)
+        assert server.count(".narinfo") == 1  # the leader's fetch, not one of its own
     finally:
         await cache.aclose()
 

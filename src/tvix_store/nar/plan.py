@@ -53,7 +53,7 @@ from tvix_castore.digests import B3Digest
 from tvix_castore.directoryservice.base import DirectoryService
 from tvix_castore.directoryservice.sqlite import connect, storage_error, write_one
 from tvix_castore.errors import CastoreError, DataCorruption
-from tvix_castore.forked import fork_child
+from tvix_castore.forked import fork_child, want_fork
 from tvix_castore.lazy import lazy_module
 from tvix_castore.nodes import Directory, DirectoryNode, FileNode, Node
 from tvix_store.nar.layout import NarLayout, build_layout, scanned_layout
@@ -297,15 +297,18 @@ class PlanHasher:
     not hashed again: their bytes were written from the very buffers their
     digests were computed from (export verifies them all, as ever). If a
     blob is not where the plan says, or the child fails, :meth:`result`
-    hashes here instead, looking blobs up and verifying each.
+    hashes here instead, looking blobs up and verifying each. ``fork``
+    forces the child (``True``) or its absence (``False``).
     """
 
-    def __init__(self, plan: NarPlan, blobs: PackedBlobService) -> None:
+    def __init__(
+        self, plan: NarPlan, blobs: PackedBlobService, *, fork: bool | None = None
+    ) -> None:
         self._plan = plan
         self._blobs = blobs
         self._pid = 0
         self._pipe = -1
-        if plan.nar_size >= _FORK_MIN and (os.cpu_count() or 1) > 1:
+        if want_fork(fork, large=plan.nar_size >= _FORK_MIN):  # see tvix_castore.forked
             r, w = os.pipe()
 
             def main() -> int:
@@ -723,7 +726,9 @@ def _fd_sink(fd: int) -> _Sink:
     return lambda iov, total: writev_all(fd, iov, total)
 
 
-def write_plan(plan: NarPlan, blobs: PackedBlobService, fd: int) -> None:
+def write_plan(
+    plan: NarPlan, blobs: PackedBlobService, fd: int, *, fork: bool | None = None
+) -> None:
     """Write the NAR of ``plan`` to ``fd`` (blocking), verifying every blob first.
 
     A large NAR is verified by two processes (threads would not help: hashing
@@ -736,12 +741,14 @@ def write_plan(plan: NarPlan, blobs: PackedBlobService, fd: int) -> None:
 
     For commands, not servers: a forked copy of a server would hold its
     sockets (servers use :func:`planned_stream`, which does not fork).
+    ``fork`` forces the child (``True``, for NARs of more than one entry) or
+    its absence (``False``); by default see :func:`~tvix_castore.forked.want_fork`.
 
     Raises:
         NarRenderError: a blob is missing, corrupt, or of the wrong size (the
             bytes before it have been written).
     """
-    _write(plan, blobs, _fd_sink(fd), fd)
+    _write(plan, blobs, _fd_sink(fd), fd, fork=fork)
 
 
 def _write(
@@ -753,6 +760,7 @@ def _write(
     fallback: bool = True,
     verify: bool = True,
     mapped: bool = True,
+    fork: bool | None = None,
 ) -> None:
     """Write ``plan`` into ``sink``; with ``fork_fd``, a large one with a forked child.
 
@@ -763,8 +771,8 @@ def _write(
     entries = plan.entries
     literals = memoryview(plan.literals)
     child = None
-    multi_core = (os.cpu_count() or 1) > 1
-    if fork_fd is not None and plan.nar_size >= _FORK_MIN and len(entries) > 1 and multi_core:
+    large = plan.nar_size >= _FORK_MIN
+    if fork_fd is not None and len(entries) > 1 and want_fork(fork, large=large):
         child = _Child.start(plan, blobs, fork_fd, entries)
     reader = _Reader(blobs, plan, fallback=fallback, verify=verify, mapped=mapped)
     out = _Out(sink, _FLUSH_BYTES if fork_fd is not None else _SERVER_PIECE)
