@@ -34,9 +34,11 @@ if TYPE_CHECKING:
         NodeError,
         NotFound,
         StorageError,
+        StorageFull,
         StorageUnavailable,
         UnknownScheme,
         ValidationError,
+        os_storage_error,
     )
     from tvix_castore.nodes import (
         DEFAULT_SIZE_MODE,
@@ -79,7 +81,9 @@ _LAZY = {
     "NodeError": "tvix_castore.errors",
     "NotFound": "tvix_castore.errors",
     "StorageError": "tvix_castore.errors",
+    "StorageFull": "tvix_castore.errors",
     "StorageUnavailable": "tvix_castore.errors",
+    "os_storage_error": "tvix_castore.errors",
     "UnknownScheme": "tvix_castore.errors",
     "ValidationError": "tvix_castore.errors",
     "DEFAULT_SIZE_MODE": "tvix_castore.nodes",
@@ -134,6 +138,7 @@ __all__ = [
     "NotFound",
     "SizeMode",
     "StorageError",
+    "StorageFull",
     "StorageUnavailable",
     "SymlinkNode",
     "UnknownScheme",
@@ -141,5 +146,6 @@ __all__ = [
     "check_directory_size",
     "node_from_proto",
     "node_to_proto",
+    "os_storage_error",
     "validate_name",
 ]

@@ -82,7 +82,9 @@ async def serve(
         if nar_bridge_listen is not None:
             from tvix_store.nar_bridge.server import start_nar_bridge
 
-            runner, bridge_url = await start_nar_bridge(store, nar_bridge_listen, nar_bridge_config)
+            runner, bridge_url = await start_nar_bridge(
+                store, nar_bridge_listen, nar_bridge_config, announce=False
+            )
         if listen is not None:
             url = f"grpc+unix://{addr[5:]}" if addr.startswith("unix:") else f"grpc+http://{addr}"
             print(
@@ -95,6 +97,8 @@ async def serve(
                 flush=True,
             )
             log.info("serving gRPC on %s", addr)
+        if runner is not None:
+            print(f"nar-bridge listening on {bridge_url}", file=sys.stderr, flush=True)
         if runner is not None and not bridge_url.startswith("unix:"):
             print(
                 "  use it as a Nix binary cache:\n"

@@ -636,6 +636,7 @@ def test_signal_right_after_listening_exits_zero(home: Path, sig: int) -> None:
     finally:
         proc.kill()
         proc.wait()
+        proc.stderr.close()
     assert proc.returncode == 0, (first + err).decode(errors="replace")
     assert b"Traceback" not in err, err.decode(errors="replace")
 

@@ -150,9 +150,12 @@ class _Site(web.BaseSite):
 
 
 async def start_nar_bridge(
-    store: Store, listen: str, config: AppConfig | None = None
+    store: Store, listen: str, config: AppConfig | None = None, *, announce: bool = True
 ) -> tuple[web.AppRunner, str]:
-    """Start serving; return the runner (``await runner.cleanup()`` stops it) and the URL."""
+    """Start serving; return the runner (``await runner.cleanup()`` stops it) and the URL.
+
+    ``announce``: print where it listens (the daemon prints it with its own banner).
+    """
     config = config or AppConfig()
     app = make_app(store, config)
     # aiohttp's keep-alive timer also runs from the connection's start, and
@@ -183,7 +186,8 @@ async def start_nar_bridge(
     except BaseException:
         await runner.cleanup()
         raise
-    print(f"nar-bridge listening on {url}", file=sys.stderr, flush=True)
+    if announce:
+        print(f"nar-bridge listening on {url}", file=sys.stderr, flush=True)
     return runner, url
 
 
