@@ -92,11 +92,15 @@ class Server:
         return self.proc.returncode
 
 
+_DAEMON = ("daemon", "-l", "127.0.0.1:0", "--nar-bridge", "127.0.0.1:0")
+
+
 @contextlib.contextmanager
-def server(home: Path, log: Path) -> Iterator[Server]:
+def server(home: Path, log: Path, argv: tuple[str, ...] = _DAEMON) -> Iterator[Server]:
+    """A daemon with its nar-bridge (or, with other ``argv``, a nar-bridge alone)."""
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [TVIX, "daemon", "-l", "127.0.0.1:0", "--nar-bridge", "127.0.0.1:0"],
+            [TVIX, *argv],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -106,14 +110,14 @@ def server(home: Path, log: Path) -> Iterator[Server]:
     while True:
         text = log.read_bytes()
         g, b = _GRPC.search(text), _BRIDGE.search(text)
-        if g and b:
+        if b and (g or argv[0] != "daemon"):
             break
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             proc.wait()
             raise AssertionError(f"daemon did not start (exit {proc.returncode}):\n{text!r}")
         time.sleep(0.05)
-    s = Server(proc, log, g.group(1).decode(), b.group(1).decode())
+    s = Server(proc, log, g.group(1).decode() if g else "", b.group(1).decode())
     try:
         yield s
     finally:
@@ -324,8 +328,17 @@ def test_running_daemon_on_a_full_disk(disk: Path, tmp_path: Path) -> None:
             urllib.request.urlopen(req, timeout=60)
         assert http_err.value.code == 507
         assert NO_SPACE in http_err.value.read()
-        # An import through the daemon fails with the reason too.
+        # So does a nar-bridge in front of the daemon: the reason crosses gRPC.
         via = service_flags(f"grpc+http://{daemon.grpc_addr}")
+        front = ("nar-bridge", "-l", "127.0.0.1:0", *via)
+        with server(home, tmp_path / "bridge.log", front) as bridge:
+            req = urllib.request.Request(f"{bridge.http}/nar/{name}.nar", data=nar, method="PUT")
+            with pytest.raises(urllib.error.HTTPError) as http_err:
+                urllib.request.urlopen(req, timeout=60)
+            assert http_err.value.code == 507
+            assert NO_SPACE in http_err.value.read()
+            assert http_get(narinfo_nar_url(bridge.http, store_path)) == before
+        # An import through the daemon fails with the reason too.
         proc = tvix(home, "import", tree, *via)
         check_exit(proc)
         assert_full_error(proc, home)

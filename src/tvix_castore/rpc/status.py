@@ -23,6 +23,8 @@ from tvix_castore.errors import (
 
 __all__ = ["abort_with", "code_for", "from_rpc_error"]
 
+_NO_SPACE = "no space left on device"  # in every StorageFull message
+
 # Most specific first.
 _TABLE: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (ValidationError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -64,4 +66,8 @@ def from_rpc_error(exc: grpc.aio.AioRpcError, what: str) -> CastoreError:
         return DataCorruption(msg)
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return StorageUnavailable(msg)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and _NO_SPACE in (exc.details() or ""):
+        # gRPC uses the code for oversized messages too: only a server's full disk
+        # (its StorageFull message) is one here.
+        return StorageFull(what, None, message=msg)
     return StorageError(msg)
