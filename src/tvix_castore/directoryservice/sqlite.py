@@ -403,6 +403,10 @@ class SqliteDirectoryService(DirectoryService):
     async def _commit(self, directories: Sequence[Directory]) -> None:
         await asyncio.to_thread(self._commit_sync, directories)
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
+        """Close the connection (blocking)."""
         with self._lock:
             self._conn.close()
+
+    async def aclose(self) -> None:
+        self.close()
