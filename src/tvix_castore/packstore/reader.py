@@ -263,7 +263,10 @@ class PackReader:
             cloc = where.get(c.digest.raw)
             if cloc is None or isinstance(cloc, Chunked):
                 raise DataCorruption(f"blob {B3Digest(digest)}: chunk {c.digest} is missing")
-            part = self.read_located(c.digest.raw, cloc)
+            try:
+                part = self.read_located(c.digest.raw, cloc)
+            except DataCorruption as exc:
+                raise DataCorruption(f"blob {B3Digest(digest)}: chunk {exc}") from exc
             if len(part) != c.size:
                 raise DataCorruption(f"blob {B3Digest(digest)}: chunk {c.digest} has wrong size")
             parts.append(part)
