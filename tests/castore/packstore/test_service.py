@@ -140,9 +140,9 @@ async def test_ingest_files(tmp_path: Path) -> None:
     async with PackBlobService(tmp_path / "home") as svc:
         out = await svc.ingest_files(files)
         assert isinstance(out[-1], FileNotFoundError)
-        for (path, _), digest in zip(files[:-1], out, strict=False):
-            data = Path(path).read_bytes()
-            assert digest == B3Digest.of(data)
+        for (name, _), digest in zip(files[:-1], out, strict=False):
+            data = Path(name).read_bytes()
+            assert isinstance(digest, B3Digest) and digest == B3Digest.of(data)
             assert await svc.read_all(digest) == data
 
 
