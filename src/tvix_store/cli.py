@@ -569,3 +569,45 @@ def info(store_path: str, as_json: bool, **kw: Any) -> None:
                 sys.stdout.write(pi.to_narinfo(url).render())
 
     _run(run())
+
+
+@main.command()
+@click.option(
+    "--min-garbage",
+    type=click.FloatRange(0.0, 1.0),
+    default=0.2,
+    show_default=True,
+    help="Rewrite a pack when at least this fraction of it is garbage.",
+)
+@click.option("--recompress", is_flag=True, help="Rewrite every pack (at TVIX_STORE_ZSTD_LEVEL).")
+@click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
+def compact(min_garbage: float, recompress: bool, as_json: bool) -> None:
+    """Compact the embedded store: rewrite packs that are mostly garbage, convert old layouts.
+
+    Runs while other processes read and write the store (packs being
+    written are skipped); a crash at any point loses nothing. Exits 2 if it
+    found damaged data (left as it was, listed).
+    """
+    import dataclasses
+
+    from tvix_castore.packstore.compact import compact as run_compaction
+    from tvix_castore.packstore.service import PackBlobService
+    from tvix_store.embedded import data_dir
+
+    home = data_dir()
+    if not (home / "store.sqlite").exists():
+        raise click.ClickException(f"no embedded store at {home}")
+    try:
+        svc = PackBlobService(home)
+        try:
+            stats = run_compaction(svc, min_garbage=min_garbage, recompress=recompress)
+        finally:
+            svc.close()
+    except CastoreError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        print(json.dumps(dataclasses.asdict(stats), indent=1))
+    else:
+        print(stats.summary())
+    if stats.damaged:
+        raise SystemExit(2)
