@@ -662,5 +662,5 @@ def compact(
         stats.packs_written = len(c.created)
     stats.bytes_after = store_bytes(svc.home)
     stats.seconds = time.monotonic() - start
-    _log.info("compacted %s:\n%s", svc.home, stats.summary())
+    _log.debug("compacted %s:\n%s", svc.home, stats.summary())
     return stats
