@@ -550,3 +550,39 @@ def test_stats_summary_names_the_numbers() -> None:
     text = s.summary()
     assert "bytes before: 1000" in text and "bytes after:  250 (750 freed, 75.0%)" in text
     assert "2 rewritten" in text and "3 chunk store objects converted" in text
+
+
+@pytest.mark.skipif(
+    not _embedded_on_packstore(), reason="the embedded store is not on packstore yet"
+)
+def test_compaction_while_tvix_store_daemon_serves(tmp_path: Path) -> None:
+    """``tvix-store daemon --nar-bridge`` serves every NAR and blob, exact, before and after."""
+    from tests.store.test_legacy_store import _Serving, check_served
+
+    home = unpack_legacy(tmp_path)
+    srv = _Serving(home, tmp_path / "daemon.log")
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def serve_loop() -> None:
+        while not stop.is_set():
+            try:
+                check_served(srv)
+            except Exception as exc:
+                errors.append(repr(exc))
+                return
+
+    try:
+        t = threading.Thread(target=serve_loop)
+        t.start()
+        time.sleep(0.5)
+        proc = run_compact(home)
+        time.sleep(0.5)
+        stop.set()
+        t.join(timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert errors == [], errors
+        check_served(srv)  # (after: from the new packs only)
+    finally:
+        assert srv.stop() == 0, (tmp_path / "daemon.log").read_text()
+    assert legacy_left(home) == []
