@@ -117,6 +117,11 @@ class PackIndex:
         self.path = Path(db)
         self._conn = connect(self.path)
         self._lock = threading.RLock()
+        #: opened read-only (a full disk) on a database without pack tables: all absent
+        self.missing = False
+        if getattr(self._conn, "read_only", False):
+            self.missing = not self.has_table("pack_blobs")
+            return
         try:
             self._conn.executescript(_SCHEMA)
         except sqlite3.Error as exc:
@@ -128,6 +133,8 @@ class PackIndex:
         return IndexTxn(self, replace)
 
     def _read(self, what: str, sql: str, params: Sequence[object] = ()) -> list[Any]:
+        if self.missing and "pack_" in sql:
+            return []
         with self._lock:
             try:
                 return list(self._conn.execute(sql, params))
