@@ -10,6 +10,7 @@ rebuild from the packs alone is checked the same way.
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import signal
 import sqlite3
@@ -24,6 +25,7 @@ from tvix_castore.digests import B3Digest
 from tvix_castore.packstore import PackBlobService
 
 RUNS = 30
+FORKED_RUNS = 10
 
 
 def indexed(home: Path) -> list[bytes]:
@@ -50,21 +52,32 @@ def verify_all(home: Path) -> int:
         svc.close()
 
 
-@pytest.mark.parametrize("run", range(RUNS))
-def test_kill_9_while_writing(tmp_path: Path, run: int) -> None:
+@pytest.mark.parametrize(
+    ("run", "fork"), [(r, False) for r in range(RUNS)] + [(r, True) for r in range(FORKED_RUNS)]
+)
+def test_kill_9_while_writing(tmp_path: Path, run: int, fork: bool) -> None:
     home = tmp_path / "home"
     rng = random.Random(run)
+    mode = ["fork"] if fork else []
     for _ in range(2 if run % 3 == 0 else 1):  # at times a second writer after a kill
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.castore.packstore.writer_script", str(home), str(run)],
+            [
+                sys.executable,
+                "-m",
+                "tests.castore.packstore.writer_script",
+                str(home),
+                str(run),
+                *mode,
+            ],
             stdout=subprocess.PIPE,
+            start_new_session=True,  # (its forked workers die with it)
         )
         try:
             assert proc.stdout is not None
             assert proc.stdout.readline() == b"ready\n"
-            time.sleep(rng.uniform(0.02, 0.5))
+            time.sleep(rng.uniform(0.02, 1.5 if fork else 0.5))
         finally:
-            proc.send_signal(signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             if proc.stdout is not None:
                 proc.stdout.close()
