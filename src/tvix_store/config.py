@@ -6,11 +6,13 @@ default. The embedded default keeps everything in one data directory
 (``$TVIX_STORE_HOME``, else ``$XDG_DATA_HOME/tvix-store``, else
 ``~/.local/share/tvix-store``):
 
-* ``store.sqlite`` (WAL): directories, path infos and blobs up to 128 KiB,
-* ``blobs/``: larger blobs as zstd chunk objects in the B §7.1 layout.
+* ``packs/``: blobs in compressed pack files (see :mod:`tvix_castore.packstore`),
+  with every Directory and PathInfo journaled beside them,
+* ``store.sqlite`` (WAL): the pack index, directories, path infos and NAR
+  plans: all of it can be rebuilt from the packs.
 
 Several processes (daemon, CLI, nar-bridge) may use it at once: SQLite WAL
-serialises writers and objects are published by atomic renames.
+serialises writers and each process appends to a pack of its own.
 """
 
 from __future__ import annotations
@@ -30,14 +32,12 @@ from tvix_castore.nodes import Node
 from tvix_castore.registry import ServiceUrl
 from tvix_store.embedded import (
     EMBEDDED_SCHEME,
-    ENV_CHUNK_ZSTD,
     STORE_DB,
     data_dir,
     embedded_blobs,
     embedded_home,
-    embedded_zstd_level,
 )
-from tvix_store.nar.plan import SqliteNarPlans, calculate_nar_planned
+from tvix_store.nar.service import NarService
 from tvix_store.narindex import MemoryNarIndex, NarIndex, SqliteNarIndex
 from tvix_store.pathinfoservice.base import PathInfoService
 from tvix_store.pathinfoservice.combinators import CachePathInfoService
@@ -47,7 +47,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ENV_BLOB",
-    "ENV_CHUNK_ZSTD",
     "ENV_DIRECTORY",
     "ENV_PATH_INFO",
     "STORE_DB",
@@ -55,7 +54,6 @@ __all__ = [
     "config_from_urls",
     "data_dir",
     "embedded_blobs",
-    "embedded_zstd_level",
     "open_store",
     "path_info_service_from_url",
     "register_path_info_service",
@@ -149,7 +147,7 @@ def path_info_service_from_url(
 
 @dataclass
 class Store(AsyncClosing):
-    """The three services (and a NAR calculator), closed together."""
+    """The three services, their NAR index and NAR service, closed together."""
 
     blobs: BlobService
     directories: DirectoryService
@@ -157,8 +155,14 @@ class Store(AsyncClosing):
     nar_index: NarIndex = field(default_factory=MemoryNarIndex)
     description: str = ""
     _closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list, repr=False)
-    plans: SqliteNarPlans | None = None
-    """NAR plans for fast export (embedded blobs only; see :mod:`tvix_store.nar.plan`)."""
+    nar_service: NarService | None = None
+
+    @property
+    def nar(self) -> NarService:
+        """NARs of this store (plans in the embedded store: :mod:`tvix_store.nar.service`)."""
+        if self.nar_service is None:
+            self.nar_service = NarService(self.blobs, self.directories)
+        return self.nar_service
 
     async def calculate_nar(self, node: Node) -> tuple[int, bytes]:
         """NAR size and sha256 of ``node``: remotely if the path info service is gRPC."""
@@ -166,7 +170,7 @@ class Store(AsyncClosing):
 
         if isinstance(self.pathinfos, GrpcPathInfoService):
             return await self.pathinfos.calculate_nar(node)
-        return await calculate_nar_planned(self.plans, self.blobs, self.directories, node)
+        return await self.nar.calculate(node)
 
     async def aclose(self) -> None:
         """Close every service (once)."""
@@ -234,16 +238,16 @@ async def _build(comp: Composition, description: str) -> Store:
         pathinfos = comp.build("pathinfoservices", "default")
         nar_index = _nar_index_for(pathinfos)
         closers.append(nar_index.aclose)
-        plans = None
         embedded = comp.embedded_of(blobs)
-        if embedded is not None:
-            plans = embedded.plans()  # (closed with the embedded store)
+        nar = NarService(blobs, directories)
+        if embedded is not None:  # (its plans are closed with the embedded store)
+            nar = embedded.nar(blobs, directories)
     except BaseException:
         for close in reversed(closers):
             with contextlib.suppress(Exception):
                 await close()
         raise
-    return Store(blobs, directories, pathinfos, nar_index, description, list(closers), plans)
+    return Store(blobs, directories, pathinfos, nar_index, description, list(closers), nar)
 
 
 async def open_store(

@@ -13,75 +13,56 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nix_compat.store_path import StorePath
-from tvix_castore.blobservice.objectstore import ObjectStoreBlobService
-from tvix_castore.blobservice.packed import PackedBlobService
+from tvix_castore.blobservice.base import BlobService
+from tvix_castore.directoryservice.base import DirectoryService
 from tvix_castore.errors import ConfigError
-from tvix_castore.objectstore import LocalObjectStore
+from tvix_castore.packstore.format import Kind
+from tvix_castore.packstore.service import PackBlobService
 
 if TYPE_CHECKING:
     from tvix_castore.directoryservice.sqlite import SqliteDirectoryService
-    from tvix_store.nar.plan import SqliteNarPlans
+    from tvix_store.nar.plancache import PlanCache
+    from tvix_store.nar.service import NarService
     from tvix_store.pathinfoservice.sqlite import SqlitePathInfoService
 
 __all__ = [
     "EMBEDDED_SCHEME",
-    "ENV_CHUNK_ZSTD",
     "STORE_DB",
     "Embedded",
     "data_dir",
     "embedded_blobs",
     "embedded_home",
-    "embedded_zstd_level",
     "export_planned",
 ]
 
 STORE_DB = "store.sqlite"
-
-
-ENV_CHUNK_ZSTD = "TVIX_STORE_CHUNK_ZSTD"
-
-
-def embedded_zstd_level() -> int | None:
-    """The zstd level of the embedded store's new chunks; ``None`` (the default): raw frames.
-
-    Like ``/nix/store``, the embedded store keeps file contents uncompressed by
-    default (small blobs always were): compressing and decompressing cost more
-    CPU than anything else an import or export does. Chunks stay zstd frames
-    (raw blocks), so any level can be chosen later and old chunks stay readable.
-    """
-    text = os.environ.get(ENV_CHUNK_ZSTD, "").strip().lower()
-    if text in ("", "none", "0"):
-        return None
-    try:
-        level = int(text)
-    except ValueError:
-        level = 0
-    if not 1 <= level <= 22:
-        raise ConfigError(f"{ENV_CHUNK_ZSTD}={text!r}: expected 'none' or a zstd level 1-22")
-    return level
+_PATHINFO_KEY_PAD = bytes(12)  # a PathInfo's journal key: its 20-byte digest, padded to 32
 
 
 class Embedded:
     """The embedded store in ``home``: each part built once, on first use, and shared.
 
     The blob, directory and path info services and the NAR plans all live in
-    ``home`` (``store.sqlite`` and the pack files beside it). :meth:`close`
-    closes what was built (the services' own ``aclose`` does the same for
-    each, so either way works).
+    ``home`` (``store.sqlite`` and ``packs/``). Directories and PathInfos are
+    journaled into the packs before their rows commit, so the packs alone hold
+    the whole store: opening a store whose ``store.sqlite`` is gone (or behind
+    the packs) puts them back (:meth:`_restore`, called by the pack store's
+    rebuild). :meth:`close` closes what was built.
     """
 
     def __init__(self, home: Path) -> None:
         self.home = home
         self.db = home / STORE_DB
-        self._lock = threading.Lock()
-        self._blobs: PackedBlobService | None = None
+        self._lock = threading.RLock()  # (a rebuild in blobs() restores through the others)
+        self._blobs: PackBlobService | None = None
         self._directories: SqliteDirectoryService | None = None
         self._pathinfos: SqlitePathInfoService | None = None
-        self._plans: SqliteNarPlans | None = None
+        self._plans: PlanCache | None = None
 
     def _make_home(self) -> None:
         try:
@@ -89,17 +70,26 @@ class Embedded:
         except OSError as exc:
             raise ConfigError(f"cannot create the data directory {self.home}: {exc}") from exc
 
-    def blobs(self) -> PackedBlobService:
-        """The blob service (small blobs in packs, large as chunks)."""
+    def blobs(self) -> PackBlobService:
+        """The blob service: compressed packs (and the layout of older releases, read)."""
         with self._lock:
             if self._blobs is None:
-                level = embedded_zstd_level()
                 self._make_home()
-                self._blobs = PackedBlobService(
-                    self.db,
-                    ObjectStoreBlobService(LocalObjectStore(self.home / "blobs"), zstd_level=level),
-                )
+                self._blobs = PackBlobService(self.home, on_record=self._restore)
             return self._blobs
+
+    def _restore(self, kind: Kind, key: bytes, data: memoryview) -> None:
+        """A Directory or PathInfo found in the packs the index is behind on: put back."""
+        if kind == Kind.DIRECTORIES:
+            self.directories().restore_sync(key, data)
+        elif kind == Kind.PATHINFOS:
+            self.pathinfos().restore_sync(data)
+
+    def _journal_directories(self, rows: Sequence[tuple[bytes, bytes]]) -> None:
+        self.blobs().add_records(Kind.DIRECTORIES, rows)
+
+    def _journal_pathinfo(self, digest: bytes, data: bytes) -> None:
+        self.blobs().add_records(Kind.PATHINFOS, [(digest + _PATHINFO_KEY_PAD, data)])
 
     def has_blobs(self, blobs: object) -> bool:
         """Whether ``blobs`` is this store's blob service (built already)."""
@@ -111,34 +101,45 @@ class Embedded:
         return service is not None and any(service is part for part in parts)
 
     def directories(self) -> SqliteDirectoryService:
-        """The directory service (``store.sqlite``)."""
+        """The directory service (``store.sqlite``; new Directories journaled in the packs)."""
         from tvix_castore.directoryservice.sqlite import SqliteDirectoryService
 
         with self._lock:
             if self._directories is None:
                 self._make_home()
-                self._directories = SqliteDirectoryService(self.db)
+                self._directories = SqliteDirectoryService(
+                    self.db, journal=self._journal_directories
+                )
             return self._directories
 
     def pathinfos(self) -> SqlitePathInfoService:
-        """The path info service (``store.sqlite``)."""
+        """The path info service (``store.sqlite``; PathInfos journaled in the packs)."""
         from tvix_store.pathinfoservice.sqlite import SqlitePathInfoService
 
         with self._lock:
             if self._pathinfos is None:
                 self._make_home()
-                self._pathinfos = SqlitePathInfoService(self.db)
+                self._pathinfos = SqlitePathInfoService(self.db, journal=self._journal_pathinfo)
             return self._pathinfos
 
-    def plans(self) -> SqliteNarPlans:
-        """The NAR plans (``store.sqlite``), for a store whose blobs are these."""
-        from tvix_store.nar.plan import SqliteNarPlans
+    def plans(self) -> PlanCache:
+        """The NAR plan cache (``store.sqlite``)."""
+        from tvix_store.nar.plancache import PlanCache
 
         with self._lock:
             if self._plans is None:
                 self._make_home()
-                self._plans = SqliteNarPlans(self.db)
+                self._plans = PlanCache(self.db)
             return self._plans
+
+    def nar(self, blobs: BlobService, directories: DirectoryService) -> NarService:
+        """The NAR service of a store whose blobs are these (plans read through the packs)."""
+        from tvix_store.nar.service import NarService
+
+        own = self.blobs()
+        if blobs is not own:
+            return NarService(blobs, directories)
+        return NarService(blobs, directories, self.plans(), own.reader)
 
     def close(self) -> None:
         """Close every part built (blocking)."""
@@ -180,7 +181,7 @@ def embedded_home(url: str) -> Path:
     return Path(parsed.absolute_path("data directory"))
 
 
-def embedded_blobs(home: Path) -> PackedBlobService:
+def embedded_blobs(home: Path) -> PackBlobService:
     """The embedded blob service in ``home`` (see :meth:`Embedded.blobs`)."""
     return Embedded(home).blobs()
 
@@ -196,18 +197,16 @@ def data_dir() -> Path:
 
 
 def export_planned(home: Path, store_path: StorePath, fd: int) -> bool:
-    """Write ``store_path``'s NAR to ``fd`` from a plan vouching for its NarHash (blocking).
+    """Write ``store_path``'s NAR to ``fd`` from plans vouching for its NarHash (blocking).
 
     ``False``, having written nothing, when that is not possible (no such
     path or plan, not a directory, no store at all): the caller then goes the
     general way, which also reports what is missing.
 
     Raises:
-        NarRenderError: a blob is missing or corrupt (after the bytes before it).
+        DataCorruption: a blob is missing or corrupt (after the bytes before it).
         OSError: writing to ``fd`` failed.
     """
-    from tvix_store.nar.plan import write_vouched_sync
-
     store = Embedded(home)
     if not store.db.is_file():
         return False
@@ -215,8 +214,7 @@ def export_planned(home: Path, store_path: StorePath, fd: int) -> bool:
         info = store.pathinfos().get_sync(store_path.digest)
         if info is None or info.store_path != store_path:
             return False
-        return write_vouched_sync(
-            store.plans(), store.blobs(), info.node, info.nar_size, info.nar_sha256, fd
-        )
+        nar = store.nar(store.blobs(), store.directories())
+        return nar.export_sync(info.node, info.nar_size, info.nar_sha256, fd)
     finally:
         store.close()
