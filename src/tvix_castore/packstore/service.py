@@ -128,6 +128,20 @@ class PackTxn:
         if len(chunks) > 1:
             self._stager.add_chunk_list(digest.raw, sum(c.size for c in chunks), chunk_list(chunks))
 
+    def rewrite(self, digest: B3Digest, data: bytes | memoryview) -> None:
+        """Write a blob even though it is stored (compaction moving it); indexed at commit.
+
+        Its row then names the new frame (the newest row wins).
+        """
+        self._check()
+        self._builder.add(digest.raw, bytes(data))
+
+    def rewrite_chunked(self, digest: B3Digest, chunks: Sequence[ChunkMeta]) -> None:
+        """Write a chunk list even though it is stored (after its chunks are put or rewritten)."""
+        self._check()
+        size = sum(c.size for c in chunks)
+        self._builder.add_chunk_list(digest.raw, size, chunk_list(chunks))
+
     def records(self, kind: Kind, records: Sequence[tuple[bytes, bytes]]) -> None:
         """Journal (key, bytes) records of ``kind`` (Directories, PathInfos) in the packs.
 
@@ -165,7 +179,13 @@ class PackTxn:
         self._txn.delete_frames(ids)
 
     def delete_pack(self, name: str) -> None:
-        """At commit, drop every row of pack ``name`` (compaction deletes the file after)."""
+        """At commit, drop every row of pack ``name`` (compaction deletes the file after).
+
+        Not the pack this process is writing to (close :attr:`PackBlobService.writer`
+        first, so the frames moved go to a new pack).
+        """
+        if name == self._svc.writer.current or name in self._spans:
+            raise StorageError(f"pack {name} is being written to: it cannot be deleted")
         self._txn.delete_pack(name)
 
     def on_commit(self, hook: Callable[[sqlite3.Connection], None]) -> None:

@@ -19,7 +19,7 @@ from tvix_castore.blobservice import MemoryBlobService, ObjectStoreBlobService
 from tvix_castore.blobservice.base import Ask, ForkedIngest
 from tvix_castore.digests import EMPTY_DIGEST, B3Digest
 from tvix_castore.directoryservice.memory import MemoryDirectoryService
-from tvix_castore.errors import DataCorruption
+from tvix_castore.errors import DataCorruption, StorageError
 from tvix_castore.ingest import ingest_path
 from tvix_castore.objectstore import MemoryObjectStore
 from tvix_castore.packstore import Chunked, Kind, Member, PackBlobService, PackTxn
@@ -330,3 +330,42 @@ async def test_forked_ingest(tmp_path: Path) -> None:
                 assert await fresh.read_all(B3Digest.of(data)) == data, path
                 loc = fresh.reader.locate([B3Digest.of(data).raw]).get(B3Digest.of(data).raw)
                 assert data == b"" or isinstance(loc, Member | Chunked)
+
+
+async def test_frames_moved_by_a_transaction(tmp_path: Path) -> None:
+    """What compaction does: rewrite live blobs, drop the old pack; readers locate again."""
+    data = [text(20_000, i) for i in range(20)]
+    big = text(2 * MiB, 5)
+    async with PackBlobService(tmp_path) as svc:
+        digests = await svc.put_many(data)
+        big_digest = await svc.put(big)
+        old = {p.name for p in (tmp_path / "packs").iterdir()}
+        reader = PackBlobService(tmp_path)  # another reader, its frames cached
+        assert await reader.read_all(digests[0]) == data[0]
+        chunked = svc.reader.locate([big_digest.raw])[big_digest.raw]
+        assert isinstance(chunked, Chunked)
+        with svc.transaction() as txn, pytest.raises(StorageError, match="being written"):
+            txn.delete_pack(next(iter(old)))
+        svc.writer.close()  # (the moved frames go to a new pack)
+        with svc.transaction() as txn:
+            for digest, blob in zip(digests, data, strict=True):
+                txn.rewrite(digest, blob)
+            for c in chunked.chunks:
+                chunk = svc.reader.read(c.digest)
+                assert chunk is not None
+                txn.rewrite(c.digest, chunk)
+            txn.rewrite_chunked(big_digest, chunked.chunks)
+            txn.records(Kind.PATHINFOS, [(bytes(32), b"kept")])
+            for name in old:
+                txn.delete_pack(name)
+        for name in old:
+            svc.reader.forget([name])
+            (tmp_path / "packs" / name).unlink()
+        for digest, blob in zip(digests, data, strict=True):
+            assert await svc.read_all(digest) == blob
+            assert await reader.read_all(digest) == blob  # located again
+        assert await svc.read_all(big_digest) == big
+        assert svc.reader.problem([*(d.raw for d in digests), big_digest.raw]) is None
+        await reader.aclose()
+    rows = index_rows(tmp_path)
+    assert {r[1] for r in rows["blobs"]} & old == set()
