@@ -517,3 +517,19 @@ def test_export_of_a_path_inside_a_store_path(tmp_path: Path, home: Path, arg: s
     proc = tvix(home, "export", arg.format(sp=store_path))
     assert proc.returncode != 0 and proc.stdout == b""
     assert "export takes a store path, not a path inside one" in proc.stderr.decode()
+
+
+def test_directories_shared_within_a_tree(tmp_path: Path, home: Path, nix: Nix) -> None:
+    """The same Directory under several parents (met in any order) has one plan, made
+    before any parent's."""
+    tree = tmp_path / "tree"
+    for top in ("a", "m", "z"):
+        for mid in ("p", "q"):
+            sub = tree / top / mid / "same"
+            sub.mkdir(parents=True)
+            (sub / "f").write_bytes(b"identical everywhere\n")
+        (tree / top / "own").write_bytes(top.encode() * 100)
+    store_path = import_tree(home, tree)
+    assert len(vouched(home)) == 1
+    only_the_plan_left(home)
+    assert_same_nar(export_nar(home, store_path), nix_dump(nix, tree), "shared directories")

@@ -12,13 +12,17 @@ for the directories that changed and their ancestors.
 
 :func:`flatten` turns the plans of a closure into one NAR's pieces (literal
 bytes and :class:`FileRef`), which :mod:`tvix_store.nar.planwrite` writes.
-Plans are encoded compactly and zstd-compressed with a checksum (a damaged row
-is a miss, never wrong bytes: the cache rebuilds it from the Directory).
+A row is a version byte and one zstd frame (with a checksum; the NAR tokens
+are its dictionary, so each costs a few bits): the body size, the number of
+items and the literals, then per item its distance from the previous one in
+the literals, kind, size and (files) hint as varints, then the items' 32-byte
+digests. A damaged row is a miss, never wrong bytes: the cache makes it
+again from the Directory.
 """
 
 from __future__ import annotations
 
-import struct
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -51,12 +55,58 @@ NAR_START = wire.MAGIC + wire.OPEN_TYPE
 NAR_END = wire.CLOSE
 """The bytes after it (a node's closing token belongs to its parent's entry)."""
 
-_HEAD = struct.Struct("<4sQII")  # magic, body size, items, literal bytes
-_MAGIC = b"DPL1"
-_ITEM = struct.Struct("<IB32sQQI")  # literal end, kind, digest, size, frame id, member offset
-_FILE, _DIR = 0, 2
-_LEVEL = 3
+_VERSION = b"\x02"  # the row's first byte; then a zstd frame (the token dictionary)
+_LEVEL = 6
 _ZEROS = bytes(8)
+_FILE, _DIR = 0, 1
+# The NAR tokens every plan is made of: as a zstd dictionary, each costs a few bits.
+_TOKENS = (
+    wire.ENTRY_NAME
+    + wire.NODE_OPEN_TYPE
+    + wire.REGULAR
+    + wire.CLOSE
+    + wire.CLOSE
+    + wire.EXECUTABLE
+    + wire.SYMLINK
+    + wire.DIRECTORY
+    + wire.CLOSE * 2
+    + wire.ENTRY_NAME
+) * 4
+
+
+class _Codec(threading.local):
+    """A compressor and decompressor per thread (zstd contexts are not thread-safe)."""
+
+    def __init__(self) -> None:
+        tokens = zstandard.ZstdCompressionDict(_TOKENS, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+        tokens.precompute_compress(level=_LEVEL)
+        self.compress = zstandard.ZstdCompressor(
+            dict_data=tokens, write_checksum=True, write_dict_id=False
+        ).compress
+        self.decompress = zstandard.ZstdDecompressor(dict_data=tokens).decompress
+
+
+_codec = _Codec()
+
+
+def _uvarint(n: int, out: bytearray) -> None:
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+
+
+def _read_uvarint(data: bytes, pos: int) -> tuple[int, int]:
+    n = shift = 0
+    while True:
+        b = data[pos]
+        pos += 1
+        n |= (b & 0x7F) << shift
+        if b < 0x80:
+            return n, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
 
 
 class Hint(NamedTuple):
@@ -101,44 +151,68 @@ class DirPlan:
     size: int  # bytes of the body: literals, file contents and subdirectory bodies
 
     def encode(self) -> bytes:
-        """The compressed row (with zstd's checksum of the content)."""
-        head = _HEAD.pack(_MAGIC, self.size, len(self.items), len(self.literals))
-        rows = []
+        """The compressed row: sizes and hints as varints, then the digests (see module doc)."""
+        out = bytearray()
+        for n in (self.size, len(self.items), len(self.literals)):
+            _uvarint(n, out)
+        out += self.literals
+        last = 0
         for end, item in zip(self.ends, self.items, strict=True):
+            _uvarint(end - last, out)
+            last = end
             if isinstance(item, FileRef):
-                rows.append(_ITEM.pack(end, _FILE, item.digest, item.size, *item.hint))
+                out.append(_FILE)
+                _uvarint(item.size, out)
+                _uvarint(item.hint.frame, out)
+                _uvarint(item.hint.offset, out)
             else:
-                rows.append(_ITEM.pack(end, _DIR, item.digest, item.size, 0, 0))
-        raw = b"".join([head, self.literals, *rows])
-        return zstandard.ZstdCompressor(level=_LEVEL, write_checksum=True).compress(raw)
+                out.append(_DIR)
+                _uvarint(item.size, out)
+        for item in self.items:
+            out += item.digest
+        return _VERSION + _codec.compress(bytes(out))
 
     @classmethod
     def decode(cls, data: bytes, what: str) -> DirPlan:
         """Parse and check a row; ``DataCorruption`` naming ``what`` if it is damaged."""
         try:
-            raw = zstandard.ZstdDecompressor().decompress(data)
-            magic, size, n, lit_len = _HEAD.unpack_from(raw)
-        except (zstandard.ZstdError, struct.error) as exc:
+            if data[:1] != _VERSION:
+                raise ValueError("unknown version")
+            raw = _codec.decompress(data[1:])
+            size, pos = _read_uvarint(raw, 0)
+            n, pos = _read_uvarint(raw, pos)
+            lit_len, pos = _read_uvarint(raw, pos)
+            literals = raw[pos : pos + lit_len]
+            pos += lit_len
+            digests = len(raw) - 32 * n
+            if len(literals) != lit_len or digests < pos:
+                raise ValueError("truncated")
+            ends: list[int] = []
+            items: list[FileRef | DirRef] = []
+            total = lit_len
+            end = 0
+            at = digests
+            for _ in range(n):
+                step, pos = _read_uvarint(raw, pos)
+                end += step
+                kind = raw[pos]
+                isize, pos = _read_uvarint(raw, pos + 1)
+                digest = raw[at : at + 32]
+                at += 32
+                if kind == _FILE:
+                    frame, pos = _read_uvarint(raw, pos)
+                    offset, pos = _read_uvarint(raw, pos)
+                    items.append(FileRef(digest, isize, Hint(frame, offset)))
+                elif kind == _DIR:
+                    items.append(DirRef(digest, isize))
+                else:
+                    raise ValueError("unknown entry kind")
+                ends.append(end)
+                total += isize
+            if pos != digests or end > lit_len:
+                raise ValueError("inconsistent entries")
+        except (zstandard.ZstdError, ValueError, IndexError) as exc:
             raise DataCorruption(f"{what}: damaged NAR plan: {exc}") from exc
-        body = _HEAD.size + lit_len
-        if magic != _MAGIC or len(raw) != body + n * _ITEM.size:
-            raise DataCorruption(f"{what}: NAR plan has a bad header")
-        literals = raw[_HEAD.size : body]
-        ends: list[int] = []
-        items: list[FileRef | DirRef] = []
-        total = lit_len
-        last = 0
-        for end, kind, digest, isize, frame, offset in _ITEM.iter_unpack(raw[body:]):
-            if not last <= end <= lit_len or kind not in (_FILE, _DIR):
-                raise DataCorruption(f"{what}: NAR plan has an inconsistent entry")
-            last = end
-            ends.append(end)
-            total += isize
-            items.append(
-                FileRef(digest, isize, Hint(frame, offset))
-                if kind == _FILE
-                else DirRef(digest, isize)
-            )
         if total != size:
             raise DataCorruption(f"{what}: NAR plan adds up to {total} bytes, not {size}")
         return cls(literals, tuple(ends), tuple(items), size)
@@ -212,29 +286,29 @@ def plans_of_closure(
     """
     known = known or {}
     out: dict[bytes, DirPlan] = {}
-    order: list[B3Digest] = []
-    seen = {root}
-    stack = [root]
-    while stack:  # every Directory once, then plans from the leaves up
-        digest = stack.pop()
-        order.append(digest)
-        if digest.raw in known:
-            continue
-        for child in closure[digest].directories:
-            if child.digest not in seen:
-                seen.add(child.digest)
-                stack.append(child.digest)
 
     def body_size(node: DirectoryNode) -> int:
-        raw = node.digest.raw
-        plan = out.get(raw) or known[raw]
-        return plan.size
+        return out[node.digest.raw].size
 
-    for digest in reversed(order):
-        if digest.raw in known:
-            out[digest.raw] = known[digest.raw]
-        else:
-            out[digest.raw] = plan_of(closure[digest], body_size, hints)
+    # Depth first, each Directory once, its plan made after its children's (a
+    # Directory may appear under several parents).
+    stack: list[tuple[B3Digest, bool]] = [(root, False)]
+    while stack:
+        digest, children_done = stack.pop()
+        raw = digest.raw
+        if raw in out:
+            continue
+        if raw in known:
+            out[raw] = known[raw]
+            continue
+        directory = closure[digest]
+        if children_done:
+            out[raw] = plan_of(directory, body_size, hints)
+            continue
+        stack.append((digest, True))
+        for child in directory.directories:
+            if child.digest.raw not in out:
+                stack.append((child.digest, False))
     return out
 
 

@@ -242,7 +242,8 @@ class NarService:
         try:
             made = plans_of_closure(node.digest, closure, hints, known)
         except KeyError as exc:
-            raise NarRenderError(f"failed rendering nar: directory {exc} missing") from exc
+            (missing,) = exc.args
+            raise NarRenderError(f"failed rendering nar: directory {missing} missing") from exc
         size = made[root].size + len(NAR_START) + len(NAR_END)
         if nar_size is not None and size != nar_size:
             raise DataCorruption(f"plan of {node.digest}: {size} bytes, not {nar_size}")
