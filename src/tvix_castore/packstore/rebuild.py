@@ -99,7 +99,11 @@ def catch_up(
     own: set[str],
     on_record: OnRecord | None,
 ) -> RebuildStats:
-    """Index every pack in ``pack_dir`` that is missing or behind (see the module doc)."""
+    """Index every pack in ``pack_dir`` that is missing or behind (see the module doc).
+
+    A pack whose chunk list names chunks of a pack scanned after it is
+    scanned again from there once the others are done (while that helps).
+    """
     counts = dict.fromkeys(
         ("packs", "frames", "blobs", "chunked", "records", "skipped", "damaged"), 0
     )
@@ -107,6 +111,28 @@ def catch_up(
         names = sorted(n for n in os.listdir(pack_dir) if n.endswith(_PACK_SUFFIX))
     except FileNotFoundError:
         names = []
+    deferred = _pass(index, reader, pack_dir, names, own, on_record, counts)
+    while deferred:  # (chunk lists naming chunks of packs indexed after them)
+        chunked, skipped = counts["chunked"], counts["skipped"]
+        again = _pass(index, reader, pack_dir, deferred, own, on_record, counts)
+        counts["skipped"] = skipped
+        if counts["chunked"] == chunked:
+            break
+        deferred = again
+    return RebuildStats(**counts)
+
+
+def _pass(
+    index: PackIndex,
+    reader: PackReader,
+    pack_dir: Path,
+    names: list[str],
+    own: set[str],
+    on_record: OnRecord | None,
+    counts: dict[str, int],
+) -> list[str]:
+    """One pass over ``names``; those left behind on a chunk list."""
+    deferred = []
     known = index.pack_files()
     for name in names:
         if name in own:
@@ -132,10 +158,11 @@ def catch_up(
             start = index.pack_files().get(name, len(FILE_HEADER))  # (another may have done it)
             if os.fstat(lock).st_size <= start:
                 continue
-            _index_pack(index, reader, path, name, start, on_record, counts)
+            if not _index_pack(index, reader, path, name, start, on_record, counts):
+                deferred.append(name)
         finally:
             os.close(lock)
-    return RebuildStats(**counts)
+    return deferred
 
 
 def _index_pack(
@@ -146,8 +173,8 @@ def _index_pack(
     start: int,
     on_record: OnRecord | None,
     counts: dict[str, int],
-) -> None:
-    """Scan one locked pack from ``start`` and commit its rows."""
+) -> bool:
+    """Scan one locked pack from ``start`` and commit its rows; whether all of them."""
     pack = _scan_pack(path, name, start, on_record, counts)
     counts["packs"] += 1
     new_blobs = {m.key for f in pack.frames if f.kind == Kind.BLOBS for m in f.members}
@@ -169,3 +196,4 @@ def _index_pack(
     counts["frames"] += len(pack.frames) + len(good)
     counts["blobs"] += len(new_blobs)
     counts["chunked"] += len(good)
+    return indexed == pack.indexed

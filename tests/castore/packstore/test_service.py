@@ -16,7 +16,7 @@ import pytest
 
 from tests.castore.test_forked import make_tree
 from tvix_castore.blobservice import MemoryBlobService, ObjectStoreBlobService
-from tvix_castore.blobservice.base import Ask, ForkedIngest
+from tvix_castore.blobservice.base import Ask, ChunkMeta, ForkedIngest
 from tvix_castore.digests import EMPTY_DIGEST, B3Digest
 from tvix_castore.directoryservice.memory import MemoryDirectoryService
 from tvix_castore.errors import DataCorruption, StorageError
@@ -369,3 +369,30 @@ async def test_frames_moved_by_a_transaction(tmp_path: Path) -> None:
         await reader.aclose()
     rows = index_rows(tmp_path)
     assert {r[1] for r in rows["blobs"]} & old == set()
+
+
+async def test_rebuild_of_a_chunk_list_whose_chunks_are_in_a_later_pack(tmp_path: Path) -> None:
+    """Forked workers can leave a chunk list in one pack and its chunks in another."""
+    big = text(2 * MiB, 8)
+    svc = PackBlobService(tmp_path)
+    chunks = []
+    with svc.transaction() as txn:
+        for c in svc.chunker.cut_buf(big):
+            chunk = big[c.offset : c.offset + c.length]
+            chunks.append(ChunkMeta(B3Digest.of(chunk), len(chunk)))
+            txn.put(chunks[-1].digest, chunk)
+    chunk_pack = svc.writer.current
+    svc.writer.close()
+    digest = B3Digest.of(big)
+    with svc.transaction() as txn:
+        txn.put_chunked(digest, chunks)
+    list_pack = svc.writer.current
+    svc.close()
+    assert chunk_pack and list_pack and len(chunks) > 2
+    packs = tmp_path / "packs"
+    (packs / list_pack).rename(packs / f"{'0' * 32}.tvpack")  # scanned first
+    (packs / chunk_pack).rename(packs / f"{'f' * 32}.tvpack")
+    (tmp_path / "store.sqlite").unlink()
+    async with PackBlobService(tmp_path) as again:
+        assert await again.chunks(digest) == chunks
+        assert await again.read_all(digest) == big
