@@ -38,6 +38,7 @@ else:
     asyncio = lazy_module("asyncio")  # not needed to write a NAR from its plan
 
 __all__ = [
+    "Checked",
     "Sink",
     "hints_of",
     "pieces_stream",
@@ -238,6 +239,14 @@ class _Ahead:
             self._pool.shutdown(wait=True)
 
 
+class Checked:
+    """The files of a NAR, located (hints checked in one query) and found readable."""
+
+    def __init__(self, reader: PackReader, files: Sequence[FileRef]) -> None:
+        self.blobs = _Blobs(reader, files)
+        self.problem = self.blobs.problem(files)
+
+
 def problem_of(reader: PackReader, files: Sequence[FileRef]) -> str | None:
     """Why some of ``files`` cannot be read, or ``None`` (blocking; reads nothing).
 
@@ -245,11 +254,16 @@ def problem_of(reader: PackReader, files: Sequence[FileRef]) -> str | None:
     hint names a frame the index has), and its pack is there and long enough.
     The bytes themselves are verified as they are written.
     """
-    return _Blobs(reader, files).problem(files)
+    return Checked(reader, files).problem
 
 
 def write_pieces(
-    reader: PackReader, pieces: Sequence[Piece], sink: Sink, *, flush_bytes: int = _FLUSH_BYTES
+    reader: PackReader,
+    pieces: Sequence[Piece],
+    sink: Sink,
+    *,
+    flush_bytes: int = _FLUSH_BYTES,
+    checked: Checked | None = None,
 ) -> None:
     """Write the NAR of ``pieces`` into ``sink`` (blocking).
 
@@ -258,16 +272,22 @@ def write_pieces(
         DataCorruption: a blob's bytes are damaged (naming the blob).
     """
     try:
-        _write(reader, pieces, sink, flush_bytes)
+        _write(reader, pieces, sink, flush_bytes, checked)
     except NarRenderError:
         raise
     except DataCorruption as exc:  # (as a render reports it)
         raise NarRenderError(f"failed rendering nar: {exc}") from exc
 
 
-def _write(reader: PackReader, pieces: Sequence[Piece], sink: Sink, flush_bytes: int) -> None:
+def _write(
+    reader: PackReader,
+    pieces: Sequence[Piece],
+    sink: Sink,
+    flush_bytes: int,
+    checked: Checked | None,
+) -> None:
     files = files_of(pieces)
-    blobs = _Blobs(reader, files)
+    blobs = checked.blobs if checked is not None else _Blobs(reader, files)
     ahead = _Ahead(reader, blobs.frame_order(files))
     out = _Out(sink, flush_bytes)
     current: FrameRef | None = None
@@ -288,9 +308,11 @@ def _write(reader: PackReader, pieces: Sequence[Piece], sink: Sink, flush_bytes:
         ahead.close()
 
 
-def write_to_fd(reader: PackReader, pieces: Sequence[Piece], fd: int) -> None:
-    """:func:`write_pieces` into a file descriptor."""
-    write_pieces(reader, pieces, lambda iov, total: writev_all(fd, iov, total))
+def write_to_fd(
+    reader: PackReader, pieces: Sequence[Piece], fd: int, checked: Checked | None = None
+) -> None:
+    """:func:`write_pieces` into a file descriptor (``checked``: located already)."""
+    write_pieces(reader, pieces, lambda iov, total: writev_all(fd, iov, total), checked=checked)
 
 
 def sha256_of(reader: PackReader, pieces: Sequence[Piece]) -> bytes:

@@ -51,6 +51,7 @@ from tvix_store.nar.dirplan import (
 from tvix_store.nar.layout import NarLayout
 from tvix_store.nar.plancache import PlanCache
 from tvix_store.nar.planwrite import (
+    Checked,
     hints_of,
     pieces_stream,
     problem_of,
@@ -177,13 +178,15 @@ class NarService:
         pieces = self._vouched_pieces(node, nar_size, nar_sha256)
         if pieces is None or self.reader is None or self.plans is None:
             return False
-        problem = problem_of(self.reader, files_of(pieces))
-        if problem is not None:
-            _log.debug("the NAR plan of %s cannot be read (%s): rendering", _what(node), problem)
+        checked = Checked(self.reader, files_of(pieces))
+        if checked.problem is not None:
+            _log.debug(
+                "the NAR plan of %s cannot be read (%s): rendering", _what(node), checked.problem
+            )
             return False
         _log.debug("writing the NAR of %s from its plans", _what(node))
         try:
-            write_to_fd(self.reader, pieces, fd)
+            write_to_fd(self.reader, pieces, fd, checked)
         except DataCorruption as exc:
             with contextlib.suppress(CastoreError):
                 _log.warning("marking the NAR of %s damaged: %s", _what(node), exc)
