@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from tvix_castore.blobservice.base import ChunkMeta
 from tvix_castore.digests import EMPTY_DIGEST, B3Digest
 from tvix_castore.errors import DataCorruption
-from tvix_castore.packstore.format import Frame, FrameMember, decode_payload
+from tvix_castore.packstore.format import PACK_LIMIT, Frame, FrameMember, decode_payload
 from tvix_castore.packstore.index import BlobRow, FrameRef, PackIndex
 
 if TYPE_CHECKING:
@@ -191,6 +191,8 @@ class PackReader:
                 self._cache.move_to_end(frame)
                 return hit
         where = f"pack {frame.pack} at {frame.offset}"
+        if not 0 < frame.length <= PACK_LIMIT or frame.offset < 0:
+            raise DataCorruption(f"{where}: impossible frame length {frame.length} in the index")
         try:
             data = os.pread(self._fd(frame.pack), frame.length, frame.offset)
         except FileNotFoundError as exc:

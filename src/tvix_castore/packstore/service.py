@@ -118,9 +118,21 @@ class PackTxn:
         return self._stager
 
     def put(self, digest: B3Digest, data: bytes) -> None:
-        """Store a blob (a whole small one or one chunk) unless it is stored already."""
+        """Store a blob unless it is stored already (one larger than a chunk is cut first)."""
         self._check()
-        self._stager.add_blob(digest.raw, data)
+        if len(data) <= self._svc.threshold:
+            self._stager.add_blob(digest.raw, data)
+            return
+        chunks = []
+        with memoryview(data) as view:
+            for c in self._svc.chunker.cut_buf(view):
+                chunk = bytes(view[c.offset : c.offset + c.length])
+                chunks.append(ChunkMeta(B3Digest(blake3.blake3(chunk).digest()), len(chunk)))
+                self._stager.add_blob(chunks[-1].digest.raw, chunk)
+        if len(chunks) > 1:
+            self.put_chunked(digest, chunks)
+        elif chunks and chunks[0].digest != digest:
+            raise ValueError(f"blob {digest}: its bytes hash to {chunks[0].digest}")
 
     def put_chunked(self, digest: B3Digest, chunks: Sequence[ChunkMeta]) -> None:
         """A large blob's chunk list (its chunks put before, in this or an earlier txn)."""
@@ -401,17 +413,7 @@ class PackBlobService(BlobService):
             for blob in blobs:
                 digest = B3Digest(blake3.blake3(blob).digest())
                 out.append(digest)
-                if len(blob) <= self.threshold:
-                    t.put(digest, blob)
-                    continue
-                chunks = []
-                with memoryview(blob) as view:
-                    for c in self.chunker.cut_buf(view):
-                        chunk = bytes(view[c.offset : c.offset + c.length])
-                        meta = ChunkMeta(B3Digest(blake3.blake3(chunk).digest()), len(chunk))
-                        chunks.append(meta)
-                        t.put(meta.digest, chunk)
-                t.put_chunked(digest, chunks)
+                t.put(digest, blob)
             if own:
                 t.commit()
         except BaseException:
