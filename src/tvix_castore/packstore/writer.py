@@ -48,10 +48,19 @@ Present = Callable[[list[bytes]], Callable[[], set[bytes]]]
 """Ask which digests are stored; the answer is awaited by calling the result."""
 
 
+def _sync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class _PackFile:
     """One pack being appended to, ``flock``ed for as long as it is open."""
 
-    def __init__(self, pack_dir: Path) -> None:
+    def __init__(self, pack_dir: Path, fsync: bool) -> None:
+        made = not pack_dir.is_dir()
         pack_dir.mkdir(parents=True, exist_ok=True)
         self.name = f"{uuid.uuid4().hex}{PACK_SUFFIX}"
         self.path = pack_dir / self.name
@@ -61,6 +70,10 @@ class _PackFile:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             self.size = 0
             self.append([FILE_HEADER], len(FILE_HEADER))
+            if fsync:  # (the new name must survive a power cut, as its bytes will)
+                _sync_dir(pack_dir)
+                if made:
+                    _sync_dir(pack_dir.parent)
         except BaseException:
             os.close(self.fd)
             self.path.unlink(missing_ok=True)
@@ -123,7 +136,7 @@ class PackWriter:
                             f.sync()
                         f.close()
                     f = self._file = None
-                    f = self._file = _PackFile(self.pack_dir)
+                    f = self._file = _PackFile(self.pack_dir, self.fsync)
                 return f.name, f.append(pieces, length)
             except OSError as exc:
                 raise os_storage_error("appending to a pack file", exc, self.pack_dir) from exc

@@ -188,6 +188,7 @@ async def test_one_fsync_per_transaction_before_its_commit(
         real_commit(self)
 
     async with PackBlobService(tmp_path) as svc:
+        await svc.put(b"first")  # (a new pack: its directory is fsynced too)
         monkeypatch.setattr(os, "fsync", fsync)
         monkeypatch.setattr(IndexTxn, "commit", commit)
         await svc.put_many([text(100_000, i) for i in range(200)])  # several frames
