@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, cast
 
 from tvix_castore.blobservice.base import Ask, ForkedIngest
 from tvix_castore.digests import B3Digest
+from tvix_castore.errors import StorageError
 from tvix_castore.packstore.index import NewFrame
 from tvix_castore.packstore.writer import PackWriter, SegmentBuilder, Stager, read_files
 
@@ -90,7 +91,11 @@ class ForkedPackIngest(ForkedIngest):
     def finish(self) -> None:
         """Index the workers' frames (their bytes are fsynced already)."""
         frames, self._pending = self._pending, []
-        self._claimed.clear()
+        claimed, self._claimed = self._claimed, set()
+        written = {m.key for f in frames for m in f.members}
+        if not claimed <= written:  # (e.g. a wrapper that does not pass finish_in_child on)
+            missing = len(claimed - written)
+            raise StorageError(f"ingestion workers did not hand over {missing} blobs they took on")
         if self._txn is not None:
             self._txn.add_frames(frames)
             return

@@ -397,3 +397,19 @@ async def test_rebuild_of_a_chunk_list_whose_chunks_are_in_a_later_pack(tmp_path
     async with PackBlobService(tmp_path) as again:
         assert await again.chunks(digest) == chunks
         assert await again.read_all(digest) == big
+
+
+async def test_forked_blobs_are_never_lost_silently(tmp_path: Path) -> None:
+    """A wrapper that does not pass ``finish_in_child`` on is an error, not missing blobs."""
+    from tests.castore.test_forked import _Noting as Forgetful
+
+    class _Forgetful(PackBlobService):
+        def forked_ingest(self, txn: PackTxn | None = None) -> ForkedIngest | None:
+            inner = super().forked_ingest(txn)
+            assert inner is not None
+            return Forgetful(inner, tmp_path / "pids")
+
+    src = make_tree(tmp_path / "src")
+    async with _Forgetful(tmp_path / "home") as svc:
+        with pytest.raises(StorageError, match="did not hand over"):
+            await ingest_path(src, svc, MemoryDirectoryService(), fork=True, concurrency=2)
