@@ -126,14 +126,24 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
 
 
 def _worth_compressing(pieces: Sequence[bytes | memoryview], raw: int) -> bool:
-    """Whether a level-1 sample of the payload shrinks enough (cheap: 64 KiB)."""
+    """Whether a level-1 sample of the payload shrinks enough (cheap: 64 KiB).
+
+    The sample is taken from four places, so one incompressible file at the
+    start of a segment does not decide for the whole of it.
+    """
     if raw < 256:
         return False
+    part = _SAMPLE // 4
+    starts = [raw * i // 4 for i in range(4)]
     sample = bytearray()
+    at = 0
     for piece in pieces:
-        sample += memoryview(piece)[: _SAMPLE - len(sample)]
-        if len(sample) >= _SAMPLE:
-            break
+        n = len(piece)
+        for start in starts:
+            lo, hi = max(start, at), min(start + part, at + n)
+            if lo < hi:
+                sample += memoryview(piece)[lo - at : hi - at]
+        at += n
     out = _compressor(1).compress(bytes(sample))
     return len(out) <= len(sample) * (1 - _MIN_GAIN)
 

@@ -114,3 +114,10 @@ def test_payload_larger_than_raw_is_refused() -> None:
     data[20] = (data[20] - 1) % 256
     with pytest.raises(DataCorruption):
         decode_payload(bytes(data), "x")
+
+
+def test_an_incompressible_start_does_not_decide_for_the_segment() -> None:
+    payloads = [pseudo_random(100_000), TEXT * 20]
+    members = [FrameMember(bytes([i]) * 32, len(p)) for i, p in enumerate(payloads)]
+    built = build_frame(Kind.BLOBS, members, payloads, 5)
+    assert built.codec == Codec.ZSTD and built.length < 200_000
