@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import blake3
 
+from tvix_castore.digests import hash_threads
 from tvix_castore.errors import DataCorruption
 from tvix_castore.lazy import lazy_module
 
@@ -178,7 +179,7 @@ def build_frame(
     codec = Codec.RAW if stored is None else Codec.ZSTD
     size = raw if stored is None else len(stored)
     head = _HEAD.pack(_FRAME_MAGIC, codec, kind, 0, len(members), size, raw)
-    hasher = blake3.blake3(head)
+    hasher = blake3.blake3(head, max_threads=hash_threads())
     hasher.update(table)
     head_check = hasher.copy().digest()[:_HEAD_CHECK]
     for piece in payload_pieces:
@@ -275,7 +276,7 @@ def decode_payload(
         raise DataCorruption(f"{where}: payload decodes to {len(payload)} bytes, not {frame.raw}")
     if sum(m.size for m in frame.members) > frame.raw and frame.kind in (Kind.BLOBS, 2, 3):
         raise DataCorruption(f"{where}: members are larger than the payload")
-    hasher = blake3.blake3(view[: start - _HEAD_CHECK])
+    hasher = blake3.blake3(view[: start - _HEAD_CHECK], max_threads=hash_threads())
     hasher.update(payload)
     if hasher.digest() != view[frame.length - _CHECK :]:
         raise DataCorruption(f"{where}: frame check failed (damaged bytes)")

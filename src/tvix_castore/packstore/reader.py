@@ -36,7 +36,7 @@ __all__ = [
     "PackReader",
 ]
 
-_CACHE_FRAMES = 4  # decoded frames kept (4 × 4 MiB)
+_CACHE_FRAMES = 6  # decoded frames kept (6 × 4 MiB: room for frames decoded ahead)
 
 
 class Member(NamedTuple):
@@ -91,6 +91,7 @@ class PackReader:
         self._lock = threading.Lock()
         self._fds: dict[str, int] = {}
         self._cache: collections.OrderedDict[FrameRef, _Decoded] = collections.OrderedDict()
+        self._busy: dict[FrameRef, threading.Event] = {}  # frames being decoded
 
     # -- where --------------------------------------------------------------
     def locate(self, digests: Sequence[bytes]) -> dict[bytes, Location]:
@@ -185,11 +186,30 @@ class PackReader:
             return fd
 
     def _decoded(self, frame: FrameRef) -> _Decoded:
-        with self._lock:
-            hit = self._cache.get(frame)
-            if hit is not None:
-                self._cache.move_to_end(frame)
-                return hit
+        """The frame decoded and checked: from the cache, or by this thread.
+
+        A frame another thread is decoding (a read-ahead) is waited for, not
+        decoded twice.
+        """
+        while True:
+            with self._lock:
+                hit = self._cache.get(frame)
+                if hit is not None:
+                    self._cache.move_to_end(frame)
+                    return hit
+                busy = self._busy.get(frame)
+                if busy is None:
+                    busy = self._busy[frame] = threading.Event()
+                    break
+            busy.wait()  # (then from the cache, or decoded here if that failed)
+        try:
+            return self._decode(frame)
+        finally:
+            with self._lock:
+                self._busy.pop(frame, None)
+            busy.set()
+
+    def _decode(self, frame: FrameRef) -> _Decoded:
         where = f"pack {frame.pack} at {frame.offset}"
         if not 0 < frame.length <= PACK_LIMIT or frame.offset < 0:
             raise DataCorruption(f"{where}: impossible frame length {frame.length} in the index")

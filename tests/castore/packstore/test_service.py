@@ -413,3 +413,29 @@ async def test_forked_blobs_are_never_lost_silently(tmp_path: Path) -> None:
     async with _Forgetful(tmp_path / "home") as svc:
         with pytest.raises(StorageError, match="did not hand over"):
             await ingest_path(src, svc, MemoryDirectoryService(), fork=True, concurrency=2)
+
+
+async def test_threads_reading_the_same_frames(tmp_path: Path) -> None:
+    """Read-ahead threads and readers meet on frames: each is decoded once, read right."""
+    import concurrent.futures
+
+    data = [text(100_000, i) for i in range(120)]  # a few frames
+    async with PackBlobService(tmp_path) as svc:
+        digests = await svc.put_many(data)
+        located = svc.reader.locate([d.raw for d in digests])
+        frames = list(
+            dict.fromkeys(loc.frame for loc in located.values() if isinstance(loc, Member))
+        )
+        assert len(frames) >= 3
+
+        def read(i: int) -> bool:
+            if i % 3 == 0:
+                svc.reader.payload(frames[i % len(frames)])
+                return True
+            d = digests[i % len(digests)]
+            loc = located[d.raw]
+            assert isinstance(loc, Member)
+            return bytes(svc.reader.member(d.raw, loc)) == data[i % len(data)]
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            assert all(pool.map(read, range(600)))
