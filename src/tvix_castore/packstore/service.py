@@ -331,6 +331,8 @@ class PackBlobService(BlobService):
         self.home.mkdir(parents=True, exist_ok=True)
         self.pack_dir = self.home / "packs"
         self.level = env_level() if level is None else level
+        if not 0 <= self.level <= 22:
+            raise ConfigError(f"zstd level {self.level}: expected 0-22 (0: uncompressed)")
         if fsync is None:
             fsync = os.environ.get(ENV_FSYNC, "1").strip() not in ("0", "false", "no")
         self.index = PackIndex(self.home / STORE_DB)

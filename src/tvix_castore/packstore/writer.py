@@ -197,7 +197,6 @@ class SegmentBuilder:
         self._lists: list[tuple[bytes, int, bytes]] = []  # after the blobs pending
         self._records: dict[int, list[tuple[bytes, bytes]]] = {}
         self._record_bytes: dict[int, int] = {}
-        self._raw_last = False  # the last blob frame did not compress
 
     def add(self, digest: bytes, data: bytes) -> None:
         self._blobs.append((digest, data))
@@ -231,8 +230,7 @@ class SegmentBuilder:
         blobs, self._blobs, self._raw = self._blobs, [], 0
         if blobs:
             members = [FrameMember(d, len(b)) for d, b in blobs]
-            codec = self._write(Kind.BLOBS, members, [b for _, b in blobs], self._level)
-            self._raw_last = codec == Codec.RAW
+            self._write(Kind.BLOBS, members, [b for _, b in blobs], self._level)
         lists, self._lists = self._lists, []
         for digest, size, payload in lists:
             self._write(Kind.CHUNK_LIST, [FrameMember(digest, size)], [payload], 0, payload)

@@ -19,7 +19,7 @@ from tvix_castore.blobservice import MemoryBlobService, ObjectStoreBlobService
 from tvix_castore.blobservice.base import Ask, ChunkMeta, ForkedIngest
 from tvix_castore.digests import EMPTY_DIGEST, B3Digest
 from tvix_castore.directoryservice.memory import MemoryDirectoryService
-from tvix_castore.errors import DataCorruption, StorageError
+from tvix_castore.errors import ConfigError, DataCorruption, StorageError
 from tvix_castore.ingest import ingest_path
 from tvix_castore.objectstore import MemoryObjectStore
 from tvix_castore.packstore import Chunked, Kind, Member, PackBlobService, PackTxn
@@ -439,3 +439,26 @@ async def test_threads_reading_the_same_frames(tmp_path: Path) -> None:
 
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             assert all(pool.map(read, range(600)))
+
+
+def test_level_and_fsync_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TVIX_STORE_ZSTD_LEVEL", "0")
+    monkeypatch.setenv("TVIX_STORE_FSYNC", "0")
+    svc = PackBlobService(tmp_path)
+    assert svc.level == 0 and not svc.writer.fsync
+    (digest,) = svc.put_many_sync([text(100_000)])
+    svc.close()
+    assert sum(p.stat().st_size for p in (tmp_path / "packs").iterdir()) > 100_000  # raw
+    monkeypatch.setenv("TVIX_STORE_ZSTD_LEVEL", "fast")
+    with pytest.raises(ConfigError, match="TVIX_STORE_ZSTD_LEVEL"):
+        PackBlobService(tmp_path)
+    monkeypatch.delenv("TVIX_STORE_ZSTD_LEVEL")
+    monkeypatch.delenv("TVIX_STORE_FSYNC")
+    with pytest.raises(ConfigError, match="level 23"):
+        PackBlobService(tmp_path, level=23)
+    again = PackBlobService(tmp_path)
+    assert again.level == 5 and again.writer.fsync
+    assert again.reader.read(digest) == text(100_000)
+    again.close()
