@@ -324,6 +324,9 @@ async def test_forked_ingest(tmp_path: Path) -> None:
     rows = index_rows(home)
     digests = [r[0] for r in rows["blobs"]]
     assert len(digests) == len(set(digests))  # each blob once, across workers
+    (home / "store.sqlite").unlink()
+    PackBlobService(home).close()
+    assert index_rows(home) == rows  # rebuilt from the workers' packs alone
     async with PackBlobService(home) as fresh:
         for path in sorted(src.rglob("*")):
             if path.is_file():
