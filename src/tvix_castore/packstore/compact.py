@@ -321,7 +321,7 @@ class _Compactor:
         )
         keep: list[tuple[FrameRow, Frame, dict[bytes, tuple[int, int]] | None]] = []
         for row, frame, _ in plan:
-            if frame.kind == Kind.BLOBS:
+            if frame.kind in (Kind.BLOBS, Kind.DIRECTORIES):  # (members indexed one by one)
                 members = self.index.live_members(row.id)
                 if members:
                     share = sum(n for _, n in members.values()) / max(frame.raw, 1)
@@ -365,12 +365,15 @@ class _Compactor:
         members: dict[bytes, tuple[int, int]] | None,
     ) -> None:
         payload = self.reader.payload(row.ref)  # (decoded and checked)
-        if frame.kind == Kind.BLOBS:
+        if frame.kind in (Kind.BLOBS, Kind.DIRECTORIES):
             assert members is not None
             by_offset = sorted((off, n, d) for d, (off, n) in members.items())
             for off, n, digest in by_offset:  # (always copied: its row is to move)
                 view = self.reader.member(digest, Member(row.ref, off, n))
-                out.blob(digest, bytes(view))
+                if frame.kind == Kind.BLOBS:
+                    out.blob(digest, bytes(view))
+                else:
+                    out.record(Kind.DIRECTORIES, digest, bytes(view))
                 self.written.add(digest)
             return
         if frame.kind == Kind.CHUNK_LIST:
@@ -381,9 +384,9 @@ class _Compactor:
         at = 0
         records = list(frame.members)
         wanted: set[bytes] | None = None
-        if self.live_records is not None and frame.kind in (Kind.DIRECTORIES, Kind.PATHINFOS):
+        if self.live_records is not None and frame.kind == Kind.PATHINFOS:
             wanted = self.live_records(Kind(frame.kind), [m.key for m in records])
-        if frame.kind in (Kind.DIRECTORIES, Kind.PATHINFOS):
+        if frame.kind == Kind.PATHINFOS:
             for m in records:
                 if wanted is None or m.key in wanted:
                     out.record(frame.kind, m.key, bytes(payload[at : at + m.size]))
