@@ -48,6 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import blake3
+
 from tvix_castore.blobservice.objectstore import blob_key, chunk_key
 from tvix_castore.digests import B3Digest
 from tvix_castore.errors import DataCorruption, StorageError, os_storage_error
@@ -406,7 +408,45 @@ class _Compactor:
             if self.index.has_table("chunked"):
                 self._legacy_chunked()
             self._legacy_objects()
+        if self.index.has_table("directories"):
+            self._legacy_directories()
         self._legacy_leftovers()
+
+    def _legacy_directories(self) -> None:
+        """Directories of older releases (a ``directories`` table): into DIRECTORIES frames."""
+        rows = [
+            (bytes(d), bytes(b))
+            for d, b in self.index.query("SELECT digest, CAST(data AS BLOB) FROM directories")
+        ]
+        if not rows:
+            return
+        present = self._v2_has([d for d, _ in rows])
+        out = _Out(self.svc, self.stats)
+        converted: list[bytes] = []
+        try:
+            for digest, data in rows:
+                if blake3.blake3(data).digest() != digest:
+                    self.stats.damaged.append(
+                        f"directory {B3Digest(digest)}: its legacy row does not match its digest"
+                    )
+                    continue
+                if digest not in present:
+                    out.record(Kind.DIRECTORIES, digest, data)
+                    self.written.add(digest)
+                converted.append(digest)
+
+            def drop(conn: sqlite3.Connection) -> None:
+                conn.executemany(
+                    "DELETE FROM directories WHERE digest = ?", [(d,) for d in converted]
+                )
+
+            out.txn.on_commit(drop)
+            out.commit()
+        except BaseException:
+            out.abort()
+            raise
+        self.created |= out.packs
+        self.stats.legacy_rows_converted += len(converted)
 
     def _v2_has(self, digests: Sequence[bytes]) -> set[bytes]:
         return set(self.index.lookup(digests)) | (self.written & set(digests))

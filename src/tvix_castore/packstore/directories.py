@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from tvix_castore.digests import B3Digest
 from tvix_castore.directoryservice.base import DirectoryService
+from tvix_castore.directoryservice.sqlite import SqliteDirectoryService
 from tvix_castore.errors import DataCorruption, ValidationError
 from tvix_castore.nodes import Directory
 from tvix_castore.packstore.format import Kind
@@ -40,9 +41,18 @@ class PackDirectoryService(DirectoryService):
     Closing it closes the blob service only if it ``owns`` it.
     """
 
-    def __init__(self, blobs: PackBlobService, *, owns: bool = False) -> None:
+    def __init__(
+        self,
+        blobs: PackBlobService,
+        *,
+        owns: bool = False,
+        legacy: SqliteDirectoryService | None = None,
+    ) -> None:
         self.blobs = blobs
         self._owns = owns
+        # Where older releases kept Directories (a SQLite table): read until
+        # compaction has moved them into the packs; never written.
+        self.legacy = legacy
 
     def get_many_sync(self, digests: Sequence[B3Digest]) -> dict[B3Digest, Directory]:
         """The stored Directories among ``digests``, each verified (blocking)."""
@@ -58,16 +68,23 @@ class PackDirectoryService(DirectoryService):
                 _log.debug("%s names a blob that is not a Directory", B3Digest(raw))
         return out
 
+    async def _get_many(self, digests: Sequence[B3Digest]) -> dict[B3Digest, Directory]:
+        found = await asyncio.to_thread(self.get_many_sync, digests)
+        if self.legacy is not None and len(found) < len(set(digests)):
+            for digest in dict.fromkeys(digests):
+                if digest not in found and (old := await self.legacy.get(digest)) is not None:
+                    found[digest] = old
+        return found
+
     async def get(self, digest: B3Digest) -> Directory | None:
-        found = await asyncio.to_thread(self.get_many_sync, [digest])
-        return found.get(digest)
+        return (await self._get_many([digest])).get(digest)
 
     async def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
         level = [root]
         seen = {root}
         first = True
         while level:
-            found = await asyncio.to_thread(self.get_many_sync, level)
+            found = await self._get_many(level)
             if first and root not in found:
                 return
             first = False
@@ -101,6 +118,8 @@ class PackDirectoryService(DirectoryService):
 
     def close(self) -> None:
         """Nothing of its own to release; the blob service if it owns it (blocking)."""
+        if self.legacy is not None:
+            self.legacy.close()
         if self._owns:
             self.blobs.close()
 
