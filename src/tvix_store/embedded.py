@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,7 +24,7 @@ from tvix_castore.packstore.format import Kind
 from tvix_castore.packstore.service import PackBlobService
 
 if TYPE_CHECKING:
-    from tvix_castore.directoryservice.sqlite import SqliteDirectoryService
+    from tvix_castore.packstore.directories import PackDirectoryService
     from tvix_store.nar.plancache import PlanCache
     from tvix_store.nar.service import NarService
     from tvix_store.pathinfoservice.sqlite import SqlitePathInfoService
@@ -60,7 +59,7 @@ class Embedded:
         self.db = home / STORE_DB
         self._lock = threading.RLock()  # (a rebuild in blobs() restores through the others)
         self._blobs: PackBlobService | None = None
-        self._directories: SqliteDirectoryService | None = None
+        self._directories: PackDirectoryService | None = None
         self._pathinfos: SqlitePathInfoService | None = None
         self._plans: PlanCache | None = None
 
@@ -79,14 +78,12 @@ class Embedded:
             return self._blobs
 
     def _restore(self, kind: Kind, key: bytes, data: memoryview) -> None:
-        """A Directory or PathInfo found in the packs the index is behind on: put back."""
-        if kind == Kind.DIRECTORIES:
-            self.directories().restore_sync(key, data)
-        elif kind == Kind.PATHINFOS:
-            self.pathinfos().restore_sync(data)
+        """A PathInfo found in the packs the index is behind on: put back.
 
-    def _journal_directories(self, rows: Sequence[tuple[bytes, bytes]]) -> None:
-        self.blobs().add_records(Kind.DIRECTORIES, rows)
+        (Directories need nothing: they live in the packs, indexed like blobs.)
+        """
+        if kind == Kind.PATHINFOS:
+            self.pathinfos().restore_sync(data)
 
     def _journal_pathinfo(self, digest: bytes, data: bytes) -> None:
         self.blobs().add_records(Kind.PATHINFOS, [(digest + _PATHINFO_KEY_PAD, data)])
@@ -100,16 +97,22 @@ class Embedded:
         parts = (self._blobs, self._directories, self._pathinfos, self._plans)
         return service is not None and any(service is part for part in parts)
 
-    def directories(self) -> SqliteDirectoryService:
-        """The directory service (``store.sqlite``; new Directories journaled in the packs)."""
+    def directories(self) -> PackDirectoryService:
+        """The directory service: Directories in the packs, stored once, compressed.
+
+        A store of an older release also has them in a ``directories`` table
+        of ``store.sqlite``: read there until ``tvix-store compact`` moves them.
+        """
         from tvix_castore.directoryservice.sqlite import SqliteDirectoryService
+        from tvix_castore.packstore.directories import PackDirectoryService
 
         with self._lock:
             if self._directories is None:
-                self._make_home()
-                self._directories = SqliteDirectoryService(
-                    self.db, journal=self._journal_directories
-                )
+                blobs = self.blobs()
+                legacy = None
+                if blobs.index.has_table("directories"):
+                    legacy = SqliteDirectoryService(self.db)
+                self._directories = PackDirectoryService(blobs, legacy=legacy)
             return self._directories
 
     def pathinfos(self) -> SqlitePathInfoService:

@@ -48,6 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import blake3
+
 from tvix_castore.blobservice.objectstore import blob_key, chunk_key
 from tvix_castore.digests import B3Digest
 from tvix_castore.errors import DataCorruption, StorageError, os_storage_error
@@ -321,7 +323,7 @@ class _Compactor:
         )
         keep: list[tuple[FrameRow, Frame, dict[bytes, tuple[int, int]] | None]] = []
         for row, frame, _ in plan:
-            if frame.kind == Kind.BLOBS:
+            if frame.kind in (Kind.BLOBS, Kind.DIRECTORIES):  # (members indexed one by one)
                 members = self.index.live_members(row.id)
                 if members:
                     share = sum(n for _, n in members.values()) / max(frame.raw, 1)
@@ -365,12 +367,15 @@ class _Compactor:
         members: dict[bytes, tuple[int, int]] | None,
     ) -> None:
         payload = self.reader.payload(row.ref)  # (decoded and checked)
-        if frame.kind == Kind.BLOBS:
+        if frame.kind in (Kind.BLOBS, Kind.DIRECTORIES):
             assert members is not None
             by_offset = sorted((off, n, d) for d, (off, n) in members.items())
             for off, n, digest in by_offset:  # (always copied: its row is to move)
                 view = self.reader.member(digest, Member(row.ref, off, n))
-                out.blob(digest, bytes(view))
+                if frame.kind == Kind.BLOBS:
+                    out.blob(digest, bytes(view))
+                else:
+                    out.record(Kind.DIRECTORIES, digest, bytes(view))
                 self.written.add(digest)
             return
         if frame.kind == Kind.CHUNK_LIST:
@@ -381,9 +386,9 @@ class _Compactor:
         at = 0
         records = list(frame.members)
         wanted: set[bytes] | None = None
-        if self.live_records is not None and frame.kind in (Kind.DIRECTORIES, Kind.PATHINFOS):
+        if self.live_records is not None and frame.kind == Kind.PATHINFOS:
             wanted = self.live_records(Kind(frame.kind), [m.key for m in records])
-        if frame.kind in (Kind.DIRECTORIES, Kind.PATHINFOS):
+        if frame.kind == Kind.PATHINFOS:
             for m in records:
                 if wanted is None or m.key in wanted:
                     out.record(frame.kind, m.key, bytes(payload[at : at + m.size]))
@@ -403,7 +408,45 @@ class _Compactor:
             if self.index.has_table("chunked"):
                 self._legacy_chunked()
             self._legacy_objects()
+        if self.index.has_table("directories"):
+            self._legacy_directories()
         self._legacy_leftovers()
+
+    def _legacy_directories(self) -> None:
+        """Directories of older releases (a ``directories`` table): into DIRECTORIES frames."""
+        rows = [
+            (bytes(d), bytes(b))
+            for d, b in self.index.query("SELECT digest, CAST(data AS BLOB) FROM directories")
+        ]
+        if not rows:
+            return
+        present = self._v2_has([d for d, _ in rows])
+        out = _Out(self.svc, self.stats)
+        converted: list[bytes] = []
+        try:
+            for digest, data in rows:
+                if blake3.blake3(data).digest() != digest:
+                    self.stats.damaged.append(
+                        f"directory {B3Digest(digest)}: its legacy row does not match its digest"
+                    )
+                    continue
+                if digest not in present:
+                    out.record(Kind.DIRECTORIES, digest, data)
+                    self.written.add(digest)
+                converted.append(digest)
+
+            def drop(conn: sqlite3.Connection) -> None:
+                conn.executemany(
+                    "DELETE FROM directories WHERE digest = ?", [(d,) for d in converted]
+                )
+
+            out.txn.on_commit(drop)
+            out.commit()
+        except BaseException:
+            out.abort()
+            raise
+        self.created |= out.packs
+        self.stats.legacy_rows_converted += len(converted)
 
     def _v2_has(self, digests: Sequence[bytes]) -> set[bytes]:
         return set(self.index.lookup(digests)) | (self.written & set(digests))

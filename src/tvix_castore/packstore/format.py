@@ -4,7 +4,8 @@ A pack is a 16-byte header followed by frames. Each frame carries its own
 member table and two BLAKE3 checks, so the index can be rebuilt from the
 packs alone and a torn tail (a crash mid-append) is recognised by a scan:
 the head check covers the lengths a scan must trust before skipping ahead,
-the frame check covers the decoded payload, so a read never returns bytes
+the frame check covers the decoded payload (for content-addressed kinds, the
+digests of its members, which decoding computes), so a read never returns bytes
 the writer did not hash.
 
 All integers are little-endian.
@@ -31,12 +32,14 @@ else:
     zstandard = lazy_module("zstandard")
 
 __all__ = [
+    "CONTENT_ADDRESSED",
     "DEFAULT_LEVEL",
     "FILE_HEADER",
     "HEAD_SIZE",
     "MEMBER",
     "PACK_LIMIT",
     "SEGMENT_TARGET",
+    "SIZE_ONLY",
     "Codec",
     "EncodedFrame",
     "Frame",
@@ -59,6 +62,7 @@ FILE_HEADER = struct.pack("<8sII", MAGIC, VERSION, 0)
 _HEAD = struct.Struct("<4sBBHIQQ")
 HEAD_SIZE = _HEAD.size  # 28
 MEMBER = struct.Struct("<32sQ")
+SIZE_ONLY = struct.Struct("<I")  # a member of a content-addressed kind: its key is its BLAKE3
 _FRAME_MAGIC = b"TVSG"
 _HEAD_CHECK = 8
 _CHECK = 32
@@ -82,6 +86,19 @@ class Codec(IntEnum):
 
     RAW = 0
     ZSTD = 1
+
+
+CONTENT_ADDRESSED = frozenset({0, 2})  # Kind.BLOBS, Kind.DIRECTORIES
+"""Kinds whose member keys are the BLAKE3 of the members' bytes: the member
+table lists sizes only (4 bytes, not 40: the digests would otherwise be kept
+twice, in the pack and in the index, a few percent of a compressed store), and
+the frame check covers the members' digests instead of the payload, so
+decoding hashes every byte once (which yields the keys) and a writer that
+hashed its blobs already does not hash them again."""
+
+
+def _table_size(kind: int, count: int) -> int:
+    return count * (SIZE_ONLY.size if kind in CONTENT_ADDRESSED else MEMBER.size)
 
 
 class FrameMember(NamedTuple):
@@ -172,7 +189,11 @@ def build_frame(
     """
     raw = sum(len(p) for p in payload_pieces)
     members = tuple(members)
-    table = b"".join([MEMBER.pack(m.key, m.size) for m in members])
+    implicit = kind in CONTENT_ADDRESSED
+    if implicit:
+        table = b"".join([SIZE_ONLY.pack(m.size) for m in members])
+    else:
+        table = b"".join([MEMBER.pack(m.key, m.size) for m in members])
     stored: bytes | None = None
     if level > 0 and (not sample or _worth_compressing(payload_pieces, raw)):
         stored = _compress(payload_pieces, raw, level)
@@ -182,8 +203,11 @@ def build_frame(
     hasher = blake3.blake3(head, max_threads=hash_threads())
     hasher.update(table)
     head_check = hasher.copy().digest()[:_HEAD_CHECK]
-    for piece in payload_pieces:
-        hasher.update(piece)
+    if implicit:  # (the caller hashed each member: its key)
+        hasher.update(b"".join([m.key for m in members]))
+    else:
+        for piece in payload_pieces:
+            hasher.update(piece)
     pieces: list[bytes | memoryview] = [head, table, head_check]
     if stored is None:
         pieces += payload_pieces
@@ -223,8 +247,8 @@ def _parse(head: bytes, where: str) -> _Head:
     return _Head(codec, kind, count, stored, raw)
 
 
-def _table_end(count: int) -> int:
-    return HEAD_SIZE + count * MEMBER.size + _HEAD_CHECK
+def _table_end(kind: int, count: int) -> int:
+    return HEAD_SIZE + _table_size(kind, count) + _HEAD_CHECK
 
 
 def parse_head(data: bytes | memoryview, offset: int, where: str) -> Frame:
@@ -237,7 +261,7 @@ def parse_head(data: bytes | memoryview, offset: int, where: str) -> Frame:
     if len(view) < HEAD_SIZE:
         raise DataCorruption(f"{where}: frame head cut short")
     head = _parse(bytes(view[:HEAD_SIZE]), where)
-    end = _table_end(head.n_members)
+    end = _table_end(head.kind, head.n_members)
     if len(view) < end:
         raise DataCorruption(f"{where}: frame member table cut short")
     table = view[HEAD_SIZE : end - _HEAD_CHECK]
@@ -245,7 +269,10 @@ def parse_head(data: bytes | memoryview, offset: int, where: str) -> Frame:
     hasher.update(table)
     if hasher.digest()[:_HEAD_CHECK] != view[end - _HEAD_CHECK : end]:
         raise DataCorruption(f"{where}: frame head check failed")
-    members = tuple(FrameMember(k, n) for k, n in MEMBER.iter_unpack(table))
+    if head.kind in CONTENT_ADDRESSED:  # keys: known once the payload is decoded
+        members = tuple(FrameMember(b"", n) for (n,) in SIZE_ONLY.iter_unpack(table))
+    else:
+        members = tuple(FrameMember(k, n) for k, n in MEMBER.iter_unpack(table))
     length = end + head.stored + _CHECK
     return Frame(offset, length, head.kind, Codec(head.codec), members, head.raw)
 
@@ -262,7 +289,7 @@ def decode_payload(
     frame = parse_head(view, offset, where)
     if len(view) != frame.length:
         raise DataCorruption(f"{where}: frame is {len(view)} bytes, its head says {frame.length}")
-    start = _table_end(len(frame.members))
+    start = _table_end(frame.kind, len(frame.members))
     stored = view[start : frame.length - _CHECK]
     if frame.codec == Codec.RAW:
         payload = stored
@@ -274,10 +301,22 @@ def decode_payload(
         payload = memoryview(out)
     if len(payload) != frame.raw:
         raise DataCorruption(f"{where}: payload decodes to {len(payload)} bytes, not {frame.raw}")
-    if sum(m.size for m in frame.members) > frame.raw and frame.kind in (Kind.BLOBS, 2, 3):
+    total = sum(m.size for m in frame.members)
+    if frame.kind in CONTENT_ADDRESSED and total != frame.raw:
+        raise DataCorruption(f"{where}: members do not add up to the payload")
+    if total > frame.raw and frame.kind == Kind.PATHINFOS:
         raise DataCorruption(f"{where}: members are larger than the payload")
-    hasher = blake3.blake3(view[: start - _HEAD_CHECK], max_threads=hash_threads())
-    hasher.update(payload)
+    hasher = blake3.blake3(view[: start - _HEAD_CHECK])
+    if frame.kind in CONTENT_ADDRESSED:
+        keyed = []
+        at = 0
+        for m in frame.members:
+            keyed.append(FrameMember(blake3.blake3(payload[at : at + m.size]).digest(), m.size))
+            at += m.size
+        hasher.update(b"".join([m.key for m in keyed]))
+        frame = frame._replace(members=tuple(keyed))
+    else:
+        hasher.update(payload)
     if hasher.digest() != view[frame.length - _CHECK :]:
         raise DataCorruption(f"{where}: frame check failed (damaged bytes)")
     return frame, payload
@@ -312,8 +351,9 @@ def scan(path: str | os.PathLike[str], start: int = len(FILE_HEADER)) -> Iterato
             where = f"{path}@{offset}"
             head = os.pread(fd, HEAD_SIZE, offset)
             try:
-                count = _parse(head, where).n_members
-                data = head + os.pread(fd, _table_end(count) - HEAD_SIZE, offset + HEAD_SIZE)
+                parsed = _parse(head, where)
+                table_end = _table_end(parsed.kind, parsed.n_members)
+                data = head + os.pread(fd, table_end - HEAD_SIZE, offset + HEAD_SIZE)
                 frame = parse_head(data, offset, where)
             except DataCorruption:
                 return

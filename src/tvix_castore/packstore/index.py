@@ -316,7 +316,7 @@ class IndexTxn:
                 " RETURNING id",
                 (f.pack, f.offset, f.length, f.kind),
             ).fetchone()
-            if f.kind == Kind.BLOBS:
+            if f.kind in (Kind.BLOBS, Kind.DIRECTORIES):  # (content-addressed: one namespace)
                 at = 0
                 for m in f.members:
                     blobs.append((m.key, fid, at, m.size))

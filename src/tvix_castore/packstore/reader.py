@@ -225,7 +225,8 @@ class PackReader:
         offsets: dict[int, FrameMember] = {}
         at = 0
         for m in head.members:
-            offsets[at] = m
+            if m.size:  # (an empty member shares its offset with the next one)
+                offsets[at] = m
             at += m.size
         decoded = _Decoded(head, payload, offsets)
         with self._lock:
@@ -260,6 +261,10 @@ class PackReader:
             ) from None
 
     def _member(self, digest: bytes, loc: Member) -> memoryview:
+        if loc.size == 0:  # (the empty Directory: its bytes are no bytes)
+            if digest != EMPTY_DIGEST.raw:
+                raise DataCorruption(f"indexed with size 0 in pack {loc.frame.pack}")
+            return memoryview(b"")
         decoded = self._decoded(loc.frame)
         m = decoded.offsets.get(loc.offset)
         if m is None or m.key != digest or m.size != loc.size:

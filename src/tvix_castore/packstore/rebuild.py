@@ -33,7 +33,8 @@ if TYPE_CHECKING:
 __all__ = ["OnRecord", "RebuildStats", "catch_up"]
 
 OnRecord = Callable[[Kind, bytes, memoryview], None]
-"""Gets each record (kind, key, bytes) of a DIRECTORIES or PATHINFOS frame indexed anew."""
+"""Gets each record (kind, key, bytes) of a PATHINFOS frame indexed anew (Directories are
+indexed like blobs: they need no callback)."""
 
 _PACK_SUFFIX = ".tvpack"
 _log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def _scan_pack(
             chunks = b""
             if head.kind == Kind.CHUNK_LIST:
                 chunks = bytes(payload)
-            elif head.kind in (Kind.DIRECTORIES, Kind.PATHINFOS) and on_record is not None:
+            elif head.kind == Kind.PATHINFOS and on_record is not None:
                 at = 0
                 for m in head.members:
                     on_record(Kind(head.kind), m.key, payload[at : at + m.size])

@@ -161,7 +161,12 @@ class PackTxn:
         holds one whose closure is not before it (or indexed already).
         """
         self._check()
-        self._builder.add_records(int(kind), list(records), hold=kind == Kind.PATHINFOS)
+        records = list(records)
+        if kind == Kind.DIRECTORIES:  # (content-addressed: a wrong key would fail the frame)
+            for key, data in records:
+                if blake3.blake3(data).digest() != key:
+                    raise ValueError(f"directory record {key.hex()} is not keyed by its BLAKE3")
+        self._builder.add_records(int(kind), records, hold=kind == Kind.PATHINFOS)
 
     def append_frame(
         self,

@@ -3,12 +3,14 @@
 import os
 from pathlib import Path
 
+import blake3
 import pytest
 
 from tvix_castore.errors import DataCorruption
 from tvix_castore.packstore.format import (
     FILE_HEADER,
     Codec,
+    Frame,
     FrameMember,
     Kind,
     build_frame,
@@ -23,7 +25,7 @@ TEXT = b"the quick brown fox jumps over the lazy dog\n" * 2000
 
 
 def _frame(payloads: list[bytes], level: int = 5, kind: Kind = Kind.BLOBS) -> bytes:
-    members = [FrameMember(bytes([i]) * 32, len(p)) for i, p in enumerate(payloads)]
+    members = [FrameMember(blake3.blake3(p).digest(), len(p)) for p in payloads]
     return b"".join(bytes(p) for p in encode_frame(kind, members, payloads, level))
 
 
@@ -35,10 +37,29 @@ def test_round_trip(level: int) -> None:
     assert bytes(payload) == b"".join(payloads)
     assert frame.length == len(data)
     assert frame.raw == len(payload)
-    assert [m.size for m in frame.members] == [len(p) for p in payloads]
+    assert frame.members == tuple(FrameMember(blake3.blake3(p).digest(), len(p)) for p in payloads)
     assert frame.codec == (Codec.RAW if level == 0 else Codec.ZSTD)
     if level:
         assert len(data) < len(payload) // 2
+
+
+def test_content_addressed_members_are_listed_by_size_only() -> None:
+    """Blobs and Directories: 4 bytes a member in the table; keys come from decoding."""
+    payloads = [pseudo_random(100 + i) for i in range(100)]
+    blobs = _frame(payloads, level=0)
+    records = [FrameMember(bytes([i]) * 32, len(p)) for i, p in enumerate(payloads)]
+    pathinfos = b"".join(bytes(p) for p in encode_frame(Kind.PATHINFOS, records, payloads, 0))
+    assert len(pathinfos) - len(blobs) == 100 * (40 - 4)
+    (scanned,) = scan_bytes(blobs)
+    assert [m.size for m in scanned.members] == [len(p) for p in payloads]
+    assert {m.key for m in scanned.members} == {b""}  # (unknown until decoded)
+
+
+def test_a_wrong_key_fails_the_frame_check() -> None:
+    members = [FrameMember(bytes(32), 4)]
+    data = b"".join(bytes(p) for p in encode_frame(Kind.BLOBS, members, [b"abcd"], 0))
+    with pytest.raises(DataCorruption, match="check failed"):
+        decode_payload(data, "x")
 
 
 def test_incompressible_is_stored_raw() -> None:
@@ -83,7 +104,7 @@ def test_scan_finds_every_frame(tmp_path: Path) -> None:
 @pytest.mark.parametrize("cut", [1, 10, 27, 28, 40, 80, 200, -33, -1])
 def test_scan_stops_at_a_torn_tail(tmp_path: Path, cut: int) -> None:
     good = [_frame([TEXT]), _frame([b"abc"])]
-    last = _frame([TEXT[:5000], b"zz"])
+    last = _frame([TEXT[:5000], pseudo_random(400)])
     torn = last[:cut]
     path = _pack(tmp_path, [*good, torn])
     assert [f.length for f in scan(path)] == [len(f) for f in good]
@@ -121,3 +142,11 @@ def test_an_incompressible_start_does_not_decide_for_the_segment() -> None:
     members = [FrameMember(bytes([i]) * 32, len(p)) for i, p in enumerate(payloads)]
     built = build_frame(Kind.BLOBS, members, payloads, 5)
     assert built.codec == Codec.ZSTD and built.length < 200_000
+
+
+def scan_bytes(frame: bytes) -> list[Frame]:
+    """The frames :func:`scan` finds in a pack holding ``frame``."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return list(scan(_pack(Path(tmp), [frame])))

@@ -55,8 +55,8 @@ async def main(home: Path, seed: int, fork: bool) -> None:
                 await w.write(data[i : i + 300_000])
             await w.close()
         elif choice < 0.9:
-            key = B3Digest.of(b"%d" % n).raw
-            svc.add_records(Kind.DIRECTORIES, [(key, rng.randbytes(rng.randrange(10, 3000)))])
+            record = rng.randbytes(rng.randrange(10, 3000))
+            svc.add_records(Kind.DIRECTORIES, [(B3Digest.of(record).raw, record)])
         else:
             txn = svc.transaction()
             for _ in range(50):
