@@ -18,6 +18,7 @@ import pytest
 
 from nix_compat.narinfo import NarInfo
 from tests.store.packs import damage_frame, files_under, frame_of, planned_roots
+from tests.storefiles import forget_directories
 
 from .conftest import TVIX, Bridge, Bridges, Closure, PathData, copy_to, nix_in, tvix_env
 
@@ -78,9 +79,7 @@ async def test_upload_records_vouched_plans_and_get_serves_them(
             assert await fetch_nar(session, bridge, p) == p.nar, p.path
     # And `tvix-store export` of the same store uses them (they vouch for the NarHash):
     # with every Directory gone, only a plan can give the NAR.
-    with contextlib.closing(sqlite3.connect(bridge.home / "store.sqlite")) as conn:
-        assert conn.execute("DELETE FROM directories").rowcount > 0
-        conn.commit()
+    assert forget_directories(bridge.home / "store.sqlite") > 0
     for p in dirs:
         proc = export_debug(bridge.home, p.path)
         assert proc.stdout == p.nar
@@ -139,9 +138,7 @@ async def test_range_and_head_come_from_the_plan(
     async with aiohttp.ClientSession(auto_decompress=False) as session:
         async with session.get(f"{bridge.url}/{p.hash_part}.narinfo") as resp:
             url = f"{bridge.url}/{NarInfo.parse(await resp.read()).url}"
-        with contextlib.closing(sqlite3.connect(bridge.home / "store.sqlite")) as conn:
-            conn.execute("DELETE FROM directories")
-            conn.commit()
+        forget_directories(bridge.home / "store.sqlite")
         async with session.head(url) as resp:
             assert resp.status == 200
             assert int(resp.headers["Content-Length"]) == len(p.nar)

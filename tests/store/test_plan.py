@@ -26,6 +26,7 @@ import pytest
 import zstandard
 
 from tests.compat.oracle import DigestSink, Nix, assert_same_nar
+from tests.storefiles import forget_directories
 from tvix_castore.blobservice.base import writev_all
 from tvix_castore.blobservice.objectstore import raw_frame_pieces
 from tvix_castore.digests import B3Digest
@@ -89,8 +90,7 @@ def export_nar(home: Path, store_path: str) -> DigestSink:
 
 def only_the_plan_left(home: Path) -> None:
     """Delete every Directory: an export that still succeeds was written from its plan."""
-    with sqlite3.connect(home / "store.sqlite") as conn:
-        assert conn.execute("DELETE FROM directories").rowcount > 0
+    assert forget_directories(home / "store.sqlite") > 0
 
 
 def nix_dump(nix: Nix, path: Path) -> DigestSink:

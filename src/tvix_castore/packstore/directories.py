@@ -16,19 +16,25 @@ service, absent.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING
 
 from tvix_castore.digests import B3Digest
 from tvix_castore.directoryservice.base import DirectoryService
 from tvix_castore.directoryservice.sqlite import SqliteDirectoryService
 from tvix_castore.errors import DataCorruption, ValidationError
+from tvix_castore.lazy import lazy_module
 from tvix_castore.nodes import Directory
 from tvix_castore.packstore.format import Kind
 from tvix_castore.packstore.reader import Member
 from tvix_castore.packstore.service import PackBlobService
+
+if TYPE_CHECKING:
+    import asyncio
+else:
+    asyncio = lazy_module("asyncio")  # not needed to write a NAR from its plans
 
 __all__ = ["PackDirectoryService"]
 

@@ -32,6 +32,7 @@ from tvix_castore.digests import B3Digest
 from tvix_castore.directoryservice.sqlite import SqliteDirectoryService
 from tvix_castore.packstore import Kind, PackBlobService
 from tvix_castore.packstore.compact import CompactStats, compact
+from tvix_castore.packstore.directories import PackDirectoryService
 from tvix_castore.packstore.format import FrameMember, scan
 from tvix_store import embedded
 from tvix_store.nar.render import calculate_nar
@@ -315,7 +316,7 @@ async def check_paths(home: Path) -> None:
     """Every PathInfo of the fixture renders, from the new store, to the recorded NAR."""
     recorded = {r["store_path"]: r for r in legacy_meta()["paths"]}
     blobs = PackBlobService(home)
-    dirs = SqliteDirectoryService(home / "store.sqlite")
+    dirs = PackDirectoryService(blobs, legacy=SqliteDirectoryService(home / "store.sqlite"))
     infos = SqlitePathInfoService(home / "store.sqlite")
     try:
         seen = set()
@@ -341,7 +342,7 @@ def legacy_left(home: Path) -> list[str]:
     if (home / "blobs").exists():
         left.append("blobs/")
     with contextlib.closing(sqlite3.connect(home / "store.sqlite")) as db:
-        for table in ("packed", "chunked", "pack_segments"):
+        for table in ("packed", "chunked", "pack_segments", "directories"):
             with contextlib.suppress(sqlite3.OperationalError):
                 (n,) = db.execute(f"SELECT count(*) FROM {table}").fetchone()
                 if n:
