@@ -94,6 +94,7 @@ def _child(forker: ForkedIngest, batches: Sequence[Files], tasks: int, results: 
     while True:
         task = queued.popleft() if queued else _recv(tasks)
         if task is None:
+            forker.finish_in_child(ask)
             return 0
         assert isinstance(task, int)
         _send(results, ("done", task, forker.ingest_in_child(batches[task], ask)))

@@ -287,14 +287,16 @@ async def upload_files(
     async def upload(batch: list[ScannedFile]) -> None:
         record(batch, await blobs.ingest_files([(f.path, f.size) for f in batch]))
 
-    # Small files go in batches (one thread hand-off each); largest work first
-    # keeps both cores busy to the end.
-    batches: list[list[ScannedFile]] = []
+    # Large files first, largest first (keeps both cores busy to the end), one
+    # batch each; then small files in batches (one thread hand-off each), in
+    # the tree's (NAR) order: neighbours compress together in a packed store.
+    batches: list[list[ScannedFile]] = [
+        [f] for f in sorted(files, key=lambda f: f.size, reverse=True) if f.size >= _SMALL_FILE
+    ]
     current: list[ScannedFile] = []
     current_bytes = 0
-    for f in sorted(files, key=lambda f: f.size, reverse=True):
+    for f in files:
         if f.size >= _SMALL_FILE:
-            batches.append([f])
             continue
         current.append(f)
         current_bytes += f.size

@@ -439,9 +439,7 @@ async def _write_nar(store: Any, info: Any, out: Any) -> None:
     import io
 
     from tvix_castore.errors import DataCorruption
-    from tvix_store.content import unreadable
     from tvix_store.nar.layout import build_layout
-    from tvix_store.nar.plan import clear_damage, mark_damaged, save_plan, write_planned
     from tvix_store.nar.render import fetch_closure, render_nar
 
     out.flush()
@@ -450,15 +448,14 @@ async def _write_nar(store: Any, info: Any, out: Any) -> None:
     except (AttributeError, io.UnsupportedOperation):
         fd = None
     node = info.node
-    if fd is not None and await write_planned(
-        store.plans, store.blobs, node, info.nar_size, info.nar_sha256, fd
-    ):
+    nar = store.nar
+    if fd is not None and await nar.export(node, info.nar_size, info.nar_sha256, fd):
         return
     closure = await fetch_closure(node, store.directories)
     # Before writing anything: are the bytes of every indexed blob there?
-    problem = await unreadable(store.blobs, [f.digest for f in build_layout(node, closure).files])
+    problem = await nar.unreadable([f.digest for f in build_layout(node, closure).files])
     if problem is not None:
-        await mark_damaged(store.plans, node, problem)
+        await nar.mark_damaged(node, problem)
         raise click.ClickException(f"{info.store_path}: stored content is damaged: {problem}")
     h = hashlib.sha256()
     size = 0
@@ -468,15 +465,15 @@ async def _write_nar(store: Any, info: Any, out: Any) -> None:
             size += len(piece)
             out.write(piece)
     except DataCorruption as exc:
-        await mark_damaged(store.plans, node, str(exc))
+        await nar.mark_damaged(node, str(exc))
         raise
     out.flush()
     if size != info.nar_size or h.digest() != info.nar_sha256:
         raise click.ClickException(
             f"{info.store_path}: rendered NAR does not match its recorded NarHash/NarSize"
         )
-    await save_plan(store.plans, store.blobs, node, closure, size, info.nar_sha256)
-    await clear_damage(store.plans, node)
+    await nar.record(node, closure, size, info.nar_sha256)
+    await nar.clear_damage(node)
 
 
 @main.command()
@@ -569,3 +566,45 @@ def info(store_path: str, as_json: bool, **kw: Any) -> None:
                 sys.stdout.write(pi.to_narinfo(url).render())
 
     _run(run())
+
+
+@main.command()
+@click.option(
+    "--min-garbage",
+    type=click.FloatRange(0.0, 1.0),
+    default=0.2,
+    show_default=True,
+    help="Rewrite a pack when at least this fraction of it is garbage.",
+)
+@click.option("--recompress", is_flag=True, help="Rewrite every pack (at TVIX_STORE_ZSTD_LEVEL).")
+@click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
+def compact(min_garbage: float, recompress: bool, as_json: bool) -> None:
+    """Compact the embedded store: rewrite packs that are mostly garbage, convert old layouts.
+
+    Runs while other processes read and write the store (packs being
+    written are skipped); a crash at any point loses nothing. Exits 2 if it
+    found damaged data (left as it was, listed).
+    """
+    import dataclasses
+
+    from tvix_castore.packstore.compact import compact as run_compaction
+    from tvix_castore.packstore.service import PackBlobService
+    from tvix_store.embedded import data_dir
+
+    home = data_dir()
+    if not (home / "store.sqlite").exists():
+        raise click.ClickException(f"no embedded store at {home}")
+    try:
+        svc = PackBlobService(home)
+        try:
+            stats = run_compaction(svc, min_garbage=min_garbage, recompress=recompress)
+        finally:
+            svc.close()
+    except CastoreError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        print(json.dumps(dataclasses.asdict(stats), indent=1))
+    else:
+        print(stats.summary())
+    if stats.damaged:
+        raise SystemExit(2)

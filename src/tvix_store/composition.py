@@ -10,7 +10,7 @@ shared; reference cycles and unknown names are reported with the path that
 led to them::
 
     [blobservices.default]
-    type = "embedded"            # packed SQLite + chunk objects
+    type = "embedded"            # the embedded store's packs (as with no flags)
     path = "/var/lib/tvix-store"
 
     [directoryservices.default]
@@ -30,6 +30,13 @@ led to them::
     type = "cache"
     near = "local"
     far = "upstream"
+
+Entries of ``type = "embedded"`` with the same ``path`` are parts of one
+:class:`~tvix_store.embedded.Embedded` store (so the store gets its NAR
+plans, exactly as with no flags at all); ``type = "url"`` takes any service
+URL the command-line flags take. The flags and environment variables are
+turned into such a composition too (:func:`tvix_store.config.open_store`):
+every way of opening a store runs the same build.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from nix_compat.signing import SigningKey, VerifyingKey
 from tvix_castore.blobservice.base import BlobService
 from tvix_castore.directoryservice.base import DirectoryService
 from tvix_castore.errors import CompositionError, ConfigError
+from tvix_store.embedded import Embedded
 from tvix_store.pathinfoservice.base import PathInfoService
 
 __all__ = ["Composition", "load_composition"]
@@ -59,6 +67,7 @@ _FIELDS: dict[str, dict[str, dict[str, tuple[type, bool]]]] = {
     "blobservices": {
         "memory": {},
         "embedded": {"path": (str, True)},
+        "url": {"url": (str, True)},
         "objectstore": {"object_store_url": (str, True), "avg_chunk_size": (int, False)},
         "grpc": {"url": (str, True)},
         "combined": {"local": (str, True), "remote": (str, True)},
@@ -66,6 +75,7 @@ _FIELDS: dict[str, dict[str, dict[str, tuple[type, bool]]]] = {
     "directoryservices": {
         "memory": {},
         "embedded": {"path": (str, True)},
+        "url": {"url": (str, True)},
         "sqlite": {"path": (str, True)},
         "grpc": {"url": (str, True)},
         "cache": {"near": (str, True), "far": (str, True)},
@@ -73,6 +83,7 @@ _FIELDS: dict[str, dict[str, dict[str, tuple[type, bool]]]] = {
     "pathinfoservices": {
         "memory": {},
         "embedded": {"path": (str, True)},
+        "url": {"url": (str, True)},
         "sqlite": {"path": (str, True)},
         "grpc": {"url": (str, True)},
         "nix": {
@@ -109,6 +120,23 @@ class Composition:
         self._built: dict[tuple[str, str], Any] = {}
         self._building: list[tuple[str, str]] = []
         self._closers: list[Callable[[], Awaitable[None]]] = []
+        self._embedded: dict[Path, Embedded] = {}
+
+    def embedded(self, path: str | Path) -> Embedded:
+        """The embedded store at ``path`` (one per path, shared by its entries)."""
+        home = Path(path)
+        found = self._embedded.get(home)
+        if found is None:
+            found = self._embedded[home] = Embedded(home)
+            self._closers.append(found.aclose)  # its parts are closed with it, once
+        return found
+
+    def embedded_of(self, blobs: BlobService) -> Embedded | None:
+        """The embedded store whose blob service ``blobs`` is, if any."""
+        for store in self._embedded.values():
+            if store.has_blobs(blobs):
+                return store
+        return None
 
     def _check(self, kind: str, name: str, entry: Any) -> None:
         where = f"{self.source}: {kind}.{name}"
@@ -147,7 +175,13 @@ class Composition:
     def _from_url(self, kind: str, url: str) -> Any:
         from tvix_castore.registry import blob_service_from_url, directory_service_from_url
         from tvix_store.config import path_info_service_from_url
+        from tvix_store.embedded import EMBEDDED_SCHEME, embedded_home
 
+        if url.startswith(f"{EMBEDDED_SCHEME}:"):  # the same store as type = "embedded"
+            store = self.embedded(embedded_home(url))
+            if kind == "blobservices":
+                return store.blobs()
+            return store.directories() if kind == "directoryservices" else store.pathinfos()
         if kind == "blobservices":
             svc: Any = blob_service_from_url(url)
         elif kind == "directoryservices":
@@ -188,7 +222,8 @@ class Composition:
         finally:
             self._building.pop()
         self._built[key] = svc
-        self._closers.append(svc.aclose)
+        if not any(store.owns(svc) for store in self._embedded.values()):
+            self._closers.append(svc.aclose)
         return svc
 
     def _make(self, kind: str, name: str, e: dict[str, Any]) -> Any:
@@ -197,8 +232,8 @@ class Composition:
         try:
             return self._make_inner(kind, typ, e)
         except (ConfigError, NixCompatError, OSError) as exc:
-            if isinstance(exc, CompositionError):
-                raise
+            if isinstance(exc, CompositionError) or (typ == "url" and isinstance(exc, ConfigError)):
+                raise  # (a URL's error names the URL and the rule it breaks)
             raise CompositionError(f"{where}: {exc}") from exc
 
     def _make_inner(self, kind: str, typ: str, e: dict[str, Any]) -> Any:
@@ -209,15 +244,13 @@ class Composition:
         from tvix_store.pathinfoservice.memory import MemoryPathInfoService
         from tvix_store.pathinfoservice.sqlite import SqlitePathInfoService
 
-        if typ == "grpc":
+        if typ in ("grpc", "url"):
             return self._from_url(kind, e["url"])
         if kind == "blobservices":
             if typ == "memory":
                 return MemoryBlobService()
             if typ == "embedded":
-                from tvix_store.embedded import embedded_blobs
-
-                return embedded_blobs(Path(e["path"]))
+                return self.embedded(e["path"]).blobs()
             if typ == "objectstore":
                 from tvix_castore.registry import blob_service_from_url
 
@@ -233,12 +266,10 @@ class Composition:
         if kind == "directoryservices":
             if typ == "memory":
                 return MemoryDirectoryService()
-            if typ in ("embedded", "sqlite"):
-                path = Path(e["path"])
-                if typ == "embedded":
-                    path.mkdir(parents=True, exist_ok=True)
-                    path = path / "store.sqlite"
-                return SqliteDirectoryService(path)
+            if typ == "embedded":
+                return self.embedded(e["path"]).directories()
+            if typ == "sqlite":
+                return SqliteDirectoryService(Path(e["path"]))
             from tvix_castore.directoryservice.cache import CacheDirectoryService
 
             return CacheDirectoryService(self._ref(kind, e["near"]), self._ref(kind, e["far"]))
@@ -247,12 +278,10 @@ class Composition:
 
         if typ == "memory":
             return MemoryPathInfoService()
-        if typ in ("embedded", "sqlite"):
-            path = Path(e["path"])
-            if typ == "embedded":
-                path.mkdir(parents=True, exist_ok=True)
-                path = path / "store.sqlite"
-            return SqlitePathInfoService(path)
+        if typ == "embedded":
+            return self.embedded(e["path"]).pathinfos()
+        if typ == "sqlite":
+            return SqlitePathInfoService(Path(e["path"]))
         if typ == "nix":
             from tvix_store.pathinfoservice.nix_http import NixHttpPathInfoService
 

@@ -6,11 +6,13 @@ default. The embedded default keeps everything in one data directory
 (``$TVIX_STORE_HOME``, else ``$XDG_DATA_HOME/tvix-store``, else
 ``~/.local/share/tvix-store``):
 
-* ``store.sqlite`` (WAL): directories, path infos and blobs up to 128 KiB,
-* ``blobs/``: larger blobs as zstd chunk objects in the B §7.1 layout.
+* ``packs/``: blobs in compressed pack files (see :mod:`tvix_castore.packstore`),
+  with every Directory and PathInfo journaled beside them,
+* ``store.sqlite`` (WAL): the pack index, directories, path infos and NAR
+  plans: all of it can be rebuilt from the packs.
 
 Several processes (daemon, CLI, nar-bridge) may use it at once: SQLite WAL
-serialises writers and objects are published by atomic renames.
+serialises writers and each process appends to a pack of its own.
 """
 
 from __future__ import annotations
@@ -19,38 +21,39 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nix_compat.errors import NixCompatError
 from tvix_castore.blobservice.base import BlobService
-from tvix_castore.blobservice.packed import PackedBlobService
 from tvix_castore.directoryservice.base import DirectoryService
-from tvix_castore.directoryservice.sqlite import SqliteDirectoryService
 from tvix_castore.errors import ConfigError
 from tvix_castore.lifecycle import AsyncClosing
 from tvix_castore.nodes import Node
-from tvix_castore.registry import ServiceUrl, blob_service_from_url, directory_service_from_url
+from tvix_castore.registry import ServiceUrl
 from tvix_store.embedded import (
-    ENV_CHUNK_ZSTD,
+    EMBEDDED_SCHEME,
     STORE_DB,
     data_dir,
     embedded_blobs,
-    embedded_zstd_level,
+    embedded_home,
 )
-from tvix_store.nar.plan import SqliteNarPlans, calculate_nar_planned
+from tvix_store.nar.service import NarService
 from tvix_store.narindex import MemoryNarIndex, NarIndex, SqliteNarIndex
 from tvix_store.pathinfoservice.base import PathInfoService
 from tvix_store.pathinfoservice.combinators import CachePathInfoService
 
+if TYPE_CHECKING:
+    from tvix_store.composition import Composition
+
 __all__ = [
     "ENV_BLOB",
-    "ENV_CHUNK_ZSTD",
     "ENV_DIRECTORY",
     "ENV_PATH_INFO",
     "STORE_DB",
     "Store",
+    "config_from_urls",
     "data_dir",
     "embedded_blobs",
-    "embedded_zstd_level",
     "open_store",
     "path_info_service_from_url",
     "register_path_info_service",
@@ -144,7 +147,7 @@ def path_info_service_from_url(
 
 @dataclass
 class Store(AsyncClosing):
-    """The three services (and a NAR calculator), closed together."""
+    """The three services, their NAR index and NAR service, closed together."""
 
     blobs: BlobService
     directories: DirectoryService
@@ -152,8 +155,14 @@ class Store(AsyncClosing):
     nar_index: NarIndex = field(default_factory=MemoryNarIndex)
     description: str = ""
     _closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list, repr=False)
-    plans: SqliteNarPlans | None = None
-    """NAR plans for fast export (embedded blobs only; see :mod:`tvix_store.nar.plan`)."""
+    nar_service: NarService | None = None
+
+    @property
+    def nar(self) -> NarService:
+        """NARs of this store (plans in the embedded store: :mod:`tvix_store.nar.service`)."""
+        if self.nar_service is None:
+            self.nar_service = NarService(self.blobs, self.directories)
+        return self.nar_service
 
     async def calculate_nar(self, node: Node) -> tuple[int, bytes]:
         """NAR size and sha256 of ``node``: remotely if the path info service is gRPC."""
@@ -161,7 +170,7 @@ class Store(AsyncClosing):
 
         if isinstance(self.pathinfos, GrpcPathInfoService):
             return await self.pathinfos.calculate_nar(node)
-        return await calculate_nar_planned(self.plans, self.blobs, self.directories, node)
+        return await self.nar.calculate(node)
 
     async def aclose(self) -> None:
         """Close every service (once)."""
@@ -181,23 +190,64 @@ def _nar_index_for(pathinfos: PathInfoService) -> NarIndex:
     return MemoryNarIndex()
 
 
+def config_from_urls(
+    blob_url: str | None, directory_url: str | None, path_info_url: str | None, home: Path
+) -> dict[str, dict[str, dict[str, str]]]:
+    """The composition that the three service URLs (flags, env vars) stand for.
+
+    A missing URL is the embedded store at ``home``, ``embedded:///dir`` the
+    one at ``/dir`` (as ``type = "embedded"``, ``path = "/dir"``); a substituter
+    (``nix+http(s)://``) is cached in the embedded store's path infos, as a
+    substituter alone would download again on every get.
+    """
+    embedded = {"type": "embedded", "path": str(home)}
+
+    def entry(url: str | None) -> dict[str, str]:
+        if not url:
+            return dict(embedded)
+        if url.startswith(f"{EMBEDDED_SCHEME}:"):
+            return {"type": "embedded", "path": str(embedded_home(url))}
+        return {"type": "url", "url": url}
+
+    pathinfos = {"default": entry(path_info_url)}
+    if path_info_url and path_info_url.startswith("nix+"):
+        pathinfos = {
+            "default": {"type": "cache", "near": "local", "far": path_info_url},
+            "local": dict(embedded),
+        }
+    return {
+        "blobservices": {"default": entry(blob_url)},
+        "directoryservices": {"default": entry(directory_url)},
+        "pathinfoservices": pathinfos,
+    }
+
+
 async def open_composition(path: str | Path) -> Store:
     """Open the store described by a composition file (its ``default`` entries)."""
     from tvix_store.composition import load_composition
 
-    comp = load_composition(path)
+    return await _build(load_composition(path), f"composition {path}")
+
+
+async def _build(comp: Composition, description: str) -> Store:
+    """The one build of a store: its ``default`` services, NAR index and NAR plans."""
+    closers = comp.closers
     try:
         blobs = comp.build("blobservices", "default")
         directories = comp.build("directoryservices", "default")
         pathinfos = comp.build("pathinfoservices", "default")
         nar_index = _nar_index_for(pathinfos)
+        closers.append(nar_index.aclose)
+        embedded = comp.embedded_of(blobs)
+        nar = NarService(blobs, directories)
+        if embedded is not None:  # (its plans are closed with the embedded store)
+            nar = embedded.nar(blobs, directories)
     except BaseException:
-        for close in reversed(comp.closers):
+        for close in reversed(closers):
             with contextlib.suppress(Exception):
                 await close()
         raise
-    closers = [*comp.closers, nar_index.aclose]
-    return Store(blobs, directories, pathinfos, nar_index, f"composition {path}", closers)
+    return Store(blobs, directories, pathinfos, nar_index, description, list(closers), nar)
 
 
 async def open_store(
@@ -210,73 +260,23 @@ async def open_store(
 ) -> Store:
     """Open the store: a composition file, or each service from its URL, else the embedded default.
 
-    A composition file replaces the three URLs (giving both is an error).
+    A composition file replaces the three URLs (giving both is an error). The
+    URLs become a composition too (:func:`config_from_urls`), built the same way.
     """
+    from tvix_store.composition import Composition
+
     if composition is not None:
         if blob_url or directory_url or path_info_url:
             raise ConfigError("give either a store composition file or service URLs, not both")
         return await open_composition(composition)
-    closers: list[Callable[[], Awaitable[None]]] = []
-    parts: list[str] = []
     home = home or data_dir()
-    db = home / STORE_DB
-
-    def embedded() -> None:
-        try:
-            home.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"cannot create the data directory {home}: {exc}") from exc
-
-    try:
-        if blob_url:
-            blobs = blob_service_from_url(blob_url)
-            parts.append(f"blobs={blob_url}")
-        else:
-            blobs = embedded_blobs(home)
-            parts.append(f"blobs=embedded:{home}")
-        closers.append(blobs.aclose)
-        if directory_url:
-            directories = directory_service_from_url(directory_url)
-            parts.append(f"directories={directory_url}")
-        else:
-            embedded()
-            directories = SqliteDirectoryService(db)
-            parts.append(f"directories=embedded:{home}")
-        closers.append(directories.aclose)
-        nar_index: NarIndex
-        if path_info_url:
-            pathinfos = path_info_service_from_url(path_info_url, blobs, directories)
-            parts.append(f"pathinfos={path_info_url}")
-            from tvix_store.pathinfoservice.nix_http import NixHttpPathInfoService
-            from tvix_store.pathinfoservice.sqlite import SqlitePathInfoService
-
-            if isinstance(pathinfos, NixHttpPathInfoService):
-                # A substituter alone would re-download on every get: cache it locally.
-
-                embedded()
-                pathinfos = CachePathInfoService(SqlitePathInfoService(db), pathinfos)
-                nar_index = SqliteNarIndex(db)
-                parts.append(f"(cached in embedded:{home})")
-            elif isinstance(pathinfos, SqlitePathInfoService):
-                nar_index = SqliteNarIndex(pathinfos.path)
-            else:  # memory:// or remote: no shared place to persist it
-                nar_index = MemoryNarIndex()
-        else:
-            embedded()
-            from tvix_store.pathinfoservice.sqlite import SqlitePathInfoService
-
-            pathinfos = SqlitePathInfoService(db)
-            nar_index = SqliteNarIndex(db)
-            parts.append(f"pathinfos=embedded:{home}")
-        closers.append(pathinfos.aclose)
-        closers.append(nar_index.aclose)
-        plans = None
-        if isinstance(blobs, PackedBlobService):
-            plans = SqliteNarPlans(blobs.path)
-            closers.append(plans.aclose)
-    except BaseException:
-        for close in reversed(closers):
-            with contextlib.suppress(Exception):
-                await close()
-        raise
-    return Store(blobs, directories, pathinfos, nar_index, ", ".join(parts), closers, plans)
+    parts = [
+        f"{what}={url or f'embedded:{home}'}"
+        for what, url in (
+            ("blobs", blob_url),
+            ("directories", directory_url),
+            ("pathinfos", path_info_url),
+        )
+    ]
+    config = config_from_urls(blob_url, directory_url, path_info_url, home)
+    return await _build(Composition(config, "service URLs"), ", ".join(parts))

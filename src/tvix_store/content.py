@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Sequence
-
 from tvix_castore.blobservice.base import BlobService
-from tvix_castore.blobservice.packed import PackedBlobService
-from tvix_castore.digests import B3Digest
 from tvix_castore.directoryservice.base import DirectoryService
 from tvix_castore.errors import NotFound, ValidationError
 from tvix_castore.nodes import DirectoryNode, FileNode, Node
 
-__all__ = ["MissingContent", "check_content", "unreadable"]
+__all__ = ["MissingContent", "check_content"]
 
 
 class MissingContent(NotFound):
@@ -53,15 +48,3 @@ async def check_content(node: Node, blobs: BlobService, dirs: DirectoryService) 
             raise ValidationError(
                 f"file {f.name!r}: blob {f.digest} has {size} bytes, the node states {f.size}"
             )
-
-
-async def unreadable(blobs: BlobService, digests: Sequence[B3Digest]) -> str | None:
-    """Why one of ``digests`` (all present, by the index) cannot be read; ``None`` if all can.
-
-    For the embedded store: each pack file or chunk file a read needs exists
-    and is long enough (see :meth:`PackedBlobService.unreadable_sync`); other
-    services are trusted to have what they list.
-    """
-    if not isinstance(blobs, PackedBlobService):
-        return None
-    return await asyncio.to_thread(blobs.unreadable_sync, digests)

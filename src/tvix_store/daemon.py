@@ -30,7 +30,7 @@ def registrations(store: Store, policy: UploadPolicy | None = None) -> list[Regi
     blob = BlobServiceServicer(store.blobs)
     directory = DirectoryServiceServicer(store.directories)
     pathinfo = PathInfoServiceServicer(
-        store.pathinfos, store.blobs, store.directories, plans=store.plans, policy=policy
+        store.pathinfos, store.blobs, store.directories, nar=store.nar, policy=policy
     )
     return [
         (

@@ -1,70 +1,192 @@
-"""The embedded default store's pieces that need no event loop.
+"""The embedded default store: one data directory, assembled in one place.
 
-Where its data directory is, how its blob service is built, and the fast path
-of ``tvix-store export``: a NAR written straight from its plan, which is most
-of what an export does. Importing this module (unlike :mod:`tvix_store.config`)
-loads no asyncio, no service registry and no network code: start-up is a
-large part of a half-second export.
+:class:`Embedded` is the store at one home: its blob service, directory and
+path info services, and the NAR service that owns the NAR plans. Every way of
+opening it (no flags, env vars, a TOML composition with ``type =
+"embedded"``, the export fast path) asks :class:`Embedded` for its parts, so
+they cannot drift apart (see :mod:`tvix_store.config`). Importing this module
+(unlike :mod:`tvix_store.config`) loads no asyncio, no service registry and no
+network code: start-up is a large part of a half-second export.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nix_compat.store_path import StorePath
 from tvix_castore.blobservice.base import BlobService
-from tvix_castore.blobservice.objectstore import ObjectStoreBlobService
-from tvix_castore.blobservice.packed import PackedBlobService
+from tvix_castore.directoryservice.base import DirectoryService
 from tvix_castore.errors import ConfigError
-from tvix_castore.objectstore import LocalObjectStore
+from tvix_castore.packstore.format import Kind
+from tvix_castore.packstore.service import PackBlobService
+
+if TYPE_CHECKING:
+    from tvix_castore.packstore.directories import PackDirectoryService
+    from tvix_store.nar.plancache import PlanCache
+    from tvix_store.nar.service import NarService
+    from tvix_store.pathinfoservice.sqlite import SqlitePathInfoService
 
 __all__ = [
-    "ENV_CHUNK_ZSTD",
+    "EMBEDDED_SCHEME",
     "STORE_DB",
+    "Embedded",
     "data_dir",
     "embedded_blobs",
-    "embedded_zstd_level",
+    "embedded_home",
     "export_planned",
 ]
 
 STORE_DB = "store.sqlite"
+_PATHINFO_KEY_PAD = bytes(12)  # a PathInfo's journal key: its 20-byte digest, padded to 32
 
 
-ENV_CHUNK_ZSTD = "TVIX_STORE_CHUNK_ZSTD"
+class Embedded:
+    """The embedded store in ``home``: each part built once, on first use, and shared.
 
-
-def embedded_zstd_level() -> int | None:
-    """The zstd level of the embedded store's new chunks; ``None`` (the default): raw frames.
-
-    Like ``/nix/store``, the embedded store keeps file contents uncompressed by
-    default (small blobs always were): compressing and decompressing cost more
-    CPU than anything else an import or export does. Chunks stay zstd frames
-    (raw blocks), so any level can be chosen later and old chunks stay readable.
+    The blob, directory and path info services and the NAR plans all live in
+    ``home`` (``store.sqlite`` and ``packs/``). Directories and PathInfos are
+    journaled into the packs before their rows commit, so the packs alone hold
+    the whole store: opening a store whose ``store.sqlite`` is gone (or behind
+    the packs) puts them back (:meth:`_restore`, called by the pack store's
+    rebuild). :meth:`close` closes what was built.
     """
-    text = os.environ.get(ENV_CHUNK_ZSTD, "").strip().lower()
-    if text in ("", "none", "0"):
-        return None
-    try:
-        level = int(text)
-    except ValueError:
-        level = 0
-    if not 1 <= level <= 22:
-        raise ConfigError(f"{ENV_CHUNK_ZSTD}={text!r}: expected 'none' or a zstd level 1-22")
-    return level
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.db = home / STORE_DB
+        self._lock = threading.RLock()  # (a rebuild in blobs() restores through the others)
+        self._blobs: PackBlobService | None = None
+        self._directories: PackDirectoryService | None = None
+        self._pathinfos: SqlitePathInfoService | None = None
+        self._plans: PlanCache | None = None
+
+    def _make_home(self) -> None:
+        try:
+            self.home.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the data directory {self.home}: {exc}") from exc
+
+    def blobs(self) -> PackBlobService:
+        """The blob service: compressed packs (and the layout of older releases, read)."""
+        with self._lock:
+            if self._blobs is None:
+                self._make_home()
+                self._blobs = PackBlobService(self.home, on_record=self._restore)
+            return self._blobs
+
+    def _restore(self, kind: Kind, key: bytes, data: memoryview) -> None:
+        """A PathInfo found in the packs the index is behind on: put back.
+
+        (Directories need nothing: they live in the packs, indexed like blobs.)
+        """
+        if kind == Kind.PATHINFOS:
+            self.pathinfos().restore_sync(data)
+
+    def _journal_pathinfo(self, digest: bytes, data: bytes) -> None:
+        self.blobs().add_records(Kind.PATHINFOS, [(digest + _PATHINFO_KEY_PAD, data)])
+
+    def has_blobs(self, blobs: object) -> bool:
+        """Whether ``blobs`` is this store's blob service (built already)."""
+        return blobs is not None and blobs is self._blobs
+
+    def owns(self, service: object) -> bool:
+        """Whether ``service`` is one of this store's parts (closed by :meth:`close`)."""
+        parts = (self._blobs, self._directories, self._pathinfos, self._plans)
+        return service is not None and any(service is part for part in parts)
+
+    def directories(self) -> PackDirectoryService:
+        """The directory service: Directories in the packs, stored once, compressed.
+
+        A store of an older release also has them in a ``directories`` table
+        of ``store.sqlite``: read there until ``tvix-store compact`` moves them.
+        """
+        from tvix_castore.directoryservice.sqlite import SqliteDirectoryService
+        from tvix_castore.packstore.directories import PackDirectoryService
+
+        with self._lock:
+            if self._directories is None:
+                blobs = self.blobs()
+                legacy = None
+                if blobs.index.has_table("directories"):
+                    legacy = SqliteDirectoryService(self.db)
+                self._directories = PackDirectoryService(blobs, legacy=legacy)
+            return self._directories
+
+    def pathinfos(self) -> SqlitePathInfoService:
+        """The path info service (``store.sqlite``; PathInfos journaled in the packs)."""
+        from tvix_store.pathinfoservice.sqlite import SqlitePathInfoService
+
+        with self._lock:
+            if self._pathinfos is None:
+                self._make_home()
+                self._pathinfos = SqlitePathInfoService(self.db, journal=self._journal_pathinfo)
+            return self._pathinfos
+
+    def plans(self) -> PlanCache:
+        """The NAR plan cache (``store.sqlite``)."""
+        from tvix_store.nar.plancache import PlanCache
+
+        with self._lock:
+            if self._plans is None:
+                self._make_home()
+                self._plans = PlanCache(self.db)
+            return self._plans
+
+    def nar(self, blobs: BlobService, directories: DirectoryService) -> NarService:
+        """The NAR service of a store whose blobs are these (plans read through the packs)."""
+        from tvix_store.nar.service import NarService
+
+        own = self.blobs()
+        if blobs is not own:
+            return NarService(blobs, directories)
+        return NarService(blobs, directories, self.plans(), own.reader)
+
+    def close(self) -> None:
+        """Close every part built (blocking)."""
+        with self._lock:
+            plans, self._plans = self._plans, None
+            pathinfos, self._pathinfos = self._pathinfos, None
+            directories, self._directories = self._directories, None
+            blobs, self._blobs = self._blobs, None
+        if plans is not None:
+            plans.close()
+        if pathinfos is not None:
+            pathinfos.close()
+        if directories is not None:
+            directories.close()
+        if blobs is not None:
+            blobs.close()
+
+    async def aclose(self) -> None:
+        """:meth:`close` (the parts close without blocking for long)."""
+        self.close()
 
 
-def embedded_blobs(home: Path) -> BlobService:
-    """The embedded blob service in ``home`` (small blobs in packs, large as chunks)."""
-    level = embedded_zstd_level()
-    try:
-        home.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"cannot create the data directory {home}: {exc}") from exc
-    return PackedBlobService(
-        home / STORE_DB,
-        ObjectStoreBlobService(LocalObjectStore(home / "blobs"), zstd_level=level),
-    )
+EMBEDDED_SCHEME = "embedded"
+
+
+def embedded_home(url: str) -> Path:
+    """The home of an ``embedded:///abs/dir`` URL (the embedded store as a service URL).
+
+    The same URL works for each of the three services, so flags and env vars
+    can name the store a composition's ``type = "embedded"`` entries name.
+    """
+    from tvix_castore.registry import ServiceUrl
+
+    parsed = ServiceUrl.parse(url)
+    if parsed.scheme != EMBEDDED_SCHEME:
+        raise parsed.error("not an embedded:// URL")
+    parsed.no_host()
+    parsed.check_query()
+    return Path(parsed.absolute_path("data directory"))
+
+
+def embedded_blobs(home: Path) -> PackBlobService:
+    """The embedded blob service in ``home`` (see :meth:`Embedded.blobs`)."""
+    return Embedded(home).blobs()
 
 
 def data_dir() -> Path:
@@ -78,34 +200,24 @@ def data_dir() -> Path:
 
 
 def export_planned(home: Path, store_path: StorePath, fd: int) -> bool:
-    """Write ``store_path``'s NAR to ``fd`` from a plan vouching for its NarHash (blocking).
+    """Write ``store_path``'s NAR to ``fd`` from plans vouching for its NarHash (blocking).
 
     ``False``, having written nothing, when that is not possible (no such
     path or plan, not a directory, no store at all): the caller then goes the
     general way, which also reports what is missing.
 
     Raises:
-        NarRenderError: a blob is missing or corrupt (after the bytes before it).
+        DataCorruption: a blob is missing or corrupt (after the bytes before it).
         OSError: writing to ``fd`` failed.
     """
-    from tvix_store.nar.plan import SqliteNarPlans, write_vouched_sync
-    from tvix_store.pathinfoservice.sqlite import SqlitePathInfoService
-
-    db = home / STORE_DB
-    if not db.is_file():
+    store = Embedded(home)
+    if not store.db.is_file():
         return False
-    pathinfos = SqlitePathInfoService(db)
     try:
-        info = pathinfos.get_sync(store_path.digest)
+        info = store.pathinfos().get_sync(store_path.digest)
+        if info is None or info.store_path != store_path:
+            return False
+        nar = store.nar(store.blobs(), store.directories())
+        return nar.export_sync(info.node, info.nar_size, info.nar_sha256, fd)
     finally:
-        pathinfos.close()
-    if info is None or info.store_path != store_path:
-        return False
-    blobs = embedded_blobs(home)
-    assert isinstance(blobs, PackedBlobService)
-    plans = SqliteNarPlans(db)
-    try:
-        return write_vouched_sync(plans, blobs, info.node, info.nar_size, info.nar_sha256, fd)
-    finally:
-        plans.close()
-        blobs.close()
+        store.close()

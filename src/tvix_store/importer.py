@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import contextlib
 import logging
 import os
+import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from nix_compat.nar import nar_hash_path
 from nix_compat.nixhash import CAHash, CAKind, HashAlgo, NixHash
 from nix_compat.store_path import build_ca_path, validate_name
-from tvix_castore.blobservice.packed import PackedBlobService
+from tvix_castore.blobservice.base import BlobReader, BlobService, BlobWriter, ForkedIngest
 from tvix_castore.digests import B3Digest
-from tvix_castore.errors import CastoreError, IngestionError
+from tvix_castore.errors import IngestionError
 from tvix_castore.ingest import (
     ScannedTree,
     ingest_tree,
@@ -21,9 +23,10 @@ from tvix_castore.ingest import (
     scan_tree,
     upload_files,
 )
-from tvix_castore.nodes import Directory, DirectoryNode, Node
+from tvix_castore.nodes import Directory, Node
+from tvix_castore.packstore.service import PackBlobService, PackTxn
 from tvix_store.config import Store
-from tvix_store.nar.plan import NarPlan, PlanHasher, clear_damage, save_plan, scanned_plan
+from tvix_store.nar.dirplan import Hint
 from tvix_store.nar.render import calculate_nar
 from tvix_store.pathinfo import PathInfo
 
@@ -51,16 +54,16 @@ class IngestedTree:
     nar_size: int
     nar_sha256: bytes
     closure: dict[B3Digest, Directory]
-    plan: NarPlan | None = None  # vouching for nar_sha256, still to be recorded
+    hints: Mapping[bytes, Hint] | None = None  # where its blobs were read back from
 
 
 async def ingest_and_hash(path: str | os.PathLike[str], store: Store) -> IngestedTree:
     """Ingest the tree at ``path`` and hash its NAR, consistently.
 
-    With the embedded store, the tree is read once: ingested into the packs,
-    then its NAR is hashed from what they hold (see
-    :class:`~tvix_store.nar.plan.PlanHasher`), so the NarHash describes
-    exactly what was stored, whatever happened to the tree meanwhile.
+    With the embedded store, the tree is read once: ingested into the packs in
+    one transaction, then its NAR is hashed from what they hold (see
+    :meth:`~tvix_store.nar.service.NarService.hash_uploaded`), so the NarHash
+    describes exactly what was stored, whatever happened to the tree meanwhile.
 
     Elsewhere (stores without packs: rendering from castore would mean reading
     every blob back), the tree is read twice at once — ingested into castore,
@@ -72,7 +75,7 @@ async def ingest_and_hash(path: str | os.PathLike[str], store: Store) -> Ingeste
     NarHash is computed from castore instead.
     """
     closure: dict[B3Digest, Directory] = {}
-    if store.plans is not None and isinstance(store.blobs, PackedBlobService):
+    if store.nar.reader is not None and isinstance(store.blobs, PackBlobService):
         tree = await asyncio.to_thread(scan_tree, path, fingerprints=False)
         return await _ingest_then_hash(tree, store, store.blobs, closure)
     tree = await asyncio.to_thread(scan_tree, path)
@@ -90,51 +93,77 @@ async def ingest_and_hash(path: str | os.PathLike[str], store: Store) -> Ingeste
     return IngestedTree(node, nar_size, nar_sha256, closure)
 
 
+class _InTxn(BlobService):
+    """The pack store's ingestion, into one explicit transaction (for ``upload_files``).
+
+    Only ingestion is offered; a PackTxn is not for concurrent use, so batches
+    that are not forked are ingested one at a time.
+    """
+
+    def __init__(self, blobs: PackBlobService, txn: PackTxn) -> None:
+        self._blobs = blobs
+        self._txn = txn
+        self._lock = threading.Lock()
+
+    def forked_ingest(self) -> ForkedIngest | None:
+        return self._blobs.forked_ingest(self._txn)
+
+    def _ingest(self, files: Sequence[tuple[str | bytes, int]]) -> list[B3Digest | Exception]:
+        with self._lock:
+            return self._blobs.ingest_files_sync(files, self._txn)
+
+    async def ingest_files(
+        self, files: Sequence[tuple[str | bytes, int]]
+    ) -> list[B3Digest | Exception]:
+        return await asyncio.to_thread(self._ingest, files)
+
+    async def has(self, digest: B3Digest) -> bool:
+        raise NotImplementedError("ingestion only")
+
+    async def open_read(self, digest: B3Digest) -> BlobReader | None:
+        raise NotImplementedError("ingestion only")
+
+    def open_write(self) -> BlobWriter:
+        raise NotImplementedError("ingestion only")
+
+
 async def _ingest_then_hash(
-    tree: ScannedTree, store: Store, blobs: PackedBlobService, closure: dict[B3Digest, Directory]
+    tree: ScannedTree, store: Store, blobs: PackBlobService, closure: dict[B3Digest, Directory]
 ) -> IngestedTree:
-    with blobs.staged_index() as commit_index:
-        await upload_files(tree, blobs)
-        if not tree.is_directory:
-            await asyncio.to_thread(commit_index)
-            node = await put_directories(tree, store.directories, collect=closure)
-            # A lone file or symlink: its NAR read back from castore.
-            nar_size, sha = await calculate_nar(node, blobs, store.directories, closure=closure)
-            return IngestedTree(node, nar_size, sha, closure)
-        plan = await asyncio.to_thread(scanned_plan, tree, blobs)
-        # The NAR is hashed (by a forked child, if large) while the blob index is
-        # committed (before any Directory refers to its blobs) and the Directories
-        # are built; this process then verifies the blobs that were already stored.
-        hasher = PlanHasher(plan, blobs)
-        try:
-            await asyncio.to_thread(commit_index)
-            node = await put_directories(tree, store.directories, collect=closure)
-            sha = await asyncio.to_thread(hasher.result)
-        finally:
-            hasher.close()
-    plan = dataclasses.replace(plan, nar_sha256=sha)
-    return IngestedTree(node, plan.nar_size, plan.nar_sha256, closure, plan)
+    txn = blobs.transaction()
+    try:
+        await upload_files(tree, _InTxn(blobs, txn))
+        await asyncio.to_thread(txn.commit)  # (one fsync; then the blobs are indexed)
+    finally:
+        if not txn.done:
+            txn.abort()
+    if not tree.is_directory:
+        node = await put_directories(tree, store.directories, collect=closure)
+        # A lone file or symlink: its NAR read back from castore.
+        nar_size, sha = await calculate_nar(node, blobs, store.directories, closure=closure)
+        return IngestedTree(node, nar_size, sha, closure)
+    # The NAR is hashed from the packs (in a thread) while the Directories are built.
+    hashing = asyncio.ensure_future(asyncio.to_thread(store.nar.hash_uploaded, tree))
+    try:
+        node = await put_directories(tree, store.directories, collect=closure)
+        uploaded = await hashing
+    finally:
+        if not hashing.done():
+            with contextlib.suppress(BaseException):
+                await hashing
+    return IngestedTree(node, uploaded.nar_size, uploaded.nar_sha256, closure, uploaded.hints)
 
 
 async def record(store: Store, tree: IngestedTree, info: PathInfo) -> PathInfo:
-    """Put the PathInfo of an ingested tree, then its NAR plan (content first, plan last).
+    """Put the PathInfo of an ingested tree, then its NAR plans (content first, plans last).
 
     The tree's NarHash was computed from what the store holds (verified), so a
     damage mark of the same content is cleared: ingesting stored anew every
     blob whose bytes were gone.
     """
     stored = await store.pathinfos.put(info)
-    if tree.plan is not None and store.plans is not None:
-        assert isinstance(tree.node, DirectoryNode)
-        try:
-            await asyncio.to_thread(store.plans.put_sync, tree.node.digest, tree.plan)
-        except CastoreError as exc:  # a plan is a cache: export renders without one
-            _log.warning("no NAR plan recorded for %s: %s", tree.node.digest, exc)
-    else:
-        await save_plan(
-            store.plans, store.blobs, tree.node, tree.closure, tree.nar_size, tree.nar_sha256
-        )
-    await clear_damage(store.plans, tree.node)
+    await store.nar.record(tree.node, tree.closure, tree.nar_size, tree.nar_sha256, tree.hints)
+    await store.nar.clear_damage(tree.node)
     return stored
 
 

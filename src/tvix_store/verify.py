@@ -31,8 +31,8 @@ from tvix_castore.blobservice.base import BlobService
 from tvix_castore.directoryservice.base import DirectoryService
 from tvix_castore.errors import ValidationError
 from tvix_castore.nodes import FileNode
-from tvix_store.nar.plan import SqliteNarPlans, calculate_nar_planned
 from tvix_store.nar.render import blob_range, render_nar
+from tvix_store.nar.service import NarService
 from tvix_store.pathinfo import PathInfo
 
 __all__ = [
@@ -139,20 +139,15 @@ def check_signatures(info: PathInfo, keys: Iterable[VerifyingKey]) -> None:
             )
 
 
-async def check_nar(
-    info: PathInfo,
-    blobs: BlobService,
-    dirs: DirectoryService,
-    plans: SqliteNarPlans | None,
-) -> None:
+async def check_nar(info: PathInfo, nar: NarService) -> None:
     """Raise unless ``info``'s NarSize and NarHash are those of its content's NAR.
 
-    Cheap when a NAR plan vouches for the root (content uploaded or hashed
-    here before); otherwise the NAR is rendered from castore and hashed,
-    streaming, and a plan vouching for the result is recorded. The content
-    must be present (see :func:`tvix_store.content.check_content`).
+    Cheap when NAR plans vouch for the root (content uploaded or hashed here
+    before); otherwise the NAR is rendered from castore and hashed, streaming,
+    and plans vouching for the result are recorded. The content must be
+    present (see :func:`tvix_store.content.check_content`).
     """
-    size, sha = await calculate_nar_planned(plans, blobs, dirs, info.node.with_name(b""))
+    size, sha = await nar.calculate(info.node.with_name(b""))
     if (size, sha) != (info.nar_size, info.nar_sha256):
         raise MetadataMismatch(
             f"NarSize {info.nar_size} / NarHash {_nar_hash(info.nar_sha256)} of {info.store_path}"
@@ -192,7 +187,7 @@ async def check_ca_content(info: PathInfo, blobs: BlobService, dirs: DirectorySe
 async def check_metadata(
     info: PathInfo,
     policy: UploadPolicy,
-    content: tuple[BlobService, DirectoryService, SqliteNarPlans | None] | None,
+    content: NarService | None,
 ) -> None:
     """Every check of this module that ``policy`` asks for.
 
@@ -202,8 +197,8 @@ async def check_metadata(
     check_ca(info)
     check_signatures(info, policy.known_keys)
     if content is not None and not policy.trust_nar_metadata:
-        await check_nar(info, *content)
-        await check_ca_content(info, content[0], content[1])
+        await check_nar(info, content)
+        await check_ca_content(info, content.blobs, content.directories)
 
 
 def known_keys(

@@ -29,6 +29,7 @@ from tvix_castore.blobservice.packed import PackedBlobService
 from tvix_castore.digests import EMPTY_DIGEST, B3Digest
 from tvix_castore.errors import ChecksumMismatch, DataCorruption, NotFound
 from tvix_castore.objectstore import LocalObjectStore, MemoryObjectStore
+from tvix_castore.packstore import PackBlobService
 from tvix_castore.protos import rpc_blobstore_pb2_grpc as pb_grpc
 from tvix_castore.rpc.blob_server import BlobServiceServicer
 from tvix_castore.rpc.server import start_server
@@ -59,6 +60,8 @@ BACKENDS: dict[str, Factory] = {
         p / "blobs.sqlite",
         ObjectStoreBlobService(LocalObjectStore(p / "objects"), zstd_level=None),
     ),
+    "packstore": lambda p: PackBlobService(p / "home"),
+    "packstore, raw": lambda p: PackBlobService(p / "home", level=0, fsync=False),
 }
 
 

@@ -23,6 +23,8 @@ from tvix_castore.directoryservice import (
     MemoryDirectoryService,
     SqliteDirectoryService,
 )
+from tvix_castore.packstore import PackBlobService
+from tvix_castore.packstore.directories import PackDirectoryService
 from tvix_castore.protos import rpc_directory_pb2_grpc as pb_grpc
 from tvix_castore.rpc.directory_server import DirectoryServiceServicer
 from tvix_castore.rpc.server import Registration, start_server
@@ -68,10 +70,13 @@ Factory = Callable[[Path], DirectoryService]
 BACKENDS: dict[str, Factory] = {
     "memory": lambda _: MemoryDirectoryService(),
     "sqlite": lambda p: SqliteDirectoryService(p / "dirs.sqlite"),
+    "packstore": lambda p: PackDirectoryService(PackBlobService(p / "store"), owns=True),
 }
 
 
-@pytest.fixture(params=[*sorted(BACKENDS), "grpc->memory", "grpc->sqlite", "grpc-unix"])
+@pytest.fixture(
+    params=[*sorted(BACKENDS), "grpc->memory", "grpc->sqlite", "grpc->packstore", "grpc-unix"]
+)
 async def svc(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[DirectoryService]:
     name: str = request.param
     if name == "grpc->memory":
@@ -79,6 +84,9 @@ async def svc(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[D
             yield client
     elif name == "grpc->sqlite":
         async with served(SqliteDirectoryService(tmp_path / "d.sqlite"), "127.0.0.1:0") as client:
+            yield client
+    elif name == "grpc->packstore":
+        async with served(BACKENDS["packstore"](tmp_path), "127.0.0.1:0") as client:
             yield client
     elif name == "grpc-unix":
         async with served(SqliteDirectoryService(tmp_path / "d.sqlite"), str(tmp_path / "s")) as c:

@@ -17,8 +17,8 @@ import aiohttp
 import pytest
 
 from nix_compat.narinfo import NarInfo
-from tvix_castore.digests import B3Digest
-from tvix_store.nar.plan import SqliteNarPlans
+from tests.store.packs import damage_frame, files_under, frame_of, planned_roots
+from tests.storefiles import forget_directories
 
 from .conftest import TVIX, Bridge, Bridges, Closure, PathData, copy_to, nix_in, tvix_env
 
@@ -26,18 +26,15 @@ ZERO = bytes(32)
 
 
 def plans(home: Path) -> dict[bytes, bytes]:
-    """root digest → the NAR sha256 its plan vouches for (zeros: none)."""
-    db = home / "store.sqlite"
-    with contextlib.closing(sqlite3.connect(db)) as conn:
-        roots = [bytes(r) for (r,) in conn.execute("SELECT root FROM nar_plans")]
-    store = SqliteNarPlans(db)
-    out = {}
-    for root in roots:
-        plan = store.get_sync(B3Digest(root))
-        assert plan is not None
-        out[root] = plan.nar_sha256
-    store.close()
-    return out
+    """Root digest of each path with plans → the NAR sha256 they vouch for (zeros: none)."""
+    return planned_roots(home)
+
+
+def forget_plans(home: Path) -> None:
+    with contextlib.closing(sqlite3.connect(home / "store.sqlite")) as conn:
+        conn.execute("DELETE FROM nar_dirplans")
+        conn.execute("DELETE FROM nar_roots")
+        conn.commit()
 
 
 async def fetch_nar(session: aiohttp.ClientSession, bridge: Bridge, p: PathData) -> bytes:
@@ -82,9 +79,7 @@ async def test_upload_records_vouched_plans_and_get_serves_them(
             assert await fetch_nar(session, bridge, p) == p.nar, p.path
     # And `tvix-store export` of the same store uses them (they vouch for the NarHash):
     # with every Directory gone, only a plan can give the NAR.
-    with contextlib.closing(sqlite3.connect(bridge.home / "store.sqlite")) as conn:
-        assert conn.execute("DELETE FROM directories").rowcount > 0
-        conn.commit()
+    assert forget_directories(bridge.home / "store.sqlite") > 0
     for p in dirs:
         proc = export_debug(bridge.home, p.path)
         assert proc.stdout == p.nar
@@ -95,9 +90,7 @@ async def test_get_without_plan_renders_then_records_an_unvouched_one(
 ) -> None:
     bridge = bridges.start()
     copy_to(nix_in(tmp_path), closure, f"{bridge.url}?compression=none")
-    with contextlib.closing(sqlite3.connect(bridge.home / "store.sqlite")) as conn:
-        conn.execute("DELETE FROM nar_plans")
-        conn.commit()
+    forget_plans(bridge.home)
     async with aiohttp.ClientSession(auto_decompress=False) as session:
         for p in closure.paths:
             assert await fetch_nar(session, bridge, p) == p.nar
@@ -119,26 +112,14 @@ async def test_corrupt_pack_cuts_the_planned_stream(
 ) -> None:
     bridge = bridges.start()
     copy_to(nix_in(tmp_path), closure, f"{bridge.url}?compression=none")
-    store = SqliteNarPlans(bridge.home / "store.sqlite")
     victim = None
-    for p in directory_paths(closure):
-        with contextlib.closing(sqlite3.connect(bridge.home / "store.sqlite")) as conn:
-            roots = [bytes(r) for (r,) in conn.execute("SELECT root FROM nar_plans")]
-        for root in roots:
-            plan = store.get_sync(B3Digest(root))
-            assert plan is not None
-            if plan.nar_sha256 == hashlib.sha256(p.nar).digest():
-                packed = [e for e in plan.entries if e[3] >= 0]
-                if packed:
-                    victim = (p, plan, packed[0])
-    store.close()
-    assert victim is not None, "a directory path with a packed file"
-    p, plan, (_, _, _, pack, offset) = victim
-    with open(bridge.home / "packs" / plan.packs[pack], "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 1]))
+    for root, sha in plans(bridge.home).items():
+        for p in directory_paths(closure):
+            if sha == hashlib.sha256(p.nar).digest() and (files := files_under(bridge.home, root)):
+                victim = (p, files[0])
+    assert victim is not None, "a directory path with a file"
+    p, blob = victim
+    damage_frame(frame_of(bridge.home, blob))
     async with aiohttp.ClientSession(auto_decompress=False) as session:
         with pytest.raises(aiohttp.ClientPayloadError):
             await fetch_nar(session, bridge, p)
@@ -157,9 +138,7 @@ async def test_range_and_head_come_from_the_plan(
     async with aiohttp.ClientSession(auto_decompress=False) as session:
         async with session.get(f"{bridge.url}/{p.hash_part}.narinfo") as resp:
             url = f"{bridge.url}/{NarInfo.parse(await resp.read()).url}"
-        with contextlib.closing(sqlite3.connect(bridge.home / "store.sqlite")) as conn:
-            conn.execute("DELETE FROM directories")
-            conn.commit()
+        forget_directories(bridge.home / "store.sqlite")
         async with session.head(url) as resp:
             assert resp.status == 200
             assert int(resp.headers["Content-Length"]) == len(p.nar)

@@ -524,12 +524,12 @@ async def test_calculate_nar_is_cached_in_nar_plans(
     node = node_to_proto(ingested.node)
     db = home / STORE_DB
     with contextlib.closing(sqlite3.connect(db)) as conn:
-        assert conn.execute("SELECT count(*) FROM nar_plans").fetchone()[0] == 0
+        assert conn.execute("SELECT count(*) FROM nar_roots").fetchone()[0] == 0
     resp = await stub.CalculateNAR(node)
     assert (resp.nar_size, resp.nar_sha256.hex()) == NARS["net-tools"]
     with contextlib.closing(sqlite3.connect(db)) as conn:
-        assert conn.execute("SELECT count(*) FROM nar_plans").fetchone()[0] == 1
-        # Without the Directories only the plan can answer.
+        assert conn.execute("SELECT count(*) FROM nar_roots").fetchone()[0] == 1
+        # Without the Directories only the plans can answer.
         conn.execute("DELETE FROM directories")
         conn.commit()
     resp = await stub.CalculateNAR(node)

@@ -11,12 +11,12 @@ import pytest
 
 from nix_compat.nar.wire import token
 from tvix_castore.blobservice import BlobService, MemoryBlobService, ObjectStoreBlobService
-from tvix_castore.blobservice.packed import PackedBlobService
 from tvix_castore.digests import B3Digest
 from tvix_castore.directoryservice import MemoryDirectoryService, SqliteDirectoryService
 from tvix_castore.directoryservice.base import DirectoryService
 from tvix_castore.nodes import DirectoryNode, FileNode, SymlinkNode
 from tvix_castore.objectstore import LocalObjectStore
+from tvix_store.embedded import Embedded
 from tvix_store.nar import NarRenderError, calculate_nar, ingest_nar, ingest_nar_file, render_nar
 from tvix_store.nar.ingest import InvalidNar
 
@@ -76,12 +76,9 @@ async def services(
     if request.param == "memory":
         yield MemoryBlobService(), MemoryDirectoryService()
         return
-    db = tmp_path / "store.sqlite"
-    blobs = PackedBlobService(db, ObjectStoreBlobService(LocalObjectStore(tmp_path / "blobs")))
-    dirs = SqliteDirectoryService(db)
-    yield blobs, dirs
-    await blobs.aclose()
-    await dirs.aclose()
+    store = Embedded(tmp_path / "home")
+    yield store.blobs(), store.directories()
+    await store.aclose()
 
 
 @pytest.mark.parametrize("name", sorted(NARS))

@@ -1,26 +1,23 @@
-"""NAR plans: ``tvix-store export`` straight from the pack files (real CLI, real Nix).
+"""NAR plans: ``tvix-store export`` from plans per Directory (real CLI, real Nix).
 
-A plan is recorded when a path is imported (and when one is first exported
-without a plan); export then writes from it. These tests check that the bytes
-equal ``nix-store --dump`` on both the one-process and the two-process path,
-that a plan missing or corrupt falls back to rendering, and that corrupt
-content fails the export with a clear message instead of wrong bytes.
-
-Which path runs is forced (``fork=``, ``$TVIX_STORE_FORK``), not left to the
-number of CPUs, and the forked one is seen to fork (a child process appears).
+Plans are recorded when a path is imported (and when one is first exported
+without them); export then writes from them, reading blobs through the pack
+store's reader. These tests check that the bytes equal ``nix-store --dump``,
+that plans missing, corrupt or with stale location hints fall back (to
+rendering, or to locating the blob), that corrupt content fails the export
+with a clear message instead of wrong bytes, and that store paths sharing
+directories share their plans.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import random
 import sqlite3
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -29,21 +26,18 @@ import pytest
 import zstandard
 
 from tests.compat.oracle import DigestSink, Nix, assert_same_nar
-from tests.forking import FORK_ENV, child_pids, wait_for_child
+from tests.storefiles import forget_directories
 from tvix_castore.blobservice.base import writev_all
-from tvix_castore.blobservice.objectstore import chunk_key, raw_frame_pieces
-from tvix_castore.blobservice.packed import PackedBlobService
+from tvix_castore.blobservice.objectstore import raw_frame_pieces
 from tvix_castore.digests import B3Digest
 from tvix_castore.errors import IngestionError
-from tvix_store.nar import plan as plan_mod
-from tvix_store.nar.plan import NarPlan, SqliteNarPlans
-from tvix_store.nar.render import NarRenderError
+from tvix_store.nar.dirplan import DirPlan, FileRef, Hint
+from tvix_store.nar.plancache import PlanCache
 
-from .conftest import TVIX, export_to, ok, tvix, tvix_env
+from .conftest import TVIX, export_to, ok, stored_infos, tvix, tvix_env
+from .packs import damage_frame, frame_of, plan_bytes, vouched
 
 MiB = 1 << 20
-# The two paths of a large NAR (export, PlanHasher, ingestion), forced by $TVIX_STORE_FORK.
-PATHS = [pytest.param(0, "never", id="one-process"), pytest.param(40 * MiB, "always", id="forked")]
 
 
 def make_tree(root: Path, *, big: int) -> Path:
@@ -68,58 +62,15 @@ def make_tree(root: Path, *, big: int) -> Path:
     return root
 
 
-def import_tree(home: Path, path: Path, zstd: str = "none") -> str:
-    env = {"TVIX_STORE_CHUNK_ZSTD": zstd}
-    return ok(tvix(home, "import", path, extra_env=env)).decode().strip()
+def import_tree(home: Path, path: Path) -> str:
+    return ok(tvix(home, "import", path)).decode().strip()
 
 
-def the_plan(home: Path) -> tuple[B3Digest, NarPlan]:
+def forget_plans(home: Path) -> None:
+    """Drop every plan (a cache): the next export renders."""
     with sqlite3.connect(home / "store.sqlite") as conn:
-        rows = conn.execute("SELECT root FROM nar_plans").fetchall()
-    assert len(rows) == 1, rows
-    root = B3Digest(bytes(rows[0][0]))
-    plans = SqliteNarPlans(home / "store.sqlite")
-    try:
-        found = plans.get_sync(root)
-    finally:
-        asyncio.run(plans.aclose())
-    assert found is not None
-    return root, found
-
-
-def chunked_rows(home: Path) -> int:
-    """Blobs stored as several chunks in the packs."""
-    with sqlite3.connect(home / "store.sqlite") as conn:
-        n: int = conn.execute("SELECT count(*) FROM chunked").fetchone()[0]
-    return n
-
-
-def export_forked(home: Path, store_path: str) -> DigestSink:
-    """``export`` with ``$TVIX_STORE_FORK=always``, seen to fork: its stdout is not read
-    until a child of the exporting process exists (neither can finish before)."""
-    sink = DigestSink()
-    with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(
-            [TVIX, "--log-level", "DEBUG", "export", store_path],
-            stdout=subprocess.PIPE,
-            stderr=err,
-            stdin=subprocess.DEVNULL,
-            env=tvix_env(home, {FORK_ENV: "always"}),
-        )
-        assert proc.stdout is not None
-        try:
-            wait_for_child(proc.pid)
-            with proc.stdout:
-                while chunk := proc.stdout.read(1 << 20):
-                    sink.write(chunk)
-            rc = proc.wait(timeout=120)
-        finally:
-            proc.kill()
-            proc.wait()
-        err.seek(0)
-        log = err.read().decode(errors="replace")
-    assert rc == 0, log
-    return sink
+        conn.execute("DELETE FROM nar_dirplans")
+        conn.execute("DELETE FROM nar_roots")
 
 
 def export_nar(home: Path, store_path: str) -> DigestSink:
@@ -139,8 +90,7 @@ def export_nar(home: Path, store_path: str) -> DigestSink:
 
 def only_the_plan_left(home: Path) -> None:
     """Delete every Directory: an export that still succeeds was written from its plan."""
-    with sqlite3.connect(home / "store.sqlite") as conn:
-        assert conn.execute("DELETE FROM directories").rowcount > 0
+    assert forget_directories(home / "store.sqlite") > 0
 
 
 def nix_dump(nix: Nix, path: Path) -> DigestSink:
@@ -149,130 +99,155 @@ def nix_dump(nix: Nix, path: Path) -> DigestSink:
     return sink
 
 
-@pytest.mark.parametrize(("big", "fork"), PATHS)
-def test_export_from_plan_matches_nix(
-    tmp_path: Path, home: Path, nix: Nix, big: int, fork: str
-) -> None:
+@pytest.mark.parametrize("big", [0, 40 * MiB], ids=["small", "chunked"])
+def test_export_from_plans_matches_nix(tmp_path: Path, home: Path, nix: Nix, big: int) -> None:
     tree = make_tree(tmp_path / "tree", big=big)
     store_path = import_tree(home, tree)
-    _, plan = the_plan(home)
-    assert all(e[3] >= 0 for e in plan.entries), "every file (or chunk) is packed"
-    assert chunked_rows(home) >= 1, "large files are chunked"
-    files = sum(
-        1 for p in tree.rglob("*") if p.is_file() and not p.is_symlink() and p.stat().st_size
-    )
-    assert len(plan.entries) > files, "a chunked file has an entry per chunk"
-    only_the_plan_left(home)
-    ours = export_forked(home, store_path) if fork == "always" else export_nar(home, store_path)
-    assert_same_nar(ours, nix_dump(nix, tree), "export from the plan")
-    assert plan.nar_size == ours.size
+    assert len(vouched(home)) == 1
+    only_the_plan_left(home)  # so the export below can only come from plans
+    ours = export_nar(home, store_path)
+    assert_same_nar(ours, nix_dump(nix, tree), "export from plans")
 
 
-def test_export_without_plan_renders_then_records_one(tmp_path: Path, home: Path, nix: Nix) -> None:
+def test_export_without_plans_renders_then_records_them(
+    tmp_path: Path, home: Path, nix: Nix
+) -> None:
     tree = make_tree(tmp_path / "tree", big=0)
     store_path = import_tree(home, tree)
-    with sqlite3.connect(home / "store.sqlite") as conn:
-        conn.execute("DELETE FROM nar_plans")
-    ours = export_nar(home, store_path)  # without a plan: rendered
-    the_plan(home)  # and one recorded
-    theirs = nix_dump(nix, tree)
-    assert_same_nar(ours, theirs, "rendered export")
+    want = nix_dump(nix, tree)
+    forget_plans(home)
+    assert_same_nar(export_nar(home, store_path), want, "rendered export")
+    assert list(vouched(home).values()) == [want.digest]
     only_the_plan_left(home)
-    again = export_nar(home, store_path)
-    assert_same_nar(again, theirs, "export from the recorded plan")
+    assert_same_nar(export_nar(home, store_path), want, "export from the recorded plans")
 
 
 def test_corrupt_plan_is_ignored(tmp_path: Path, home: Path, nix: Nix) -> None:
     tree = make_tree(tmp_path / "tree", big=0)
     store_path = import_tree(home, tree)
     with sqlite3.connect(home / "store.sqlite") as conn:
-        (data,) = conn.execute("SELECT plan FROM nar_plans").fetchone()
-        bad = bytearray(data)
+        digest, plan = conn.execute("SELECT digest, plan FROM nar_dirplans LIMIT 1").fetchone()
+        bad = bytearray(plan)
         bad[len(bad) // 2] ^= 0xFF
-        conn.execute("UPDATE nar_plans SET plan = ?", (bytes(bad),))
-    ours = export_nar(home, store_path)
-    assert_same_nar(ours, nix_dump(nix, tree), "export with a corrupt plan")
+        conn.execute("UPDATE nar_dirplans SET plan = ? WHERE digest = ?", (bytes(bad), digest))
+    assert_same_nar(export_nar(home, store_path), nix_dump(nix, tree), "export past a bad plan")
 
 
-def corrupt_pack(home: Path, plan: NarPlan, which: int) -> None:
-    """Flip a byte of the ``which``-th packed blob (in NAR order)."""
-    packed = [e for e in plan.entries if e[3] >= 0]
-    _, _, size, pack, offset = packed[which]
-    path = home / "packs" / plan.packs[pack]
-    with open(path, "r+b") as f:
-        f.seek(offset + size // 2)
-        byte = f.read(1)
-        f.seek(offset + size // 2)
-        f.write(bytes([byte[0] ^ 0xFF]))
+def _rewrite_hints(home: Path, change: Any) -> int:
+    """Replace every file's hint in the stored plans by ``change(hint)``; how many changed."""
+    cache = PlanCache(home / "store.sqlite")
+    try:
+        with sqlite3.connect(home / "store.sqlite") as conn:
+            digests = [bytes(d) for (d,) in conn.execute("SELECT digest FROM nar_dirplans")]
+        plans = cache.get_many(digests)
+        changed = 0
+        out: dict[bytes, DirPlan] = {}
+        for raw, plan in plans.items():
+            items = []
+            for item in plan.items:
+                if isinstance(item, FileRef) and item.hint.frame:
+                    item = item._replace(hint=change(item.hint))
+                    changed += 1
+                items.append(item)
+            out[raw] = DirPlan(plan.literals, plan.ends, tuple(items), plan.size)
+        cache.put_many(out)
+        return changed
+    finally:
+        cache.close()
 
 
-@pytest.mark.parametrize(("big", "fork"), PATHS)
-@pytest.mark.parametrize("which", [0, -1], ids=["first", "last"])
-def test_corrupt_pack_fails_export(
-    tmp_path: Path, home: Path, big: int, fork: str, which: int, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(lambda h: Hint(h.frame, h.offset + 1), id="wrong-offset"),
+        pytest.param(lambda h: Hint(h.frame + 1_000_000, h.offset), id="frame-gone"),
+        pytest.param(lambda h: Hint(1 if h.frame != 1 else 2, 0), id="other-frame"),
+    ],
+)
+def test_stale_hints_fall_back_to_locating(
+    tmp_path: Path, home: Path, nix: Nix, change: Any
 ) -> None:
-    monkeypatch.setenv(FORK_ENV, fork)
-    tree = make_tree(tmp_path / "tree", big=big)
-    store_path = import_tree(home, tree)
-    _, plan = the_plan(home)
-    corrupt_pack(home, plan, which)
-    assert_export_fails(home, store_path, plan)
-
-
-def assert_export_fails(home: Path, store_path: str, plan: NarPlan) -> None:
-    proc = tvix(home, "export", store_path)
-    err = proc.stderr.decode(errors="replace")
-    assert proc.returncode != 0
-    assert "Traceback" not in err, err
-    assert "wrong contents" in err or "failed rendering nar" in err, err
-    # Nothing of the corrupt blob (or after it) was written.
-    assert len(proc.stdout) < plan.nar_size
-
-
-def test_corrupt_packed_chunk_fails_export(tmp_path: Path, home: Path) -> None:
-    """A large file's chunks lie in the packs: one damaged chunk fails the export."""
+    """Compaction moves blobs: a plan's hint that no longer holds is only a slower read."""
     tree = make_tree(tmp_path / "tree", big=0)
     store_path = import_tree(home, tree)
-    _, plan = the_plan(home)
-    with sqlite3.connect(home / "store.sqlite") as conn:
-        (members,) = conn.execute("SELECT chunks FROM chunked").fetchone()
-    packed = [e for e in plan.entries if e[3] >= 0]
-    corrupt_pack(home, plan, next(i for i, e in enumerate(packed) if e[1] == members[:32]))
-    assert_export_fails(home, store_path, plan)
+    assert _rewrite_hints(home, change) > 100
+    only_the_plan_left(home)
+    assert_same_nar(export_nar(home, store_path), nix_dump(nix, tree), "export, stale hints")
+
+
+def _one_file(tree: Path, name: str) -> B3Digest:
+    import blake3
+
+    return B3Digest(blake3.blake3((tree / name).read_bytes()).digest())
+
+
+def test_corrupt_frame_fails_export(tmp_path: Path, home: Path) -> None:
+    tree = make_tree(tmp_path / "tree", big=0)
+    store_path = import_tree(home, tree)
+    victim = _one_file(tree, "dir2/nested/f3.txt")
+    damage_frame(frame_of(home, victim))
+    proc = tvix(home, "export", store_path)
+    err = proc.stderr.decode(errors="replace")
+    assert proc.returncode != 0 and "Traceback" not in err, err
+    assert "blob" in err and ("damaged" in err or "checksum" in err or "corrupt" in err), err
+    assert len(proc.stdout) < sum(f.stat().st_size for f in tree.rglob("*") if f.is_file())
 
 
 def test_corrupt_chunk_fails_export(tmp_path: Path, home: Path) -> None:
-    """Compressed, large files are chunk files (B §7.1): one damaged chunk fails the export."""
     tree = make_tree(tmp_path / "tree", big=0)
-    store_path = import_tree(home, tree, zstd="1")
-    _, plan = the_plan(home)
-    (_, raw, size, _, _) = next(e for e in plan.entries if e[3] < 0 and e[2] == 700 * 1024)
-    chunks_dir = home / "blobs"
-    # The random 700 KiB file is cut into chunks; damage the first one's stored bytes.
-    from tvix_castore.blobservice.objectstore import blob_key
-    from tvix_castore.protos import rpc_blobstore_pb2 as pb
-
-    index = pb.StatBlobResponse.FromString((chunks_dir / blob_key(B3Digest(raw))).read_bytes())
-    chunk = chunks_dir / chunk_key(B3Digest(index.chunks[0].digest))
-    frame = bytearray(chunk.read_bytes())
-    frame[-10] ^= 0xFF
-    chunk.write_bytes(bytes(frame))
+    store_path = import_tree(home, tree)
+    damage_frame(frame_of(home, _one_file(tree, "random-700k")))
     proc = tvix(home, "export", store_path)
     err = proc.stderr.decode(errors="replace")
-    assert proc.returncode != 0
-    assert "Traceback" not in err, err
-    assert "wrong contents" in err or "corrupt" in err, err
-    assert len(proc.stdout) < size
+    assert proc.returncode != 0 and "Traceback" not in err, err
+    assert "blob" in err, err
 
 
 def test_export_into_a_pipe_matches(tmp_path: Path, home: Path, nix: Nix) -> None:
-    """Through a pipe read slowly (short writes, both processes writing in turn)."""
-    tree = make_tree(tmp_path / "tree", big=40 * MiB)
+    tree = make_tree(tmp_path / "tree", big=3 * MiB)
     store_path = import_tree(home, tree)
-    ours = export_forked(home, store_path)
-    theirs = DigestSink(keep=False)
-    nix.dump(tree, theirs)
-    assert (ours.size, ours.digest) == (theirs.size, theirs.digest)
+    sink = DigestSink()
+    export_to(home, store_path, sink)
+    assert_same_nar(sink, nix_dump(nix, tree), "export into a pipe")
+
+
+def test_paths_sharing_directories_share_plans(tmp_path: Path, home: Path, nix: Nix) -> None:
+    """A second release with one file changed deep down adds plans for the changed
+    directories only (the file's and its ancestors'): a small fraction of the first."""
+    rng = random.Random(5)
+    first = tmp_path / "v1"
+    for d in range(40):
+        for e in range(5):
+            sub = first / "pkg" / f"mod{d}" / f"sub{e}"
+            sub.mkdir(parents=True)
+            for i in range(20):
+                (sub / f"f{i}.py").write_bytes(rng.randbytes(20).hex().encode() * 20)
+    import_tree(home, first)
+    one = plan_bytes(home)
+    second = tmp_path / "v2"
+    subprocess.run(["cp", "-a", str(first), str(second)], check=True)
+    (second / "pkg" / "mod7" / "sub3" / "f2.py").write_bytes(b"changed\n")
+    sp2 = import_tree(home, second)
+    added = plan_bytes(home) - one
+    assert 0 < added < one * 0.02, (added, one)
+    only_the_plan_left(home)
+    assert_same_nar(export_nar(home, sp2), nix_dump(nix, second), "the second release")
+
+
+def test_import_does_not_hash_a_corrupt_stored_blob(tmp_path: Path, home: Path) -> None:
+    """Blobs an import finds already stored are read back verified before their bytes
+    count in its NarHash: a damaged one fails the import (nothing recorded)."""
+    first = make_tree(tmp_path / "first", big=0)
+    import_tree(home, first)
+    damage_frame(frame_of(home, _one_file(first, "dir1/nested/f5.txt")))
+    second = make_tree(tmp_path / "second", big=0)  # the same small files
+    (second / "more").write_bytes(b"and one more\n")
+    proc = tvix(home, "import", second)
+    err = proc.stderr.decode(errors="replace")
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in err, err
+    assert "blob" in err, err
+    assert len(stored_infos(home)) == 1
 
 
 # -- import: a tree that changes while it is imported -------------------------------
@@ -308,7 +283,7 @@ def test_import_fails_if_a_file_changes_meanwhile(
     async def run() -> int:
         store = await open_store(*unplanned_store_urls(tmp_path))
         async with store:
-            assert store.plans is None
+            assert store.nar.plans is None
             with pytest.raises(IngestionError, match="changed while it was being imported"):
                 await importer.import_path(tree, store)
             return len([i async for i in store.pathinfos.list()])
@@ -339,7 +314,7 @@ def test_embedded_import_hashes_what_it_stored(
     async def run() -> tuple[str, int, bytes]:
         store = await open_store(home=home)
         async with store:
-            assert store.plans is not None
+            assert store.nar.plans is not None
             info = await importer.import_path(tree, store)
             return info.store_path.absolute, info.nar_size, info.nar_sha256
 
@@ -428,45 +403,34 @@ def test_writev_all_resumes_after_short_writes(
     assert (tmp_path / "out").read_bytes() == b"abcdefghijklmnopqrstuvwxyz"
 
 
-def test_forked_export_after_the_hash_thread_pool_started(
+def test_export_memory_stays_flat_for_a_large_compressible_file(
     tmp_path: Path, home: Path, nix: Nix
 ) -> None:
-    """blake3's pool does not survive fork: the child must not wait for its threads."""
-    import blake3
-
-    from tvix_store.config import embedded_blobs
-
-    tree = make_tree(tmp_path / "tree", big=40 * MiB)
-    import_tree(home, tree)
-    blake3.blake3(b"x" * (8 * MiB), max_threads=blake3.blake3.AUTO).digest()  # starts the pool
-    _, plan = the_plan(home)
-    blobs = embedded_blobs(home)
-    assert isinstance(blobs, PackedBlobService)
-    ours = DigestSink()
-    before = child_pids(os.getpid())
-    r, w = os.pipe()
-    failed: list[BaseException] = []
-
-    def write() -> None:
-        try:
-            plan_mod.write_plan(plan, blobs, w, fork=True)
-        except BaseException as exc:
-            failed.append(exc)
-        finally:
-            os.close(w)
-
-    writer = threading.Thread(target=write)
-    writer.start()
-    try:
-        wait_for_child(os.getpid(), ignore=before)  # the pipe is not read yet: it stays
-        with open(r, "rb") as out:
-            while chunk := out.read(1 << 20):
-                ours.write(chunk)
-    finally:
-        writer.join()
-        asyncio.run(blobs.aclose())
-    assert not failed, failed
-    assert_same_nar(ours, nix_dump(nix, tree), "in-process forked export")
+    """160 MiB of text compresses to almost nothing: it must still be streamed."""
+    tree = make_tree(tmp_path / "tree", big=0)
+    line = b"the same compressible line, again and again and again\n"
+    with open(tree / "huge.txt", "wb") as f:
+        for _ in range(160 * MiB // (len(line) * 1024)):
+            f.write(line * 1024)
+    store_path = import_tree(home, tree)
+    peak = 0
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(
+            [TVIX, "export", store_path], stdout=out, stderr=err, env=tvix_env(home)
+        )
+        while proc.poll() is None:
+            pids = [proc.pid, *_children(proc.pid)]
+            peak = max(peak, sum(_rss_anon_kib(p) for p in pids))
+            time.sleep(0.002)
+        err.seek(0)
+        assert proc.wait() == 0, err.read()
+        size = out.tell()
+    assert size > 160 * MiB
+    out_sink = DigestSink()
+    export_to(home, store_path, out_sink)
+    assert_same_nar(out_sink, nix_dump(nix, tree), "export of a large compressible file")
+    # Interpreter, plans, a few decoded 4 MiB frames and an 8 MiB write batch.
+    assert peak < 150 * 1024, f"peak anonymous RSS {peak // 1024} MiB"
 
 
 def _rss_anon_kib(pid: int) -> int:
@@ -488,55 +452,12 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-@pytest.mark.parametrize("zstd", ["1", "none"], ids=["compressed-chunks", "raw-chunks"])
-def test_export_memory_stays_flat_for_a_large_compressible_file(
-    tmp_path: Path, home: Path, nix: Nix, zstd: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """160 MiB of text compresses to almost nothing: it must still be streamed.
-
-    Compressed, the forked child cannot keep all it decompressed, and reads
-    the rest again when it writes; raw, it serves views of the mapped packs.
-    """
-    monkeypatch.setenv(FORK_ENV, "always")  # the two-process export, whatever the CPUs
-    tree = make_tree(tmp_path / "tree", big=0)
-    line = b"the same compressible line, again and again and again\n"
-    with open(tree / "huge.txt", "wb") as f:
-        for _ in range(160 * MiB // (len(line) * 1024)):
-            f.write(line * 1024)
-    store_path = import_tree(home, tree, zstd)
-    frames = [p.read_bytes() for p in (home / "blobs" / "chunks").rglob("*") if p.is_file()]
-    if zstd == "none":  # raw: chunked into the packs, served as views of the mapped packs
-        assert not frames and chunked_rows(home) >= 2
-    else:
-        assert any(raw_frame_pieces(f) is None for f in frames)  # compressed ones among them
-    peak = 0
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(
-            [TVIX, "export", store_path], stdout=out, stderr=err, env=tvix_env(home)
-        )
-        while proc.poll() is None:
-            pids = [proc.pid, *_children(proc.pid)]
-            peak = max(peak, sum(_rss_anon_kib(p) for p in pids))
-            time.sleep(0.002)
-        err.seek(0)
-        assert proc.wait() == 0, err.read()
-        size = out.tell()
-    assert size > 160 * MiB
-    out_sink = DigestSink()
-    export_to(home, store_path, out_sink)
-    assert_same_nar(out_sink, nix_dump(nix, tree), "export of a large compressible file")
-    # Interpreter and plan (~50 MiB for both processes), the child's 64 MiB
-    # of kept chunks, an 8 MiB write batch; holding the file would add 160 MiB.
-    assert peak < 150 * 1024, f"peak anonymous RSS {peak // 1024} MiB"
-
-
 @pytest.mark.parametrize("planned", [True, False], ids=["from-plan", "rendered"])
 def test_export_to_a_full_disk_fails_cleanly(tmp_path: Path, home: Path, planned: bool) -> None:
     tree = make_tree(tmp_path / "tree", big=0)
     store_path = import_tree(home, tree)
     if not planned:
-        with sqlite3.connect(home / "store.sqlite") as conn:
-            conn.execute("DELETE FROM nar_plans")
+        forget_plans(home)
     with open("/dev/full", "wb") as full:
         proc = subprocess.run(
             [TVIX, "export", store_path],
@@ -549,131 +470,6 @@ def test_export_to_a_full_disk_fails_cleanly(tmp_path: Path, home: Path, planned
     assert proc.returncode == 1
     assert "Traceback" not in err, err
     assert "cannot write the NAR to stdout: No space left on device" in err
-
-
-# -- pack segments --------------------------------------------------------------
-def test_plan_verifies_pack_segments_whole(tmp_path: Path, home: Path, nix: Nix) -> None:
-    """A fresh import's small files lie in segments its plan lists, each hashed as a whole."""
-    import blake3
-
-    tree = make_tree(tmp_path / "tree", big=40 * MiB)
-    store_path = import_tree(home, tree)
-    _, plan = the_plan(home)
-    assert plan.segments, "the batches of small files are segments of the plan"
-    with sqlite3.connect(home / "store.sqlite") as conn:
-        chunks = {
-            bytes(m[i : i + 32])
-            for (m,) in conn.execute("SELECT chunks FROM chunked")
-            for i in range(0, len(m), 40)
-        }
-    # Batches of large files' chunks are no segments (chunks are hashed fast one by one).
-    packed_bytes = sum(e[2] for e in plan.entries if e[3] >= 0 and e[1] not in chunks)
-    assert sum(s[2] for s in plan.segments) >= packed_bytes // 2
-    for pack, offset, length, b3 in plan.segments:
-        with open(home / "packs" / plan.packs[pack], "rb") as f:
-            f.seek(offset)
-            assert blake3.blake3(f.read(length)).digest() == b3
-    # an encoded plan decodes to the same plan
-    assert NarPlan.decode(plan.encode()) == plan
-    only_the_plan_left(home)
-    ours = export_nar(home, store_path)
-    assert_same_nar(ours, nix_dump(nix, tree), "export verifying whole segments")
-
-
-def test_damaged_segment_rows_are_not_trusted(tmp_path: Path, home: Path, nix: Nix) -> None:
-    """A segment row failing its checksum is ignored: its blobs are checked one by one."""
-    tree = make_tree(tmp_path / "tree", big=0)
-    store_path = import_tree(home, tree)
-    with sqlite3.connect(home / "store.sqlite") as conn:
-        assert conn.execute("SELECT count(*) FROM pack_segments").fetchone()[0] > 0
-        conn.execute("UPDATE pack_segments SET members = members || x'00'")
-        conn.execute("DELETE FROM nar_plans")
-    first = export_nar(home, store_path)  # renders, then records a new plan
-    _, plan = the_plan(home)
-    assert plan.segments == ()
-    only_the_plan_left(home)
-    again = export_nar(home, store_path)
-    theirs = nix_dump(nix, tree)
-    assert_same_nar(first, theirs, "rendered export")
-    assert_same_nar(again, theirs, "export checking each blob")
-
-
-def test_index_row_pointing_elsewhere_keeps_the_segment_out(tmp_path: Path, home: Path) -> None:
-    """An index row that points at another blob of a segment is caught by the member list."""
-    from tvix_castore.directoryservice.sqlite import SqliteDirectoryService
-    from tvix_castore.nodes import DirectoryNode
-    from tvix_store.config import embedded_blobs
-    from tvix_store.nar.render import NarRenderError, fetch_closure
-
-    from .conftest import stored_infos
-
-    tree = tmp_path / "tree"
-    tree.mkdir()
-    for i in range(20):
-        (tree / f"f{i:02}").write_bytes(bytes([65 + i]) * 1000)  # same sizes, other bytes
-    import_tree(home, tree)
-    (info,) = stored_infos(home)
-    db = home / "store.sqlite"
-    a, b = B3Digest.of(b"A" * 1000), B3Digest.of(b"B" * 1000)
-    with sqlite3.connect(db) as conn:
-        (off_b,) = conn.execute("SELECT offset FROM packed WHERE digest = ?", (b.raw,)).fetchone()
-        conn.execute("UPDATE packed SET offset = ? WHERE digest = ?", (off_b, a.raw))
-
-    async def build() -> NarPlan:
-        blobs = embedded_blobs(home)
-        dirs = SqliteDirectoryService(db)
-        async with blobs, dirs:
-            assert isinstance(blobs, PackedBlobService)
-            assert isinstance(info.node, DirectoryNode)
-            closure = await fetch_closure(info.node, dirs)
-            return plan_mod.build_plan(info.node, closure, blobs, info.nar_sha256)
-
-    plan = asyncio.run(build())
-    entry = next(e for e in plan.entries if e[1] == a.raw)
-    assert not [s for s in plan.segments if s[0] == entry[3] and s[1] <= entry[4] < s[1] + s[2]]
-    blobs = embedded_blobs(home)
-    assert isinstance(blobs, PackedBlobService)
-    try:
-        with (
-            open(tmp_path / "out.nar", "wb") as out,
-            pytest.raises(NarRenderError, match="wrong contents"),
-        ):
-            plan_mod.write_plan(plan, blobs, out.fileno())
-    finally:
-        asyncio.run(blobs.aclose())
-
-
-def test_plans_without_segments_are_still_read(tmp_path: Path, home: Path, nix: Nix) -> None:
-    """Plans written before segments existed (NARPLAN1) keep serving exports."""
-    tree = make_tree(tmp_path / "tree", big=0)
-    store_path = import_tree(home, tree)
-    root, plan = the_plan(home)
-    old = (
-        plan_mod._HEAD.pack(
-            b"NARPLAN1",
-            plan.nar_size,
-            plan.nar_sha256,
-            len("\n".join(plan.packs).encode()),
-            len(plan.entries),
-            len(plan.literals),
-        )
-        + "\n".join(plan.packs).encode()
-        + plan.literals
-        + b"".join(plan_mod._ENTRY.pack(*e) for e in plan.entries)
-    )
-    assert NarPlan.decode(old) == NarPlan(
-        plan.nar_size, plan.nar_sha256, plan.packs, plan.literals, plan.entries
-    )
-    import blake3
-
-    with sqlite3.connect(home / "store.sqlite") as conn:
-        conn.execute(
-            "UPDATE nar_plans SET plan = ?, checksum = ? WHERE root = ?",
-            (old, blake3.blake3(old).digest(), root.raw),
-        )
-    only_the_plan_left(home)
-    ours = export_nar(home, store_path)
-    assert_same_nar(ours, nix_dump(nix, tree), "export from a NARPLAN1 plan")
 
 
 # -- the export fast path -------------------------------------------------------
@@ -709,8 +505,7 @@ def test_export_from_a_plan_runs_no_event_loop(tmp_path: Path, home: Path, nix: 
     ours.write(nar)
     assert_same_nar(ours, nix_dump(nix, tree), "export without an event loop")
     # Without a vouching plan the general way runs (and records one).
-    with sqlite3.connect(home / "store.sqlite") as conn:
-        conn.execute("DELETE FROM nar_plans")
+    forget_plans(home)
     rendered, err = export()
     assert "asyncio loaded: True" in err, err
     assert rendered == ours.data
@@ -724,94 +519,17 @@ def test_export_of_a_path_inside_a_store_path(tmp_path: Path, home: Path, arg: s
     assert "export takes a store path, not a path inside one" in proc.stderr.decode()
 
 
-# -- hashing a just uploaded tree's NAR from the packs ------------------------------
-def _uploaded_plan(home: Path, tree: Path) -> NarPlan:
-    """The plan of a tree uploaded into the embedded store at ``home`` (unvouched)."""
-    from tvix_castore.ingest import scan_tree, upload_files
-    from tvix_store.config import open_store
-
-    async def run() -> NarPlan:
-        store = await open_store(home=home)
-        async with store:
-            assert isinstance(store.blobs, PackedBlobService)
-            scanned = scan_tree(tree)
-            await upload_files(scanned, store.blobs)
-            return plan_mod.scanned_plan(scanned, store.blobs)
-
-    return asyncio.run(run())
-
-
-def _hash_plan(home: Path, plan: NarPlan, *, fork: bool) -> tuple[bytes, bool]:
-    """PlanHasher's result, and whether a child process appeared (it is waited for only
-    by ``result``/``close``, so it is listed until then, even if it has exited)."""
-    from tvix_store.config import open_store
-
-    async def run() -> tuple[bytes, bool]:
-        store = await open_store(home=home)
-        async with store:
-            assert isinstance(store.blobs, PackedBlobService)
-            before = child_pids(os.getpid())
-            hasher = plan_mod.PlanHasher(plan, store.blobs, fork=fork)
-            forked = bool(child_pids(os.getpid()) - before)
-            try:
-                return hasher.result(), forked
-            finally:
-                hasher.close()
-
-    return asyncio.run(run())
-
-
-@pytest.mark.parametrize(("big", "fork"), PATHS)
-def test_plan_hasher_matches_nix(tmp_path: Path, home: Path, nix: Nix, big: int, fork: str) -> None:
-    tree = make_tree(tmp_path / "tree", big=big)
-    plan = _uploaded_plan(home, tree)
-    want = nix_dump(nix, tree)
-    assert plan.nar_size == want.size
-    sha, forked = _hash_plan(home, plan, fork=fork == "always")
-    assert forked == (fork == "always")
-    assert sha == want.digest
-
-
-def test_plan_hasher_does_not_trust_a_misplaced_blob(tmp_path: Path, home: Path, nix: Nix) -> None:
-    """The child reads blobs unverified: one not where the plan says (here: one byte
-    off) must not make its sha256 count; the NAR is hashed again, blobs looked up."""
-    tree = make_tree(tmp_path / "tree", big=40 * MiB)
-    plan = _uploaded_plan(home, tree)
-    entries = list(plan.entries)
-    i = next(i for i, e in enumerate(entries) if e[3] >= 0 and 100 < e[2] < 10_000)
-    lit_end, raw, size, pack, offset = entries[i]
-    entries[i] = (lit_end, raw, size, pack, offset + 1)
-    bad = dataclasses.replace(plan, entries=tuple(entries), segments=())
-    sha, forked = _hash_plan(home, bad, fork=True)
-    assert forked
-    assert sha == nix_dump(nix, tree).digest
-
-
-def test_plan_hasher_fails_on_a_corrupt_blob(tmp_path: Path, home: Path) -> None:
-    tree = make_tree(tmp_path / "tree", big=40 * MiB)
-    plan = _uploaded_plan(home, tree)
-    corrupt_pack(home, plan, 3)
-    with pytest.raises(NarRenderError, match=r"wrong contents|failed rendering nar"):
-        _hash_plan(home, plan, fork=True)
-
-
-@pytest.mark.parametrize(("big", "fork"), PATHS)
-def test_import_does_not_hash_a_corrupt_stored_blob(
-    tmp_path: Path, home: Path, big: int, fork: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Blobs an import finds already stored are verified before their bytes count in
-    its NarHash: a damaged one fails the import (nothing recorded), never a wrong path."""
-    monkeypatch.setenv(FORK_ENV, fork)
-    first = make_tree(tmp_path / "first", big=0)
-    import_tree(home, first)
-    _, plan = the_plan(home)
-    corrupt_pack(home, plan, 5)
-    second = make_tree(tmp_path / "second", big=big)  # the same small files, and more
-    proc = tvix(home, "import", second)
-    err = proc.stderr.decode(errors="replace")
-    assert proc.returncode != 0, proc.stdout
-    assert "Traceback" not in err, err
-    assert "wrong contents" in err or "failed rendering nar" in err, err
-    with sqlite3.connect(home / "store.sqlite") as conn:
-        assert conn.execute("SELECT count(*) FROM nar_plans").fetchone()[0] == 1
-        assert conn.execute("SELECT count(*) FROM pathinfos").fetchone()[0] == 1
+def test_directories_shared_within_a_tree(tmp_path: Path, home: Path, nix: Nix) -> None:
+    """The same Directory under several parents (met in any order) has one plan, made
+    before any parent's."""
+    tree = tmp_path / "tree"
+    for top in ("a", "m", "z"):
+        for mid in ("p", "q"):
+            sub = tree / top / mid / "same"
+            sub.mkdir(parents=True)
+            (sub / "f").write_bytes(b"identical everywhere\n")
+        (tree / top / "own").write_bytes(top.encode() * 100)
+    store_path = import_tree(home, tree)
+    assert len(vouched(home)) == 1
+    only_the_plan_left(home)
+    assert_same_nar(export_nar(home, store_path), nix_dump(nix, tree), "shared directories")

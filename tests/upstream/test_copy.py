@@ -48,7 +48,7 @@ async def test_copy_path_info_json(upstream: Upstream, tmp_path: Path) -> None:
         assert nar == p.nar, p.path
     # Each directory got a NAR plan vouching for its verified NarHash.
     with contextlib.closing(sqlite3.connect(home / "store.sqlite")) as conn:
-        planned = conn.execute("SELECT count(*) FROM nar_plans").fetchone()[0]
+        planned = conn.execute("SELECT count(*) FROM nar_roots").fetchone()[0]
     assert planned == sum(1 for p in upstream.paths if b"directory" in p.nar[40:80])
     assert planned > 0
     async with await open_store(home=home) as store:

@@ -157,6 +157,13 @@ class ForkedIngest(abc.ABC):
     ) -> list[B3Digest | Exception]:
         """Runs in the worker: like :meth:`BlobService.ingest_files`, blocking."""
 
+    def finish_in_child(self, ask: Ask) -> None:
+        """Runs in the worker after its last batch, before it exits.
+
+        For work a worker defers across batches (a segment it keeps
+        filling): only one-way messages (``reply=False``) can be sent here.
+        """
+
     def answer(self, question: object) -> object:
         """Runs in the parent: answer a worker's question."""
         raise ValueError(f"unexpected question from an ingestion worker: {question!r}")

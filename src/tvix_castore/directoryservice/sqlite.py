@@ -26,7 +26,7 @@ import sqlite3
 import threading
 import urllib.parse
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -323,11 +323,20 @@ def _connect_read_only(where: Path) -> Connection:
     return conn
 
 
-class SqliteDirectoryService(DirectoryService):
-    """Directories in a SQLite database file."""
+Journal = Callable[[Sequence[tuple[bytes, bytes]]], None]
+"""Gets (digest, encoding) of each Directory about to be stored anew, before it is."""
 
-    def __init__(self, path: str | Path) -> None:
+
+class SqliteDirectoryService(DirectoryService):
+    """Directories in a SQLite database file.
+
+    With ``journal``, new Directories are handed to it before their rows commit
+    (the embedded store keeps them in its packs too, to rebuild from).
+    """
+
+    def __init__(self, path: str | Path, *, journal: Journal | None = None) -> None:
         self.path = Path(path)
+        self._journal = journal
         self._conn = connect(self.path)
         self._lock = threading.Lock()
         with self._lock:
@@ -393,6 +402,10 @@ class SqliteDirectoryService(DirectoryService):
     def _commit_sync(self, directories: Sequence[Directory]) -> None:
         rows = [(d.digest.raw, d.encode()) for d in directories]
         with self._lock:
+            if self._journal is not None and rows:
+                new = self._absent([raw for raw, _ in rows])
+                if new:  # journaled first: a crash never leaves rows the journal lacks
+                    self._journal([row for row in rows if row[0] in new])
             write_rows(
                 self._conn,
                 "INSERT OR IGNORE INTO directories (digest, data) VALUES (?, ?)",
@@ -400,9 +413,43 @@ class SqliteDirectoryService(DirectoryService):
                 "writing directories",
             )
 
+    def _absent(self, raws: Sequence[bytes]) -> set[bytes]:
+        """Which of ``raws`` are not stored (the lock held)."""
+        out = set(raws)
+        try:
+            for i in range(0, len(raws), _BATCH):
+                batch = raws[i : i + _BATCH]
+                marks = ",".join("?" * len(batch))
+                for (raw,) in self._conn.execute(
+                    f"SELECT digest FROM directories WHERE digest IN ({marks})", batch
+                ):
+                    out.discard(bytes(raw))
+        except sqlite3.Error as exc:
+            raise storage_error("reading directories", exc) from exc
+        return out
+
+    def restore_sync(self, digest: bytes, data: bytes | memoryview) -> None:
+        """Put back a Directory found in a journal (its digest checked; not journaled again)."""
+        data = bytes(data)
+        if B3Digest.of(data).raw != digest:
+            raise DataCorruption(
+                f"journaled directory {B3Digest(digest)} does not match its digest"
+            )
+        with self._lock:
+            write_one(
+                self._conn,
+                "INSERT OR IGNORE INTO directories (digest, data) VALUES (?, ?)",
+                (digest, data),
+                "restoring a directory",
+            )
+
     async def _commit(self, directories: Sequence[Directory]) -> None:
         await asyncio.to_thread(self._commit_sync, directories)
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
+        """Close the connection (blocking)."""
         with self._lock:
             self._conn.close()
+
+    async def aclose(self) -> None:
+        self.close()

@@ -44,17 +44,9 @@ from tvix_castore.nodes import (
 from tvix_castore.protos import castore_pb2
 from tvix_store.compression import SUFFIXES, DecompressingReader, TooLarge, decompressor
 from tvix_store.config import Store
-from tvix_store.content import MissingContent, check_content, unreadable
+from tvix_store.content import MissingContent, check_content
 from tvix_store.nar.ingest import ingest_nar
 from tvix_store.nar.layout import NarLayout, nar_layout
-from tvix_store.nar.plan import (
-    clear_damage,
-    damage_of,
-    mark_damaged,
-    planned_stream,
-    save_plan,
-    verify_planned,
-)
 from tvix_store.nar.render import NarRenderError, fetch_closure, render_nar
 from tvix_store.pathinfo import PathInfo
 from tvix_store.verify import check_ca, check_ca_content, check_signatures, known_keys
@@ -207,7 +199,7 @@ async def get_narinfo(request: web.Request) -> web.Response:
     info = await store.pathinfos.get(digest)
     if info is None:
         raise HttpError(404, f"{request.match_info['hash']}: no such path")
-    reason = await damage_of(store.plans, info.node)
+    reason = await store.nar.damage(info.node)
     if reason is not None:  # "not here": Nix then asks its next substituter
         raise HttpError(404, f"{request.match_info['hash']}: damaged in this store ({reason})")
     if request.method == "HEAD":
@@ -295,17 +287,15 @@ async def put_nar(request: web.Request) -> web.Response:
         )
     await store.nar_index.put(result.nar_sha256, result.node, result.nar_size)
     # The NarHash was computed from the very bytes ingested: the plan vouches for it.
-    await save_plan(
-        store.plans, store.blobs, result.node, closure, result.nar_size, result.nar_sha256
-    )
-    if await damage_of(store.plans, result.node) is not None:
+    await store.nar.record(result.node, closure, result.nar_size, result.nar_sha256)
+    if await store.nar.damage(result.node) is not None:
         # Ingesting stored anew every blob whose bytes were found gone or corrupt;
         # the mark goes once the whole NAR reads back intact.
-        problem = await verify_planned(store.plans, store.blobs, result.node, result.nar_sha256)
+        problem = await store.nar.verify(result.node, result.nar_sha256)
         if problem is not None:
-            await mark_damaged(store.plans, result.node, problem)
+            await store.nar.mark_damaged(result.node, problem)
             raise HttpError(500, f"stored content of this NAR is still damaged: {problem}")
-        await clear_damage(store.plans, result.node)
+        await store.nar.clear_damage(result.node)
     return web.Response(status=200)
 
 
@@ -321,9 +311,9 @@ async def _layout_for(store: Store, node: Node) -> tuple[NarLayout, Mapping[B3Di
     missing = [f for f in files if f.digest not in present]
     if missing:
         raise HttpError(500, f"store is missing content for this NAR: blob {missing[0].digest}")
-    problem = await unreadable(store.blobs, [f.digest for f in files])
+    problem = await store.nar.unreadable([f.digest for f in files])
     if problem is not None:  # indexed, but its bytes are gone: damage
-        await mark_damaged(store.plans, node, problem)
+        await store.nar.mark_damaged(node, problem)
         raise HttpError(_DAMAGED, f"store content of this NAR is damaged: {problem}")
     return layout, closure
 
@@ -367,7 +357,7 @@ async def _stream(
         if request.transport is not None:
             request.transport.close()
         if isinstance(exc, DataCorruption):
-            await mark_damaged(_store(request).plans, node, str(exc))
+            await _store(request).nar.mark_damaged(node, str(exc))
         return resp
     await resp.write_eof()
     return resp
@@ -380,13 +370,13 @@ async def _serve_nar(request: web.Request, node: Node) -> web.StreamResponse:
         "Cache-Control": _IMMUTABLE,
         "Accept-Ranges": "bytes",
     }
-    reason = await damage_of(store.plans, node)
+    reason = await store.nar.damage(node)
     if reason is not None:
         raise HttpError(_DAMAGED, f"store content of this NAR is damaged: {reason}")
-    served = await planned_stream(store.plans, store.blobs, node)
+    served = await store.nar.serve(node)
     if served is not None and request.method == "GET" and "Range" not in request.headers:
         # The whole NAR, straight from the pack files.
-        size = served.plan.nar_size
+        size = served.nar_size
         resp = web.StreamResponse(status=200, headers={**headers, "Content-Length": str(size)})
         await resp.prepare(request)
         return await _stream(request, resp, served.pieces(), node)
@@ -423,7 +413,7 @@ async def _serve_nar(request: web.Request, node: Node) -> web.StreamResponse:
     )
     if resp.prepared and request.transport is not None and not request.transport.is_closing():
         # Next time, serve it from a plan (one that vouches for no NarHash: not hashed here).
-        await save_plan(store.plans, store.blobs, node, closure, layout.size, None)
+        await store.nar.record(node, closure, layout.size, None)
     return resp
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,11 +34,20 @@ CREATE TABLE IF NOT EXISTS pathinfos (
 _PAGE = 256
 
 
-class SqlitePathInfoService(PathInfoService):
-    """PathInfos in a SQLite database file."""
+Journal = Callable[[bytes, bytes], None]
+"""Gets (digest, encoding) of a PathInfo about to be stored (anew or changed), before it is."""
 
-    def __init__(self, path: str | Path) -> None:
+
+class SqlitePathInfoService(PathInfoService):
+    """PathInfos in a SQLite database file.
+
+    With ``journal``, each PathInfo stored anew (or changed) is handed to it
+    before its row commits (the embedded store keeps them in its packs too).
+    """
+
+    def __init__(self, path: str | Path, *, journal: Journal | None = None) -> None:
         self.path = Path(path)
+        self._journal = journal
         self._conn = connect(self.path)
         self._lock = threading.Lock()
         try:
@@ -66,6 +75,30 @@ class SqlitePathInfoService(PathInfoService):
                 raise storage_error("reading a PathInfo", exc) from exc
         return None if row is None else bytes(row[0])
 
+    def _get_locked(self, digest: bytes) -> bytes | None:
+        try:
+            row = self._conn.execute(
+                "SELECT data FROM pathinfos WHERE digest = ?", (digest,)
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise storage_error("reading a PathInfo", exc) from exc
+        return None if row is None else bytes(row[0])
+
+    def restore_sync(self, data: bytes | memoryview) -> None:
+        """Put back a PathInfo found in a journal (not journaled again)."""
+        data = bytes(data)
+        try:
+            info = PathInfo.from_bytes(data)
+        except ValidationError as exc:
+            raise DataCorruption(f"a journaled PathInfo is invalid: {exc}") from exc
+        with self._lock:
+            write_one(
+                self._conn,
+                "INSERT OR REPLACE INTO pathinfos (digest, data) VALUES (?, ?)",
+                (info.digest, data),
+                "restoring a PathInfo",
+            )
+
     def get_sync(self, digest: bytes) -> PathInfo | None:
         """:meth:`get`, blocking."""
         data = self._get(digest)
@@ -76,6 +109,8 @@ class SqlitePathInfoService(PathInfoService):
 
     def _put(self, digest: bytes, data: bytes) -> None:
         with self._lock:
+            if self._journal is not None and self._get_locked(digest) != data:
+                self._journal(digest, data)  # first: a crash never leaves a row it lacks
             write_one(
                 self._conn,
                 "INSERT OR REPLACE INTO pathinfos (digest, data) VALUES (?, ?)",

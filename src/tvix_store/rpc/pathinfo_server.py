@@ -13,8 +13,8 @@ from tvix_castore.nodes import DirectoryNode, FileNode, NameRule, Node, node_fro
 from tvix_castore.protos import castore_pb2
 from tvix_castore.rpc.status import abort_with
 from tvix_store.content import check_content
-from tvix_store.nar.plan import SqliteNarPlans, calculate_nar_planned
 from tvix_store.nar.render import NarRenderError
+from tvix_store.nar.service import NarService
 from tvix_store.pathinfo import PathInfo
 from tvix_store.pathinfoservice.base import PathInfoService
 from tvix_store.protos import pathinfo_pb2, rpc_pathinfo_pb2
@@ -41,14 +41,14 @@ class PathInfoServiceServicer(pb_grpc.PathInfoServiceServicer):
         directories: DirectoryService,
         *,
         metadata_only: bool = False,
-        plans: SqliteNarPlans | None = None,
+        nar: NarService | None = None,
         policy: UploadPolicy | None = None,
     ) -> None:
         self._infos = pathinfos
         self._blobs = blobs
         self._dirs = directories
         self._metadata_only = metadata_only
-        self._plans = plans  # CalculateNAR's cache (NAR plans of the embedded store)
+        self._nar = nar or NarService(blobs, directories)  # CalculateNAR's cache
         self._policy = policy or UploadPolicy()
 
     async def Get(
@@ -78,7 +78,7 @@ class PathInfoServiceServicer(pb_grpc.PathInfoServiceServicer):
                     await check_content(info.node, self._blobs, self._dirs)
                 except (NotFound, ValidationError) as exc:  # the client's mistake
                     raise ValidationError(f"Invalid path info: {exc}") from exc
-            content = None if self._metadata_only else (self._blobs, self._dirs, self._plans)
+            content = None if self._metadata_only else self._nar
             try:
                 await check_metadata(info, self._policy, content)
             except ValidationError as exc:
@@ -96,7 +96,7 @@ class PathInfoServiceServicer(pb_grpc.PathInfoServiceServicer):
                 node = node_from_proto(request, name_rule=NameRule.EMPTY)
             except CastoreError as exc:
                 raise ValidationError(f"invalid root node: {exc}") from exc
-            size, sha = await calculate_nar_planned(self._plans, self._blobs, self._dirs, node)
+            size, sha = await self._nar.calculate(node)
         except NarRenderError as exc:
             await abort_with(context, await self._missing_root(node) or exc)
         except Exception as exc:
@@ -111,8 +111,8 @@ class PathInfoServiceServicer(pb_grpc.PathInfoServiceServicer):
         try:
             if isinstance(node, DirectoryNode):
                 found = await self._dirs.get(node.digest) is not None or (
-                    self._plans is not None and await self._plans.get(node.digest) is not None
-                )  # (a recorded NAR plan: it was stored, and is lost)
+                    await self._nar.has_plans(node)
+                )  # (a vouched NAR: it was stored, and is lost)
                 what = "directory"
             elif isinstance(node, FileNode):
                 found = await self._blobs.has(node.digest)
