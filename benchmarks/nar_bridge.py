@@ -21,6 +21,13 @@ Measured, alternating static/bridge, best of ``--bridge-rounds`` wall-clock:
 
 and ``--narinfo-requests`` sequential GETs of ``<hash>.narinfo`` over one
 keep-alive connection (``http.client``), each timed with ``perf_counter``.
+
+Filling (issue 13), ``--fill-rounds`` alternating rounds, ``sync`` and ``fstrim``
+before each command, every destination fresh and on disk: ``nix copy --to
+'file://DIR?compression=zstd'`` (the reference), the same with
+``compression=none``, and ``nix copy --to 'http://BRIDGE?compression=none'``
+into a nar-bridge started on a fresh store for each round; the last round's
+bridge store is the one served above.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.common import MB, WORK, machine
+from benchmarks.common import MB, WORK, machine, settle
 from benchmarks.nar_dump import TREE, build_tree
 
 NAME = "nar_bridge"
@@ -71,6 +78,7 @@ NO_NARINFO_CACHE = [
     "0",
 ]
 COPY_TARGET = 1.5
+FILL_TARGET = 1.5  # nar-bridge fill / nix copy --to file://…?compression=zstd
 P99_TARGET_MS = 5.0
 WARMUP_REQUESTS = 200
 
@@ -95,6 +103,12 @@ server.serve_forever()
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--bridge-rounds", type=int, default=3, help="rounds for the nar-bridge benchmark"
+    )
+    parser.add_argument(
+        "--fill-rounds",
+        type=int,
+        default=3,
+        help="rounds of filling nar-bridge vs a file:// cache (nar-bridge benchmark)",
     )
     parser.add_argument(
         "--narinfo-requests",
@@ -284,6 +298,61 @@ def upload(bridge: Server, path: str) -> float:
     return seconds
 
 
+def copy_to_file(path: str, compression: str, label: str) -> float:
+    """Time one ``nix copy --to file://SCRATCH/…?compression=…`` into a fresh directory
+    (kept until the run ends: deleting between timed runs slows this VM's disk)."""
+    dest = SCRATCH / f"file-cache-{label}"
+    xdg = SCRATCH / f"xdg-file-{label}"
+    settle()
+    seconds = _timed(
+        [
+            "nix",
+            "copy",
+            "--from",
+            str(SRC_STORE),
+            "--to",
+            f"file://{dest}?compression={compression}",
+            path,
+            *NO_NARINFO_CACHE,
+        ],
+        _env(XDG_CACHE_HOME=str(xdg)),
+    )
+    _rmtree(xdg)
+    return seconds
+
+
+@dataclass
+class Fill:
+    zstd: list[float]
+    none: list[float]
+    bridge: list[float]
+    bridge_cpu: list[float]
+
+    def pair_ratios(self) -> list[float]:
+        return sorted(b / z for b, z in zip(self.bridge, self.zstd, strict=True))
+
+
+def measure_fill(path: str, rounds: int) -> tuple[Fill, Path]:
+    """Alternate file:// zstd, file:// none and a fresh nar-bridge; the last bridge's home."""
+    fill = Fill([], [], [], [])
+    home = SCRATCH / "bridge-home-0"
+    for i in range(rounds):
+        fill.zstd.append(copy_to_file(path, "zstd", f"zstd-{i}"))
+        fill.none.append(copy_to_file(path, "none", f"none-{i}"))
+        home = SCRATCH / f"bridge-home-{i}"
+        with bridge_server(home) as bridge:
+            settle()
+            cpu0 = bridge.cpu_seconds()
+            fill.bridge.append(upload(bridge, path))
+            fill.bridge_cpu.append(bridge.cpu_seconds() - cpu0)
+        print(
+            f"  fill round {i + 1}: file:// zstd {fill.zstd[-1]:.2f}s, none {fill.none[-1]:.2f}s,"
+            f" nar-bridge {fill.bridge[-1]:.2f}s (bridge CPU {fill.bridge_cpu[-1]:.2f}s)",
+            file=sys.stderr,
+        )
+    return fill, home
+
+
 def copy_from(url: str, path: str, label: str, check_against: str | None) -> float:
     """Time one ``nix copy --from url`` into a fresh store; optionally check the tree."""
     dest = DEST_ROOT / f"dest-{label}"
@@ -401,9 +470,9 @@ def run(args: argparse.Namespace) -> str:
     SCRATCH.mkdir(parents=True)
     DEST_ROOT.mkdir(parents=True, exist_ok=True)
     try:
-        with static_server(STATIC_DIR) as static, bridge_server(BRIDGE_HOME) as bridge:
-            t_upload = upload(bridge, path)
-            print(f"  upload to nar-bridge: {t_upload:.2f}s", file=sys.stderr)
+        fill, home = measure_fill(path, max(1, args.fill_rounds))
+        t_upload = min(fill.bridge)
+        with static_server(STATIC_DIR) as static, bridge_server(home) as bridge:
             bridge_info = _narinfo_fields(_get_text(f"{bridge.url}/{hash_part}.narinfo"))
             if bridge_info["NarHash"] != static_info["NarHash"]:
                 raise SystemExit(f"NarHash differs: {bridge_info} vs {static_info}")
@@ -450,6 +519,9 @@ def run(args: argparse.Namespace) -> str:
         _rmtree(SCRATCH)
         _rmtree(DEST_ROOT)
 
+    fz, fn, fb = min(fill.zstd), min(fill.none), min(fill.bridge)
+    fill_ratio = fb / fz
+    pairs = fill.pair_ratios()
     sc, bc = min(static_copy), min(bridge_copy)
     sg, bg = min(static_get), min(bridge_get)
     copy_ratio = bc / sc
@@ -476,6 +548,20 @@ def run(args: argparse.Namespace) -> str:
             " nar-bridge: `tvix-store nar-bridge` on a fresh embedded store, filled with"
             f" `nix copy --to http://…?compression=none` ({t_upload:.1f} s,"
             f" {nar_mb / t_upload:,.0f} MB/s). Both servers, Nix and curl share the same 2 CPUs.",
+            "",
+            "Filling (issue 13): `nix copy --from SRC_STORE --to DEST PATH` into a fresh"
+            f" destination on disk, {len(fill.bridge)} alternating rounds (zstd, none, bridge),"
+            " `sync` + `fstrim` before each, best of each; nar-bridge started on a fresh store"
+            " every round. Ratios to the `file://…?compression=zstd` cache.",
+            "",
+            "| destination | s | NAR MB/s | ratio | target |",
+            "|---|---:|---:|---:|---|",
+            f"| `file://DIR?compression=zstd` | {fz:.2f} | {nar_mb / fz:,.0f} | 1.00× | |",
+            f"| `file://DIR?compression=none` | {fn:.2f} | {nar_mb / fn:,.0f} | {fn / fz:.2f}× | |",
+            f"| `http://BRIDGE?compression=none` (bridge CPU {min(fill.bridge_cpu):.2f} s) |"
+            f" {fb:.2f} | {nar_mb / fb:,.0f} | **{fill_ratio:.2f}×** (round by round"
+            f" {pairs[0]:.2f}–{pairs[-1]:.2f}×, median {pairs[len(pairs) // 2]:.2f}×) |"
+            f" ≤ {FILL_TARGET}×: {verdict(fill_ratio <= FILL_TARGET)} |",
             "",
             f"`nix copy --from URL --to FRESH_STORE PATH --no-check-sigs` (store on"
             f" {'tmpfs' if DEST_ROOT != SCRATCH else 'disk'}), fresh `XDG_CACHE_HOME`,"
