@@ -440,7 +440,7 @@ async def _write_nar(store: Any, info: Any, out: Any) -> None:
 
     from tvix_castore.errors import DataCorruption
     from tvix_store.nar.layout import build_layout
-    from tvix_store.nar.render import fetch_closure, render_nar
+    from tvix_store.nar.render import NarRenderError, fetch_closure, render_nar
 
     out.flush()
     try:
@@ -451,7 +451,16 @@ async def _write_nar(store: Any, info: Any, out: Any) -> None:
     nar = store.nar
     if fd is not None and await nar.export(node, info.nar_size, info.nar_sha256, fd):
         return
-    closure = await fetch_closure(node, store.directories)
+    try:
+        closure = await fetch_closure(node, store.directories)
+    except NarRenderError as exc:
+        if not isinstance(exc.__cause__, DataCorruption):
+            raise
+        # (Directories live in the packs too: a damaged pack can hide them)
+        await nar.mark_damaged(node, str(exc.__cause__))
+        raise click.ClickException(
+            f"{info.store_path}: stored content is damaged: {exc.__cause__}"
+        ) from exc
     # Before writing anything: are the bytes of every indexed blob there?
     problem = await nar.unreadable([f.digest for f in build_layout(node, closure).files])
     if problem is not None:

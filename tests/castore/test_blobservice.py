@@ -11,6 +11,7 @@ import blake3
 import pytest
 import zstandard
 
+from tests.v1_packed import PackedBlobService
 from tvix_castore.blobservice import (
     BlobService,
     ChunkedReader,
@@ -25,7 +26,6 @@ from tvix_castore.blobservice.objectstore import (
     raw_frame,
     raw_frame_pieces,
 )
-from tvix_castore.blobservice.packed import PackedBlobService
 from tvix_castore.digests import EMPTY_DIGEST, B3Digest
 from tvix_castore.errors import ChecksumMismatch, DataCorruption, NotFound
 from tvix_castore.objectstore import LocalObjectStore, MemoryObjectStore

@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 
 from tests.forking import FORK_ENV
+from tests.v1_packed import PackedBlobService
 from tvix_castore.blobservice import MemoryBlobService, ObjectStoreBlobService
 from tvix_castore.blobservice.base import Ask, BlobService, ForkedIngest
-from tvix_castore.blobservice.packed import PackedBlobService
 from tvix_castore.digests import B3Digest
 from tvix_castore.directoryservice.memory import MemoryDirectoryService
 from tvix_castore.directoryservice.sqlite import SqliteDirectoryService

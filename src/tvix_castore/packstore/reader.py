@@ -11,6 +11,7 @@ walking blobs in the order they were written decodes each frame once.
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import threading
 from collections.abc import Sequence
@@ -19,12 +20,14 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from tvix_castore.blobservice.base import ChunkMeta
 from tvix_castore.digests import EMPTY_DIGEST, B3Digest
-from tvix_castore.errors import DataCorruption
+from tvix_castore.errors import DataCorruption, StorageError
 from tvix_castore.packstore.format import PACK_LIMIT, Frame, FrameMember, decode_payload
 from tvix_castore.packstore.index import BlobRow, FrameRef, PackIndex
 
 if TYPE_CHECKING:
     from tvix_castore.packstore.legacy import LegacyStore
+
+_log = logging.getLogger(__name__)
 
 __all__ = [
     "Chunked",
@@ -209,6 +212,26 @@ class PackReader:
                 self._busy.pop(frame, None)
             busy.set()
 
+    def _forget_damaged(self, frame: FrameRef) -> None:
+        """Unindex a frame whose bytes fail their check: its members are then absent.
+
+        So storing them again (a re-upload or re-import of the same content)
+        writes them anew instead of deduplicating against bytes that cannot be
+        read; compaction then drops the damaged frame. (Only a failed check
+        does this, never an I/O error, which may pass.) A failure to write is
+        logged: the read fails either way.
+        """
+        try:
+            txn = self.index.transaction()
+            txn.delete_frames([frame.id])
+            txn.commit()
+        except StorageError as exc:
+            _log.warning("cannot unindex the damaged frame %s: %s", frame, exc)
+        else:
+            _log.warning("unindexed a damaged frame: pack %s at %d", frame.pack, frame.offset)
+        with self._lock:
+            self._cache.pop(frame, None)
+
     def _decode(self, frame: FrameRef) -> _Decoded:
         where = f"pack {frame.pack} at {frame.offset}"
         if not 0 < frame.length <= PACK_LIMIT or frame.offset < 0:
@@ -221,7 +244,11 @@ class PackReader:
             raise DataCorruption(f"{where}: cannot read: {exc}") from exc
         if len(data) != frame.length:
             raise _FrameGone(where)
-        head, payload = decode_payload(data, where, frame.offset)
+        try:
+            head, payload = decode_payload(data, where, frame.offset)
+        except DataCorruption:
+            self._forget_damaged(frame)
+            raise
         offsets: dict[int, FrameMember] = {}
         at = 0
         for m in head.members:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.v1_packed import PackedBlobService
 from tvix_castore.blobservice import ObjectStoreBlobService
-from tvix_castore.blobservice.packed import PackedBlobService
 from tvix_castore.digests import B3Digest
 from tvix_castore.objectstore import LocalObjectStore
 from tvix_castore.packstore import Chunked, Legacy, LegacyObject, PackBlobService

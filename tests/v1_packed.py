@@ -1,4 +1,10 @@
-"""Blobs and chunks appended to pack files, indexed in SQLite.
+"""The v1 embedded blob store (blobs appended to raw pack files, indexed in SQLite), as released.
+
+Kept for the tests only: they write v1 stores with it and check that the pack
+store reads and converts them (tvix_castore.packstore.legacy, compact). The
+original module docstring follows.
+
+Blobs and chunks appended to pack files, indexed in SQLite.
 
 Most files in real store paths are a few KiB, and one filesystem object per
 blob costs far more than hashing it (a create + rename is ~0.3 ms here;
