@@ -3,8 +3,9 @@
 The NAR is parsed by :mod:`nix_compat.nar.reader` in a worker thread (the
 parser and sha256 run off the event loop); the loop side uploads blobs — small
 files concurrently with a bound on count and bytes in flight, large files
-streamed — and sends all Directories of the NAR through **one** putter,
-committed only after the whole NAR parsed and every blob is stored.
+streamed — and sends all Directories of the NAR through **one** putter
+(each as soon as its files are stored), committed only after the whole NAR
+parsed, its size and hash checked, and every blob is stored.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ __all__ = ["IngestedNar", "InvalidNar", "NarMismatch", "ingest_nar", "ingest_nar
 _SMALL = 1 << 20  # files up to this are read whole and uploaded in batches
 _BATCH_FILES = 256
 _BATCH_UPLOAD_BYTES = 8 << 20
-_MAX_BATCHES_IN_FLIGHT = 4  # bounds memory: ~4 × 8 MiB of small files
+_MAX_BATCHES_IN_FLIGHT = 2  # bounds memory: ~2 × 8 MiB of small files being stored
 _QUEUED = 8  # batches of operations (≤ 1 MiB each) between parser and loop
 _BATCH_BYTES = 1 << 20
 _BATCH_OPS = 256
