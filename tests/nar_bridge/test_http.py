@@ -27,6 +27,7 @@ import pytest
 import zstandard
 
 from nix_compat import nixbase32
+from nix_compat.nar.writer import NarWriter
 from nix_compat.narinfo import NarInfo
 from tvix_castore.protos import castore_pb2
 
@@ -407,6 +408,33 @@ async def test_invalid_nar_body(
         status, text = await _put(session, f"{fresh.url}/{name}", body)
         assert status == 400, (status, text)
         assert text.strip()
+    assert store_rows(fresh.home) == (0, 0)
+    await _still_serving(session, fresh)
+
+
+async def test_uncompressed_nar_over_the_limit_by_its_bytes(
+    fresh: Bridge, session: aiohttp.ClientSession
+) -> None:
+    """No header names a size over the limit, no Content-Length either: 413 once crossed."""
+    buf = io.BytesIO()
+    w = NarWriter(buf)
+    w.directory()
+    for i in range(MAX_NAR // 4000 + 10):  # symlinks with long targets: no file sizes at all
+        w.entry(b"%08d" % i)
+        w.symlink(b"t" * 4000)
+    w.end_directory()
+    w.close()
+    nar = buf.getvalue()
+    assert len(nar) > MAX_NAR
+
+    async def chunks() -> AsyncIterator[bytes]:  # chunked encoding
+        for i in range(0, len(nar), 1 << 16):
+            yield nar[i : i + (1 << 16)]
+
+    name = _nar_name(hashlib.sha256(nar).digest())
+    async with session.put(f"{fresh.url}/{name}", data=chunks()) as resp:
+        assert resp.status == 413, (resp.status, await resp.text())
+        assert str(MAX_NAR) in await resp.text()
     assert store_rows(fresh.home) == (0, 0)
     await _still_serving(session, fresh)
 

@@ -16,8 +16,9 @@ import base64
 import binascii
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
@@ -167,6 +168,23 @@ def _body(request: web.Request) -> Callable[[int], Awaitable[bytes]]:
     return read
 
 
+def _bounded(
+    read: Callable[[int], Awaitable[bytes]], first: bytes, limit: int
+) -> Callable[[int], Coroutine[Any, Any, bytes]]:
+    """``read`` after ``first``, refusing (413) as soon as the body passes ``limit`` bytes."""
+    total = 0
+
+    async def bounded(n: int) -> bytes:
+        nonlocal first, total
+        data, first = first or await read(n), b""
+        total += len(data)
+        if total > limit:
+            raise TooLarge(f"NAR exceeds {limit} bytes")
+        return data
+
+    return bounded
+
+
 def _digest20(text: str) -> bytes:
     try:
         return nixbase32.decode(text, 20)
@@ -272,13 +290,18 @@ async def put_nar(request: web.Request) -> web.Response:
         kind = "gzip"  # Nix names gzip-compressed NARs plain ".nar"
     elif kind == "none" and (request.content_length or 0) > limit:
         raise HttpError(413, f"NAR of {request.content_length} bytes: over the {limit}-byte limit")
-    reader = DecompressingReader(read, decompressor(kind, limit), first)
     closure: dict[B3Digest, Directory] = {}
+    if kind == "none":
+        # The body is the NAR: ingesting hashes it, so it is not hashed twice.
+        read_nar = _bounded(read, first, limit)
+    else:
+        reader = DecompressingReader(read, decompressor(kind, limit), first)
+        read_nar = reader.read
     result = await ingest_nar(
-        reader.read, store.blobs, store.directories, collect=closure, max_size=limit
+        read_nar, store.blobs, store.directories, collect=closure, max_size=limit
     )
     # The URL names the file as uploaded (FileHash; for an uncompressed NAR, its NarHash).
-    got = reader.file_hash.digest()
+    got = result.nar_sha256 if kind == "none" else reader.file_hash.digest()
     if got != url_hash:
         raise HttpError(
             400,
