@@ -74,22 +74,18 @@ INGEST = (
     "asyncio.run(main())\n"
 )
 
-# The embedded default store's layout (tvix_store.config): small blobs in pack
-# files indexed by SQLite, large ones as chunk objects, directories in SQLite.
+# The embedded default store's layout (tvix_store.embedded): blobs, chunks and
+# Directories in compressed pack files (tvix_castore.packstore), indexed by SQLite.
 INGEST_EMBEDDED = (
     "import asyncio, sys\n"
     "from pathlib import Path\n"
-    "from tvix_castore.blobservice.objectstore import ObjectStoreBlobService\n"
-    "from tvix_castore.blobservice.packed import PackedBlobService\n"
-    "from tvix_castore.directoryservice.sqlite import SqliteDirectoryService\n"
     "from tvix_castore.ingest import ingest_path\n"
-    "from tvix_castore.objectstore import LocalObjectStore\n"
+    "from tvix_castore.packstore import PackBlobService\n"
+    "from tvix_castore.packstore.directories import PackDirectoryService\n"
     "async def main():\n"
-    "    home = Path(sys.argv[2])\n"
-    "    blobs = PackedBlobService(home / 'store.sqlite',"
-    " ObjectStoreBlobService(LocalObjectStore(home / 'blobs'), zstd_level=None))\n"
-    "    dirs = SqliteDirectoryService(home / 'store.sqlite')\n"
-    "    async with blobs, dirs:\n"
+    "    blobs = PackBlobService(Path(sys.argv[2]))\n"
+    "    dirs = PackDirectoryService(blobs, owns=True)\n"
+    "    async with dirs:\n"
     "        node = await ingest_path(sys.argv[1], blobs, dirs)\n"
     "    print(node.digest.hex())\n"
     "asyncio.run(main())\n"
