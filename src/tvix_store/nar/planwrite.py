@@ -20,7 +20,10 @@ import bisect
 import concurrent.futures
 import contextlib
 import hashlib
+import logging
+import os
 import queue
+import signal
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
@@ -28,6 +31,7 @@ from typing import TYPE_CHECKING
 from tvix_castore.blobservice.base import writev_all
 from tvix_castore.digests import B3Digest
 from tvix_castore.errors import DataCorruption
+from tvix_castore.forked import fork_child, want_fork
 from tvix_castore.lazy import lazy_module
 from tvix_castore.packstore.reader import (
     Chunked,
@@ -47,6 +51,7 @@ else:
 
 __all__ = [
     "Checked",
+    "Sha256Job",
     "Sink",
     "hints_of",
     "pieces_stream",
@@ -63,6 +68,9 @@ _AHEAD = 3  # frames decoded ahead of the writer
 _THREADS = 2  # helper threads decoding them (zstd and blake3 release the GIL)
 _HOLD_FRAMES = 16  # frames a NAR writer holds decoded (~4 MiB each: 64 MiB)
 _QUEUE = 4  # pieces a server's writer thread may run ahead of the response
+
+_FORK_MIN = 32 << 20  # NARs this large are hashed in a forked child (see Sha256Job)
+_log = logging.getLogger(__name__)
 
 Sink = Callable[[list[bytes | memoryview], int], None]
 """Takes a batch of pieces and their total length."""
@@ -115,6 +123,10 @@ class _Blobs:
         ]
         if chunks:
             self._located.update(reader.locate([c for c in chunks if c not in self._located]))
+
+    def all_in_frames(self) -> bool:
+        """Whether every located blob (and chunk) is in a v2 frame (no legacy layout)."""
+        return all(isinstance(loc, Member | Chunked) for loc in self._located.values())
 
     def problem(self, files: Sequence[FileRef]) -> str | None:
         """Why some file cannot be read, without reading (see :meth:`PackReader.problem`)."""
@@ -377,6 +389,10 @@ def write_to_fd(
 
 def sha256_of(reader: PackReader, pieces: Sequence[Piece]) -> bytes:
     """The sha256 of the NAR of ``pieces``, read (and verified) from the packs."""
+    return _sha256(reader, pieces, None)
+
+
+def _sha256(reader: PackReader, pieces: Sequence[Piece], checked: Checked | None) -> bytes:
     sha = hashlib.sha256()
     update = sha.update
 
@@ -385,8 +401,77 @@ def sha256_of(reader: PackReader, pieces: Sequence[Piece]) -> bytes:
         # small updates that tens of thousands of small files would make).
         update(iov[0] if len(iov) == 1 else b"".join(iov))
 
-    write_pieces(reader, pieces, sink)
+    write_pieces(reader, pieces, sink, checked=checked)
     return sha.digest()
+
+
+class _NoIndex:
+    """A forked hasher's index: none (a SQLite connection must not cross a fork)."""
+
+    def __getattr__(self, name: str) -> object:
+        raise DataCorruption("a blob not where located (not looked up again in a forked hasher)")
+
+
+class Sha256Job:
+    """The sha256 of the NAR of ``pieces``, read (and verified) from the packs, started now.
+
+    A large NAR is hashed by a forked child (``fork``: see
+    :func:`~tvix_castore.forked.want_fork`), so the caller's Python work (building
+    Directories) runs beside it: threads would contend for the GIL on tens of
+    thousands of small reads. The blobs are located here, before the fork; the
+    child decodes and verifies every frame as this process would, and only
+    hashes. If anything is off the plan (a blob not where located, damage, the
+    child failing), :meth:`result` hashes here instead, which locates again and
+    raises what a NAR writer raises.
+    """
+
+    def __init__(
+        self, reader: PackReader, pieces: Sequence[Piece], *, fork: bool | None = None
+    ) -> None:
+        self._reader = reader
+        self._pieces = pieces
+        self._pid = 0
+        self._pipe = -1
+        size = sum(len(p) if not isinstance(p, FileRef) else p.size for p in pieces)
+        if not want_fork(fork, large=size >= _FORK_MIN):
+            return
+        checked = Checked(reader, files_of(pieces))
+        if checked.problem is not None or not checked.blobs.all_in_frames():
+            return
+        r, w = os.pipe()
+
+        def main() -> int:
+            reader.index = _NoIndex()  # type: ignore[assignment]
+            reader.legacy = None
+            os.write(w, _sha256(reader, pieces, checked))
+            return 0
+
+        self._pid = fork_child(main, lambda exc: None, (r,))
+        os.close(w)
+        self._pipe = r
+
+    def result(self) -> bytes:
+        """The sha256 (blocking); ``NarRenderError``/``DataCorruption`` as :func:`sha256_of`."""
+        if self._pid:
+            data = b""
+            try:
+                while len(data) < 32 and (more := os.read(self._pipe, 32 - len(data))):
+                    data += more
+            finally:
+                self.close()
+            if len(data) == 32:
+                return data
+            _log.debug("hashing the NAR in this process (the forked hasher failed)")
+        return sha256_of(self._reader, self._pieces)
+
+    def close(self) -> None:
+        """Stop the child, if any (blocking)."""
+        if self._pid:
+            pid, self._pid = self._pid, 0
+            os.close(self._pipe)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
 
 
 class _Stopped(Exception):
