@@ -142,8 +142,10 @@ async def _ingest_then_hash(
         # A lone file or symlink: its NAR read back from castore.
         nar_size, sha = await calculate_nar(node, blobs, store.directories, closure=closure)
         return IngestedTree(node, nar_size, sha, closure)
-    # The NAR is hashed from the packs (in a thread) while the Directories are built.
-    hashing = asyncio.ensure_future(asyncio.to_thread(store.nar.hash_uploaded, tree))
+    # The NAR is hashed from the packs (a large one by a forked child, started
+    # before anything else runs here) while the Directories are built.
+    job = await asyncio.to_thread(store.nar.start_hash_uploaded, tree)
+    hashing = asyncio.ensure_future(asyncio.to_thread(job.result))
     try:
         node = await put_directories(tree, store.directories, collect=closure)
         uploaded = await hashing
@@ -151,6 +153,7 @@ async def _ingest_then_hash(
         if not hashing.done():
             with contextlib.suppress(BaseException):
                 await hashing
+        job.close()
     return IngestedTree(node, uploaded.nar_size, uploaded.nar_sha256, closure, uploaded.hints)
 
 

@@ -31,6 +31,7 @@ _log = logging.getLogger(__name__)
 
 __all__ = [
     "Chunked",
+    "DecodedFrame",
     "FrameRef",
     "Legacy",
     "LegacyObject",
@@ -78,7 +79,10 @@ class _FrameGone(Exception):
     """The frame's pack is missing or shorter than the frame (compaction may have moved it)."""
 
 
-class _Decoded(NamedTuple):
+class DecodedFrame(NamedTuple):
+    """A frame decoded and verified (see :meth:`PackReader.decode`)."""
+
+    ref: FrameRef
     frame: Frame
     payload: memoryview
     offsets: dict[int, FrameMember]  # member offset -> member
@@ -93,7 +97,7 @@ class PackReader:
         self.legacy = legacy
         self._lock = threading.Lock()
         self._fds: dict[str, int] = {}
-        self._cache: collections.OrderedDict[FrameRef, _Decoded] = collections.OrderedDict()
+        self._cache: collections.OrderedDict[FrameRef, DecodedFrame] = collections.OrderedDict()
         self._busy: dict[FrameRef, threading.Event] = {}  # frames being decoded
 
     # -- where --------------------------------------------------------------
@@ -188,7 +192,7 @@ class PackReader:
                 fd = self._fds[pack] = os.open(self.pack_path(pack), os.O_RDONLY | os.O_CLOEXEC)
             return fd
 
-    def _decoded(self, frame: FrameRef) -> _Decoded:
+    def _decoded(self, frame: FrameRef) -> DecodedFrame:
         """The frame decoded and checked: from the cache, or by this thread.
 
         A frame another thread is decoding (a read-ahead) is waited for, not
@@ -206,11 +210,33 @@ class PackReader:
                     break
             busy.wait()  # (then from the cache, or decoded here if that failed)
         try:
-            return self._decode(frame)
+            decoded = self._decode(frame)
+            with self._lock:
+                self._cache[frame] = decoded
+                while len(self._cache) > _CACHE_FRAMES:
+                    self._cache.popitem(last=False)
+            return decoded
         finally:
             with self._lock:
                 self._busy.pop(frame, None)
             busy.set()
+
+    def decode(self, frame: FrameRef) -> DecodedFrame | None:
+        """``frame`` decoded and verified, bypassing the shared cache.
+
+        For a caller that holds frames itself (a NAR writer knows which ones it
+        needs again). ``None`` if it cannot be (damaged, or gone): :meth:`member`
+        without it then says why (or finds the blob where compaction moved it).
+        Thread-safe.
+        """
+        with self._lock:
+            hit = self._cache.get(frame)
+        if hit is not None:
+            return hit
+        try:
+            return self._decode(frame)
+        except (_FrameGone, DataCorruption):
+            return None
 
     def _forget_damaged(self, frame: FrameRef) -> None:
         """Unindex a frame whose bytes fail their check: its members are then absent.
@@ -232,7 +258,7 @@ class PackReader:
         with self._lock:
             self._cache.pop(frame, None)
 
-    def _decode(self, frame: FrameRef) -> _Decoded:
+    def _decode(self, frame: FrameRef) -> DecodedFrame:
         where = f"pack {frame.pack} at {frame.offset}"
         if not 0 < frame.length <= PACK_LIMIT or frame.offset < 0:
             raise DataCorruption(f"{where}: impossible frame length {frame.length} in the index")
@@ -255,12 +281,7 @@ class PackReader:
             if m.size:  # (an empty member shares its offset with the next one)
                 offsets[at] = m
             at += m.size
-        decoded = _Decoded(head, payload, offsets)
-        with self._lock:
-            self._cache[frame] = decoded
-            while len(self._cache) > _CACHE_FRAMES:
-                self._cache.popitem(last=False)
-        return decoded
+        return DecodedFrame(frame, head, payload, offsets)
 
     def payload(self, frame: FrameRef) -> memoryview:
         """A frame's decoded and verified payload (DataCorruption if damaged or gone)."""
@@ -269,8 +290,15 @@ class PackReader:
         except _FrameGone as exc:
             raise DataCorruption(f"{exc}: the frame is missing (pack gone or truncated)") from exc
 
-    def member(self, digest: bytes, loc: Member) -> memoryview:
-        """The blob ``digest`` at ``loc``: a slice of its verified frame."""
+    def member(self, digest: bytes, loc: Member, decoded: DecodedFrame | None = None) -> memoryview:
+        """The blob ``digest`` at ``loc``: a slice of its verified frame.
+
+        ``decoded``: that frame, decoded already (see :meth:`decode`), if the caller has it.
+        """
+        if decoded is not None and decoded.ref == loc.frame and loc.size:
+            m = decoded.offsets.get(loc.offset)
+            if m is not None and m.key == digest and m.size == loc.size:
+                return decoded.payload[loc.offset : loc.offset + loc.size]
         try:
             return self._member(digest, loc)
         except DataCorruption as exc:

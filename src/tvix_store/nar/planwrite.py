@@ -16,19 +16,31 @@ writes, and the reader's cache hands them over.
 
 from __future__ import annotations
 
+import bisect
 import concurrent.futures
 import contextlib
 import hashlib
+import logging
+import os
 import queue
+import signal
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from tvix_castore.blobservice.base import writev_all
 from tvix_castore.digests import B3Digest
-from tvix_castore.errors import CastoreError, DataCorruption
+from tvix_castore.errors import DataCorruption
+from tvix_castore.forked import fork_child, want_fork
 from tvix_castore.lazy import lazy_module
-from tvix_castore.packstore.reader import Chunked, FrameRef, Location, Member, PackReader
+from tvix_castore.packstore.reader import (
+    Chunked,
+    DecodedFrame,
+    FrameRef,
+    Location,
+    Member,
+    PackReader,
+)
 from tvix_store.nar.dirplan import FileRef, Hint, Piece, files_of
 from tvix_store.nar.render import NarRenderError
 
@@ -39,6 +51,7 @@ else:
 
 __all__ = [
     "Checked",
+    "Sha256Job",
     "Sink",
     "hints_of",
     "pieces_stream",
@@ -51,8 +64,13 @@ __all__ = [
 _IOV_MAX = 1000  # below the kernel's 1024
 _FLUSH_BYTES = 8 << 20
 _SERVER_PIECE = 1 << 20  # a server's pieces (memory per download stays a few MiB)
-_AHEAD = 2  # frames decoded ahead of the writer (the reader keeps the last 4)
+_AHEAD = 3  # frames decoded ahead of the writer
+_THREADS = 2  # helper threads decoding them (zstd and blake3 release the GIL)
+_HOLD_FRAMES = 16  # frames a NAR writer holds decoded (~4 MiB each: 64 MiB)
 _QUEUE = 4  # pieces a server's writer thread may run ahead of the response
+
+_FORK_MIN = 32 << 20  # NARs this large are hashed in a forked child (see Sha256Job)
+_log = logging.getLogger(__name__)
 
 Sink = Callable[[list[bytes | memoryview], int], None]
 """Takes a batch of pieces and their total length."""
@@ -106,6 +124,10 @@ class _Blobs:
         if chunks:
             self._located.update(reader.locate([c for c in chunks if c not in self._located]))
 
+    def all_in_frames(self) -> bool:
+        """Whether every located blob (and chunk) is in a v2 frame (no legacy layout)."""
+        return all(isinstance(loc, Member | Chunked) for loc in self._located.values())
+
     def problem(self, files: Sequence[FileRef]) -> str | None:
         """Why some file cannot be read, without reading (see :meth:`PackReader.problem`)."""
         reader = self._reader
@@ -132,33 +154,38 @@ class _Blobs:
                 return f"blob {B3Digest(raw)}: pack file {loc.frame.pack} is missing or truncated"
         return reader.problem(other) if other else None
 
-    def frame_order(self, files: Sequence[FileRef]) -> list[FrameRef]:
-        """The frames the files are read from, in the order first read."""
-        seen: dict[FrameRef, None] = {}
+    def uses(self, files: Sequence[FileRef]) -> list[FrameRef]:
+        """The frames the files are read from, in reading order (repeats collapsed)."""
+        out: list[FrameRef] = []
+        last: FrameRef | None = None
         for f in files:
             ref = self._frames.get(f.hint.frame)
-            if ref is None:
-                loc = self._located.get(f.digest)
-                ref = loc.frame if isinstance(loc, Member) else None
+            refs: list[FrameRef] = []
             if ref is not None:
-                seen.setdefault(ref)
-        return list(seen)
+                refs.append(ref)
+            else:
+                loc = self._located.get(f.digest)
+                if isinstance(loc, Member):
+                    refs.append(loc.frame)
+                elif isinstance(loc, Chunked):
+                    for c in loc.chunks:
+                        cloc = self._located.get(c.digest.raw)
+                        if isinstance(cloc, Member):
+                            refs.append(cloc.frame)
+            for ref in refs:
+                if ref != last:
+                    out.append(ref)
+                    last = ref
+        return out
 
-    def frame_of(self, f: FileRef) -> FrameRef | None:
-        ref = self._frames.get(f.hint.frame)
-        if ref is not None:
-            return ref
-        loc = self._located.get(f.digest)
-        return loc.frame if isinstance(loc, Member) else None
-
-    def pieces(self, f: FileRef) -> Iterator[bytes | memoryview]:
+    def pieces(self, f: FileRef, frames: _Frames) -> Iterator[bytes | memoryview]:
         """The file's verified bytes (a chunk at a time for a large one)."""
         reader = self._reader
         ref = self._frames.get(f.hint.frame)
         if ref is not None:
             hinted = Member(ref, f.hint.offset, f.size)
             try:
-                yield reader.member(f.digest, hinted)
+                yield reader.member(f.digest, hinted, frames.get(ref))
                 return
             except DataCorruption:  # a stale hint, or damage: the index says which
                 loc = reader.locate([f.digest]).get(f.digest)
@@ -174,13 +201,13 @@ class _Blobs:
                 f" expected {f.size}"
             )
         if isinstance(loc, Chunked):
-            yield from self._chunks(f.digest, loc)
+            yield from self._chunks(f.digest, loc, frames)
         elif isinstance(loc, Member):
-            yield reader.member(f.digest, loc)
+            yield reader.member(f.digest, loc, frames.get(loc.frame))
         else:
             yield reader.read_located(f.digest, loc)
 
-    def _chunks(self, digest: bytes, loc: Chunked) -> Iterator[bytes | memoryview]:
+    def _chunks(self, digest: bytes, loc: Chunked, frames: _Frames) -> Iterator[bytes | memoryview]:
         for c in loc.chunks:
             cloc = self._located.get(c.digest.raw)
             if cloc is None:
@@ -190,53 +217,103 @@ class _Blobs:
                     f"failed rendering nar: blob {B3Digest(digest)}: chunk {c.digest} is missing"
                 )
             if isinstance(cloc, Member):
-                yield self._reader.member(c.digest.raw, cloc)
+                yield self._reader.member(c.digest.raw, cloc, frames.get(cloc.frame))
             else:
                 yield self._reader.read_located(c.digest.raw, cloc)
 
 
-class _Ahead:
-    """Decodes the frames a NAR reads next in helper threads (the reader caches them)."""
+class _Frames:
+    """The frames a NAR reads, each decoded once, ahead, and held until its last use.
 
-    def __init__(self, reader: PackReader, order: list[FrameRef]) -> None:
+    One helper thread decodes the next frames while the writer writes; a frame
+    is held until the plan says it is not read again, ``_HOLD_FRAMES`` at most.
+
+    Imports interleave their forked workers' segments, so a NAR reads from
+    several frames at once; a small shared cache would decode some many times.
+    Past the budget, the held frame needed again last is dropped (and decoded
+    again when it is: memory stays bounded whatever the order). A read that does
+    not follow the plan (a stale hint) just gets no frame and goes through the
+    reader.
+    """
+
+    def __init__(self, reader: PackReader, uses: list[FrameRef]) -> None:
         self._reader = reader
-        self._order = order
-        self._next = 0
-        self._futures: dict[FrameRef, concurrent.futures.Future[object]] = {}
+        self._uses = uses
+        self._at: dict[FrameRef, list[int]] = {}
+        for i, ref in enumerate(uses):
+            self._at.setdefault(ref, []).append(i)
+        self._order = list(self._at)  # by first use
+        self._rank = {ref: i for i, ref in enumerate(self._order)}
+        self._next = 0  # of _order: the next to decode ahead
+        self._reached = -1  # of _order: the last one read from so far
+        self._pos = -1  # of uses
+        self._held: dict[FrameRef, concurrent.futures.Future[DecodedFrame | None]] = {}
         self._pool = (
-            concurrent.futures.ThreadPoolExecutor(_AHEAD, thread_name_prefix="nar-frames")
-            if len(order) > 1
+            concurrent.futures.ThreadPoolExecutor(_THREADS, thread_name_prefix="nar-frames")
+            if len(self._order) > 1
             else None
         )
-        self._fill(0)
+        self._ahead()
 
-    def _decode(self, ref: FrameRef) -> object:
-        with contextlib.suppress(CastoreError):  # the writer meets (and reports) it itself
-            self._reader.payload(ref)
-        return None
+    def _next_use(self, ref: FrameRef) -> int:
+        at = self._at[ref]
+        i = bisect.bisect_left(at, self._pos)
+        return at[i] if i < len(at) else -1
 
-    def _fill(self, at: int) -> None:
+    def _submit(self, ref: FrameRef) -> None:
         if self._pool is None:
-            return
-        while self._next < len(self._order) and self._next <= at + _AHEAD:
-            ref = self._order[self._next]
-            self._futures[ref] = self._pool.submit(self._decode, ref)
+            future: concurrent.futures.Future[DecodedFrame | None] = concurrent.futures.Future()
+            future.set_result(self._reader.decode(ref))
+        else:
+            future = self._pool.submit(self._reader.decode, ref)
+        self._held[ref] = future
+
+    def _ahead(self) -> None:
+        """Decode ahead the ``_AHEAD`` frames first read after those read so far."""
+        order = self._order
+        while (
+            self._next < len(order)
+            and self._next <= self._reached + _AHEAD
+            and len(self._held) < _HOLD_FRAMES
+        ):
+            ref = order[self._next]
+            if ref not in self._held:
+                self._submit(ref)
             self._next += 1
 
-    def reached(self, ref: FrameRef) -> None:
-        """The writer is about to read ``ref``: wait for its decoding, start the next ones."""
-        future = self._futures.pop(ref, None)
+    def get(self, ref: FrameRef) -> DecodedFrame | None:
+        """The writer reads from ``ref`` now: its decoded frame (``None``: read it plainly)."""
+        uses = self._uses
+        pos = self._pos
+        if not (0 <= pos < len(uses) and uses[pos] == ref):
+            if pos + 1 < len(uses) and uses[pos + 1] == ref:
+                pos = self._pos = pos + 1
+                self._advanced(ref, pos)
+            else:
+                return None  # (off the plan)
+        future = self._held.get(ref)
         if future is None:
-            return
-        future.result()
-        with contextlib.suppress(ValueError):
-            self._fill(self._order.index(ref))
+            self._submit(ref)
+            future = self._held[ref]
+        return future.result()
+
+    def _advanced(self, ref: FrameRef, pos: int) -> None:
+        self._reached = max(self._reached, self._rank[ref])
+        self._next = max(self._next, self._reached + 1)
+        for other in [r for r in self._held if r != ref and self._at[r][-1] < pos]:
+            del self._held[other]  # (not needed again)
+        while len(self._held) > _HOLD_FRAMES:  # (drop the one needed again last)
+            uses = {r: self._next_use(r) for r in self._held if r != ref}
+            drop = max(uses, key=lambda r: uses[r] if uses[r] >= 0 else len(self._uses))
+            del self._held[drop]
+        self._ahead()
 
     def close(self) -> None:
         if self._pool is not None:
-            for future in self._futures.values():
+            for future in self._held.values():
                 future.cancel()
             self._pool.shutdown(wait=True)
+        self._held.clear()
 
 
 class Checked:
@@ -288,24 +365,19 @@ def _write(
 ) -> None:
     files = files_of(pieces)
     blobs = checked.blobs if checked is not None else _Blobs(reader, files)
-    ahead = _Ahead(reader, blobs.frame_order(files))
+    frames = _Frames(reader, blobs.uses(files))
     out = _Out(sink, flush_bytes)
-    current: FrameRef | None = None
     try:
         add = out.add
         for piece in pieces:
             if not isinstance(piece, FileRef):
                 add(piece)
                 continue
-            ref = blobs.frame_of(piece)
-            if ref is not None and ref != current:
-                current = ref
-                ahead.reached(ref)
-            for part in blobs.pieces(piece):
+            for part in blobs.pieces(piece, frames):
                 add(part)
         out.flush()
     finally:
-        ahead.close()
+        frames.close()
 
 
 def write_to_fd(
@@ -317,15 +389,89 @@ def write_to_fd(
 
 def sha256_of(reader: PackReader, pieces: Sequence[Piece]) -> bytes:
     """The sha256 of the NAR of ``pieces``, read (and verified) from the packs."""
+    return _sha256(reader, pieces, None)
+
+
+def _sha256(reader: PackReader, pieces: Sequence[Piece], checked: Checked | None) -> bytes:
     sha = hashlib.sha256()
     update = sha.update
 
     def sink(iov: list[bytes | memoryview], total: int) -> None:
-        for part in iov:
-            update(part)
+        # One update per batch: hashlib releases the GIL for it (not for the
+        # small updates that tens of thousands of small files would make).
+        update(iov[0] if len(iov) == 1 else b"".join(iov))
 
-    write_pieces(reader, pieces, sink)
+    write_pieces(reader, pieces, sink, checked=checked)
     return sha.digest()
+
+
+class _NoIndex:
+    """A forked hasher's index: none (a SQLite connection must not cross a fork)."""
+
+    def __getattr__(self, name: str) -> object:
+        raise DataCorruption("a blob not where located (not looked up again in a forked hasher)")
+
+
+class Sha256Job:
+    """The sha256 of the NAR of ``pieces``, read (and verified) from the packs, started now.
+
+    A large NAR is hashed by a forked child (``fork``: see
+    :func:`~tvix_castore.forked.want_fork`), so the caller's Python work (building
+    Directories) runs beside it: threads would contend for the GIL on tens of
+    thousands of small reads. The blobs are located here, before the fork; the
+    child decodes and verifies every frame as this process would, and only
+    hashes. If anything is off the plan (a blob not where located, damage, the
+    child failing), :meth:`result` hashes here instead, which locates again and
+    raises what a NAR writer raises.
+    """
+
+    def __init__(
+        self, reader: PackReader, pieces: Sequence[Piece], *, fork: bool | None = None
+    ) -> None:
+        self._reader = reader
+        self._pieces = pieces
+        self._pid = 0
+        self._pipe = -1
+        size = sum(len(p) if not isinstance(p, FileRef) else p.size for p in pieces)
+        if not want_fork(fork, large=size >= _FORK_MIN):
+            return
+        checked = Checked(reader, files_of(pieces))
+        if checked.problem is not None or not checked.blobs.all_in_frames():
+            return
+        r, w = os.pipe()
+
+        def main() -> int:
+            reader.index = _NoIndex()  # type: ignore[assignment]
+            reader.legacy = None
+            os.write(w, _sha256(reader, pieces, checked))
+            return 0
+
+        self._pid = fork_child(main, lambda exc: None, (r,))
+        os.close(w)
+        self._pipe = r
+
+    def result(self) -> bytes:
+        """The sha256 (blocking); ``NarRenderError``/``DataCorruption`` as :func:`sha256_of`."""
+        if self._pid:
+            data = b""
+            try:
+                while len(data) < 32 and (more := os.read(self._pipe, 32 - len(data))):
+                    data += more
+            finally:
+                self.close()
+            if len(data) == 32:
+                return data
+            _log.debug("hashing the NAR in this process (the forked hasher failed)")
+        return sha256_of(self._reader, self._pieces)
+
+    def close(self) -> None:
+        """Stop the child, if any (blocking)."""
+        if self._pid:
+            pid, self._pid = self._pid, 0
+            os.close(self._pipe)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
 
 
 class _Stopped(Exception):

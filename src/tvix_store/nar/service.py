@@ -52,6 +52,7 @@ from tvix_store.nar.layout import NarLayout
 from tvix_store.nar.plancache import PlanCache
 from tvix_store.nar.planwrite import (
     Checked,
+    Sha256Job,
     hints_of,
     pieces_stream,
     problem_of,
@@ -68,7 +69,7 @@ if TYPE_CHECKING:
 else:
     asyncio = lazy_module("asyncio")  # not needed to write a NAR from its plan
 
-__all__ = ["NarService", "Served", "Uploaded"]
+__all__ = ["NarService", "Served", "UploadHash", "Uploaded"]
 
 _log = logging.getLogger(__name__)
 
@@ -103,6 +104,22 @@ class Uploaded:
     nar_size: int
     nar_sha256: bytes
     hints: Mapping[bytes, Hint]
+
+
+class UploadHash:
+    """A just uploaded tree's NAR being hashed (see :meth:`NarService.start_hash_uploaded`)."""
+
+    def __init__(self, nar_size: int, job: Sha256Job, hints: Mapping[bytes, Hint]) -> None:
+        self._size = nar_size
+        self._job = job
+        self._hints = hints
+
+    def result(self) -> Uploaded:
+        """Blocking; ``NarRenderError`` / ``DataCorruption`` for missing or damaged content."""
+        return Uploaded(self._size, self._job.result(), self._hints)
+
+    def close(self) -> None:
+        self._job.close()
 
 
 def _what(node: Node) -> str:
@@ -294,6 +311,19 @@ class NarService:
         exactly what was stored, whatever happened to the tree since. Raises
         ``NarRenderError`` / ``DataCorruption`` for missing or damaged content.
         """
+        job = self.start_hash_uploaded(tree)
+        try:
+            return job.result()
+        finally:
+            job.close()
+
+    def start_hash_uploaded(self, tree: ScannedTree, *, fork: bool | None = None) -> UploadHash:
+        """:meth:`hash_uploaded`, started (blocking: it locates the blobs).
+
+        A large NAR is hashed by a forked child (see
+        :class:`~tvix_store.nar.planwrite.Sha256Job`) while the caller builds
+        Directories; call ``result`` and then ``close``.
+        """
         from tvix_store.nar.layout import scanned_layout
 
         assert self.reader is not None
@@ -313,7 +343,7 @@ class NarService:
                 assert seg.digest is not None
                 raw = seg.digest.raw
                 pieces.append(FileRef(raw, seg.size, hints.get(raw, Hint(0, 0))))
-        return Uploaded(size, sha256_of(self.reader, pieces), hints)
+        return UploadHash(size, Sha256Job(self.reader, pieces, fork=fork), hints)
 
     # -- calculate / verify ---------------------------------------------------------
     async def calculate(self, node: Node) -> tuple[int, bytes]:
