@@ -334,6 +334,7 @@ class IndexTxn:
         for fid in self._deleted_frames:
             conn.execute("DELETE FROM pack_blobs WHERE frame = ?", (fid,))
             conn.execute("DELETE FROM pack_frames WHERE id = ?", (fid,))
+        blobs.sort()  # (in key order: pages fill up instead of splitting half-full)
         conn.executemany(
             f"{verb} INTO pack_blobs (digest, frame, offset, size) VALUES (?, ?, ?, ?)", blobs
         )

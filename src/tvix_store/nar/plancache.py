@@ -153,7 +153,8 @@ class PlanCache:
         """Store plans (replacing older ones: their hints may be stale), then keep the bound."""
         if not plans or self.max_bytes == 0:
             return
-        rows = [(raw, plan.encode()) for raw, plan in plans.items()]
+        # (in key order: a fresh table's pages then fill up instead of splitting half-full)
+        rows = sorted((raw, plan.encode()) for raw, plan in plans.items())
         with self._lock:
             write_rows(
                 self._conn,
