@@ -335,7 +335,15 @@ class PackReader:
         if isinstance(loc, Chunked):
             return b"".join(self.chunk_bytes(digest, loc))
         assert self.legacy is not None
-        return self.legacy.read(digest, loc)
+        try:
+            return self.legacy.read(digest, loc)
+        except DataCorruption:
+            # Compaction may have converted it (and deleted the v1 file) since it
+            # was located: locate it again, once, as v2 reads do.
+            again = self.locate([digest]).get(digest)
+            if again is None or isinstance(again, Legacy | LegacyObject):
+                raise
+            return self.read_located(digest, again)
 
     def chunk_bytes(self, digest: bytes, loc: Chunked) -> list[bytes]:
         """The chunks of a large blob, each verified; DataCorruption names the blob."""

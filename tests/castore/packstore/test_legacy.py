@@ -10,7 +10,8 @@ from tests.v1_packed import PackedBlobService
 from tvix_castore.blobservice import ObjectStoreBlobService
 from tvix_castore.digests import B3Digest
 from tvix_castore.objectstore import LocalObjectStore
-from tvix_castore.packstore import Chunked, Legacy, LegacyObject, PackBlobService
+from tvix_castore.packstore import Chunked, Legacy, LegacyObject, Location, PackBlobService
+from tvix_castore.packstore.compact import compact
 
 from .util import pseudo_random
 
@@ -82,3 +83,38 @@ async def test_damaged_v1_blob_is_an_error_naming_it(tmp_path: Path) -> None:
     async with PackBlobService(home) as svc:
         with pytest.raises(Exception, match=str(digest).replace("+", r"\+")):
             await svc.read_all(digest)
+
+
+@pytest.mark.parametrize("zstd", [None, 3], ids=["chunks packed", "chunk files"])
+async def test_a_v1_read_after_compaction_converted_it_finds_it_again(
+    tmp_path: Path, zstd: int | None
+) -> None:
+    """A reader that located a blob in v1 files before ``compact`` deleted them reads it."""
+    home = tmp_path / "home"
+    data = [pseudo_random(5000, 7), pseudo_random(300 * 1024, 8)]
+    async with _v1(home, zstd) as old:
+        digests = [await old.put(d) for d in data]
+    reader_svc = PackBlobService(home)
+    try:
+        found = reader_svc.reader.locate([d.raw for d in digests])
+        stale: dict[bytes, Location] = {
+            raw: loc for raw, loc in found.items() if isinstance(loc, Legacy | LegacyObject)
+        }
+        if isinstance(found.get(digests[1].raw), Chunked):  # (its chunks are the legacy part)
+            chunked = found[digests[1].raw]
+            assert isinstance(chunked, Chunked)
+            chunk_locs = reader_svc.reader.locate([c.digest.raw for c in chunked.chunks])
+            stale |= chunk_locs
+        assert stale
+        compactor = PackBlobService(home)
+        try:
+            stats = compact(compactor)
+        finally:
+            compactor.close()
+        assert stats.legacy_rows_converted + stats.legacy_objects_converted > 0
+        assert not list((home / "packs").glob("*.pack"))
+        for raw, loc in stale.items():
+            got = reader_svc.reader.read_located(raw, loc)
+            assert B3Digest.of(got).raw == raw
+    finally:
+        reader_svc.close()
