@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from tvix_castore.digests import B3Digest
 from tvix_castore.directoryservice.graph import DirectoryGraph
@@ -19,7 +19,7 @@ from tvix_castore.errors import DataCorruption, DirectoryGraphError
 from tvix_castore.lifecycle import AbortOnError, AsyncClosing
 from tvix_castore.nodes import DEFAULT_SIZE_MODE, Directory, SizeMode, check_directory_size
 
-__all__ = ["DirectoryPutter", "DirectoryService", "GraphPutter"]
+__all__ = ["DirectoryPutter", "DirectoryService", "GraphPutter", "closure_by_levels"]
 
 
 class DirectoryPutter(AbortOnError, abc.ABC):
@@ -86,6 +86,36 @@ class DirectoryService(AsyncClosing, abc.ABC):
                 if found is None:
                     raise DataCorruption(f"directory {child.digest} missing from closure of {root}")
                 queue.append(found)
+
+
+async def closure_by_levels(
+    root: B3Digest,
+    get_many: Callable[[list[B3Digest]], Awaitable[dict[B3Digest, Directory]]],
+) -> AsyncIterator[Directory]:
+    """``get_recursive`` for a backend that fetches many Directories at once.
+
+    One ``get_many`` per tree level; the closure root first, breadth-first,
+    each Directory once (nothing if the root is absent).
+    """
+    level = [root]
+    seen = {root}
+    first = True
+    while level:
+        found = await get_many(level)
+        if first and root not in found:
+            return
+        first = False
+        nxt: list[B3Digest] = []
+        for digest in level:
+            directory = found.get(digest)
+            if directory is None:
+                raise DataCorruption(f"directory {digest} missing from closure of {root}")
+            yield directory
+            for child in directory.directories:
+                if child.digest not in seen:
+                    seen.add(child.digest)
+                    nxt.append(child.digest)
+        level = nxt
 
 
 class GraphPutter(DirectoryPutter):

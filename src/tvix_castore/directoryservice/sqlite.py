@@ -25,13 +25,12 @@ import os
 import sqlite3
 import threading
 import urllib.parse
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tvix_castore.digests import B3Digest
-from tvix_castore.directoryservice.base import DirectoryService
+from tvix_castore.directoryservice.base import DirectoryService, closure_by_levels
 from tvix_castore.errors import (
     ChecksumMismatch,
     DataCorruption,
@@ -377,27 +376,10 @@ class SqliteDirectoryService(DirectoryService):
         return found.get(digest)
 
     async def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
-        level = [root]
-        seen = {root}
-        first = True
-        while level:
-            found = await asyncio.to_thread(self._get_many, level)
-            if first and root not in found:
-                return
-            first = False
-            queue: deque[B3Digest] = deque(level)
-            nxt: list[B3Digest] = []
-            while queue:
-                digest = queue.popleft()
-                directory = found.get(digest)
-                if directory is None:
-                    raise DataCorruption(f"directory {digest} missing from closure of {root}")
-                yield directory
-                for child in directory.directories:
-                    if child.digest not in seen:
-                        seen.add(child.digest)
-                        nxt.append(child.digest)
-            level = nxt
+        async for directory in closure_by_levels(
+            root, lambda level: asyncio.to_thread(self._get_many, level)
+        ):
+            yield directory
 
     def _commit_sync(self, directories: Sequence[Directory]) -> None:
         rows = [(d.digest.raw, d.encode()) for d in directories]

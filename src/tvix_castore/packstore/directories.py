@@ -17,14 +17,13 @@ service, absent.
 from __future__ import annotations
 
 import logging
-from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING
 
 from tvix_castore.digests import B3Digest
-from tvix_castore.directoryservice.base import DirectoryService
+from tvix_castore.directoryservice.base import DirectoryService, closure_by_levels
 from tvix_castore.directoryservice.sqlite import SqliteDirectoryService
-from tvix_castore.errors import DataCorruption, ValidationError
+from tvix_castore.errors import ValidationError
 from tvix_castore.lazy import lazy_module
 from tvix_castore.nodes import Directory
 from tvix_castore.packstore.format import Kind
@@ -86,27 +85,8 @@ class PackDirectoryService(DirectoryService):
         return (await self._get_many([digest])).get(digest)
 
     async def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
-        level = [root]
-        seen = {root}
-        first = True
-        while level:
-            found = await self._get_many(level)
-            if first and root not in found:
-                return
-            first = False
-            queue: deque[B3Digest] = deque(level)
-            nxt: list[B3Digest] = []
-            while queue:
-                digest = queue.popleft()
-                directory = found.get(digest)
-                if directory is None:
-                    raise DataCorruption(f"directory {digest} missing from closure of {root}")
-                yield directory
-                for child in directory.directories:
-                    if child.digest not in seen:
-                        seen.add(child.digest)
-                        nxt.append(child.digest)
-            level = nxt
+        async for directory in closure_by_levels(root, self._get_many):
+            yield directory
 
     def commit_sync(self, directories: Sequence[Directory]) -> None:
         """Store validated Directories (leaves first) in one transaction (blocking)."""

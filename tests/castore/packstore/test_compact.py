@@ -21,10 +21,8 @@ import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import get_type_hints
 
 import blake3
-import pytest
 
 from tests.store.test_legacy_store import legacy_meta, unpack_legacy
 from tvix_castore.blobservice.grpc import GrpcBlobService
@@ -34,7 +32,6 @@ from tvix_castore.packstore import Kind, PackBlobService
 from tvix_castore.packstore.compact import CompactStats, compact
 from tvix_castore.packstore.directories import PackDirectoryService
 from tvix_castore.packstore.format import FrameMember, scan
-from tvix_store import embedded
 from tvix_store.nar.render import calculate_nar
 from tvix_store.pathinfoservice.sqlite import SqlitePathInfoService
 
@@ -378,13 +375,6 @@ def test_legacy_store_converted_by_cli(tmp_path: Path) -> None:
     assert '"packs_rewritten": 0' in proc.stdout and '"legacy_rows_converted": 0' in proc.stdout
 
 
-def _embedded_on_packstore() -> bool:
-    return get_type_hints(embedded.embedded_blobs)["return"] is PackBlobService
-
-
-@pytest.mark.skipif(
-    not _embedded_on_packstore(), reason="the embedded store is not on packstore yet"
-)
 def test_legacy_store_exports_after_cli_compact(tmp_path: Path) -> None:
     from tests.store.test_legacy_store import check_exports
 
@@ -434,6 +424,7 @@ def test_compaction_while_a_server_reads(tmp_path: Path) -> None:
     errors: list[str] = []
     reads = 0
     stop = threading.Event()
+    progress = threading.Semaphore(0)
 
     async def reader(addr: str) -> None:
         nonlocal reads
@@ -447,6 +438,7 @@ def test_compaction_while_a_server_reads(tmp_path: Path) -> None:
                     if data is None or (live[d] and data != live[d]):
                         errors.append(f"blob {B3Digest(d)}: {None if data is None else len(data)}")
                     reads += 1
+                progress.release()  # (a round of reads done)
         except Exception as exc:
             errors.append(repr(exc))
         finally:
@@ -458,9 +450,11 @@ def test_compaction_while_a_server_reads(tmp_path: Path) -> None:
         assert addr, "the server did not start"
         t = threading.Thread(target=lambda: asyncio.run(reader(addr)))
         t.start()
-        time.sleep(0.5)
+        assert progress.acquire(timeout=60)  # reading before compaction starts
         proc = run_compact(home)
-        time.sleep(0.5)
+        while progress.acquire(blocking=False):  # (rounds done meanwhile)
+            pass
+        assert progress.acquire(timeout=60) or errors  # and a whole round after it
         stop.set()
         t.join(timeout=120)
         assert proc.returncode == 0, proc.stderr
@@ -555,9 +549,6 @@ def test_stats_summary_names_the_numbers() -> None:
     assert "2 rewritten" in text and "3 chunk store objects converted" in text
 
 
-@pytest.mark.skipif(
-    not _embedded_on_packstore(), reason="the embedded store is not on packstore yet"
-)
 def test_compaction_while_tvix_store_daemon_serves(tmp_path: Path) -> None:
     """``tvix-store daemon --nar-bridge`` serves every NAR and blob, exact, before and after."""
     from tests.store.test_legacy_store import _Serving, check_served
@@ -567,20 +558,26 @@ def test_compaction_while_tvix_store_daemon_serves(tmp_path: Path) -> None:
     errors: list[str] = []
     stop = threading.Event()
 
+    progress = threading.Semaphore(0)
+
     def serve_loop() -> None:
         while not stop.is_set():
             try:
                 check_served(srv)
             except Exception as exc:
                 errors.append(repr(exc))
+                progress.release()
                 return
+            progress.release()  # (a whole pass done)
 
     try:
         t = threading.Thread(target=serve_loop)
         t.start()
-        time.sleep(0.5)
+        assert progress.acquire(timeout=300)  # serving before compaction starts
         proc = run_compact(home)
-        time.sleep(0.5)
+        while progress.acquire(blocking=False):  # (passes done meanwhile)
+            pass
+        assert progress.acquire(timeout=300) or errors  # and a whole pass after it
         stop.set()
         t.join(timeout=300)
         assert proc.returncode == 0, proc.stderr
