@@ -38,6 +38,7 @@ __all__ = [
     "Location",
     "Member",
     "PackReader",
+    "decoded_frame",
 ]
 
 _CACHE_FRAMES = 6  # decoded frames kept (6 × 4 MiB: room for frames decoded ahead)
@@ -86,6 +87,17 @@ class DecodedFrame(NamedTuple):
     frame: Frame
     payload: memoryview
     offsets: dict[int, FrameMember]  # member offset -> member
+
+
+def decoded_frame(ref: FrameRef, head: Frame, payload: memoryview) -> DecodedFrame:
+    """A :class:`DecodedFrame` of ``payload``, which :func:`decode_payload` verified."""
+    offsets: dict[int, FrameMember] = {}
+    at = 0
+    for m in head.members:
+        if m.size:  # (an empty member shares its offset with the next one)
+            offsets[at] = m
+        at += m.size
+    return DecodedFrame(ref, head, payload, offsets)
 
 
 class PackReader:
@@ -275,13 +287,7 @@ class PackReader:
         except DataCorruption:
             self._forget_damaged(frame)
             raise
-        offsets: dict[int, FrameMember] = {}
-        at = 0
-        for m in head.members:
-            if m.size:  # (an empty member shares its offset with the next one)
-                offsets[at] = m
-            at += m.size
-        return DecodedFrame(frame, head, payload, offsets)
+        return decoded_frame(frame, head, payload)
 
     def payload(self, frame: FrameRef) -> memoryview:
         """A frame's decoded and verified payload (DataCorruption if damaged or gone)."""

@@ -43,12 +43,23 @@ DEFAULT_MAX_BYTES = 256 << 20
 _EVICT_SHARE = 0.2  # evicting, drop to this much below the bound
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS nar_dirplans (digest BLOB PRIMARY KEY, plan BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS nar_dirplans (
+    id INTEGER PRIMARY KEY, digest BLOB NOT NULL UNIQUE, plan BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS nar_roots (
     root BLOB PRIMARY KEY, size INTEGER NOT NULL, sha256 BLOB NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS nar_damage (root BLOB PRIMARY KEY, reason TEXT NOT NULL) WITHOUT ROWID;
 DROP TABLE IF EXISTS nar_plans;
+"""
+# Plans were first kept in a WITHOUT ROWID table, whose rows spill to overflow
+# pages past ~1 KB (a third of its pages were slack): dropped (a cache) and made
+# again as a rowid table, which keeps rows up to a page inline.
+_OLD_LAYOUT = f"""
+BEGIN IMMEDIATE;
+DROP TABLE IF EXISTS nar_dirplans;
+{_SCHEMA}
+COMMIT;
 """
 
 
@@ -96,10 +107,16 @@ class PlanCache:
         self._read_only = bool(getattr(self._conn, "read_only", False))  # (a full disk)
         if not self._read_only:
             try:
-                self._conn.executescript(_SCHEMA)
+                self._conn.executescript(_OLD_LAYOUT if self._old_layout() else _SCHEMA)
             except sqlite3.Error as exc:
                 self._conn.close()
                 raise storage_error("creating the NAR plan tables", exc, path) from exc
+
+    def _old_layout(self) -> bool:
+        row = self._conn.execute(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'nar_dirplans'"
+        ).fetchone()
+        return row is not None and "WITHOUT ROWID" in str(row[0]).upper()
 
     def _query(self, what: str, sql: str, params: Sequence[object]) -> list[tuple[object, ...]]:
         with self._lock:

@@ -26,13 +26,14 @@ import queue
 import signal
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from tvix_castore.blobservice.base import writev_all
 from tvix_castore.digests import B3Digest
 from tvix_castore.errors import DataCorruption
-from tvix_castore.forked import fork_child, want_fork
+from tvix_castore.forked import fork_child, usable_cpus, want_fork
 from tvix_castore.lazy import lazy_module
+from tvix_castore.packstore.forkdecode import ForkedDecoder
 from tvix_castore.packstore.reader import (
     Chunked,
     DecodedFrame,
@@ -65,11 +66,18 @@ _IOV_MAX = 1000  # below the kernel's 1024
 _FLUSH_BYTES = 8 << 20
 _SERVER_PIECE = 1 << 20  # a server's pieces (memory per download stays a few MiB)
 _AHEAD = 3  # frames decoded ahead of the writer
+_AHEAD_FORKED = 4  # the same, decoded by forked children (two each)
 _THREADS = 2  # helper threads decoding them (zstd and blake3 release the GIL)
 _HOLD_FRAMES = 16  # frames a NAR writer holds decoded (~4 MiB each: 64 MiB)
+_HOLD_FORKED = 32  # the same, in slots of shared memory (an import's workers' frames interleave)
 _QUEUE = 4  # pieces a server's writer thread may run ahead of the response
 
 _FORK_MIN = 32 << 20  # NARs this large are hashed in a forked child (see Sha256Job)
+_FORK_DECODE_MIN = 32 << 20  # NARs this large have their frames decoded by forked children
+_FORK_WORKERS = 2
+_LATE_MAX = 1 << 20  # blobs read long after their frame, this small, are copied out early
+_LATE_BUDGET = 64 << 20  # bytes of such copies per NAR
+_LATE_GAP = 16 << 20  # "long after": this many bytes of other files read in between
 _log = logging.getLogger(__name__)
 
 Sink = Callable[[list[bytes | memoryview], int], None]
@@ -88,9 +96,10 @@ def hints_of(located: dict[bytes, Location]) -> dict[bytes, Hint]:
 class _Out:
     """Gathers pieces and hands them to ``sink`` in large batches."""
 
-    def __init__(self, sink: Sink, flush_bytes: int) -> None:
+    def __init__(self, sink: Sink, flush_bytes: int, flushed: Callable[[], None]) -> None:
         self._sink = sink
         self._flush_bytes = flush_bytes
+        self._flushed = flushed
         self._iov: list[bytes | memoryview] = []
         self._bytes = 0
 
@@ -103,6 +112,7 @@ class _Out:
     def flush(self) -> None:
         if self._iov:
             self._sink(self._iov, self._bytes)
+            self._flushed()
         self._iov, self._bytes = [], 0
 
 
@@ -154,11 +164,25 @@ class _Blobs:
                 return f"blob {B3Digest(raw)}: pack file {loc.frame.pack} is missing or truncated"
         return reader.problem(other) if other else None
 
-    def uses(self, files: Sequence[FileRef]) -> list[FrameRef]:
-        """The frames the files are read from, in reading order (repeats collapsed)."""
+    def frame_of(self, f: FileRef) -> FrameRef | None:
+        """The frame a file is read from (``None``: chunked, or not in a v2 frame)."""
+        ref = self._frames.get(f.hint.frame)
+        if ref is not None:
+            return ref
+        loc = self._located.get(f.digest)
+        return loc.frame if isinstance(loc, Member) else None
+
+    def uses(self, files: Sequence[FileRef], late: _Late) -> list[FrameRef]:
+        """The frames the files are read from, in reading order (repeats collapsed).
+
+        The ``late`` files are left out: copies are read for them.
+        """
         out: list[FrameRef] = []
         last: FrameRef | None = None
-        for f in files:
+        skip = late.at
+        for i, f in enumerate(files):
+            if i in skip:
+                continue  # (late: see _Late)
             ref = self._frames.get(f.hint.frame)
             refs: list[FrameRef] = []
             if ref is not None:
@@ -178,8 +202,34 @@ class _Blobs:
                     last = ref
         return out
 
-    def pieces(self, f: FileRef, frames: _Frames) -> Iterator[bytes | memoryview]:
-        """The file's verified bytes (a chunk at a time for a large one)."""
+    def pieces(self, f: FileRef, frames: _Frames, is_late: bool) -> Iterator[bytes | memoryview]:
+        """The file's verified bytes (a chunk at a time for a large one).
+
+        ``is_late``: the file is one :class:`_Late` copies out.
+        """
+        late = frames.late
+        if is_late:
+            copy = late.take(f.digest)
+            if copy is not None:
+                yield copy
+                return
+        yield from self._pieces(f, frames)
+        if late.by_frame:
+            ref = self.frame_of(f)
+            if ref is not None and ref in late.by_frame:
+                decoded = frames.get(ref)
+                late.copy_out(ref, lambda lf: self._copy(lf, ref, decoded))
+
+    def _copy(self, f: FileRef, ref: FrameRef, decoded: DecodedFrame | None) -> bytes:
+        """A late file's verified bytes, out of its frame."""
+        offset = f.hint.offset if f.hint.frame == ref.id else None
+        if offset is None:
+            loc = self._located.get(f.digest)
+            assert isinstance(loc, Member)
+            offset = loc.offset
+        return bytes(self._reader.member(f.digest, Member(ref, offset, f.size), decoded))
+
+    def _pieces(self, f: FileRef, frames: _Frames) -> Iterator[bytes | memoryview]:
         reader = self._reader
         ref = self._frames.get(f.hint.frame)
         if ref is not None:
@@ -222,6 +272,63 @@ class _Blobs:
                 yield self._reader.read_located(c.digest.raw, cloc)
 
 
+class _Late:
+    """Small blobs read long after their frame: copied out while it is decoded anyway.
+
+    A frame's members are mostly read close together, but a tree holds files
+    stored once and found all over it (licences, empty modules, test data),
+    and an import's workers leave some segments open across far-apart parts
+    of a NAR. Keeping such a frame decoded for a few late kilobytes, or
+    decoding it again, stalls the writer; instead, the first time a frame is
+    read, the members it will be asked for again only after ``_LATE_GAP``
+    bytes of other files are copied (``_LATE_MAX`` each, ``_LATE_BUDGET`` in
+    all per NAR), and those later reads take the copies.
+    """
+
+    def __init__(
+        self, files: Sequence[FileRef], frame_of: Callable[[FileRef], FrameRef | None]
+    ) -> None:
+        self.by_frame: dict[FrameRef, list[FileRef]] = {}  # late files, to copy out
+        self.reads: dict[bytes, int] = {}  # digest -> late reads left
+        self.at: set[int] = set()  # the late files' positions in ``files``
+        last: dict[FrameRef, int] = {}  # frame -> where (in file bytes) it was last read
+        at = 0
+        budget = _LATE_BUDGET
+        for i, f in enumerate(files):
+            at += f.size
+            ref = frame_of(f)
+            if ref is None:
+                continue
+            before = last.get(ref)
+            if before is None or at - before <= _LATE_GAP or not 0 < f.size <= _LATE_MAX:
+                last[ref] = at
+                continue
+            if f.digest in self.reads:
+                self.reads[f.digest] += 1
+                self.at.add(i)
+            elif f.size <= budget:
+                budget -= f.size
+                self.reads[f.digest] = 1
+                self.at.add(i)
+                self.by_frame.setdefault(ref, []).append(f)
+        self._copies: dict[bytes, bytes] = {}
+
+    def take(self, digest: bytes) -> bytes | None:
+        """The copy of a late blob (dropped after its last read); ``None`` if not copied."""
+        data = self._copies.get(digest)
+        if data is not None:
+            self.reads[digest] -= 1
+            if not self.reads[digest]:
+                del self._copies[digest]
+        return data
+
+    def copy_out(self, ref: FrameRef, read: Callable[[FileRef], bytes]) -> None:
+        """``ref`` is being read for the first time: copy its late members."""
+        for f in self.by_frame.pop(ref, ()):
+            if f.digest not in self._copies:
+                self._copies[f.digest] = read(f)
+
+
 class _Frames:
     """The frames a NAR reads, each decoded once, ahead, and held until its last use.
 
@@ -236,8 +343,11 @@ class _Frames:
     reader.
     """
 
-    def __init__(self, reader: PackReader, uses: list[FrameRef]) -> None:
+    def __init__(
+        self, reader: PackReader, uses: list[FrameRef], late: _Late, *, fork: bool
+    ) -> None:
         self._reader = reader
+        self.late = late
         self._uses = uses
         self._at: dict[FrameRef, list[int]] = {}
         for i, ref in enumerate(uses):
@@ -247,12 +357,23 @@ class _Frames:
         self._next = 0  # of _order: the next to decode ahead
         self._reached = -1  # of _order: the last one read from so far
         self._pos = -1  # of uses
-        self._held: dict[FrameRef, concurrent.futures.Future[DecodedFrame | None]] = {}
-        self._pool = (
-            concurrent.futures.ThreadPoolExecutor(_THREADS, thread_name_prefix="nar-frames")
-            if len(self._order) > 1
-            else None
-        )
+        self._held: dict[FrameRef, _Decoding] = {}
+        self._forked: ForkedDecoder | None = None
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._ahead_frames = _AHEAD
+        self._hold = _HOLD_FRAMES
+        if fork and len(self._order) > 2:
+            self._ahead_frames = _AHEAD_FORKED
+            self._hold = _HOLD_FORKED
+            self._forked = ForkedDecoder(
+                reader,
+                workers=max(1, min(_FORK_WORKERS, usable_cpus())),
+                slots=_HOLD_FORKED + _AHEAD_FORKED + 4,  # (+ those released, not flushed)
+            )
+        elif len(self._order) > 1:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                _THREADS, thread_name_prefix="nar-frames"
+            )
         self._ahead()
 
     def _next_use(self, ref: FrameRef) -> int:
@@ -261,6 +382,9 @@ class _Frames:
         return at[i] if i < len(at) else -1
 
     def _submit(self, ref: FrameRef) -> None:
+        if self._forked is not None and self._forked.submit(ref):
+            self._held[ref] = _ForkDecoding(self._forked, self._reader, ref)
+            return
         if self._pool is None:
             future: concurrent.futures.Future[DecodedFrame | None] = concurrent.futures.Future()
             future.set_result(self._reader.decode(ref))
@@ -268,13 +392,23 @@ class _Frames:
             future = self._pool.submit(self._reader.decode, ref)
         self._held[ref] = future
 
+    def _drop(self, ref: FrameRef) -> None:
+        del self._held[ref]
+        if self._forked is not None:
+            self._forked.release(ref)
+
+    def flushed(self) -> None:
+        """The sink has consumed every piece handed to it (their frames' memory is free)."""
+        if self._forked is not None:
+            self._forked.flushed()
+
     def _ahead(self) -> None:
         """Decode ahead the ``_AHEAD`` frames first read after those read so far."""
         order = self._order
         while (
             self._next < len(order)
-            and self._next <= self._reached + _AHEAD
-            and len(self._held) < _HOLD_FRAMES
+            and self._next <= self._reached + self._ahead_frames
+            and len(self._held) < self._hold
         ):
             ref = order[self._next]
             if ref not in self._held:
@@ -301,11 +435,11 @@ class _Frames:
         self._reached = max(self._reached, self._rank[ref])
         self._next = max(self._next, self._reached + 1)
         for other in [r for r in self._held if r != ref and self._at[r][-1] < pos]:
-            del self._held[other]  # (not needed again)
-        while len(self._held) > _HOLD_FRAMES:  # (drop the one needed again last)
+            self._drop(other)  # (not needed again)
+        while len(self._held) > self._hold:  # (drop the one needed again last)
             uses = {r: self._next_use(r) for r in self._held if r != ref}
             drop = max(uses, key=lambda r: uses[r] if uses[r] >= 0 else len(self._uses))
-            del self._held[drop]
+            self._drop(drop)
         self._ahead()
 
     def close(self) -> None:
@@ -314,6 +448,36 @@ class _Frames:
                 future.cancel()
             self._pool.shutdown(wait=True)
         self._held.clear()
+        if self._forked is not None:
+            self._forked.close()
+
+
+class _Decoding(Protocol):
+    def result(self) -> DecodedFrame | None: ...
+
+    def cancel(self) -> bool: ...
+
+
+class _ForkDecoding:
+    """A frame a forked child decodes; decoded here if it could not be (see ForkedDecoder)."""
+
+    def __init__(self, forked: ForkedDecoder, reader: PackReader, ref: FrameRef) -> None:
+        self._forked = forked
+        self._reader = reader
+        self._ref = ref
+        self._done = False
+        self._value: DecodedFrame | None = None
+
+    def result(self) -> DecodedFrame | None:
+        if not self._done:
+            self._value = self._forked.result(self._ref)
+            if self._value is None:
+                self._value = self._reader.decode(self._ref)
+            self._done = True
+        return self._value
+
+    def cancel(self) -> bool:
+        return False
 
 
 class Checked:
@@ -341,15 +505,20 @@ def write_pieces(
     *,
     flush_bytes: int = _FLUSH_BYTES,
     checked: Checked | None = None,
+    fork: bool | None = None,
 ) -> None:
     """Write the NAR of ``pieces`` into ``sink`` (blocking).
+
+    ``fork``: whether forked children decode the frames (see
+    :mod:`tvix_castore.packstore.forkdecode`); by default a large NAR's are,
+    when :func:`~tvix_castore.forked.want_fork` says so.
 
     Raises:
         NarRenderError: a blob is missing or of the wrong size.
         DataCorruption: a blob's bytes are damaged (naming the blob).
     """
     try:
-        _write(reader, pieces, sink, flush_bytes, checked)
+        _write(reader, pieces, sink, flush_bytes, checked, fork)
     except NarRenderError:
         raise
     except DataCorruption as exc:  # (as a render reports it)
@@ -362,18 +531,24 @@ def _write(
     sink: Sink,
     flush_bytes: int,
     checked: Checked | None,
+    fork: bool | None,
 ) -> None:
     files = files_of(pieces)
     blobs = checked.blobs if checked is not None else _Blobs(reader, files)
-    frames = _Frames(reader, blobs.uses(files))
-    out = _Out(sink, flush_bytes)
+    large = sum(f.size for f in files) >= _FORK_DECODE_MIN
+    late = _Late(files, blobs.frame_of)
+    frames = _Frames(reader, blobs.uses(files, late), late, fork=want_fork(fork, large=large))
+    out = _Out(sink, flush_bytes, frames.flushed)
     try:
         add = out.add
+        late_at = late.at
+        i = -1
         for piece in pieces:
             if not isinstance(piece, FileRef):
                 add(piece)
                 continue
-            for part in blobs.pieces(piece, frames):
+            i += 1
+            for part in blobs.pieces(piece, frames, i in late_at):
                 add(part)
         out.flush()
     finally:
@@ -389,10 +564,12 @@ def write_to_fd(
 
 def sha256_of(reader: PackReader, pieces: Sequence[Piece]) -> bytes:
     """The sha256 of the NAR of ``pieces``, read (and verified) from the packs."""
-    return _sha256(reader, pieces, None)
+    return _sha256(reader, pieces, None, None)
 
 
-def _sha256(reader: PackReader, pieces: Sequence[Piece], checked: Checked | None) -> bytes:
+def _sha256(
+    reader: PackReader, pieces: Sequence[Piece], checked: Checked | None, fork: bool | None
+) -> bytes:
     sha = hashlib.sha256()
     update = sha.update
 
@@ -401,7 +578,7 @@ def _sha256(reader: PackReader, pieces: Sequence[Piece], checked: Checked | None
         # small updates that tens of thousands of small files would make).
         update(iov[0] if len(iov) == 1 else b"".join(iov))
 
-    write_pieces(reader, pieces, sink, checked=checked)
+    write_pieces(reader, pieces, sink, checked=checked, fork=fork)
     return sha.digest()
 
 
@@ -443,7 +620,7 @@ class Sha256Job:
         def main() -> int:
             reader.index = _NoIndex()  # type: ignore[assignment]
             reader.legacy = None
-            os.write(w, _sha256(reader, pieces, checked))
+            os.write(w, _sha256(reader, pieces, checked, False))  # (no grandchildren)
             return 0
 
         self._pid = fork_child(main, lambda exc: None, (r,))
