@@ -87,8 +87,8 @@ class FsckReport:
         p = self.packs
         lines = [
             f"packs: {p.frames} frames, {p.verified_bytes / 1e6:.1f} MB verified,"
-            f" {p.blobs} index rows, {p.chunked} chunked blobs: {len(p.damaged_frames)} damaged frames,"
-            f" {len(p.bad)} unreadable blobs",
+            f" {p.blobs} index rows, {p.chunked} chunked blobs:"
+            f" {len(p.damaged_frames)} damaged frames, {len(p.bad)} unreadable blobs",
             f"paths: {self.paths} checked ({self.directories} directories, {self.files} files"
             f"{', NARs rendered and hashed' if self.deep else ''}):"
             f" {len(self.damaged_paths)} damaged",
