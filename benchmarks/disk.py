@@ -289,6 +289,32 @@ class DiskResults:
     django_tables: list[tuple[str, int]]
     stdlib_breakdown: list[tuple[str, int, int]]
     stdlib_tables: list[tuple[str, int]]
+    fsck: list[tuple[str, float, float]]  # (what, wall s, CPU s) on the stdlib store
+
+
+def _timed(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Wall and CPU seconds (user + sys, children included) of ``argv``, after settle()."""
+    import resource
+
+    settle()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, check=True)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def measure_fsck(home: Path, tree: Path) -> list[tuple[str, float, float]]:
+    """``tvix-store fsck`` (and ``--deep``) of ``home`` against ``b3sum`` over ``tree``."""
+    from benchmarks.castore import b3sum_argv
+
+    env = {**ENV, "TVIX_STORE_HOME": str(home)}
+    return [
+        ("`b3sum` over every file of the tree", *_timed(b3sum_argv(tree), ENV)),
+        ("`tvix-store fsck`", *_timed([TVIX, "fsck"], env)),
+        ("`tvix-store fsck --deep`", *_timed([TVIX, "fsck", "--deep"], env)),
+    ]
 
 
 def measure_disk() -> DiskResults:
@@ -311,6 +337,7 @@ def measure_disk() -> DiskResults:
             )
         )
         stdlib_parts, stdlib_tables = breakdown(s.home), sqlite_tables(s.home / "store.sqlite")
+        fsck = measure_fsck(s.home, stdlib)
         print(f"  stdlib: ours {rows[-1].ours:,} B, nix {rows[-1].nix:,} B", file=sys.stderr)
 
         first, second = (django_tree(v) for v in DJANGO)
@@ -354,6 +381,7 @@ def measure_disk() -> DiskResults:
             sqlite_tables(d.home / "store.sqlite"),
             stdlib_parts,
             stdlib_tables,
+            fsck,
         )
     finally:
         for p in SCRATCH.glob("*-nix-chroot"):  # Nix makes its store read-only
@@ -624,6 +652,19 @@ def run(args: argparse.Namespace) -> str:
         "",
         f"`store.sqlite` by table and index (SQLite `dbstat`, > 4 KiB): stdlib tree:"
         f" {tables(disk.stdlib_tables)}; Django, both versions: {tables(disk.django_tables)}.",
+        "",
+        "fsck of the stdlib store (issue 14), one run each after `sync` + `fstrim`, page cache"
+        " warm: `fsck` decodes and verifies every frame and checks every closure; `--deep`"
+        " also renders the NAR from Directories and blobs and hashes it. Throughput = file"
+        " bytes of the tree per second.",
+        "",
+        "| run | wall s | CPU s | MB/s | ÷ b3sum (wall) |",
+        "|---|---:|---:|---:|---:|",
+        *(
+            f"| {what} | {wall:.2f} | {cpu:.2f} | {stdlib_row.tree_bytes / MB / wall:,.0f} |"
+            f" {wall / disk.fsck[0][1]:.2f}× |"
+            for what, wall, cpu in disk.fsck
+        ),
     ]
     if mem is not None:
 

@@ -533,3 +533,21 @@ def test_directories_shared_within_a_tree(tmp_path: Path, home: Path, nix: Nix) 
     assert len(vouched(home)) == 1
     only_the_plan_left(home)
     assert_same_nar(export_nar(home, store_path), nix_dump(nix, tree), "shared directories")
+
+
+def test_plans_of_directories_sharing_a_digest_prefix_never_mix(tmp_path: Path) -> None:
+    """Plan rows are keyed by the first 8 bytes of the Directory digest: two
+    Directories sharing them evict each other's plan, and a row is only ever
+    used for the digest it was made for (a miss otherwise, never another plan)."""
+    a, b = b"\x01" * 8 + b"a" * 24, b"\x01" * 8 + b"b" * 24
+    plan_a = DirPlan(b"literal a", (4,), (FileRef(b"x" * 32, 3, Hint(1, 0)),), 12)
+    plan_b = DirPlan(b"literal b!", (), (), 10)
+    cache = PlanCache(tmp_path / "store.sqlite")
+    try:
+        cache.put_many({a: plan_a})
+        assert cache.get_many([a, b]) == {a: plan_a}
+        cache.put_many({b: plan_b})
+        assert cache.get_many([a]) == {}
+        assert cache.get_many([a, b]) == {b: plan_b}
+    finally:
+        cache.close()

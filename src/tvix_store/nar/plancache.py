@@ -2,7 +2,7 @@
 
 Three tables, owned here (and used only by :class:`tvix_store.nar.service.NarService`):
 
-* ``nar_dirplans (digest, plan)``: a :class:`~tvix_store.nar.dirplan.DirPlan`
+* ``nar_dirplans (id, digest, plan)``: a :class:`~tvix_store.nar.dirplan.DirPlan`
   per Directory digest, compressed. Shared by every NAR containing that
   Directory. Bounded: past ``max_bytes`` in total, random plans are evicted
   (any plan can be made again from its Directory; a missing one only costs
@@ -44,7 +44,7 @@ _EVICT_SHARE = 0.2  # evicting, drop to this much below the bound
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS nar_dirplans (
-    id INTEGER PRIMARY KEY, digest BLOB NOT NULL UNIQUE, plan BLOB NOT NULL
+    id INTEGER PRIMARY KEY, digest BLOB NOT NULL, plan BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS nar_roots (
     root BLOB PRIMARY KEY, size INTEGER NOT NULL, sha256 BLOB NOT NULL
@@ -53,8 +53,12 @@ CREATE TABLE IF NOT EXISTS nar_damage (root BLOB PRIMARY KEY, reason TEXT NOT NU
 DROP TABLE IF EXISTS nar_plans;
 """
 # Plans were first kept in a WITHOUT ROWID table, whose rows spill to overflow
-# pages past ~1 KB (a third of its pages were slack): dropped (a cache) and made
-# again as a rowid table, which keeps rows up to a page inline.
+# pages past ~1 KB (a third of its pages were slack), then with a unique index
+# on the digest (0.4 MB for the stdlib tree): such a table is dropped (a cache)
+# and made again as a rowid table keyed by the digest's first 8 bytes, which
+# keeps rows up to a page inline and needs no index. Two Directories sharing
+# those bytes only evict each other's plan: a row is used only if its full
+# digest is the one asked for.
 _OLD_LAYOUT = f"""
 BEGIN IMMEDIATE;
 DROP TABLE IF EXISTS nar_dirplans;
@@ -74,6 +78,11 @@ def _env_max_bytes() -> int:
     if value < 0:
         raise ConfigError(f"{ENV_MAX_BYTES}={text!r}: expected a number of bytes (0: no plans)")
     return value
+
+
+def _key(digest: bytes) -> int:
+    """A plan's row id: the first 8 bytes of its Directory's digest (as SQLite's int64)."""
+    return int.from_bytes(digest[:8], "big", signed=True)
 
 
 def damage_key(node: Node) -> bytes | None:
@@ -116,7 +125,8 @@ class PlanCache:
         row = self._conn.execute(
             "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'nar_dirplans'"
         ).fetchone()
-        return row is not None and "WITHOUT ROWID" in str(row[0]).upper()
+        sql = str(row[0]).upper() if row is not None else ""
+        return "WITHOUT ROWID" in sql or "UNIQUE" in sql
 
     def _query(self, what: str, sql: str, params: Sequence[object]) -> list[tuple[object, ...]]:
         with self._lock:
@@ -139,11 +149,14 @@ class PlanCache:
             marks = ",".join("?" * len(batch))
             rows = self._query(
                 "reading NAR plans",
-                f"SELECT digest, plan FROM nar_dirplans WHERE digest IN ({marks})",
-                batch,
+                f"SELECT digest, plan FROM nar_dirplans WHERE id IN ({marks})",
+                [_key(d) for d in batch],
             )
+            wanted = set(batch)
             for raw, data in rows:
                 assert isinstance(raw, bytes) and isinstance(data, bytes)
+                if raw not in wanted:
+                    continue  # (another Directory whose digest starts the same)
                 try:
                     out[raw] = DirPlan.decode(data, f"directory {B3Digest(raw)}")
                 except DataCorruption as exc:
@@ -171,11 +184,11 @@ class PlanCache:
         if not plans or self.max_bytes == 0:
             return
         # (in key order: a fresh table's pages then fill up instead of splitting half-full)
-        rows = sorted((raw, plan.encode()) for raw, plan in plans.items())
+        rows = sorted((_key(raw), raw, plan.encode()) for raw, plan in plans.items())
         with self._lock:
             write_rows(
                 self._conn,
-                "INSERT OR REPLACE INTO nar_dirplans (digest, plan) VALUES (?, ?)",
+                "INSERT OR REPLACE INTO nar_dirplans (id, digest, plan) VALUES (?, ?, ?)",
                 rows,
                 "writing NAR plans",
             )
@@ -201,8 +214,8 @@ class PlanCache:
         with self._lock:
             write_one(
                 self._conn,
-                "DELETE FROM nar_dirplans WHERE digest IN"
-                " (SELECT digest FROM nar_dirplans ORDER BY random() LIMIT ?)",
+                "DELETE FROM nar_dirplans WHERE id IN"
+                " (SELECT id FROM nar_dirplans ORDER BY random() LIMIT ?)",
                 (drop,),
                 "evicting NAR plans",
             )
