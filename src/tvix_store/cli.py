@@ -626,17 +626,36 @@ def compact(min_garbage: float, recompress: bool, as_json: bool) -> None:
     help="Also render each path's NAR from its Directories and blobs and compare it with"
     " the recorded NarSize and NarHash.",
 )
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="Drop the index rows of damaged content (so an upload or import of it stores it"
+    " again) and fetch each damaged path from --upstream.",
+)
+@click.option(
+    "--upstream",
+    "upstreams",
+    multiple=True,
+    metavar="URL",
+    help="A Nix binary cache (http:// or https://) to repair damaged paths from; repeatable,"
+    " tried in order. Its NAR must hash to the NarHash this store recorded.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def fsck(deep: bool, as_json: bool) -> None:
+def fsck(deep: bool, repair: bool, upstreams: tuple[str, ...], as_json: bool) -> None:
     """Check the embedded store for damaged content and say which paths it breaks.
 
     Verifies every pack frame and index row, every path's closure (Directories
     and blobs), and with --deep every NAR. Damaged paths are marked: nar-bridge
     then answers their narinfo 404 and refuses their NAR, until the same
-    content is uploaded or imported again. Exits 1 if it found damage.
+    content is uploaded or imported again, or --repair fetches it. Exits 1 if
+    it found damage (with --repair: damage it could not repair).
     """
     from tvix_store.embedded import Embedded, data_dir
     from tvix_store.fsck import fsck as run_fsck
+    from tvix_store.fsck import repair as run_repair
+
+    if upstreams and not repair:
+        raise click.UsageError("--upstream is for --repair")
 
     home = data_dir()
     if not (home / "store.sqlite").exists():
@@ -645,7 +664,10 @@ def fsck(deep: bool, as_json: bool) -> None:
     async def run() -> Any:
         store = Embedded(home)
         try:
-            return await run_fsck(store, deep=deep)
+            report = await run_fsck(store, deep=deep)
+            if repair:
+                await run_repair(store, report, upstreams)
+            return report
         finally:
             store.close()
 

@@ -18,11 +18,13 @@ same content stores it again. Nothing else is changed.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from nix_compat.store_path import StorePath
 from tvix_castore.digests import B3Digest
 from tvix_castore.errors import CastoreError
 from tvix_castore.nodes import Directory, DirectoryNode, FileNode, Node
@@ -32,9 +34,10 @@ from tvix_store.embedded import Embedded
 from tvix_store.nar.render import calculate_nar
 from tvix_store.pathinfo import PathInfo
 
-__all__ = ["DamagedPath", "FsckReport", "fsck"]
+__all__ = ["DamagedPath", "FsckReport", "fsck", "repair"]
 
 _BATCH = 500
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -56,9 +59,14 @@ class FsckReport:
     deep: bool = False
     seconds: float = 0.0
     damaged_paths: list[DamagedPath] = field(default_factory=list)
+    repaired: dict[str, str] = field(default_factory=dict)  # path -> where from
+    unindexed: int = 0  # index rows of damaged content dropped by --repair
 
     @property
     def ok(self) -> bool:
+        """Nothing damaged (or, after a repair, every damaged path repaired)."""
+        if self.repaired or self.unindexed:
+            return all(d.path in self.repaired for d in self.damaged_paths)
         return not (self.damaged_paths or self.packs.damaged_frames or self.packs.bad)
 
     def as_json(self) -> dict[str, Any]:
@@ -80,6 +88,8 @@ class FsckReport:
             "files": self.files,
             "deep": self.deep,
             "damaged_paths": [{"path": d.path, "why": d.why} for d in self.damaged_paths],
+            "repaired": dict(sorted(self.repaired.items())),
+            "unindexed": self.unindexed,
             "seconds": round(self.seconds, 3),
         }
 
@@ -102,6 +112,9 @@ class FsckReport:
             f"damaged frame: pack {d.pack} at {d.offset}: {d.reason}" for d in p.damaged_frames
         ]
         lines += [f"damaged path: {d.path}: {d.why}" for d in self.damaged_paths]
+        if self.unindexed:
+            lines.append(f"repair: dropped {self.unindexed} index rows of damaged content")
+        lines += [f"repaired: {path} from {src}" for path, src in sorted(self.repaired.items())]
         lines.append(
             f"fsck: {'no damage found' if self.ok else 'DAMAGE FOUND'} ({self.seconds:.1f} s)"
         )
@@ -233,3 +246,57 @@ async def fsck(store: Embedded, *, deep: bool = False) -> FsckReport:
     report.directories, report.files = closures.directories, closures.files
     report.seconds = time.monotonic() - start
     return report
+
+
+async def repair(store: Embedded, report: FsckReport, upstreams: Sequence[str]) -> None:
+    """Repair what ``report`` found: drop the damaged content, fetch it again.
+
+    First the index rows of damaged frames and unreadable blobs are dropped
+    (one transaction), so the next upload or import of that content stores it
+    anew instead of deduplicating against bytes that cannot be read. Then each
+    damaged path is fetched from the first of ``upstreams`` (Nix binary
+    caches) that has it with the NarHash this store recorded: the NAR is
+    ingested and verified against it (that hash is the trust anchor, so no
+    signature is needed), and its closure is checked again before its damage
+    mark is cleared. ``report`` records what was repaired.
+    """
+    import asyncio
+
+    from tvix_store.pathinfoservice.nix_http import NixHttpPathInfoService
+
+    blobs = store.blobs()
+    packs = report.packs
+    if packs.damaged_frames or packs.bad:
+        txn = blobs.index.transaction()
+        txn.delete_frames([f.id for f in packs.damaged_frames])
+        txn.delete_blobs(list(packs.bad))
+        txn.commit()
+        report.unindexed = len(packs.damaged_frames) + len(packs.bad)
+    if not report.damaged_paths:
+        return
+    directories = store.directories()
+    nar = store.nar(blobs, directories)
+    pathinfos = store.pathinfos()
+    sources = [NixHttpPathInfoService(url, blobs, directories) for url in upstreams]
+    try:
+        for damaged in report.damaged_paths:
+            path = StorePath.from_absolute_path(damaged.path)
+            ours = await pathinfos.get(path.digest)
+            if ours is None:
+                continue
+            for source in sources:
+                try:
+                    theirs = await source.get(path.digest)
+                except CastoreError as exc:
+                    _log.warning("repair of %s from %s failed: %s", path, source.base_url, exc)
+                    continue
+                if theirs is None or theirs.nar_sha256 != ours.nar_sha256:
+                    continue
+                check = _Closures(store, {})
+                if await asyncio.to_thread(check.why, ours.node) is None:
+                    await nar.clear_damage(ours.node)
+                    report.repaired[damaged.path] = source.base_url
+                    break
+    finally:
+        for source in sources:
+            await source.aclose()

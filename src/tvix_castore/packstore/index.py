@@ -242,6 +242,7 @@ class IndexTxn:
         self.frames: list[NewFrame] = []
         self.packs: dict[str, int] = {}  # pack -> bytes indexed (even without frames)
         self._deleted_frames: list[int] = []
+        self._deleted_blobs: list[bytes] = []
         self._deleted_packs: list[str] = []
         self._hooks: list[Callable[[sqlite3.Connection], None]] = []
         self.done = False
@@ -257,6 +258,10 @@ class IndexTxn:
     def delete_frames(self, ids: Sequence[int]) -> None:
         """Drop frame rows and every blob row naming them (compaction)."""
         self._deleted_frames += ids
+
+    def delete_blobs(self, digests: Sequence[bytes]) -> None:
+        """Drop the rows of these blobs (small or chunked), e.g. damaged ones to store again."""
+        self._deleted_blobs += digests
 
     def delete_pack(self, name: str) -> None:
         """Drop a pack's rows: its frames, their blobs, its ``pack_files`` row."""
@@ -284,7 +289,12 @@ class IndexTxn:
             raise StorageError("index transaction already finished")
         self.done = True
         if not (
-            self.frames or self.packs or self._deleted_frames or self._deleted_packs or self._hooks
+            self.frames
+            or self.packs
+            or self._deleted_frames
+            or self._deleted_blobs
+            or self._deleted_packs
+            or self._hooks
         ):
             return
         index = self._index
@@ -331,6 +341,9 @@ class IndexTxn:
             )
             conn.execute("DELETE FROM pack_frames WHERE pack = ?", (name,))
             conn.execute("DELETE FROM pack_files WHERE name = ?", (name,))
+        for digest in self._deleted_blobs:
+            conn.execute("DELETE FROM pack_blobs WHERE digest = ?", (digest,))
+            conn.execute("DELETE FROM pack_chunked WHERE digest = ?", (digest,))
         for fid in self._deleted_frames:
             conn.execute("DELETE FROM pack_blobs WHERE frame = ?", (fid,))
             conn.execute("DELETE FROM pack_frames WHERE id = ?", (fid,))

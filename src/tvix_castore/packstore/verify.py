@@ -34,6 +34,7 @@ _FORK_MIN_FRAMES = 8
 class DamagedFrame:
     """A frame that does not decode or verify; ``blobs``: index rows it makes unreadable."""
 
+    id: int  # its index row
     pack: str
     offset: int
     reason: str
@@ -129,7 +130,7 @@ def check_packs(reader: PackReader) -> PackCheck:
         rows = members.get(ref.id, [])
         out.blobs += len(rows)
         if isinstance(got, str):
-            out.damaged_frames.append(DamagedFrame(ref.pack, ref.offset, got, len(rows)))
+            out.damaged_frames.append(DamagedFrame(ref.id, ref.pack, ref.offset, got, len(rows)))
             for digest, _, _ in rows:
                 out.bad[digest] = got
             continue
