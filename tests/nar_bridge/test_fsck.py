@@ -18,7 +18,7 @@ from typing import Any
 
 import aiohttp
 
-from .conftest import TVIX, Bridge, Bridges, Closure, tvix_env
+from .conftest import TVIX, Bridge, Bridges, Closure, copy_to, nix_in, tvix_env
 from .test_damage import flip_byte, nar_urls, narinfo_status, packed_blob, uploaded
 
 
@@ -86,3 +86,24 @@ async def test_truncated_pack_is_found(bridges: Bridges, closure: Closure, tmp_p
     damaged = {d["path"] for d in report["damaged_paths"]}
     assert dep.path in damaged
     await _check_served(bridge, closure, damaged)
+
+
+async def test_repair_then_nix_copy_again_heals(
+    bridges: Bridges, closure: Closure, tmp_path: Path
+) -> None:
+    """With no upstream, ``--repair`` drops the damaged rows; the damaged paths'
+    narinfos 404, so a plain ``nix copy --to`` uploads them again, and those
+    uploads store the bytes anew (no deduplication against the damage)."""
+    bridge = await uploaded(bridges, closure, tmp_path)
+    dep = closure.by_name("dep")
+    pack, offset, size = packed_blob(bridge.home, dep)
+    flip_byte(pack, offset + size // 2)
+    code, report = fsck(bridge.home, "--repair")
+    assert code == 1 and report["unindexed"] >= 1 and report["repaired"] == {}
+    damaged = {d["path"] for d in report["damaged_paths"]}
+    assert dep.path in damaged
+    await _check_served(bridge, closure, damaged)
+    copy_to(nix_in(tmp_path / "again"), closure, f"{bridge.url}?compression=none")
+    code, report = fsck(bridge.home, "--deep")
+    assert code == 0 and report["ok"], report
+    await _check_served(bridge, closure, set())
