@@ -61,6 +61,7 @@ class FsckReport:
     damaged_paths: list[DamagedPath] = field(default_factory=list)
     repaired: dict[str, str] = field(default_factory=dict)  # path -> where from
     unindexed: int = 0  # index rows of damaged content dropped by --repair
+    cleared: list[str] = field(default_factory=list)  # marked damaged, found whole
 
     @property
     def ok(self) -> bool:
@@ -90,6 +91,7 @@ class FsckReport:
             "damaged_paths": [{"path": d.path, "why": d.why} for d in self.damaged_paths],
             "repaired": dict(sorted(self.repaired.items())),
             "unindexed": self.unindexed,
+            "cleared": self.cleared,
             "seconds": round(self.seconds, 3),
         }
 
@@ -115,6 +117,7 @@ class FsckReport:
         if self.unindexed:
             lines.append(f"repair: dropped {self.unindexed} index rows of damaged content")
         lines += [f"repaired: {path} from {src}" for path, src in sorted(self.repaired.items())]
+        lines += [f"no longer damaged (found whole): {path}" for path in self.cleared]
         lines.append(
             f"fsck: {'no damage found' if self.ok else 'DAMAGE FOUND'} ({self.seconds:.1f} s)"
         )
@@ -243,6 +246,11 @@ async def fsck(store: Embedded, *, deep: bool = False) -> FsckReport:
         if why is not None:
             report.damaged_paths.append(DamagedPath(pi.store_path.absolute, why))
             await nar.mark_damaged(pi.node, why)
+        elif await nar.damage(pi.node) is not None:
+            # Marked by an earlier read (or a repair killed before it cleared the
+            # mark), but every frame and its whole closure verified just now.
+            await nar.clear_damage(pi.node)
+            report.cleared.append(pi.store_path.absolute)
     report.directories, report.files = closures.directories, closures.files
     report.seconds = time.monotonic() - start
     return report

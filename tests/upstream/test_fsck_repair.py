@@ -72,6 +72,7 @@ def test_repair_from_an_upstream_cache(
 
     code, report = _fsck(home, "--deep")
     assert code == 0 and report["ok"], report
+    assert _marked(home, upstream) == set()
     for p in upstream.paths:
         assert ok(tvix(home, "export", p.path)) == p.nar, p.path
 
@@ -89,3 +90,74 @@ def test_repair_without_a_source_drops_the_damage_and_says_so(
     assert code == 1 and report["damaged_frames"] == []  # (its rows were dropped)
     damaged = {d["path"]: d["why"] for d in report["damaged_paths"]}
     assert "missing" in damaged[dep.path]
+    assert dep.path in _marked(home, upstream)
+
+
+def test_repair_killed_at_any_point_is_finished_by_the_next(
+    upstream: Upstream, servers: CacheServers, tmp_path: Path
+) -> None:
+    """kill -9 of a repair (while its first fetch waits, then at random moments)
+    leaves a store the next ``fsck --repair`` repairs completely."""
+    import random
+    import signal
+    import subprocess
+    import threading
+    import time
+
+    from .conftest import TVIX, tvix_env
+
+    home = _filled(upstream, tmp_path)
+    _damage(home)
+    _drop_a_blob(home, upstream)
+    server = servers.serve("zstd")
+    argv = [TVIX, "fsck", "--repair", "--upstream", server.base]
+
+    server.gate = threading.Event()  # (answers wait: the repair is caught mid-way)
+    proc = subprocess.Popen(argv, env=tvix_env(home), stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not server.requests and time.monotonic() < deadline:
+            assert proc.poll() is None
+            time.sleep(0.01)
+        assert server.requests, "the repair never asked the upstream"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        server.gate.set()
+        server.gate = None
+    rng = random.Random(14)
+    for _ in range(3):
+        proc = subprocess.Popen(argv, env=tvix_env(home), stdout=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.05, 1.0))  # (any moment will do: what follows must hold)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    code, report = _fsck(home, "--repair", "--upstream", server.base)
+    assert code == 0 and report["ok"], report
+    code, report = _fsck(home, "--deep")
+    assert code == 0 and report["ok"], report
+    assert _marked(home, upstream) == set()  # (nar-bridge would serve every narinfo)
+    for p in upstream.paths:
+        assert ok(tvix(home, "export", p.path)) == p.nar, p.path
+
+
+def _marked(home: Path, upstream: Upstream) -> set[str]:
+    """The paths the store holds marked damaged (NarService.damage)."""
+    import asyncio
+
+    from tvix_store.embedded import Embedded
+
+    async def run() -> set[str]:
+        store = Embedded(home)
+        try:
+            nar = store.nar(store.blobs(), store.directories())
+            out = set()
+            for p in upstream.paths:
+                info = await store.pathinfos().get(p.digest)
+                assert info is not None
+                if await nar.damage(info.node) is not None:
+                    out.add(p.path)
+            return out
+        finally:
+            store.close()
+
+    return asyncio.run(run())
