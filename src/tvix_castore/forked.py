@@ -41,7 +41,16 @@ from tvix_castore.blobservice.base import ForkedIngest
 from tvix_castore.digests import B3Digest, after_fork_in_child
 from tvix_castore.errors import StorageError, StorageFull
 
-__all__ = ["FORK_ENV", "Cancelled", "fork_child", "run_forked", "usable_cpus", "want_fork"]
+__all__ = [
+    "FORK_ENV",
+    "Cancelled",
+    "fork_child",
+    "recv",
+    "run_forked",
+    "send",
+    "usable_cpus",
+    "want_fork",
+]
 
 FORK_ENV = "TVIX_STORE_FORK"
 _log = logging.getLogger(__name__)
@@ -53,7 +62,8 @@ _LEN = struct.Struct("<Q")
 _AHEAD = 2  # batches queued per worker, so it never waits for the parent between them
 
 
-def _send(fd: int, obj: object) -> None:
+def send(fd: int, obj: object) -> None:
+    """Send ``obj`` to a forked process (or its parent): a pickle with a length prefix."""
     data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     view = memoryview(_LEN.pack(len(data)) + data)
     while view:
@@ -71,7 +81,8 @@ def _read_exactly(fd: int, n: int) -> bytes | None:
     return b"".join(parts)
 
 
-def _recv(fd: int) -> object | None:
+def recv(fd: int) -> object | None:
+    """The next message :func:`send` sent on ``fd``; ``None`` at end of file."""
     head = _read_exactly(fd, _LEN.size)
     if head is None:
         return None
@@ -92,12 +103,12 @@ def _child(forker: ForkedIngest, batches: Sequence[Files], tasks: int, results: 
     ask = _Asker(tasks, results, queued)
 
     while True:
-        task = queued.popleft() if queued else _recv(tasks)
+        task = queued.popleft() if queued else recv(tasks)
         if task is None:
             forker.finish_in_child(ask)
             return 0
         assert isinstance(task, int)
-        _send(results, ("done", task, forker.ingest_in_child(batches[task], ask)))
+        send(results, ("done", task, forker.ingest_in_child(batches[task], ask)))
 
 
 class _Asker:
@@ -117,19 +128,19 @@ class _Asker:
 
     def __call__(self, question: object, *, reply: bool = True) -> object:
         if not reply:
-            _send(self._results, ("tell", question))
+            send(self._results, ("tell", question))
             return None
         return self.later(question)()
 
     def later(self, question: object) -> Callable[[], object]:
-        _send(self._results, ("ask", question))
+        send(self._results, ("ask", question))
         n = self._asked
         self._asked += 1
         return lambda: self._answer(n)
 
     def _answer(self, n: int) -> object:
         while n not in self._answers:
-            msg = _recv(self._tasks)
+            msg = recv(self._tasks)
             if isinstance(msg, int):
                 self._queued.append(msg)
             elif isinstance(msg, tuple) and msg[0] == "answer":
@@ -150,7 +161,7 @@ class _Worker:
     def give(self, task: int | None) -> None:
         """Queue a batch; with ``None`` (no batches left), let it exit once it is idle."""
         if task is not None:
-            _send(self.tasks, task)
+            send(self.tasks, task)
             self.queued += 1
         elif not self.queued:
             self.close()
@@ -232,7 +243,7 @@ def _fork(forker: ForkedIngest, batches: Sequence[Files]) -> _Worker:
     result_r, result_w = os.pipe()
     pid = fork_child(
         lambda: _child(forker, batches, task_r, result_w),
-        lambda exc: _send(result_w, ("fail", f"{type(exc).__name__}: {exc}", _full(exc))),
+        lambda exc: send(result_w, ("fail", f"{type(exc).__name__}: {exc}", _full(exc))),
         (task_w, result_r),
     )
     os.close(task_r)
@@ -280,7 +291,7 @@ def run_forked(
                 raise Cancelled("ingestion cancelled")
             for key, _ in sel.select(timeout=0.2):
                 w = key.data
-                msg = _recv(w.results)
+                msg = recv(w.results)
                 if msg is None:
                     sel.unregister(w.results)
                     live -= 1
@@ -289,7 +300,7 @@ def run_forked(
                     continue
                 assert isinstance(msg, tuple)
                 if msg[0] == "ask":
-                    _send(w.tasks, ("answer", forker.answer(msg[1])))
+                    send(w.tasks, ("answer", forker.answer(msg[1])))
                 elif msg[0] == "tell":
                     forker.answer(msg[1])
                 elif msg[0] == "done":

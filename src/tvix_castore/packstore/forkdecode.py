@@ -23,54 +23,25 @@ import contextlib
 import logging
 import mmap
 import os
-import pickle
 import signal
-import struct
 from collections import deque
 from typing import NamedTuple
 
 from tvix_castore.errors import DataCorruption
-from tvix_castore.forked import fork_child
+from tvix_castore.forked import fork_child, recv, send
 from tvix_castore.packstore.format import decode_payload
 from tvix_castore.packstore.reader import DecodedFrame, FrameRef, PackReader, decoded_frame
 
 __all__ = ["ForkedDecoder", "SLOT_BYTES"]
 
 SLOT_BYTES = 8 << 20  # a BLOBS frame holds ~4 MiB (SEGMENT_TARGET) plus its last blob
-_LEN = struct.Struct("<I")
 _log = logging.getLogger(__name__)
-
-
-def _send(fd: int, obj: object) -> None:
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    view = memoryview(_LEN.pack(len(data)) + data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _read(fd: int, n: int) -> bytes | None:
-    parts = []
-    while n:
-        part = os.read(fd, n)
-        if not part:
-            return None
-        parts.append(part)
-        n -= len(part)
-    return b"".join(parts)
-
-
-def _recv(fd: int) -> object | None:
-    head = _read(fd, _LEN.size)
-    if head is None:
-        return None
-    body = _read(fd, _LEN.unpack(head)[0])
-    return None if body is None else pickle.loads(body)  # our own child's message
 
 
 def _child(reader: PackReader, shm: mmap.mmap, slot_bytes: int, tasks: int, out: int) -> int:
     """A child's loop: ``(slot, ref)`` in, ``("ok", frame head)`` or ``("no", why)`` out."""
     fds: dict[str, int] = {}
-    while (task := _recv(tasks)) is not None:
+    while (task := recv(tasks)) is not None:
         assert isinstance(task, tuple)
         slot, ref = task
         assert isinstance(slot, int) and isinstance(ref, FrameRef)
@@ -82,14 +53,14 @@ def _child(reader: PackReader, shm: mmap.mmap, slot_bytes: int, tasks: int, out:
             data = os.pread(fd, ref.length, ref.offset)
             head, payload = decode_payload(data, where, ref.offset)
         except (OSError, DataCorruption) as exc:
-            _send(out, ("no", f"{type(exc).__name__}: {exc}"))
+            send(out, ("no", f"{type(exc).__name__}: {exc}"))
             continue
         if len(payload) > slot_bytes:
-            _send(out, ("no", f"{where}: {len(payload)} bytes, more than a slot"))
+            send(out, ("no", f"{where}: {len(payload)} bytes, more than a slot"))
             continue
         at = slot * slot_bytes
         shm[at : at + len(payload)] = payload
-        _send(out, ("ok", head))
+        send(out, ("ok", head))
     return 0
 
 
@@ -157,7 +128,7 @@ class ForkedDecoder:
         assert worker is not None
         slot = self._free.pop()
         try:
-            _send(worker.tasks, (slot, ref))
+            send(worker.tasks, (slot, ref))
         except OSError:
             self._free.append(slot)
             self._lost(i)
@@ -198,7 +169,7 @@ class ForkedDecoder:
         worker = self._workers[i]
         if worker is None or not self._queued[i]:
             return False
-        msg = _recv(worker.results)
+        msg = recv(worker.results)
         if msg is None:
             self._lost(i)
             return False
