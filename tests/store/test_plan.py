@@ -551,3 +551,31 @@ def test_plans_of_directories_sharing_a_digest_prefix_never_mix(tmp_path: Path) 
         assert cache.get_many([a, b]) == {b: plan_b}
     finally:
         cache.close()
+
+
+def test_plan_cache_stays_within_its_bound(tmp_path: Path, home: Path, nix: Nix) -> None:
+    """``TVIX_STORE_PLAN_CACHE_BYTES``: past it, plans are evicted (and a NAR whose
+    plans went is rendered again, byte-exact); 0 keeps none; a bad value is refused."""
+    bound = 6_000
+    env = {"TVIX_STORE_PLAN_CACHE_BYTES": str(bound)}
+    trees = [make_tree(tmp_path / f"t{i}", big=0) for i in range(3)]
+    for i, t in enumerate(trees):
+        (t / "own").write_bytes(f"tree {i}\n".encode() * 50)
+    unbounded = tmp_path / "unbounded-home"
+    for t in trees:
+        ok(tvix(unbounded, "import", t))
+    assert plan_bytes(unbounded) > 2 * bound  # (so the bound below must evict)
+    paths = [ok(tvix(home, "import", t, extra_env=env)).decode().strip() for t in trees]
+    assert 0 < plan_bytes(home) <= bound
+    for t, p in zip(trees, paths, strict=True):
+        proc = tvix(home, "export", p, extra_env=env)
+        assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+        ours = DigestSink()
+        ours.write(proc.stdout)
+        assert_same_nar(ours, nix_dump(nix, t), f"export of {p} with a small plan cache")
+        assert plan_bytes(home) <= bound
+    none = tmp_path / "none-home"
+    ok(tvix(none, "import", trees[0], extra_env={"TVIX_STORE_PLAN_CACHE_BYTES": "0"}))
+    assert plan_bytes(none) == 0
+    bad = tvix(home, "import", trees[0], extra_env={"TVIX_STORE_PLAN_CACHE_BYTES": "lots"})
+    assert bad.returncode != 0 and b"TVIX_STORE_PLAN_CACHE_BYTES" in bad.stderr

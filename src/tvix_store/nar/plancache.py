@@ -203,22 +203,37 @@ class PlanCache:
         return int(value) if isinstance(value, int) else 0
 
     def _bound(self) -> None:
+        # (a whole database file within the bound holds plans within it: no scan
+        # of every row after every write, except in a store that large)
+        rows = self._query(
+            "measuring the database",
+            "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()",
+            (),
+        )
+        if rows and isinstance(rows[0][0], int) and rows[0][0] <= self.max_bytes:
+            return
         total = self.stored_bytes()
         if total <= self.max_bytes:
             return
-        rows = self._query("counting NAR plans", "SELECT count(*) FROM nar_dirplans", ())
-        count = int(rows[0][0]) if rows and isinstance(rows[0][0], int) else 0
         target = self.max_bytes * (1 - _EVICT_SHARE)
-        drop = max(1, int(count * (total - target) / max(total, 1)))
-        _log.info("NAR plans take %d bytes (bound %d): evicting %d", total, self.max_bytes, drop)
-        with self._lock:
-            write_one(
-                self._conn,
-                "DELETE FROM nar_dirplans WHERE id IN"
-                " (SELECT id FROM nar_dirplans ORDER BY random() LIMIT ?)",
-                (drop,),
-                "evicting NAR plans",
-            )
+        _log.info("NAR plans take %d bytes (bound %d): evicting", total, self.max_bytes)
+        # (random rows, as many as their share of the excess; again while the
+        # rows dropped were smaller than the average and it is not enough)
+        while total > target:
+            rows = self._query("counting NAR plans", "SELECT count(*) FROM nar_dirplans", ())
+            count = int(rows[0][0]) if rows and isinstance(rows[0][0], int) else 0
+            if not count:
+                return
+            drop = max(1, int(count * (total - target) / max(total, 1)))
+            with self._lock:
+                write_one(
+                    self._conn,
+                    "DELETE FROM nar_dirplans WHERE id IN"
+                    " (SELECT id FROM nar_dirplans ORDER BY random() LIMIT ?)",
+                    (drop,),
+                    "evicting NAR plans",
+                )
+            total = self.stored_bytes()
 
     # -- vouched NAR hashes -------------------------------------------------------
     def vouched(self, root: bytes) -> Vouched | None:
