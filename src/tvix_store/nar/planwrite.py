@@ -134,6 +134,10 @@ class _Blobs:
         if chunks:
             self._located.update(reader.locate([c for c in chunks if c not in self._located]))
 
+    def fresh_hints(self) -> dict[bytes, Hint]:
+        """Hints for the files that had to be located (their hint was stale, or none)."""
+        return hints_of(self._located)
+
     def all_in_frames(self) -> bool:
         """Whether every located blob (and chunk) is in a v2 frame (no legacy layout)."""
         return all(isinstance(loc, Member | Chunked) for loc in self._located.values())

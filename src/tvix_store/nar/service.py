@@ -41,6 +41,7 @@ from tvix_castore.nodes import Directory, DirectoryNode, FileNode, Node
 from tvix_store.nar.dirplan import (
     NAR_END,
     NAR_START,
+    DirPlan,
     FileRef,
     Hint,
     Piece,
@@ -211,7 +212,40 @@ class NarService:
             raise
         with contextlib.suppress(CastoreError):
             self.plans.clear_damage(node)
+        fresh = checked.blobs.fresh_hints()
+        if fresh:
+            self._refresh_hints(node, fresh)
         return True
+
+    def _refresh_hints(self, node: Node, fresh: Mapping[bytes, Hint]) -> None:
+        """Rewrite the plans whose file hints were stale (compaction moved the blobs).
+
+        Otherwise every later export would locate those blobs again, one
+        index query per batch, forever. A cache: failing to write is logged.
+        """
+        found = self._root(node)
+        if found is None:
+            return
+        plans, _, root = found
+        closure = plans.closure(root)
+        if closure is None:
+            return
+        changed: dict[bytes, DirPlan] = {}
+        for digest, plan in closure.items():
+            items = tuple(
+                FileRef(i.digest, i.size, fresh[i.digest])
+                if isinstance(i, FileRef) and i.digest in fresh and i.hint != fresh[i.digest]
+                else i
+                for i in plan.items
+            )
+            if items != plan.items:
+                changed[digest] = DirPlan(plan.literals, plan.ends, items, plan.size)
+        if changed:
+            _log.debug("refreshing the location hints of %d NAR plans", len(changed))
+            try:
+                plans.put_many(changed)
+            except CastoreError as exc:
+                _log.warning("cannot refresh NAR plans: %s", exc)
 
     async def export(self, node: Node, nar_size: int, nar_sha256: bytes, fd: int) -> bool:
         """:meth:`export_sync` in a thread."""
