@@ -50,6 +50,23 @@ def run_timed(argv: list[str], *, stdout: int | None = None) -> Run:
     return Run(time.perf_counter() - start, returncode)
 
 
+def timed_cpu(
+    argv: list[str], env: dict[str, str], stdout: int | None = None
+) -> tuple[float, float, bytes]:
+    """Wall time and CPU time (user + sys, its children included) of ``argv``, after
+    :func:`settle` (untimed), and its stdout (unless ``stdout`` takes it)."""
+    import resource
+
+    settle()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    proc = subprocess.run(argv, env=env, stdout=stdout or subprocess.PIPE, check=True)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu, proc.stdout or b""
+
+
 def checked(run: Run, what: str) -> Run:
     if run.returncode:
         raise SystemExit(f"{what} failed with exit status {run.returncode}")

@@ -51,7 +51,7 @@ from pathlib import Path
 
 import blake3
 
-from benchmarks.common import MB, WORK, machine, settle
+from benchmarks.common import MB, WORK, machine, settle, timed_cpu
 
 NAME = "disk"
 TITLE = "embedded store disk and memory vs a zstd binary cache (issue 13)"
@@ -240,6 +240,18 @@ class Stores:
             raise SystemExit(f"store paths differ: {ours} vs {path}")
         return t_ours, t_nix
 
+    def row(self, label: str, tree: Path, times: tuple[float, float]) -> DiskRow:
+        """The disk both stores take now, after :meth:`add` of ``tree`` took ``times``."""
+        return DiskRow(
+            label,
+            *_count(tree),
+            du_sb(self.home),
+            du_sb(self.cache),
+            du_alloc(self.home),
+            du_alloc(self.cache),
+            *times,
+        )
+
 
 @dataclass(frozen=True)
 class DiskRow:
@@ -292,29 +304,17 @@ class DiskResults:
     fsck: list[tuple[str, float, float]]  # (what, wall s, CPU s) on the stdlib store
 
 
-def _timed(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
-    """Wall and CPU seconds (user + sys, children included) of ``argv``, after settle()."""
-    import resource
-
-    settle()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
-    subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, check=True)
-    wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-
-
 def measure_fsck(home: Path, tree: Path) -> list[tuple[str, float, float]]:
     """``tvix-store fsck`` (and ``--deep``) of ``home`` against ``b3sum`` over ``tree``."""
     from benchmarks.castore import b3sum_argv
 
     env = {**ENV, "TVIX_STORE_HOME": str(home)}
-    return [
-        ("`b3sum` over every file of the tree", *_timed(b3sum_argv(tree), ENV)),
-        ("`tvix-store fsck`", *_timed([TVIX, "fsck"], env)),
-        ("`tvix-store fsck --deep`", *_timed([TVIX, "fsck", "--deep"], env)),
+    runs = [
+        ("`b3sum` over every file of the tree", b3sum_argv(tree), ENV),
+        ("`tvix-store fsck`", [TVIX, "fsck"], env),
+        ("`tvix-store fsck --deep`", [TVIX, "fsck", "--deep"], env),
     ]
+    return [(what, *timed_cpu(argv, e, subprocess.DEVNULL)[:2]) for what, argv, e in runs]
 
 
 def measure_disk() -> DiskResults:
@@ -324,50 +324,18 @@ def measure_disk() -> DiskResults:
         rows = []
         stdlib = stdlib_tree()
         s = Stores("stdlib")
-        t = s.add(stdlib)
-        rows.append(
-            DiskRow(
-                f"stdlib tree (`{STDLIB_SRC}`)",
-                *_count(stdlib),
-                du_sb(s.home),
-                du_sb(s.cache),
-                du_alloc(s.home),
-                du_alloc(s.cache),
-                *t,
-            )
-        )
+        rows.append(s.row(f"stdlib tree (`{STDLIB_SRC}`)", stdlib, s.add(stdlib)))
         stdlib_parts, stdlib_tables = breakdown(s.home), sqlite_tables(s.home / "store.sqlite")
         fsck = measure_fsck(s.home, stdlib)
         print(f"  stdlib: ours {rows[-1].ours:,} B, nix {rows[-1].nix:,} B", file=sys.stderr)
 
         first, second = (django_tree(v) for v in DJANGO)
         d = Stores("django")
-        t = d.add(first)
-        rows.append(
-            DiskRow(
-                f"Django {DJANGO[0]}, unpacked wheel",
-                *_count(first),
-                du_sb(d.home),
-                du_sb(d.cache),
-                du_alloc(d.home),
-                du_alloc(d.cache),
-                *t,
-            )
-        )
+        rows.append(d.row(f"Django {DJANGO[0]}, unpacked wheel", first, d.add(first)))
         before_ours, before_nix = rows[-1].ours, rows[-1].nix
-        t = d.add(second)
-        after_ours, after_nix = du_sb(d.home), du_sb(d.cache)
-        rows.append(
-            DiskRow(
-                f"then Django {DJANGO[1]} into the same store (both versions)",
-                *_count(second),
-                after_ours,
-                after_nix,
-                du_alloc(d.home),
-                du_alloc(d.cache),
-                *t,
-            )
-        )
+        label = f"then Django {DJANGO[1]} into the same store (both versions)"
+        rows.append(d.row(label, second, d.add(second)))
+        after_ours, after_nix = rows[-1].ours, rows[-1].nix
         print(
             f"  django: ours {before_ours:,} -> {after_ours:,} B,"
             f" nix {before_nix:,} -> {after_nix:,} B",

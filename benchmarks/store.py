@@ -25,7 +25,7 @@ from pathlib import Path
 
 from benchmarks import disk
 from benchmarks.castore import b3sum_argv
-from benchmarks.common import MB, WORK, machine, settle
+from benchmarks.common import MB, WORK, machine, timed_cpu
 from benchmarks.nar_dump import TREE, build_tree
 
 NAME = "store"
@@ -40,24 +40,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--store-rounds", type=int, default=3, help="rounds for the store benchmark"
     )
-
-
-def _timed(
-    argv: list[str], env: dict[str, str], stdout: int | None = None
-) -> tuple[float, float, bytes]:
-    """Wall time and CPU time (user + sys, its children included) of ``argv``, after
-    :func:`~benchmarks.common.settle` (untimed)."""
-    import resource
-    import time
-
-    settle()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
-    proc = subprocess.run(argv, env=env, stdout=stdout or subprocess.PIPE, check=True)
-    wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return wall, cpu, proc.stdout or b""
 
 
 def _sha_of(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
@@ -95,17 +77,17 @@ def _round(inp: Input, scratch: Path, i: int) -> None:
     nix_store = scratch / f"nix-{inp.tree.name}-{i}"
     home = scratch / f"tvix-{inp.tree.name}-{i}"
     tree = str(inp.tree)
-    *t_add, out_nix = _timed(["nix-store", "--store", str(nix_store), "--add", tree], ENV)
-    *t_imp, out_ours = _timed([TVIX, "import", tree], {**ENV, "TVIX_STORE_HOME": str(home)})
+    *t_add, out_nix = timed_cpu(["nix-store", "--store", str(nix_store), "--add", tree], ENV)
+    *t_imp, out_ours = timed_cpu([TVIX, "import", tree], {**ENV, "TVIX_STORE_HOME": str(home)})
     if out_nix.strip() != out_ours.strip():
         raise SystemExit(f"store paths differ: {out_nix!r} vs {out_ours!r}")
     path = out_ours.decode().strip()
     with open(os.devnull, "wb") as null:
-        *t_dump, _ = _timed(["nix-store", "--dump", tree], ENV, null.fileno())
-        *t_exp, _ = _timed(
+        *t_dump, _ = timed_cpu(["nix-store", "--dump", tree], ENV, null.fileno())
+        *t_exp, _ = timed_cpu(
             [TVIX, "export", path], {**ENV, "TVIX_STORE_HOME": str(home)}, null.fileno()
         )
-    *t_b3, _ = _timed(b3sum_argv(inp.tree), ENV)
+    *t_b3, _ = timed_cpu(b3sum_argv(inp.tree), ENV)
     if i == 0:
         theirs = _sha_of(["nix-store", "--dump", tree], ENV)
         ours = _sha_of([TVIX, "export", path], {**ENV, "TVIX_STORE_HOME": str(home)})

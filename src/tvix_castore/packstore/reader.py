@@ -270,7 +270,8 @@ class PackReader:
         with self._lock:
             self._cache.pop(frame, None)
 
-    def _decode(self, frame: FrameRef) -> DecodedFrame:
+    def _read_frame(self, frame: FrameRef) -> tuple[bytes, str]:
+        """A frame's stored bytes and where it is (``_FrameGone``: the pack is gone or short)."""
         where = f"pack {frame.pack} at {frame.offset}"
         if not 0 < frame.length <= PACK_LIMIT or frame.offset < 0:
             raise DataCorruption(f"{where}: impossible frame length {frame.length} in the index")
@@ -282,11 +283,27 @@ class PackReader:
             raise DataCorruption(f"{where}: cannot read: {exc}") from exc
         if len(data) != frame.length:
             raise _FrameGone(where)
+        return data, where
+
+    def _decode(self, frame: FrameRef) -> DecodedFrame:
+        data, where = self._read_frame(frame)
         try:
             head, payload = decode_payload(data, where, frame.offset)
         except DataCorruption:
             self._forget_damaged(frame)
             raise
+        return decoded_frame(frame, head, payload)
+
+    def verify(self, frame: FrameRef) -> DecodedFrame:
+        """``frame`` read, decoded and verified, changing nothing (for fsck).
+
+        Unlike a read, a damaged frame stays indexed; DataCorruption says why.
+        """
+        try:
+            data, where = self._read_frame(frame)
+        except _FrameGone as exc:
+            raise DataCorruption(f"{exc}: the pack is missing or truncated") from exc
+        head, payload = decode_payload(data, where, frame.offset)
         return decoded_frame(frame, head, payload)
 
     def payload(self, frame: FrameRef) -> memoryview:

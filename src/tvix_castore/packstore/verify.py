@@ -11,7 +11,6 @@ damages. Large stores decode their frames in forked children
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,9 +19,9 @@ from tvix_castore.digests import EMPTY_DIGEST
 from tvix_castore.errors import DataCorruption
 from tvix_castore.forked import usable_cpus, want_fork
 from tvix_castore.packstore.forkdecode import ForkedDecoder
-from tvix_castore.packstore.format import CONTENT_ADDRESSED, decode_payload
+from tvix_castore.packstore.format import CONTENT_ADDRESSED
 from tvix_castore.packstore.index import FrameRef, parse_chunk_list
-from tvix_castore.packstore.reader import DecodedFrame, PackReader, decoded_frame
+from tvix_castore.packstore.reader import DecodedFrame, PackReader
 
 __all__ = ["DamagedFrame", "PackCheck", "check_packs"]
 
@@ -55,25 +54,6 @@ class PackCheck:
     legacy: int = 0  # blobs still in the layout of older releases (not checked here)
 
 
-def _decode_here(reader: PackReader, ref: FrameRef) -> DecodedFrame:
-    """Decode ``ref`` without the reader (which would unindex a damaged frame)."""
-    where = f"pack {ref.pack} at {ref.offset}"
-    try:
-        fd = os.open(reader.pack_path(ref.pack), os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise DataCorruption(f"{where}: the pack cannot be opened: {exc.strerror}") from exc
-    try:
-        data = os.pread(fd, ref.length, ref.offset)
-    except OSError as exc:
-        raise DataCorruption(f"{where}: cannot read: {exc.strerror}") from exc
-    finally:
-        os.close(fd)
-    if len(data) != ref.length:
-        raise DataCorruption(f"{where}: the pack is truncated ({len(data)} of {ref.length} bytes)")
-    head, payload = decode_payload(data, where, ref.offset)
-    return decoded_frame(ref, head, payload)
-
-
 def _decoded(
     reader: PackReader, refs: list[FrameRef]
 ) -> Iterator[tuple[FrameRef, DecodedFrame | str]]:
@@ -90,7 +70,7 @@ def _decoded(
             got = forked.result(ref) if forked is not None else None
             if got is None:
                 try:
-                    got = _decode_here(reader, ref)
+                    got = reader.verify(ref)
                 except DataCorruption as exc:
                     yield ref, str(exc)
                     continue
@@ -108,13 +88,13 @@ def check_packs(reader: PackReader) -> PackCheck:
     start = time.monotonic()
     out = PackCheck()
     index = reader.index
-    refs = [
-        FrameRef(int(i), str(p), int(o), int(n))
-        for i, p, o, n in index.query(
-            "SELECT id, pack, offset, length FROM pack_frames ORDER BY pack, offset"
-        )
-    ]
-    kinds = {int(i): int(k) for i, k in index.query("SELECT id, kind FROM pack_frames")}
+    refs: list[FrameRef] = []
+    kinds: dict[int, int] = {}
+    for i, p, o, n, k in index.query(
+        "SELECT id, pack, offset, length, kind FROM pack_frames ORDER BY pack, offset"
+    ):
+        refs.append(FrameRef(int(i), str(p), int(o), int(n)))
+        kinds[int(i)] = int(k)
     members: dict[int, list[tuple[bytes, int, int]]] = {}
     for digest, frame, offset, size in index.query(
         "SELECT digest, frame, offset, size FROM pack_blobs"
