@@ -597,18 +597,22 @@ def compact(min_garbage: float, recompress: bool, as_json: bool) -> None:
     import dataclasses
 
     from tvix_castore.packstore.compact import compact as run_compaction
-    from tvix_castore.packstore.service import PackBlobService
-    from tvix_store.embedded import data_dir
+    from tvix_store.embedded import Embedded, data_dir
 
     home = data_dir()
     if not (home / "store.sqlite").exists():
         raise click.ClickException(f"no embedded store at {home}")
     try:
-        svc = PackBlobService(home)
+        store = Embedded(home)
         try:
-            stats = run_compaction(svc, min_garbage=min_garbage, recompress=recompress)
+            stats = run_compaction(
+                store.blobs(),
+                min_garbage=min_garbage,
+                recompress=recompress,
+                live_records=store.live_records,
+            )
         finally:
-            svc.close()
+            store.close()
     except CastoreError as exc:
         raise click.ClickException(str(exc)) from exc
     if as_json:
@@ -681,3 +685,13 @@ def fsck(deep: bool, repair: bool, upstreams: tuple[str, ...], as_json: bool) ->
         print(report.summary())
     if not report.ok:
         raise SystemExit(1)
+
+
+def _add_lifecycle_commands() -> None:
+    from tvix_store.lifecycle_cli import COMMANDS
+
+    for command in COMMANDS:
+        main.add_command(command)
+
+
+_add_lifecycle_commands()

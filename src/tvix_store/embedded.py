@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,7 @@ from tvix_castore.packstore.service import PackBlobService
 
 if TYPE_CHECKING:
     from tvix_castore.packstore.directories import PackDirectoryService
+    from tvix_store.leases import ProcessLease
     from tvix_store.nar.plancache import PlanCache
     from tvix_store.nar.service import NarService
     from tvix_store.pathinfoservice.sqlite import SqlitePathInfoService
@@ -40,7 +42,6 @@ __all__ = [
 ]
 
 STORE_DB = "store.sqlite"
-_PATHINFO_KEY_PAD = bytes(12)  # a PathInfo's journal key: its 20-byte digest, padded to 32
 
 
 class Embedded:
@@ -62,6 +63,20 @@ class Embedded:
         self._directories: PackDirectoryService | None = None
         self._pathinfos: SqlitePathInfoService | None = None
         self._plans: PlanCache | None = None
+        self._lease: ProcessLease | None = None
+
+    @property
+    def lease(self) -> ProcessLease:
+        """The write lease of this process on the store (see :mod:`tvix_store.leases`)."""
+        from tvix_store.leases import ProcessLease
+
+        with self._lock:
+            if self._lease is None:
+                self._lease = ProcessLease(self.db)
+            return self._lease
+
+    def _hold(self) -> None:
+        self.lease.hold()
 
     def _make_home(self) -> None:
         try:
@@ -74,7 +89,9 @@ class Embedded:
         with self._lock:
             if self._blobs is None:
                 self._make_home()
-                self._blobs = PackBlobService(self.home, on_record=self._restore)
+                self._blobs = PackBlobService(
+                    self.home, on_record=self._restore, on_write=self._hold
+                )
             return self._blobs
 
     def _restore(self, kind: Kind, key: bytes, data: memoryview) -> None:
@@ -83,10 +100,18 @@ class Embedded:
         (Directories need nothing: they live in the packs, indexed like blobs.)
         """
         if kind == Kind.PATHINFOS:
-            self.pathinfos().restore_sync(data)
+            self.pathinfos().restore_sync(key, data)
 
-    def _journal_pathinfo(self, digest: bytes, data: bytes) -> None:
-        self.blobs().add_records(Kind.PATHINFOS, [(digest + _PATHINFO_KEY_PAD, data)])
+    def _journal_pathinfo(self, digest: bytes, seq: int, data: bytes) -> None:
+        from tvix_store.pathinfoservice.sqlite import journal_key
+
+        self.blobs().add_records(Kind.PATHINFOS, [(journal_key(digest, seq), data)])
+
+    def live_records(self, kind: Kind, keys: Sequence[bytes]) -> set[bytes]:
+        """Records compaction keeps: every Directory, each path's latest PathInfo record."""
+        if kind != Kind.PATHINFOS:
+            return set(keys)
+        return self.pathinfos().live_records(keys)
 
     def has_blobs(self, blobs: object) -> bool:
         """Whether ``blobs`` is this store's blob service (built already)."""
@@ -151,6 +176,7 @@ class Embedded:
             pathinfos, self._pathinfos = self._pathinfos, None
             directories, self._directories = self._directories, None
             blobs, self._blobs = self._blobs, None
+            lease, self._lease = self._lease, None
         if plans is not None:
             plans.close()
         if pathinfos is not None:
@@ -159,6 +185,8 @@ class Embedded:
             directories.close()
         if blobs is not None:
             blobs.close()
+        if lease is not None:
+            lease.release()
 
     async def aclose(self) -> None:
         """:meth:`close` (the parts close without blocking for long)."""

@@ -4,7 +4,9 @@ Nix uploads a NAR, then (maybe to another frontend, maybe after a restart)
 the narinfo naming it by NarHash. The index is kept next to the path infos —
 a SQLite table in the same database — so it is persistent and shared by every
 process using that store. Entries are written only after the NAR was fully
-ingested and its hash checked.
+ingested and its hash checked, with the time: an entry younger than the
+garbage collector's upload window is a root (a NAR whose narinfo is not PUT
+yet), and the collector drops entries whose content it swept.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import abc
 import asyncio
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 from tvix_castore.directoryservice.sqlite import connect, storage_error, write_one
@@ -60,9 +63,12 @@ class SqliteNarIndex(NarIndex):
         try:
             self._conn.execute(
                 "CREATE TABLE IF NOT EXISTS nar_index ("
-                " nar_sha256 BLOB PRIMARY KEY, node BLOB NOT NULL, nar_size INTEGER NOT NULL"
-                ") WITHOUT ROWID"
+                " nar_sha256 BLOB PRIMARY KEY, node BLOB NOT NULL, nar_size INTEGER NOT NULL,"
+                " added REAL NOT NULL DEFAULT 0) WITHOUT ROWID"
             )
+            columns = {r[1] for r in self._conn.execute("PRAGMA table_info(nar_index)")}
+            if "added" not in columns:  # (an older release's table)
+                self._conn.execute("ALTER TABLE nar_index ADD COLUMN added REAL NOT NULL DEFAULT 0")
         except sqlite3.Error as exc:
             self._conn.close()
             raise storage_error("creating the nar_index table", exc, path) from exc
@@ -92,8 +98,9 @@ class SqliteNarIndex(NarIndex):
         with self._lock:
             write_one(
                 self._conn,
-                "INSERT OR REPLACE INTO nar_index (nar_sha256, node, nar_size) VALUES (?, ?, ?)",
-                (nar_sha256, node, nar_size),
+                "INSERT OR REPLACE INTO nar_index (nar_sha256, node, nar_size, added)"
+                " VALUES (?, ?, ?, ?)",
+                (nar_sha256, node, nar_size, time.time()),
                 "writing the NAR index",
             )
 

@@ -179,6 +179,14 @@ class BlobService(AsyncClosing, abc.ABC):
         """Support for ingesting in forked processes, or ``None`` (threads are used)."""
         return None
 
+    def begin_write(self) -> None:
+        """Called before a writer's first check or write (blocking, cheap).
+
+        A store with a garbage collector takes a lease here, so that what the
+        writer finds present (and so does not upload) stays until it has
+        referred to it. Default: nothing to do.
+        """
+
     @abc.abstractmethod
     async def has(self, digest: B3Digest) -> bool:
         """Whether the blob (or, for chunking backends, a chunk) is present."""

@@ -22,6 +22,9 @@ class CombinedBlobService(BlobService):
         self.local = local
         self.remote = remote
 
+    def begin_write(self) -> None:
+        self.local.begin_write()
+
     async def has(self, digest: B3Digest) -> bool:
         return await self.local.has(digest) or await self.remote.has(digest)
 

@@ -43,7 +43,7 @@ import fcntl
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -103,6 +103,7 @@ class CompactStats:
     legacy_objects_converted: int = 0  # chunk store files deleted after conversion
     legacy_left: int = 0  # legacy files still there (damaged, or in use)
     damaged: list[str] = field(default_factory=list)
+    rewritten: list[str] = field(default_factory=list)  # names of the v2 packs rewritten
     seconds: float = 0.0
 
     def summary(self) -> str:
@@ -258,7 +259,9 @@ class _Compactor:
         live_records: LiveRecords | None,
         grace: float,
         stats: CompactStats,
+        must: Collection[str] = (),
     ) -> None:
+        self.must = frozenset(must)
         self.svc = svc
         self.index = svc.index
         self.reader = svc.reader
@@ -338,7 +341,8 @@ class _Compactor:
                 keep.append((row, frame, None))
         body = size - len(FILE_HEADER)
         garbage = max(0, round(body - live))
-        if not (self.recompress or (garbage > 0 and garbage >= self.min_garbage * body)):
+        forced = self.recompress or name in self.must
+        if not (forced or (garbage > 0 and garbage >= self.min_garbage * body)):
             return
         out = _Out(self.svc, self.stats)
         try:
@@ -355,6 +359,7 @@ class _Compactor:
             raise
         self.created |= out.packs
         self.stats.packs_rewritten += 1
+        self.stats.rewritten.append(name)
         self.stats.garbage_bytes += garbage
         self._delete([path])
         self.reader.forget([name])
@@ -673,6 +678,7 @@ def compact(
     recompress: bool = False,
     live_records: LiveRecords | None = None,
     grace: float = _UNINDEXED_GRACE,
+    must: Collection[str] = (),
 ) -> CompactStats:
     """Rewrite packs that are at least ``min_garbage`` garbage; convert all legacy data.
 
@@ -682,6 +688,9 @@ def compact(
     ``live_records`` lets the store layer drop Directories/PathInfos it no
     longer wants (default: every record is kept). ``grace`` is how old (in
     seconds) a pack that no index row names must be before it is touched.
+    Packs named in ``must`` are rewritten whatever their garbage (the garbage
+    collector purging a deleted path's bytes); :attr:`CompactStats.rewritten`
+    says which were.
     Raises ``StorageFull``/``StorageError`` (nothing is lost: what was not
     committed stays where it was); damaged data is left as it was and listed
     in :attr:`CompactStats.damaged`.
@@ -695,7 +704,7 @@ def compact(
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as exc:
         raise os_storage_error("opening the compaction lock", exc, lock_path) from exc
-    c = _Compactor(svc, min_garbage, recompress, live_records, grace, stats)
+    c = _Compactor(svc, min_garbage, recompress, live_records, grace, stats, must)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # (one compaction of a store at a time)
         c.legacy()

@@ -331,7 +331,9 @@ class PackBlobService(BlobService):
         fsync: bool | None = None,
         on_record: OnRecord | None = None,
         catch_up: bool = True,
+        on_write: Callable[[], None] | None = None,
     ) -> None:
+        self._on_write = on_write
         self.home = Path(home)
         self.home.mkdir(parents=True, exist_ok=True)
         self.pack_dir = self.home / "packs"
@@ -356,12 +358,19 @@ class PackBlobService(BlobService):
     def chunker(self) -> pyfastcdc.FastCDC:
         return self._cdc.chunker
 
+    def begin_write(self) -> None:
+        """Tell ``on_write`` (the embedded store's lease) that a writer is at work."""
+        if self._on_write is not None:
+            self._on_write()
+
     def transaction(self) -> PackTxn:
         """A transaction: what is written through it is indexed at its commit."""
+        self.begin_write()
         return PackTxn(self)
 
     def _present(self, raws: Sequence[bytes]) -> set[bytes]:
-        """Which of ``raws`` are stored where they can be read (blocking)."""
+        """Which of ``raws`` are stored where they can be read (blocking; a writer's check)."""
+        self.begin_write()
         return set(self.reader.intact(self.reader.locate(raws)))
 
     def rebuild(self, on_record: OnRecord | None = None) -> RebuildStats:

@@ -254,6 +254,8 @@ async def put_narinfo(request: web.Request) -> web.Response:
             f"narinfo is for {info.store_path}, but was uploaded as {request.match_info['hash']}",
         )
     store = _store(request)
+    # (a lease first: the content checked below stays until the PathInfo refers to it)
+    await asyncio.to_thread(store.blobs.begin_write)
     entry = await store.nar_index.get(info.nar_hash)
     if entry is None:
         raise HttpError(
@@ -283,6 +285,7 @@ async def put_nar(request: web.Request) -> web.Response:
         raise HttpError(400, f"{m.group(1)}: invalid hash") from exc
     kind = SUFFIXES[m.group(2)]
     store = _store(request)
+    await asyncio.to_thread(store.blobs.begin_write)
     limit = request.app[CONFIG_KEY].max_nar_size
     read = _body(request)
     first = await read(1 << 16)

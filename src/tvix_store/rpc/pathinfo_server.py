@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc.aio
@@ -74,6 +75,8 @@ class PathInfoServiceServicer(pb_grpc.PathInfoServiceServicer):
             except ValidationError as exc:
                 raise ValidationError(f"Invalid path info: {exc}") from exc
             if not self._metadata_only:
+                # (a lease first: what the check finds stays until the put refers to it)
+                await asyncio.to_thread(self._blobs.begin_write)
                 try:
                     await check_content(info.node, self._blobs, self._dirs)
                 except (NotFound, ValidationError) as exc:  # the client's mistake

@@ -1,0 +1,254 @@
+"""The lifecycle commands: ``pin``, ``delete`` and ``gc`` (added to the CLI by ``cli``)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from nix_compat.errors import NixCompatError
+from nix_compat.store_path import StorePath
+from tvix_castore.errors import CastoreError
+
+__all__ = ["COMMANDS", "parse_duration"]
+
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smhdw]?)")
+_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds of ``30d``, ``12h``, ``90m``, ``45s``, ``2w`` or a plain number of seconds."""
+    total = 0.0
+    pos = 0
+    text = text.strip()
+    while pos < len(text):
+        m = _DURATION.match(text, pos)
+        if m is None:
+            raise ValueError(text)
+        total += float(m.group(1)) * _UNITS[m.group(2)]
+        pos = m.end()
+    if not text:
+        raise ValueError(text)
+    return total
+
+
+def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r}: expected a duration such as 30d, 12h, 90m, 45s or 0"
+        ) from None
+
+
+def _home() -> Path:
+    from tvix_store.embedded import data_dir
+
+    home = data_dir()
+    if not (home / "store.sqlite").exists():
+        raise click.ClickException(f"no embedded store at {home}")
+    return home
+
+
+def _paths(texts: tuple[str, ...]) -> list[StorePath]:
+    out = []
+    for text in texts:
+        try:
+            out.append(StorePath.from_absolute_path(text.rstrip("/")))
+        except NixCompatError as exc:
+            raise click.BadParameter(f"{text}: {exc}") from exc
+    return out
+
+
+def _with_store(body: Callable[[Any], Any]) -> Any:
+    from tvix_store.embedded import Embedded
+
+    store = Embedded(_home())
+    try:
+        return body(store)
+    except CastoreError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        store.close()
+
+
+@click.group()
+def pin() -> None:
+    """Named GC roots: a pin keeps the whole closure of its paths."""
+
+
+@pin.command("add")
+@click.argument("name")
+@click.argument("store_paths", nargs=-1, required=True)
+def pin_add(name: str, store_paths: tuple[str, ...]) -> None:
+    """Point pin NAME at STORE_PATHS (in the store), keeping what it pointed at in its history."""
+    from tvix_store.pins import Pins
+
+    paths = _paths(store_paths)
+
+    def run(store: Any) -> None:
+        Pins.check_name(name)
+        pathinfos = store.pathinfos()
+        for p in paths:
+            info = pathinfos.get_sync(p.digest)
+            if info is None or info.store_path != p:
+                raise click.ClickException(f"{p.absolute}: not in this store")
+        pins = Pins(store.db)
+        try:
+            pins.set(name, paths)
+        finally:
+            pins.close()
+        print(f"pin {name}: {len(paths)} path(s)")
+
+    _with_store(run)
+
+
+@pin.command("rm")
+@click.argument("name")
+def pin_rm(name: str) -> None:
+    """Remove pin NAME (its history stays)."""
+    from tvix_store.pins import Pins
+
+    def run(store: Any) -> None:
+        pins = Pins(store.db)
+        try:
+            gone = pins.remove(name)
+        finally:
+            pins.close()
+        print(f"removed pin {name} ({len(gone)} path(s))")
+
+    _with_store(run)
+
+
+@pin.command("list")
+@click.option("--history", is_flag=True, help="Every change of every pin, oldest first.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def pin_list(history: bool, as_json: bool) -> None:
+    """The pins and their paths."""
+    import time
+
+    from tvix_store.pins import Pins
+
+    def run(store: Any) -> None:
+        pins = Pins(store.db)
+        try:
+            if history:
+                changes = pins.history()
+                if as_json:
+                    print(json.dumps([c.__dict__ for c in changes], indent=1))
+                for c in [] if as_json else changes:
+                    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(c.at))
+                    print(f"{when} {c.name} {c.action} {' '.join(c.paths)}")
+                return
+            current = pins.current()
+        finally:
+            pins.close()
+        if as_json:
+            print(json.dumps({k: list(v) for k, v in current.items()}, indent=1))
+            return
+        for name, paths in current.items():
+            for p in paths:
+                print(f"{name}\t{p}")
+
+    _with_store(run)
+
+
+@click.command()
+@click.argument("store_paths", nargs=-1, required=True)
+@click.option(
+    "--with-referrers",
+    is_flag=True,
+    help="Also delete every path that refers to these (transitively).",
+)
+def delete(store_paths: tuple[str, ...], with_referrers: bool) -> None:
+    """Delete paths from the store (e.g. a secret pushed by mistake).
+
+    Refuses if a path that stays refers to one of them (unless
+    --with-referrers), or a pin holds one. Their content is reclaimed by the
+    next `tvix-store gc`, which also rewrites the packs holding it, so the
+    bytes leave the disk.
+    """
+    from tvix_store.gc import delete_paths
+
+    paths = _paths(store_paths)
+    deleted = _with_store(lambda store: delete_paths(store, paths, with_referrers=with_referrers))
+    for p in deleted:
+        print(f"deleted {p}")
+
+
+@click.command()
+@click.option("--dry-run", is_flag=True, help="Say what would be removed; change nothing.")
+@click.option(
+    "--keep-since",
+    metavar="DURATION",
+    callback=_duration,
+    default=None,
+    help="Also delete paths not uploaded, imported or served within this long (e.g. 30d),"
+    " unless pinned or in the closure of a path kept. Default: keep every path.",
+)
+@click.option(
+    "--grace",
+    metavar="DURATION",
+    callback=_duration,
+    default="1h",
+    show_default=True,
+    help="Keep unreferenced content written within this long, and NAR uploads whose narinfo"
+    " may still come.",
+)
+@click.option(
+    "--wait",
+    metavar="DURATION",
+    callback=_duration,
+    default="0",
+    show_default=True,
+    help="How long to wait for writers' leases to end before deferring the sweep.",
+)
+@click.option(
+    "--min-garbage",
+    type=click.FloatRange(0.0, 1.0),
+    default=0.2,
+    show_default=True,
+    help="After the sweep, rewrite a pack when at least this fraction of it is garbage.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def gc(
+    dry_run: bool,
+    keep_since: float | None,
+    grace: float,
+    wait: float,
+    min_garbage: float,
+    as_json: bool,
+) -> None:
+    """Collect garbage: mark from pins and kept paths, sweep the rest, compact the packs.
+
+    One collection at a time; safe while other processes upload (the sweep
+    waits for writers' leases) and when killed at any point. Exits 75 if the
+    sweep was deferred.
+    """
+    from tvix_store.gc import collect
+
+    report = _with_store(
+        lambda store: collect(
+            store,
+            keep_since=keep_since,
+            grace=grace,
+            dry_run=dry_run,
+            wait=wait,
+            min_garbage=min_garbage,
+        )
+    )
+    if as_json:
+        print(json.dumps(report.as_json(), indent=1))
+    else:
+        print(report.summary())
+    if report.deferred:
+        raise SystemExit(75)
+
+
+COMMANDS: list[click.Command] = [pin, delete, gc]
