@@ -102,10 +102,10 @@ class Embedded:
         if kind == Kind.PATHINFOS:
             self.pathinfos().restore_sync(key, data)
 
-    def _journal_pathinfo(self, digest: bytes, seq: int, data: bytes) -> None:
+    def _journal_pathinfo(self, records: Sequence[tuple[bytes, int, bytes]]) -> None:
         from tvix_store.pathinfoservice.sqlite import journal_key
 
-        self.blobs().add_records(Kind.PATHINFOS, [(journal_key(digest, seq), data)])
+        self.blobs().add_records(Kind.PATHINFOS, [(journal_key(d, n), r) for d, n, r in records])
 
     def live_records(self, kind: Kind, keys: Sequence[bytes]) -> set[bytes]:
         """Records compaction keeps: every Directory, each path's latest PathInfo record."""

@@ -29,6 +29,7 @@ step is one transaction, and the next run does what is left.
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import os
 import sqlite3
@@ -216,6 +217,16 @@ class _Content:
         self.marked: set[bytes] = set()
         self.missing: set[bytes] = set()
 
+    def unmarked(self) -> _Content:
+        """The same tables without marks (to ask what some nodes reach)."""
+        probe = copy.copy(self)
+        probe.marked, probe.missing = set(), set()
+        return probe
+
+    def is_directory(self, digest: bytes) -> bool:
+        row = self.rows.get(digest)
+        return row is not None and row[2] == Kind.DIRECTORIES
+
     def _file(self, digest: bytes) -> None:
         if digest in self.marked:
             return
@@ -389,7 +400,7 @@ class _Collector:
         """Drop the index rows of ``doomed`` content, in one transaction checking ``gen``."""
         blobs = self.store.blobs()
         own = self.store.lease.id
-        dirs = [d for d in doomed if d in content.rows and content.rows[d][2] == Kind.DIRECTORIES]
+        dirs = [d for d in doomed if content.is_directory(d)]
 
         def check(conn: sqlite3.Connection) -> None:
             leased = [
@@ -423,9 +434,7 @@ class _Collector:
             with contextlib.suppress(Exception):
                 msg.ParseFromString(raw)
                 nodes.append(node_from_proto(msg))
-        probe = _Content.__new__(_Content)
-        probe.reader, probe.rows, probe.chunked = content.reader, content.rows, content.chunked
-        probe.fresh, probe.marked, probe.missing = content.fresh, set(), set()
+        probe = content.unmarked()
         probe.mark(nodes)
         for d in probe.marked:
             if d not in content.marked and d in content.rows:
@@ -482,9 +491,7 @@ def collect(
             gen, doomed_paths, content, drop_uploads, purges = c.mark()
             doomed = content.doomed()
             report.mark_seconds += time.monotonic() - t
-            report.directories = sum(
-                1 for d in doomed if d in content.rows and content.rows[d][2] == Kind.DIRECTORIES
-            )
+            report.directories = sum(1 for d in doomed if content.is_directory(d))
             report.chunked_blobs = sum(1 for d in doomed if d in content.chunked)
             report.blobs = len(doomed) - report.directories - report.chunked_blobs
             report.content_bytes = sum(content.rows[d][0] for d in doomed if d in content.rows)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nix_compat.store_path import StorePath
-from tvix_castore.directoryservice.sqlite import connect, prepare_write, storage_error
+from tvix_castore.directoryservice.sqlite import connect, in_transaction, storage_error
 from tvix_castore.errors import NotFound, ValidationError
 
 __all__ = ["PinChange", "Pins"]
@@ -66,19 +66,12 @@ class Pins:
         return name
 
     def _write(self, what: str, statements: Sequence[tuple[str, Sequence[object]]]) -> None:
-        where = prepare_write(self._conn, what)
-        try:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                for sql, params in statements:
-                    self._conn.execute(sql, params)
-                self._conn.execute(_BUMP)
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            raise storage_error(what, exc, where) from exc
+        def body(conn: sqlite3.Connection) -> None:
+            for sql, params in statements:
+                conn.execute(sql, params)
+            conn.execute(_BUMP)
+
+        in_transaction(self._conn, what, body)
 
     def set(self, name: str, paths: Sequence[StorePath]) -> None:
         """Point ``name`` at ``paths`` (they must be in the store: the caller checks)."""

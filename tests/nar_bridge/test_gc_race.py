@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import NIX_HTTP_OPTS, TVIX, Bridges, Closure, copy_to, nix_in, tvix_env
-from .test_gc import files, gc, tvix
+from .conftest import NIX_HTTP_OPTS, TVIX, Bridges, Closure, nix_in, tvix_env
+from .test_gc import files, gc, tvix, uploaded_home
 
 
 def _tree(root: Path, shared: bytes, unique: bytes) -> Path:
@@ -121,10 +121,7 @@ def test_gc_racing_imports_and_uploads_never_loses_referenced_content(
 def test_gc_killed_at_any_point_leaves_a_consistent_store(
     bridges: Bridges, closure: Closure, tmp_path: Path
 ) -> None:
-    bridge = bridges.start()
-    home = bridge.home
-    copy_to(nix_in(tmp_path), closure, f"{bridge.url}?compression=none")
-    bridge.stop()
+    home = uploaded_home(bridges, closure, tmp_path)
     rng = random.Random(9)
     doomed = []
     for n in range(3):

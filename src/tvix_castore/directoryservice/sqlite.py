@@ -27,7 +27,7 @@ import threading
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tvix_castore.digests import B3Digest
 from tvix_castore.directoryservice.base import DirectoryService, closure_by_levels
@@ -47,12 +47,15 @@ if TYPE_CHECKING:
 else:
     asyncio = lazy_module("asyncio")  # not needed to write a NAR from its plan
 
+_T = TypeVar("_T")
+
 __all__ = [
     "Connection",
     "SqliteDirectoryService",
     "connect",
     "prepare_write",
     "storage_error",
+    "in_transaction",
     "write_one",
     "write_rows",
     "write_tables",
@@ -144,18 +147,34 @@ def write_tables(
     conn: sqlite3.Connection, writes: Sequence[tuple[str, Sequence[tuple[Any, ...]]]], what: str
 ) -> None:
     """Each ``executemany(sql, rows)`` of ``writes``, all in one immediate transaction."""
+
+    def body(c: sqlite3.Connection) -> None:
+        for sql, rows in writes:
+            c.executemany(sql, rows)
+
+    in_transaction(conn, what, body)
+
+
+def in_transaction(
+    conn: sqlite3.Connection, what: str, body: Callable[[sqlite3.Connection], _T]
+) -> _T:
+    """``body(conn)`` inside one immediate transaction: committed, or rolled back if it raises.
+
+    A SQLite failure becomes our error (:func:`storage_error`, naming ``what``);
+    any other exception from ``body`` propagates as it is.
+    """
     where = prepare_write(conn, what)
     try:
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for sql, rows in writes:
-                conn.executemany(sql, rows)
+            result = body(conn)
         except BaseException:
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
     except sqlite3.Error as exc:
         raise storage_error(what, exc, where) from exc
+    return result
 
 
 def write_one(conn: sqlite3.Connection, sql: str, params: tuple[Any, ...], what: str) -> None:

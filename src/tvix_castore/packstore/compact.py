@@ -325,9 +325,10 @@ class _Compactor:
             [f.members[0].key for _, f, _ in plan if f.kind == Kind.CHUNK_LIST and f.members]
         )
         keep: list[tuple[FrameRow, Frame, dict[bytes, tuple[int, int]] | None]] = []
+        indexed_members = self.index.live_members(name)
         for row, frame, _ in plan:
             if frame.kind in (Kind.BLOBS, Kind.DIRECTORIES):  # (members indexed one by one)
-                members = self.index.live_members(row.id)
+                members = indexed_members.get(row.id)
                 if members:
                     share = sum(n for _, n in members.values()) / max(frame.raw, 1)
                     live += frame.length * share

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 from tvix_castore.blobservice.base import ChunkMeta
 from tvix_castore.digests import B3Digest
-from tvix_castore.directoryservice.sqlite import connect, prepare_write, storage_error
+from tvix_castore.directoryservice.sqlite import connect, in_transaction, storage_error
 from tvix_castore.errors import DataCorruption, StorageError
 from tvix_castore.packstore.format import MEMBER, FrameMember, Kind
 
@@ -206,16 +206,22 @@ class PackIndex:
             )
         ]
 
-    def live_members(self, frame: int) -> dict[bytes, tuple[int, int]]:
-        """The blobs indexed in ``frame``: digest → (offset, size) (compaction)."""
-        return {
-            bytes(d): (int(o), int(n))
-            for d, o, n in self._read(
-                "listing frame members",
-                "SELECT digest, offset, size FROM pack_blobs WHERE frame = ?",
-                (frame,),
-            )
-        }
+    def live_members(self, pack: str) -> dict[int, dict[bytes, tuple[int, int]]]:
+        """The blobs indexed in each frame of ``pack``: frame → digest → (offset, size).
+
+        One query per pack (compaction): ``pack_blobs`` has no index by frame
+        (it would cost disk on every store), so a query per frame would scan
+        the whole table once per frame.
+        """
+        out: dict[int, dict[bytes, tuple[int, int]]] = {}
+        for fid, d, o, n in self._read(
+            "listing frame members",
+            "SELECT frame, digest, offset, size FROM pack_blobs"
+            " WHERE frame IN (SELECT id FROM pack_frames WHERE pack = ?)",
+            (pack,),
+        ):
+            out.setdefault(int(fid), {})[bytes(d)] = (int(o), int(n))
+        return out
 
     def pack_files(self) -> dict[str, int]:
         """Each known pack and how many of its bytes are indexed."""
@@ -298,22 +304,14 @@ class IndexTxn:
         ):
             return
         index = self._index
-        what = "indexing pack frames"
+
+        def body(conn: sqlite3.Connection) -> None:
+            self._write(conn)
+            for hook in self._hooks:
+                hook(conn)
+
         with index._lock:
-            conn = index._conn
-            where = prepare_write(conn, what)
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    self._write(conn)
-                    for hook in self._hooks:
-                        hook(conn)
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-                conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                raise storage_error(what, exc, where) from exc
+            in_transaction(index._conn, "indexing pack frames", body)
 
     def _write(self, conn: sqlite3.Connection) -> None:
         verb = "INSERT OR REPLACE" if self._replace else "INSERT OR IGNORE"

@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tvix_castore.directoryservice.sqlite import connect, prepare_write, storage_error
+from tvix_castore.directoryservice.sqlite import connect, in_transaction, storage_error
 from tvix_castore.errors import DataCorruption, StorageUnavailable, ValidationError
 from tvix_castore.lazy import lazy_module
 from tvix_store.pathinfo import PathInfo
@@ -69,8 +69,8 @@ def _key_seq(key: bytes) -> int:
     return int.from_bytes(key[20:28], "big") if len(key) >= 28 else 0
 
 
-Journal = Callable[[bytes, int, bytes], None]
-"""Gets (digest, seq, encoding) of a PathInfo about to be stored (empty: deleted), first."""
+Journal = Callable[[Sequence[tuple[bytes, int, bytes]]], None]
+"""Gets (digest, seq, encoding) of PathInfos about to be stored (empty: deleted), first."""
 
 
 class DeletedReference(ValidationError):
@@ -135,18 +135,7 @@ class SqlitePathInfoService(PathInfoService):
         return None if row is None else (int(row[0]), bool(row[1]))
 
     def _transaction(self, what: str, body: Callable[[sqlite3.Connection], None]) -> None:
-        where = prepare_write(self._conn, what)
-        conn = self._conn
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                body(conn)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            raise storage_error(what, exc, where) from exc
+        in_transaction(self._conn, what, body)
 
     def restore_sync(self, key: bytes, data: bytes | memoryview) -> None:
         """Apply a record found in a journal (not journaled again): the newest record wins.
@@ -285,7 +274,7 @@ class SqlitePathInfoService(PathInfoService):
                 )
             seq = self._next_seq(digest)
             if self._journal is not None:
-                self._journal(digest, seq, data)  # first: a crash never leaves a row it lacks
+                self._journal([(digest, seq, data)])  # first: a crash never leaves a row it lacks
 
             def write(conn: sqlite3.Connection) -> None:
                 if self._deleted_refs(info):  # (deleted since: the record is superseded below)
@@ -323,22 +312,23 @@ class SqlitePathInfoService(PathInfoService):
         if self._journal is None:
             return
         try:
-            for digest in digests:
-                data = self._get_locked(digest) or b""
-                newer = max(time.time_ns(), seq + 1)
-                self._journal(digest, newer, data)
+            newer = max(time.time_ns(), seq + 1)
+            records = [(d, newer, self._get_locked(d) or b"") for d in digests]
+            self._journal(records)
+            rows = [
+                (d, newer, 0 if data else 1)
+                for d, _, data in records
+                if data or self._state(d) is not None
+            ]
 
-                row = (digest, newer, 0 if data else 1)
+            def note(conn: sqlite3.Connection) -> None:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO pathinfo_journal (digest, seq, deleted)"
+                    " VALUES (?, ?, ?)",
+                    rows,
+                )
 
-                def note(conn: sqlite3.Connection, row: tuple[bytes, int, int] = row) -> None:
-                    conn.execute(
-                        "INSERT OR REPLACE INTO pathinfo_journal (digest, seq, deleted)"
-                        " VALUES (?, ?, ?)",
-                        row,
-                    )
-
-                if data or self._state(digest) is not None:
-                    self._transaction("journaling a PathInfo", note)
+            self._transaction("journaling PathInfos", note)
         except Exception as exc:
             import logging
 
@@ -371,9 +361,8 @@ class SqlitePathInfoService(PathInfoService):
         with self._lock:
             present = [d for d in dict.fromkeys(digests) if self._get_locked(d) is not None]
             seqs = {d: self._next_seq(d) for d in present}
-            if self._journal is not None:
-                for d in present:
-                    self._journal(d, seqs[d], b"")
+            if self._journal is not None and present:
+                self._journal([(d, seqs[d], b"") for d in present])
 
             def write(conn: sqlite3.Connection) -> None:
                 if expect_generation is not None:
