@@ -641,8 +641,10 @@ def compact(min_garbage: float, recompress: bool, as_json: bool) -> None:
     "upstreams",
     multiple=True,
     metavar="URL",
-    help="A Nix binary cache (http:// or https://) to repair damaged paths from; repeatable,"
-    " tried in order. Its NAR must hash to the NarHash this store recorded.",
+    help="Where --repair fetches damaged paths: a Nix binary cache (http(s)://,"
+    " nix+http(s)://), a tvix daemon (grpc+http(s)://, grpc+unix://) or another embedded"
+    " store (embedded:///DIR); repeatable, tried in order. The NAR must hash to the NarHash"
+    " this store recorded.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def fsck(deep: bool, repair: bool, upstreams: tuple[str, ...], as_json: bool) -> None:
@@ -656,7 +658,8 @@ def fsck(deep: bool, repair: bool, upstreams: tuple[str, ...], as_json: bool) ->
     """
     from tvix_store.embedded import Embedded, data_dir
     from tvix_store.fsck import fsck as run_fsck
-    from tvix_store.fsck import repair as run_repair
+    from tvix_store.repair import Source, open_source
+    from tvix_store.repair import repair as run_repair
 
     if upstreams and not repair:
         raise click.UsageError("--upstream is for --repair")
@@ -667,12 +670,18 @@ def fsck(deep: bool, repair: bool, upstreams: tuple[str, ...], as_json: bool) ->
 
     async def run() -> Any:
         store = Embedded(home)
+        sources: list[Source] = []
         try:
+            for url in upstreams:  # (a bad URL is an error before anything is checked)
+                sources.append(await open_source(url, store))
             report = await run_fsck(store, deep=deep)
             if repair:
-                await run_repair(store, report, upstreams)
+                await run_repair(store, report, sources)
             return report
         finally:
+            for source in sources:
+                with contextlib.suppress(Exception):
+                    await source.aclose()
             store.close()
 
     try:

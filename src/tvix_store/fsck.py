@@ -13,7 +13,8 @@ Three layers, each trusting nothing of the one above:
 
 A damaged path is marked (:meth:`NarService.mark_damaged`): nar-bridge then
 answers its narinfo 404 and refuses its NAR, until an upload or import of the
-same content stores it again. Nothing else is changed.
+same content stores it again, or :mod:`tvix_store.repair` fetches it. Nothing
+else is changed.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from nix_compat.store_path import StorePath
 from tvix_castore.digests import B3Digest
 from tvix_castore.errors import CastoreError
 from tvix_castore.nodes import Directory, DirectoryNode, FileNode, Node
@@ -34,7 +34,7 @@ from tvix_store.embedded import Embedded
 from tvix_store.nar.render import calculate_nar
 from tvix_store.pathinfo import PathInfo
 
-__all__ = ["DamagedPath", "FsckReport", "fsck", "repair"]
+__all__ = ["DamagedPath", "FsckReport", "closure_problem", "fsck"]
 
 _BATCH = 500
 _log = logging.getLogger(__name__)
@@ -256,55 +256,6 @@ async def fsck(store: Embedded, *, deep: bool = False) -> FsckReport:
     return report
 
 
-async def repair(store: Embedded, report: FsckReport, upstreams: Sequence[str]) -> None:
-    """Repair what ``report`` found: drop the damaged content, fetch it again.
-
-    First the index rows of damaged frames and unreadable blobs are dropped
-    (one transaction), so the next upload or import of that content stores it
-    anew instead of deduplicating against bytes that cannot be read. Then each
-    damaged path is fetched from the first of ``upstreams`` (Nix binary
-    caches) that has it with the NarHash this store recorded: the NAR is
-    ingested and verified against it (that hash is the trust anchor, so no
-    signature is needed), and its closure is checked again before its damage
-    mark is cleared. ``report`` records what was repaired.
-    """
-    import asyncio
-
-    from tvix_store.pathinfoservice.nix_http import NixHttpPathInfoService
-
-    blobs = store.blobs()
-    packs = report.packs
-    if packs.damaged_frames or packs.bad:
-        txn = blobs.index.transaction()
-        txn.delete_frames([f.id for f in packs.damaged_frames])
-        txn.delete_blobs(list(packs.bad))
-        txn.commit()
-        report.unindexed = len(packs.damaged_frames) + len(packs.bad)
-    if not report.damaged_paths:
-        return
-    directories = store.directories()
-    nar = store.nar(blobs, directories)
-    pathinfos = store.pathinfos()
-    sources = [NixHttpPathInfoService(url, blobs, directories) for url in upstreams]
-    try:
-        for damaged in report.damaged_paths:
-            path = StorePath.from_absolute_path(damaged.path)
-            ours = await pathinfos.get(path.digest)
-            if ours is None:
-                continue
-            for source in sources:
-                try:
-                    theirs = await source.get(path.digest)
-                except CastoreError as exc:
-                    _log.warning("repair of %s from %s failed: %s", path, source.base_url, exc)
-                    continue
-                if theirs is None or theirs.nar_sha256 != ours.nar_sha256:
-                    continue
-                check = _Closures(store, {})
-                if await asyncio.to_thread(check.why, ours.node) is None:
-                    await nar.clear_damage(ours.node)
-                    report.repaired[damaged.path] = source.base_url
-                    break
-    finally:
-        for source in sources:
-            await source.aclose()
+def closure_problem(store: Embedded, node: Node) -> str | None:
+    """Why ``node``'s closure is not whole in ``store`` now (a fresh check), or ``None``."""
+    return _Closures(store, {}).why(node)

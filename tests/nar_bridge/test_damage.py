@@ -224,6 +224,10 @@ async def test_calculate_nar_and_narinfo_stop_vouching_for_damage(
                 await stub.CalculateNAR(info.node)
             assert err.value.code() == grpc.StatusCode.DATA_LOSS
             assert "damaged" in (err.value.details() or "")
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Get(rpc_pathinfo_pb2.GetPathInfoRequest(by_output_hash=digest))
+            assert err.value.code() == grpc.StatusCode.DATA_LOSS
+            assert "damaged in this store" in (err.value.details() or "")
             assert await narinfo_status(session, daemon, dep) == 404
             await assert_refused(session, urls)
     assert daemon.alive()

@@ -46,7 +46,7 @@ SERVICE_ENV = (
     "PATH_INFO_SERVICE_ADDR",
     "TVIX_STORE_COMPOSITION",
 )
-BIG = 300 * 1024 + 11  # above the embedded store's inline-blob limit: stored as chunks
+BIG = 1024 * 1024 + 11  # cut into several chunks by the embedded store (FastCDC, 256 KiB average)
 PREFIX = "/prefix"
 # Nix talking to a local cache: no retries, nothing remembered between commands.
 NIX_HTTP_OPTS = (
@@ -441,6 +441,21 @@ def ok(proc: subprocess.CompletedProcess[bytes]) -> bytes:
         f"{proc.args!r} exited {proc.returncode}:\n{proc.stderr.decode(errors='replace')}"
     )
     return proc.stdout
+
+
+def filled(upstream: Upstream, home: Path) -> Path:
+    """An embedded store at ``home`` holding the upstream closure (``tvix-store copy``)."""
+    closure = home.parent / f"{home.name}-closure.json"
+    closure.write_text(upstream.path_info_json)
+    ok(tvix(home, "copy", "--root", upstream.store, closure))
+    return home
+
+
+def fsck_json(home: Path, *flags: str) -> tuple[int, dict[str, Any]]:
+    """``tvix-store fsck --json FLAGS``: its exit status and report."""
+    proc = tvix(home, "fsck", "--json", *flags)
+    assert b"Traceback" not in proc.stderr, proc.stderr.decode(errors="replace")
+    return proc.returncode, json.loads(proc.stdout)
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 The store is filled from the upstream closure (built by real Nix); a byte
 is flipped in the frame holding a file of ``dep``, and ``dep``'s large
-file is dropped from the index. fsck finds both; ``--repair`` with a
+file (its chunk list) is dropped from the index. fsck finds both; ``--repair`` with a
 binary cache made by ``nix copy --to file://`` (served over HTTP) drops the
 damaged rows, ingests the paths again (verified against the NarHash the
 store recorded), and a second fsck finds nothing: ``export`` gives the
@@ -12,31 +12,15 @@ and still says the paths are damaged (exit 1).
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from pathlib import Path
-from typing import Any
 
 import blake3
 
 from tests.store.packs import damage_frame, frame_of
 from tvix_castore.digests import B3Digest
 
-from .conftest import CacheServers, Upstream, ok, tvix
-
-
-def _filled(upstream: Upstream, tmp_path: Path) -> Path:
-    home = tmp_path / "home"
-    closure = tmp_path / "closure.json"
-    closure.write_text(upstream.path_info_json)
-    ok(tvix(home, "copy", "--root", upstream.store, closure))
-    return home
-
-
-def _fsck(home: Path, *flags: str) -> tuple[int, dict[str, Any]]:
-    proc = tvix(home, "fsck", "--json", *flags)
-    assert b"Traceback" not in proc.stderr, proc.stderr.decode(errors="replace")
-    return proc.returncode, json.loads(proc.stdout)
+from .conftest import CacheServers, Upstream, filled, fsck_json, ok, tvix
 
 
 def _damage(home: Path) -> None:
@@ -47,30 +31,32 @@ def _drop_a_blob(home: Path, upstream: Upstream) -> None:
     dep = upstream.by_name("dep")
     big = (upstream.store / dep.path.lstrip("/") / "big").read_bytes()
     with sqlite3.connect(home / "store.sqlite") as db:
-        gone = db.execute("DELETE FROM pack_blobs WHERE digest = ?", (blake3.blake3(big).digest(),))
+        gone = db.execute(
+            "DELETE FROM pack_chunked WHERE digest = ?", (blake3.blake3(big).digest(),)
+        )
         assert gone.rowcount == 1
 
 
 def test_repair_from_an_upstream_cache(
     upstream: Upstream, servers: CacheServers, tmp_path: Path
 ) -> None:
-    home = _filled(upstream, tmp_path)
+    home = filled(upstream, tmp_path / "home")
     dep = upstream.by_name("dep")
     _damage(home)
     _drop_a_blob(home, upstream)
-    code, report = _fsck(home)
+    code, report = fsck_json(home)
     assert code == 1 and len(report["damaged_frames"]) == 1
     damaged = {d["path"] for d in report["damaged_paths"]}
     assert dep.path in damaged
     assert tvix(home, "export", dep.path).returncode != 0
 
     server = servers.serve("zstd")
-    code, report = _fsck(home, "--repair", "--upstream", server.base)
+    code, report = fsck_json(home, "--repair", "--upstream", server.base)
     assert code == 0 and report["ok"], report
     assert set(report["repaired"]) == damaged
     # (the failed export already unindexed the damaged frame, as any failed read does)
 
-    code, report = _fsck(home, "--deep")
+    code, report = fsck_json(home, "--deep")
     assert code == 0 and report["ok"], report
     assert _marked(home, upstream) == set()
     for p in upstream.paths:
@@ -80,13 +66,13 @@ def test_repair_from_an_upstream_cache(
 def test_repair_without_a_source_drops_the_damage_and_says_so(
     upstream: Upstream, tmp_path: Path
 ) -> None:
-    home = _filled(upstream, tmp_path)
+    home = filled(upstream, tmp_path / "home")
     dep = upstream.by_name("dep")
     _damage(home)
-    code, report = _fsck(home, "--repair")
+    code, report = fsck_json(home, "--repair")
     assert code == 1 and not report["ok"]
     assert report["unindexed"] >= 1 and report["repaired"] == {}
-    code, report = _fsck(home)
+    code, report = fsck_json(home)
     assert code == 1 and report["damaged_frames"] == []  # (its rows were dropped)
     damaged = {d["path"]: d["why"] for d in report["damaged_paths"]}
     assert "missing" in damaged[dep.path]
@@ -106,7 +92,7 @@ def test_repair_killed_at_any_point_is_finished_by_the_next(
 
     from .conftest import TVIX, tvix_env
 
-    home = _filled(upstream, tmp_path)
+    home = filled(upstream, tmp_path / "home")
     _damage(home)
     _drop_a_blob(home, upstream)
     server = servers.serve("zstd")
@@ -131,9 +117,9 @@ def test_repair_killed_at_any_point_is_finished_by_the_next(
         time.sleep(rng.uniform(0.05, 1.0))  # (any moment will do: what follows must hold)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    code, report = _fsck(home, "--repair", "--upstream", server.base)
+    code, report = fsck_json(home, "--repair", "--upstream", server.base)
     assert code == 0 and report["ok"], report
-    code, report = _fsck(home, "--deep")
+    code, report = fsck_json(home, "--deep")
     assert code == 0 and report["ok"], report
     assert _marked(home, upstream) == set()  # (nar-bridge would serve every narinfo)
     for p in upstream.paths:

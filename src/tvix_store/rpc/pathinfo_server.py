@@ -1,4 +1,8 @@
-"""``tvix.store.v1.PathInfoService`` over any PathInfoService (a thin adapter)."""
+"""``tvix.store.v1.PathInfoService`` over any PathInfoService (a thin adapter).
+
+A path whose content was found damaged (:meth:`NarService.damage`) is
+DATA_LOSS on ``Get`` and ``CalculateNAR`` until it is stored whole again.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import grpc.aio
 
 from tvix_castore.blobservice.base import BlobService
 from tvix_castore.directoryservice.base import DirectoryService
-from tvix_castore.errors import CastoreError, NotFound, ValidationError
+from tvix_castore.errors import CastoreError, DataCorruption, NotFound, ValidationError
 from tvix_castore.nodes import DirectoryNode, FileNode, NameRule, Node, node_from_proto
 from tvix_castore.protos import castore_pb2
 from tvix_castore.rpc.status import abort_with
@@ -64,6 +68,10 @@ class PathInfoServiceServicer(pb_grpc.PathInfoServiceServicer):
             info = await self._infos.get(digest)
             if info is None:
                 raise NotFound("PathInfo not found")
+            # (as nar-bridge's narinfo 404: a path found damaged is not served as valid)
+            reason = await self._nar.damage(info.node)
+            if reason is not None:
+                raise DataCorruption(f"{info.store_path}: damaged in this store ({reason})")
         except Exception as exc:
             await abort_with(context, exc)
         return info.to_proto()
