@@ -6,24 +6,24 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 SRC := src tests benchmarks
 
-# Debian packages the test suite drives as real components.
-APT_PACKAGES := nix-bin b3sum fuse3
+# Debian packages the test suite drives as real components (and what pyfuse3 builds with).
+APT_PACKAGES := nix-bin b3sum fuse3 libfuse3-dev pkg-config gcc python3-dev attr
 
 .PHONY: run test lint fmt bench bytecode system-deps protos protos-check venv clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml | system-deps
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,fuse]'
 	touch $@
 
 system-deps:
 	@missing=""; \
-	command -v nix-store >/dev/null 2>&1 || missing="$$missing nix-bin"; \
-	command -v b3sum >/dev/null 2>&1 || missing="$$missing b3sum"; \
-	command -v fusermount3 >/dev/null 2>&1 || missing="$$missing fuse3"; \
+	for pkg in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$pkg 2>/dev/null | grep -q "ok installed" || missing="$$missing $$pkg"; \
+	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \

@@ -701,6 +701,9 @@ def _add_lifecycle_commands() -> None:
 
     for command in COMMANDS:
         main.add_command(command)
+    from tvix_store import mount
+
+    main.add_command(mount.command())
 
 
 _add_lifecycle_commands()

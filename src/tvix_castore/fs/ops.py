@@ -1,0 +1,411 @@
+"""The FUSE operations (pyfuse3, inode level) over a BlobService, a DirectoryService and roots.
+
+Lazy throughout: a root is asked for when it is looked up, a Directory is
+fetched on the first lookup or listing inside it, and a file's blob is opened
+on its first ``read`` (not at ``open``: ``ls -l``, ``file`` and ``test -x``
+cost nothing). Small files (≤ 1 MiB) are read whole and checked against
+their BLAKE3 digest before a byte is handed out; larger ones through the
+blob service's seekable reader, which verifies each chunk before returning
+it, fetches only the chunks a read touches and reads ahead while reads are
+sequential (a forward seek does not reopen the blob).
+
+Every failure of a backend (missing content, a digest mismatch, an
+unreachable service, a call that takes longer than ``timeout``) is EIO on
+that one operation, with a log line saying why; the mount stays up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import errno
+import itertools
+import logging
+import os
+import stat
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+import blake3
+import pyfuse3
+
+from tvix_castore.blobservice.base import BlobReader, BlobService
+from tvix_castore.digests import B3Digest
+from tvix_castore.directoryservice.base import DirectoryService
+from tvix_castore.errors import CastoreError
+from tvix_castore.fs.inodes import ROOT_INODE, Inode, InodeTable, key_of
+from tvix_castore.nodes import Directory, DirectoryNode, FileNode, Node, SymlinkNode
+
+__all__ = ["BLOB_XATTR", "DIRECTORY_XATTR", "CastoreFs", "MountOptions", "Roots"]
+
+_log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+BLOB_XATTR = b"user.tvix.castore.blob.digest"
+DIRECTORY_XATTR = b"user.tvix.castore.directory.digest"
+_FOREVER = 365 * 86400.0  # (content never changes: the kernel may cache it as long as it likes)
+_SMALL = 1 << 20  # files up to this size are read whole and verified before serving
+_DIRECTORIES_CACHED = 4096
+_MTIME_NS = 1_000_000_000  # 1 s after the epoch, as in a Nix store
+
+
+class Roots(Protocol):
+    """The top level of the mount: names and their root nodes (a store's paths)."""
+
+    async def get(self, name: bytes) -> Node | None:
+        """The root node called ``name``, or ``None``."""
+
+    def list(self) -> AsyncIterator[tuple[bytes, Node]]:
+        """Every root, as it is found (streamed)."""
+
+
+@dataclass(frozen=True)
+class MountOptions:
+    """What the mount shows: the root listing, xattrs; how long a backend call may take."""
+
+    list_root: bool = False
+    show_xattr: bool = True
+    timeout: float = 120.0
+    root_timeout: float = 60.0  # how long the kernel may cache a top-level name
+
+
+@dataclass(frozen=True, slots=True)
+class _Listing:
+    directory: Directory
+    entries: tuple[Node, ...]  # (in name order, as readdir offsets them)
+
+
+@dataclass
+class _File:
+    entry: Inode
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    data: bytes | None = None  # a small file, verified
+    reader: BlobReader | None = None
+
+
+@dataclass
+class _Dir:
+    entry: Inode | None  # None: the root
+    entries: tuple[Node, ...] = ()
+    roots: AsyncIterator[tuple[bytes, Node]] | None = None  # the root listing, streamed
+    at: int = 0  # index of the next root entry
+    pending: tuple[bytes, Node] | None = None  # a root entry the kernel had no room for
+
+
+class CastoreFs(pyfuse3.Operations):
+    """A read-only filesystem of castore nodes (see the module)."""
+
+    def __init__(
+        self,
+        roots: Roots,
+        blobs: BlobService,
+        directories: DirectoryService,
+        options: MountOptions | None = None,
+    ) -> None:
+        super().__init__()
+        self._roots = roots
+        self._blobs = blobs
+        self._dirs = directories
+        self.options = options or MountOptions()
+        self.inodes = InodeTable()
+        self._cache: collections.OrderedDict[B3Digest, _Listing] = collections.OrderedDict()
+        self._handles: dict[int, _File | _Dir] = {}
+        self._next_fh = itertools.count(1)
+        self._inflight: set[asyncio.Task[object]] = set()
+        self._stopping = False
+
+    # -- helpers ---------------------------------------------------------------
+    async def _backend(self, what: str, call: Awaitable[_T]) -> _T:
+        """``await call`` with the timeout; any failure is EIO, logged with ``what``.
+
+        :meth:`interrupt` ends every call waiting here with EIO too, so that
+        an unmount never waits for a backend that does not answer.
+        """
+        task = asyncio.current_task()
+        if self._stopping or task is None:
+            raise pyfuse3.FUSEError(errno.EIO)
+        self._inflight.add(task)
+        try:
+            async with asyncio.timeout(self.options.timeout):
+                return await call
+        except (CastoreError, OSError, ValueError) as exc:
+            _log.warning("mount: %s: %s", what, exc)
+        except TimeoutError:
+            _log.warning("mount: %s: no answer after %.0f s", what, self.options.timeout)
+        except asyncio.CancelledError:
+            if not self._stopping:
+                raise
+            task.uncancel()
+            _log.warning("mount: %s: interrupted by the unmount", what)
+        finally:
+            self._inflight.discard(task)
+        raise pyfuse3.FUSEError(errno.EIO)
+
+    def interrupt(self) -> None:
+        """Fail every backend call in flight (and any later one) with EIO: the mount is ending."""
+        self._stopping = True
+        for task in list(self._inflight):
+            task.cancel()
+
+    async def _children(self, node: DirectoryNode) -> _Listing:
+        """``node``'s Directory and its entries in name order (fetched once, cached)."""
+        cached = self._cache.get(node.digest)
+        if cached is not None:
+            self._cache.move_to_end(node.digest)
+            return cached
+        what = f"directory {node.digest}"
+        directory: Directory | None = await self._backend(what, self._dirs.get(node.digest))
+        if directory is None:
+            _log.warning("mount: %s is missing", what)
+            raise pyfuse3.FUSEError(errno.EIO)
+        listing = _Listing(directory, tuple(directory.nodes()))
+        self._cache[node.digest] = listing
+        while len(self._cache) > _DIRECTORIES_CACHED:
+            self._cache.popitem(last=False)
+        return listing
+
+    def _attr(
+        self, node: Node | None, ino: int, timeout: float = _FOREVER
+    ) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = pyfuse3.InodeT(ino)
+        a.entry_timeout = a.attr_timeout = timeout
+        if node is None or isinstance(node, DirectoryNode):
+            a.st_mode = pyfuse3.ModeT(stat.S_IFDIR | 0o555)
+            a.st_size = 0 if node is None else node.size
+        elif isinstance(node, FileNode):
+            a.st_mode = pyfuse3.ModeT(stat.S_IFREG | (0o555 if node.executable else 0o444))
+            a.st_size = node.size
+        else:
+            a.st_mode = pyfuse3.ModeT(stat.S_IFLNK | 0o444)
+            a.st_size = len(node.target)
+        a.st_nlink = 1
+        a.st_blksize = 1 << 20
+        a.st_blocks = (a.st_size + 511) // 512
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = _MTIME_NS
+        return a
+
+    def _entry(self, ino: int) -> Inode:
+        entry = self.inodes.get(ino)
+        if entry is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return entry
+
+    def _timeout(self, parent: int) -> float:
+        return self.options.root_timeout if parent == ROOT_INODE else _FOREVER
+
+    # -- lookups and attributes --------------------------------------------------
+    async def lookup(
+        self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        if name == b".":
+            return await self.getattr(parent_inode, ctx)
+        if parent_inode == ROOT_INODE:
+            node = await self._backend(f"root {name!r}", self._roots.get(name))
+        else:
+            parent = self._entry(parent_inode).node
+            if not isinstance(parent, DirectoryNode):
+                raise pyfuse3.FUSEError(errno.ENOTDIR)
+            node = (await self._children(parent)).directory.lookup(name)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        entry = self.inodes.looked_up(node, parent_inode, name)
+        return self._attr(node, entry.ino, self._timeout(parent_inode))
+
+    async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
+        for ino, n in inode_list:
+            self.inodes.forget(ino, n)
+
+    async def getattr(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        if inode == ROOT_INODE:
+            return self._attr(None, ROOT_INODE)
+        return self._attr(self._entry(inode).node, inode)
+
+    async def readlink(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> bytes:
+        node = None if inode == ROOT_INODE else self._entry(inode).node
+        if not isinstance(node, SymlinkNode):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return node.target
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        s.f_namemax = 255
+        return s
+
+    # -- directories ---------------------------------------------------------------
+    async def opendir(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileHandleT:
+        if inode == ROOT_INODE:
+            if not self.options.list_root:
+                raise pyfuse3.FUSEError(errno.EPERM)
+            handle = _Dir(None)
+        else:
+            entry = self._entry(inode)
+            if not isinstance(entry.node, DirectoryNode):
+                raise pyfuse3.FUSEError(errno.ENOTDIR)
+            handle = _Dir(entry, (await self._children(entry.node)).entries)
+            self.inodes.opened(entry)
+        fh = next(self._next_fh)
+        self._handles[fh] = handle
+        return pyfuse3.FileHandleT(fh)
+
+    async def readdir(
+        self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken
+    ) -> None:
+        handle = self._handles.get(fh)
+        if not isinstance(handle, _Dir):
+            raise pyfuse3.FUSEError(errno.EBADF)
+        if handle.entry is None:
+            await self._readdir_root(handle, start_id, token)
+            return
+        parent = handle.entry.ino
+        for i in range(start_id, len(handle.entries)):
+            node = handle.entries[i]
+            ino = self.inodes.number(key_of(node, parent, node.name))
+            if not pyfuse3.readdir_reply(token, node.name, self._attr(node, ino), i + 1):
+                return  # (the kernel's buffer is full: it asks again from i)
+            self.inodes.looked_up(node, parent, node.name)
+
+    async def _readdir_root(self, handle: _Dir, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        """Stream the roots; an entry that does not fit waits for the next call (none is lost)."""
+        if handle.roots is None or start_id != handle.at:  # (opened, or rewound)
+            if handle.roots is not None:
+                await _aclose(handle.roots)
+            handle.roots, handle.at, handle.pending = self._roots.list(), 0, None
+            for _ in range(start_id):
+                if await self._next_root(handle) is None:
+                    return
+                handle.at += 1
+        while True:
+            item = handle.pending or await self._next_root(handle)
+            handle.pending = None
+            if item is None:
+                return
+            name, node = item
+            ino = self.inodes.number(key_of(node, ROOT_INODE, name))
+            attr = self._attr(node, ino, self.options.root_timeout)
+            if not pyfuse3.readdir_reply(token, name, attr, handle.at + 1):
+                handle.pending = item
+                return
+            handle.at += 1
+            self.inodes.looked_up(node, ROOT_INODE, name)
+
+    async def _next_root(self, handle: _Dir) -> tuple[bytes, Node] | None:
+        assert handle.roots is not None
+        return await self._backend("listing the roots", anext(handle.roots, None))
+
+    async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
+        handle = self._handles.pop(fh, None)
+        if isinstance(handle, _Dir):
+            if handle.roots is not None:
+                await _aclose(handle.roots)
+            if handle.entry is not None:
+                self.inodes.released(handle.entry)
+
+    # -- files ---------------------------------------------------------------------
+    async def open(
+        self, inode: pyfuse3.InodeT, flags: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileInfo:
+        if inode == ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        entry = self._entry(inode)
+        if isinstance(entry.node, DirectoryNode):
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if not isinstance(entry.node, FileNode):
+            raise pyfuse3.FUSEError(errno.ELOOP)
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        fh = next(self._next_fh)
+        self._handles[fh] = _File(entry)
+        self.inodes.opened(entry)
+        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True)
+
+    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
+        handle = self._handles.get(fh)
+        if not isinstance(handle, _File):
+            raise pyfuse3.FUSEError(errno.EBADF)
+        node = handle.entry.node
+        assert isinstance(node, FileNode)
+        if off >= node.size or size <= 0:
+            return b""
+        async with handle.lock:
+            if node.size <= _SMALL:
+                if handle.data is None:
+                    handle.data = await self._backend(f"blob {node.digest}", self._small(node))
+                return handle.data[off : off + size]
+            what = f"blob {node.digest} at {off}"
+            return await self._backend(what, self._large(handle, node, off, size))
+
+    async def _small(self, node: FileNode) -> bytes:
+        reader = await self._blobs.open_read(node.digest)
+        if reader is None:
+            raise CastoreError("is missing")
+        try:
+            data = await reader.read()
+        finally:
+            await reader.aclose()
+        if len(data) != node.size:
+            raise CastoreError(f"has {len(data)} bytes, the file {node.size}")
+        if blake3.blake3(data).digest() != node.digest.raw:
+            raise CastoreError("its bytes do not match its digest")
+        return data
+
+    async def _large(self, handle: _File, node: FileNode, off: int, size: int) -> bytes:
+        if handle.reader is None:
+            handle.reader = await self._blobs.open_read(node.digest)
+            if handle.reader is None:
+                raise CastoreError("is missing")
+        if handle.reader.tell() != off:
+            await handle.reader.seek(off)
+        data = await handle.reader.readexactly(min(size, node.size - off))
+        if len(data) != min(size, node.size - off):
+            raise CastoreError(f"ends at {off + len(data)}, the file at {node.size}")
+        return data
+
+    async def release(self, fh: pyfuse3.FileHandleT) -> None:
+        handle = self._handles.pop(fh, None)
+        if isinstance(handle, _File):
+            if handle.reader is not None:
+                await handle.reader.aclose()
+            self.inodes.released(handle.entry)
+
+    # -- xattrs --------------------------------------------------------------------
+    def _xattr(self, inode: int) -> tuple[bytes, bytes] | None:
+        if not self.options.show_xattr:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
+        if inode == ROOT_INODE:
+            return None
+        node = self._entry(inode).node
+        if isinstance(node, FileNode):
+            return BLOB_XATTR, str(node.digest).encode()
+        if isinstance(node, DirectoryNode):
+            return DIRECTORY_XATTR, str(node.digest).encode()
+        return None
+
+    async def getxattr(
+        self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
+    ) -> bytes:
+        found = self._xattr(inode)
+        if found is None or found[0] != name:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return found[1]
+
+    async def listxattr(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> Sequence[pyfuse3.XAttrNameT]:
+        found = self._xattr(inode)
+        return [] if found is None else [pyfuse3.XAttrNameT(found[0])]
+
+
+async def _aclose(it: AsyncIterator[object]) -> None:
+    close = getattr(it, "aclose", None)
+    if close is not None:
+        try:
+            await close()
+        except Exception as exc:  # (closing a listing that failed: nothing more to say)
+            _log.debug("closing a root listing: %s", exc)
