@@ -87,6 +87,11 @@ def _timed(argv: list[str], pid: int | None = None) -> tuple[float, float]:
     return wall, (_cpu(pid) - before) if pid else 0.0
 
 
+def _best(argv: list[str], pid: int | None = None, n: int = 3) -> tuple[float, float]:
+    """The fastest of ``n`` runs (warm passes: what is left is noise)."""
+    return min(_timed(argv, pid) for _ in range(n))
+
+
 class _Mount:
     def __init__(self, home: Path) -> None:
         self.at = WORK / "mnt"
@@ -115,11 +120,11 @@ def run(args: argparse.Namespace) -> str:
     rows: list[tuple[str, float, float, str]] = []
 
     subprocess.run(["cat", str(src / "big")], check=True, stdout=subprocess.DEVNULL)  # (warm)
-    disk_read, _ = _timed(["cat", str(src / "big")])
+    disk_read, _ = _best(["cat", str(src / "big")])
     m = _Mount(home)
     try:
         cold, cold_cpu = _timed(["cat", str(m.at / big_base)], m.proc.pid)
-        warm, warm_cpu = _timed(["cat", str(m.at / big_base)], m.proc.pid)
+        warm, warm_cpu = _best(["cat", str(m.at / big_base)], m.proc.pid)
     finally:
         m.stop()
     mb = GiB / 1e6
@@ -134,12 +139,12 @@ def run(args: argparse.Namespace) -> str:
     walk = ["find", "", "-printf", "%s %m\n"]
     walk[1] = str(src / "tree")
     subprocess.run(walk, check=True, stdout=subprocess.DEVNULL)  # (warm)
-    disk_walk, _ = _timed(walk)
+    disk_walk, _ = _best(walk)
     m = _Mount(home)
     try:
         walk[1] = str(m.at / tree_base)
         cold_w, cold_wc = _timed(walk, m.proc.pid)
-        warm_w, warm_wc = _timed(walk, m.proc.pid)
+        warm_w, warm_wc = _best(walk, m.proc.pid)
     finally:
         m.stop()
     rows.append(("`find -printf '%s %m'` of 10,100 entries, disk (warm)", disk_walk, 0.0, "1×"))
@@ -148,7 +153,8 @@ def run(args: argparse.Namespace) -> str:
 
     lines = [
         "A 1 GiB random file and 10,000 small files (100 directories) in an embedded store,"
-        " mounted with `tvix-store mount`; the same files on disk. CPU s: the mount process.",
+        " mounted with `tvix-store mount`; the same files on disk. Fresh-mount passes run once;"
+        " warm passes (disk, and the mount again) are the best of 3. CPU s: the mount process.",
         "",
         "| what | wall s | mount CPU s | |",
         "|---|---:|---:|---|",
