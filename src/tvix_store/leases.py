@@ -58,8 +58,30 @@ class Lease:
     expires: float
 
 
+def _dead_here(holder: str) -> bool:
+    """Whether ``holder`` names a process of this host that no longer exists.
+
+    (A writer killed with kill -9 cannot release its row; without this, a gc
+    after a crash would wait for the row to expire. A reused pid only makes a
+    dead holder look alive, which errs on the safe side.)
+    """
+    pid, _, host = holder.removeprefix("pid ").partition(" on ")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # (alive, someone else's)
+        return False
+    return False
+
+
 def live_leases(conn: sqlite3.Connection, now: float | None = None) -> list[Lease]:
-    """The leases not expired at ``now`` (on ``conn``, e.g. inside a sweep's transaction)."""
+    """The leases not expired at ``now`` whose holders may still be alive.
+
+    Read on ``conn``, e.g. inside a sweep's transaction.
+    """
     conn.execute(_SCHEMA)
     at = time.time() if now is None else now
     return [
@@ -67,6 +89,7 @@ def live_leases(conn: sqlite3.Connection, now: float | None = None) -> list[Leas
         for i, h, e in conn.execute(
             "SELECT id, holder, expires FROM leases WHERE expires > ?", (at,)
         )
+        if not _dead_here(str(h))
     ]
 
 

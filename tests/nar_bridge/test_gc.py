@@ -254,6 +254,38 @@ def test_gc_defers_while_a_writer_holds_a_lease(
     assert report["blobs"] >= 1, report  # (the deferred run swept nothing: this one does)
 
 
+def test_a_lease_of_a_writer_killed_with_kill_9_does_not_defer(
+    bridges: Bridges, closure: Closure, tmp_path: Path
+) -> None:
+    """A writer killed with kill -9 leaves its lease row; gc sees its process is gone."""
+    import signal
+    import socket
+    import sqlite3
+    import subprocess
+    import time
+
+    home = uploaded_home(bridges, closure, tmp_path)
+    garbage = import_tree(home, tmp_path / "garbage", random.Random(4).randbytes(50_000))
+    assert tvix(home, "delete", garbage).returncode == 0
+    sleeper = subprocess.Popen(["sleep", "600"])
+    try:
+        with sqlite3.connect(home / "store.sqlite") as db:
+            db.execute(
+                "INSERT INTO leases VALUES ('alive', ?, ?)",
+                (f"pid {sleeper.pid} on {socket.gethostname()}", time.time() + 600),
+            )
+        code, report = gc(home, "--grace", "0")  # (a live holder: deferred)
+        assert code == 75 and "lease" in report["deferred"], report
+        sleeper.send_signal(signal.SIGKILL)
+        sleeper.wait()
+        code, report = gc(home, "--grace", "0")  # (its holder is gone: not deferred)
+        assert code == 0 and report["deferred"] is None, report
+        assert report["blobs"] >= 1, report
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
 def test_bad_arguments_are_clear_errors(bridges: Bridges, closure: Closure, tmp_path: Path) -> None:
     home = uploaded_home(bridges, closure, tmp_path)
     bad = tvix(home, "gc", "--grace", "soon")
