@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import WORK
+from tvix_castore.fs.mount import mount_device
 
 NAME = "mount"
 TITLE = "FUSE mount: sequential read and tree walk vs disk (issue 15)"
@@ -67,13 +68,6 @@ def _inputs() -> tuple[Path, Path, Path]:
     return src, home, home / "paths"
 
 
-def _mounted(at: Path) -> bool:
-    want = str(at)
-    return any(
-        line.split()[4] == want for line in Path("/proc/self/mountinfo").read_text().splitlines()
-    )
-
-
 def _cpu(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -95,7 +89,7 @@ def _best(argv: list[str], pid: int | None = None, n: int = 3) -> tuple[float, f
 class _Mount:
     def __init__(self, home: Path) -> None:
         self.at = WORK / "mnt"
-        if _mounted(self.at):
+        if mount_device(self.at) is not None:
             subprocess.run(["fusermount3", "-u", "-z", str(self.at)], check=False)
         self.at.mkdir(exist_ok=True)
         env = {**os.environ, "TVIX_STORE_HOME": str(home)}
@@ -103,7 +97,7 @@ class _Mount:
             [TVIX, "mount", str(self.at)], env=env, stderr=subprocess.DEVNULL
         )
         deadline = time.monotonic() + 60
-        while not _mounted(self.at):
+        while mount_device(self.at) is None:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit("tvix-store mount did not start")
             time.sleep(0.05)

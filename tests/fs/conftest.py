@@ -15,6 +15,7 @@ from typing import IO
 import pytest
 
 from tests.store.conftest import TVIX, ok, tvix, tvix_env
+from tvix_castore.fs.mount import mount_device
 
 __all__ = ["Mount", "Mounts", "import_path", "ok", "tvix"]
 
@@ -58,20 +59,15 @@ class Mount:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=30)
-        if _mounted(self.at):
+        if mounted(self.at):
             subprocess.run(["fusermount3", "-u", "-z", str(self.at)], check=False)
         if self._log is not None:
             self._log.close()
 
 
-def _mounted(path: Path) -> bool:
+def mounted(path: Path) -> bool:
     """Whether ``path`` is a mount point (from mountinfo: never stats the mount itself)."""
-    want = str(path.resolve(strict=False))
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        fields = line.split()
-        if fields[4].encode().decode("unicode_escape") == want:
-            return True
-    return False
+    return mount_device(path.resolve(strict=False)) is not None
 
 
 class Mounts:
@@ -113,7 +109,7 @@ class Mounts:
         m = Mount(proc, at, log_path, fetches, log)
         self._all.append(m)
         deadline = time.monotonic() + 60
-        while not ("mounted at" in m.log() and _mounted(at)):
+        while not mounted(at):  # (then requests queue until the loop serves them)
             if proc.poll() is not None or time.monotonic() > deadline:
                 m.cleanup()
                 raise AssertionError(f"mount did not start:\n{m.log()}")
@@ -132,10 +128,6 @@ def mounts(tmp_path: Path) -> Iterator[Mounts]:
         yield m
     finally:
         m.cleanup()
-
-
-def mounted(path: Path) -> bool:
-    return _mounted(path)
 
 
 def run(argv: Sequence[str | os.PathLike[str]], timeout: float = 60) -> bytes:

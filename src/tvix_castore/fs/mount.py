@@ -24,7 +24,7 @@ import pyfuse3.asyncio
 from tvix_castore.errors import ConfigError
 from tvix_castore.fs.ops import CastoreFs
 
-__all__ = ["check_mountpoint", "serve"]
+__all__ = ["check_mountpoint", "mount_device", "serve"]
 
 _log = logging.getLogger(__name__)
 _READ_AHEAD_KB = 1024  # (the kernel's default 128 KiB halves sequential reads through FUSE)
@@ -46,13 +46,13 @@ def check_mountpoint(path: Path) -> None:
         raise ConfigError(f"mountpoint {path} is not empty")
 
 
-def _device_of(path: Path) -> str | None:
-    """``major:minor`` of the mount at ``path``, from /proc/self/mountinfo.
+def mount_device(path: Path) -> str | None:
+    """``major:minor`` of the mount at ``path`` (``None``: none), from /proc/self/mountinfo.
 
     (Not ``os.stat``: before the loop runs, a stat of our own mount would wait
     for an answer only this process can give.)
     """
-    want = str(path)  # (resolved before mounting: resolving it now would stat the mount)
+    want = str(path)  # (the caller resolves it: resolving it here could stat the mount)
     try:
         lines = Path("/proc/self/mountinfo").read_text().splitlines()
     except OSError:
@@ -73,7 +73,7 @@ def _raise_read_ahead(path: Path) -> None:
     for that first.
     """
     os.stat(path)
-    device = _device_of(path)
+    device = mount_device(path)
     if device is None:
         return
     try:
