@@ -88,7 +88,7 @@ def _best(argv: list[str], pid: int | None = None, n: int = 3) -> tuple[float, f
 
 class _Mount:
     def __init__(self, home: Path) -> None:
-        self.at = WORK / "mnt"
+        self.at = (WORK / "mnt").resolve()  # (as mountinfo names it)
         if mount_device(self.at) is not None:
             subprocess.run(["fusermount3", "-u", "-z", str(self.at)], check=False)
         self.at.mkdir(exist_ok=True)
@@ -99,6 +99,8 @@ class _Mount:
         deadline = time.monotonic() + 60
         while mount_device(self.at) is None:
             if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()  # (a mount left running would hold the caller's pipes)
+                self.proc.wait()
                 raise SystemExit("tvix-store mount did not start")
             time.sleep(0.05)
         os.stat(self.at)  # (the first answer: the mount is serving)

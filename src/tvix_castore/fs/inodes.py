@@ -32,6 +32,7 @@ __all__ = ["ROOT_INODE", "Inode", "InodeTable", "key_of"]
 
 ROOT_INODE = 1
 _MASK = (1 << 63) - 1
+_FILE = ord("f")
 
 Key = bytes
 
@@ -72,7 +73,10 @@ class InodeTable:
 
     def number(self, key: Key) -> int:
         """The inode number of ``key`` (a live entry's, or the one it will get)."""
-        ino = int.from_bytes(blake3.blake3(key).digest(length=8), "big") & _MASK
+        if key[0] == _FILE:  # (a blob digest is a hash already: 8 of its bytes, the mode mixed in)
+            ino = (int.from_bytes(key[2:10], "big") ^ key[1]) & _MASK
+        else:
+            ino = int.from_bytes(blake3.blake3(key).digest(length=8), "big") & _MASK
         while True:
             if ino <= ROOT_INODE:
                 ino = ROOT_INODE + 1
@@ -84,7 +88,10 @@ class InodeTable:
     def looked_up(self, node: Node, parent: int, name: bytes) -> Inode:
         """Count one kernel lookup of ``node`` (found as ``name`` in ``parent``)."""
         key = key_of(node, parent, name)
-        ino = self.number(key)
+        return self.counted(self.number(key), key, node)
+
+    def counted(self, ino: int, key: Key, node: Node) -> Inode:
+        """Count one kernel lookup of ``node``, whose ``key`` has the number ``ino``."""
         entry = self._by_ino.get(ino)
         if entry is None:
             entry = self._by_ino[ino] = Inode(ino, key, node)

@@ -25,7 +25,7 @@ import os
 import stat
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeAlias, TypeVar
 
 import blake3
 import pyfuse3
@@ -34,7 +34,7 @@ from tvix_castore.blobservice.base import BlobReader, BlobService
 from tvix_castore.digests import B3Digest
 from tvix_castore.directoryservice.base import DirectoryService
 from tvix_castore.errors import CastoreError
-from tvix_castore.fs.inodes import ROOT_INODE, Inode, InodeTable, key_of
+from tvix_castore.fs.inodes import ROOT_INODE, Inode, InodeTable, Key, key_of
 from tvix_castore.nodes import Directory, DirectoryNode, FileNode, Node, SymlinkNode
 
 __all__ = ["BLOB_XATTR", "DIRECTORY_XATTR", "CastoreFs", "MountOptions", "Roots"]
@@ -47,6 +47,7 @@ DIRECTORY_XATTR = b"user.tvix.castore.directory.digest"
 _FOREVER = 365 * 86400.0  # (content never changes: the kernel may cache it as long as it likes)
 _SMALL = 1 << 20  # files up to this size are read whole and verified before serving
 _DIRECTORIES_CACHED = 4096
+_ROWS_CACHED = 65536  # readdir rows kept (about 300 bytes each)
 _MTIME_NS = 1_000_000_000  # 1 s after the epoch, as in a Nix store
 
 
@@ -76,6 +77,10 @@ class _Listing:
     entries: tuple[Node, ...]  # (in name order, as readdir offsets them)
 
 
+_Row: TypeAlias = tuple[bytes, Key, Node, int, pyfuse3.EntryAttributes]
+"""A readdir entry ready to send: name, inode key, node, inode number, attributes."""
+
+
 @dataclass
 class _File:
     entry: Inode
@@ -87,7 +92,7 @@ class _File:
 @dataclass
 class _Dir:
     entry: Inode | None  # None: the root
-    entries: tuple[Node, ...] = ()
+    rows: tuple[_Row, ...] = ()
     roots: AsyncIterator[tuple[bytes, Node]] | None = None  # the root listing, streamed
     at: int = 0  # index of the next root entry
     pending: tuple[bytes, Node] | None = None  # a root entry the kernel had no room for
@@ -110,6 +115,10 @@ class CastoreFs(pyfuse3.Operations):
         self.options = options or MountOptions()
         self.inodes = InodeTable()
         self._cache: collections.OrderedDict[B3Digest, _Listing] = collections.OrderedDict()
+        # Listings ready to send, by the listed directory's inode key (its
+        # subdirectories' keys name it), bounded by their number of rows.
+        self._rows: collections.OrderedDict[Key, tuple[_Row, ...]] = collections.OrderedDict()
+        self._rows_cached = 0
         self._handles: dict[int, _File | _Dir] = {}
         self._next_fh = itertools.count(1)
         self._inflight: set[asyncio.Task[object]] = set()
@@ -165,25 +174,42 @@ class CastoreFs(pyfuse3.Operations):
             self._cache.popitem(last=False)
         return listing
 
+    async def _listing_rows(self, entry: Inode, node: DirectoryNode) -> tuple[_Row, ...]:
+        """The readdir rows of the directory ``entry`` (built once, cached).
+
+        Listing is what a tree walk does most: the rows keep each entry's
+        inode number and attributes so that listing it again only sends them.
+        """
+        rows = self._rows.get(entry.key)
+        if rows is not None:
+            self._rows.move_to_end(entry.key)
+            return rows
+        listing = await self._children(node)
+        parent, number, attr = entry.ino, self.inodes.number, self._attr
+        built: list[_Row] = []
+        for child in listing.entries:
+            key = key_of(child, parent, child.name)
+            ino = number(key)
+            built.append((child.name, key, child, ino, attr(child, ino)))
+        rows = tuple(built)
+        self._rows[entry.key] = rows
+        self._rows_cached += len(rows)
+        while self._rows_cached > _ROWS_CACHED and len(self._rows) > 1:
+            self._rows_cached -= len(self._rows.popitem(last=False)[1])
+        return rows
+
     def _attr(
         self, node: Node | None, ino: int, timeout: float = _FOREVER
     ) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
-        a.st_ino = pyfuse3.InodeT(ino)
         a.entry_timeout = a.attr_timeout = timeout
-        if node is None or isinstance(node, DirectoryNode):
-            a.st_mode = pyfuse3.ModeT(stat.S_IFDIR | 0o555)
-            a.st_size = 0 if node is None else node.size
-        elif isinstance(node, FileNode):
-            a.st_mode = pyfuse3.ModeT(stat.S_IFREG | (0o555 if node.executable else 0o444))
-            a.st_size = node.size
-        else:
-            a.st_mode = pyfuse3.ModeT(stat.S_IFLNK | 0o444)
-            a.st_size = len(node.target)
-        a.st_nlink = 1
         a.st_blksize = 1 << 20
-        a.st_blocks = (a.st_size + 511) // 512
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = _MTIME_NS
+        if node is None:
+            a.st_ino = pyfuse3.InodeT(ino)
+            a.st_mode = pyfuse3.ModeT(_DIR_MODE)
+        else:
+            _fill(a, node, ino)
         return a
 
     def _entry(self, ino: int) -> Inode:
@@ -248,7 +274,7 @@ class CastoreFs(pyfuse3.Operations):
             entry = self._entry(inode)
             if not isinstance(entry.node, DirectoryNode):
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
-            handle = _Dir(entry, (await self._children(entry.node)).entries)
+            handle = _Dir(entry, await self._listing_rows(entry, entry.node))
             self.inodes.opened(entry)
         fh = next(self._next_fh)
         self._handles[fh] = handle
@@ -263,13 +289,17 @@ class CastoreFs(pyfuse3.Operations):
         if handle.entry is None:
             await self._readdir_root(handle, start_id, token)
             return
-        parent = handle.entry.ino
-        for i in range(start_id, len(handle.entries)):
-            node = handle.entries[i]
-            ino = self.inodes.number(key_of(node, parent, node.name))
-            if not pyfuse3.readdir_reply(token, node.name, self._attr(node, ino), i + 1):
+        rows, live, counted = handle.rows, self.inodes.get, self.inodes.counted
+        reply = pyfuse3.readdir_reply
+        for i in range(start_id, len(rows)):
+            name, key, node, ino, attr = rows[i]
+            taken = live(ino)
+            if taken is not None and taken.key != key:  # (a 63-bit collision since: renumber)
+                ino = self.inodes.number(key)
+                attr = self._attr(node, ino)
+            if not reply(token, name, attr, i + 1):
                 return  # (the kernel's buffer is full: it asks again from i)
-            self.inodes.looked_up(node, parent, node.name)
+            counted(ino, key, node)
 
     async def _readdir_root(self, handle: _Dir, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         """Stream the roots; an entry that does not fit waits for the next call (none is lost)."""
@@ -287,13 +317,14 @@ class CastoreFs(pyfuse3.Operations):
             if item is None:
                 return
             name, node = item
-            ino = self.inodes.number(key_of(node, ROOT_INODE, name))
+            key = key_of(node, ROOT_INODE, name)
+            ino = self.inodes.number(key)
             attr = self._attr(node, ino, self.options.root_timeout)
             if not pyfuse3.readdir_reply(token, name, attr, handle.at + 1):
                 handle.pending = item
                 return
             handle.at += 1
-            self.inodes.looked_up(node, ROOT_INODE, name)
+            self.inodes.counted(ino, key, node)
 
     async def _next_root(self, handle: _Dir) -> tuple[bytes, Node] | None:
         assert handle.roots is not None
@@ -400,6 +431,28 @@ class CastoreFs(pyfuse3.Operations):
     ) -> Sequence[pyfuse3.XAttrNameT]:
         found = self._xattr(inode)
         return [] if found is None else [pyfuse3.XAttrNameT(found[0])]
+
+
+_DIR_MODE = stat.S_IFDIR | 0o555
+_FILE_MODE = stat.S_IFREG | 0o444
+_EXEC_MODE = stat.S_IFREG | 0o555
+_LINK_MODE = stat.S_IFLNK | 0o444
+
+
+def _fill(a: pyfuse3.EntryAttributes, node: Node, ino: int) -> None:
+    """Set what differs between entries: inode, mode, size and blocks (B §8.3)."""
+    a.st_ino = pyfuse3.InodeT(ino)
+    if isinstance(node, FileNode):
+        a.st_mode = pyfuse3.ModeT(_EXEC_MODE if node.executable else _FILE_MODE)
+        size = node.size
+    elif isinstance(node, DirectoryNode):
+        a.st_mode = pyfuse3.ModeT(_DIR_MODE)
+        size = node.size
+    else:
+        a.st_mode = pyfuse3.ModeT(_LINK_MODE)
+        size = len(node.target)
+    a.st_size = size
+    a.st_blocks = (size + 511) // 512
 
 
 async def _aclose(it: AsyncIterator[object]) -> None:
