@@ -71,12 +71,6 @@ class MountOptions:
     root_timeout: float = 60.0  # how long the kernel may cache a top-level name
 
 
-@dataclass(frozen=True, slots=True)
-class _Listing:
-    directory: Directory
-    entries: tuple[Node, ...]  # (in name order, as readdir offsets them)
-
-
 _Row: TypeAlias = tuple[bytes, Key, Node, int, pyfuse3.EntryAttributes]
 """A readdir entry ready to send: name, inode key, node, inode number, attributes."""
 
@@ -114,7 +108,7 @@ class CastoreFs(pyfuse3.Operations):
         self._dirs = directories
         self.options = options or MountOptions()
         self.inodes = InodeTable()
-        self._cache: collections.OrderedDict[B3Digest, _Listing] = collections.OrderedDict()
+        self._cache: collections.OrderedDict[B3Digest, Directory] = collections.OrderedDict()
         # Listings ready to send, by the listed directory's inode key (its
         # subdirectories' keys name it), bounded by their number of rows.
         self._rows: collections.OrderedDict[Key, tuple[_Row, ...]] = collections.OrderedDict()
@@ -157,8 +151,8 @@ class CastoreFs(pyfuse3.Operations):
         for task in list(self._inflight):
             task.cancel()
 
-    async def _children(self, node: DirectoryNode) -> _Listing:
-        """``node``'s Directory and its entries in name order (fetched once, cached)."""
+    async def _children(self, node: DirectoryNode) -> Directory:
+        """``node``'s Directory (fetched once, cached)."""
         cached = self._cache.get(node.digest)
         if cached is not None:
             self._cache.move_to_end(node.digest)
@@ -168,11 +162,10 @@ class CastoreFs(pyfuse3.Operations):
         if directory is None:
             _log.warning("mount: %s is missing", what)
             raise pyfuse3.FUSEError(errno.EIO)
-        listing = _Listing(directory, tuple(directory.nodes()))
-        self._cache[node.digest] = listing
+        self._cache[node.digest] = directory
         while len(self._cache) > _DIRECTORIES_CACHED:
             self._cache.popitem(last=False)
-        return listing
+        return directory
 
     async def _listing_rows(self, entry: Inode, node: DirectoryNode) -> tuple[_Row, ...]:
         """The readdir rows of the directory ``entry`` (built once, cached).
@@ -184,10 +177,10 @@ class CastoreFs(pyfuse3.Operations):
         if rows is not None:
             self._rows.move_to_end(entry.key)
             return rows
-        listing = await self._children(node)
+        directory = await self._children(node)
         parent, number, attr = entry.ino, self.inodes.number, self._attr
         built: list[_Row] = []
-        for child in listing.entries:
+        for child in directory.nodes():  # (name order: readdir offsets index the rows)
             key = key_of(child, parent, child.name)
             ino = number(key)
             built.append((child.name, key, child, ino, attr(child, ino)))
@@ -233,7 +226,7 @@ class CastoreFs(pyfuse3.Operations):
             parent = self._entry(parent_inode).node
             if not isinstance(parent, DirectoryNode):
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
-            node = (await self._children(parent)).directory.lookup(name)
+            node = (await self._children(parent)).lookup(name)
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         entry = self.inodes.looked_up(node, parent_inode, name)
