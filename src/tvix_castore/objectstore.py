@@ -35,6 +35,10 @@ class ObjectStore(abc.ABC):
     threads to batch many small operations); the async ones never block the loop.
     """
 
+    cheap_exists = True
+    """Whether asking if a key exists costs much less than writing a small object
+    (false for cloud storage: there, content-addressed small objects are just put)."""
+
     @abc.abstractmethod
     def get_sync(self, key: str) -> bytes | None:
         """The object's bytes, or ``None``."""

@@ -13,6 +13,11 @@ URL                                             blob  dir   rules
 ``objectstore+file:///abs/dir``                 ✓     –     no host; absolute path;
                                                             ``?avg_chunk_size=N``
 ``objectstore+memory:///``                      ✓     –     no host; ``?avg_chunk_size=N``
+``objectstore+s3://bucket/prefix``              ✓     –     ``?endpoint=&region=&allow_http=1``
+                                                            …: :mod:`tvix_castore.cloudstore`
+``objectstore+gs://bucket/prefix``              ✓     –     (as above)
+``objectstore+azure://container/prefix``        ✓     –     ``?account_name=…`` (as above)
+``postgresql://user@host:port/db``              –     ✓     libpq URI; ``?schema=name``
 ``grpc+http://host[:port]``, ``grpc+https://…`` ✓     ✓     empty path; ``?wait-connect=1``
 ``grpc+unix:///abs/socket``                     ✓     ✓     no host; ``?wait-connect=1``
 ==============================================  ====  ====  =======================
@@ -337,10 +342,27 @@ def _objectstore_memory_blobs(url: ServiceUrl) -> BlobService:
     return ObjectStoreBlobService(MemoryObjectStore(), avg)
 
 
+def _objectstore_cloud_blobs(url: ServiceUrl) -> BlobService:
+    from tvix_castore.blobservice.objectstore import (
+        DEFAULT_AVG_CHUNK_SIZE,
+        ObjectStoreBlobService,
+    )
+    from tvix_castore.cloudstore import cloud_store_from_url
+
+    store, avg = cloud_store_from_url(url)
+    return ObjectStoreBlobService(store, avg or DEFAULT_AVG_CHUNK_SIZE)
+
+
 def _objectstore_directories(url: ServiceUrl) -> DirectoryService:
     raise url.error(
         f"{url.scheme}:// is not supported for directories (use sqlite:///abs/path.sqlite)"
     )
+
+
+def _postgres_directories(url: ServiceUrl) -> DirectoryService:
+    from tvix_castore.directoryservice.postgres import PostgresDirectoryService
+
+    return PostgresDirectoryService(url.url)
 
 
 def _grpc_url(url: ServiceUrl) -> bool:
@@ -381,7 +403,12 @@ def _grpc_directories(url: ServiceUrl) -> DirectoryService:
 register_blob_service("memory", _memory_blobs)
 register_blob_service("objectstore+file", _objectstore_file_blobs)
 register_blob_service("objectstore+memory", _objectstore_memory_blobs)
+for _scheme in ("objectstore+s3", "objectstore+gs", "objectstore+azure"):
+    register_blob_service(_scheme, _objectstore_cloud_blobs)
+    register_directory_service(_scheme, _objectstore_directories)
 register_directory_service("memory", _memory_directories)
+register_directory_service("postgresql", _postgres_directories)
+register_directory_service("postgres", _postgres_directories)
 register_directory_service("sqlite", _sqlite_directories)
 register_directory_service("objectstore+file", _objectstore_directories)
 register_directory_service("objectstore+memory", _objectstore_directories)

@@ -704,6 +704,9 @@ def _add_lifecycle_commands() -> None:
     from tvix_store import mount
 
     main.add_command(mount.command())
+    from tvix_store import migrate
+
+    main.add_command(migrate.command())
 
 
 _add_lifecycle_commands()

@@ -122,6 +122,15 @@ class Composition:
         self._closers: list[Callable[[], Awaitable[None]]] = []
         self._embedded: dict[Path, Embedded] = {}
 
+    def service_urls(self) -> list[str]:
+        """Every service URL its entries name (``type = "url"`` and the like), in order."""
+        return [
+            e["url"]
+            for kind in KINDS
+            for e in self._config[kind].values()
+            if isinstance(e.get("url"), str)
+        ]
+
     def embedded(self, path: str | Path) -> Embedded:
         """The embedded store at ``path`` (one per path, shared by its entries)."""
         home = Path(path)

@@ -119,7 +119,15 @@ def _nix(url: ServiceUrl, blobs: BlobService, dirs: DirectoryService) -> PathInf
     return NixHttpPathInfoService(base, blobs, dirs, keys)
 
 
+def _postgres(url: ServiceUrl, blobs: BlobService, dirs: DirectoryService) -> PathInfoService:
+    from tvix_store.pathinfoservice.postgres import PostgresPathInfoService
+
+    return PostgresPathInfoService(url.url)
+
+
 register_path_info_service("memory", _memory)
+register_path_info_service("postgresql", _postgres)
+register_path_info_service("postgres", _postgres)
 register_path_info_service("nix+http", _nix)
 register_path_info_service("nix+https", _nix)
 register_path_info_service("sqlite", _sqlite)
@@ -132,7 +140,8 @@ def path_info_service_from_url(
 ) -> PathInfoService:
     """Build a PathInfoService from its URL.
 
-    Schemes: ``memory://``, ``sqlite:///…``, ``grpc+…``, ``nix+http(s)://…``;
+    Schemes: ``memory://``, ``sqlite:///…``, ``postgresql://…``, ``grpc+…``,
+    ``nix+http(s)://…``;
     ``blobs``/``directories`` are where ``nix+http`` ingests.
     """
     parsed = ServiceUrl.parse(url)
@@ -187,6 +196,11 @@ def _nar_index_for(pathinfos: PathInfoService) -> NarIndex:
         pathinfos = pathinfos.near
     if isinstance(pathinfos, SqlitePathInfoService):
         return SqliteNarIndex(pathinfos.path)
+    if type(pathinfos).__name__ == "PostgresPathInfoService":  # (psycopg loaded only if used)
+        from tvix_store.pathinfoservice.postgres import PostgresPathInfoService
+
+        assert isinstance(pathinfos, PostgresPathInfoService)
+        return pathinfos.nar_index()
     return MemoryNarIndex()
 
 

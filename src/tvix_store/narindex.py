@@ -19,11 +19,26 @@ import time
 from pathlib import Path
 
 from tvix_castore.directoryservice.sqlite import connect, storage_error, write_one
-from tvix_castore.errors import DataCorruption, ValidationError
+from tvix_castore.errors import DataCorruption
 from tvix_castore.nodes import Node, node_from_proto, node_to_proto
 from tvix_castore.protos import castore_pb2
 
-__all__ = ["MemoryNarIndex", "NarIndex", "SqliteNarIndex"]
+__all__ = ["MemoryNarIndex", "NarIndex", "SqliteNarIndex", "decode_entry", "encode_entry"]
+
+
+def encode_entry(node: Node) -> bytes:
+    """How an index entry's root node is stored: a nameless castore ``Node`` message."""
+    return node_to_proto(node.with_name(b"")).SerializeToString(deterministic=True)
+
+
+def decode_entry(nar_sha256: bytes, data: bytes) -> Node:
+    """A stored entry's root node (:class:`DataCorruption` if it does not decode)."""
+    msg = castore_pb2.Node()
+    try:
+        msg.ParseFromString(data)
+        return node_from_proto(msg)
+    except Exception as exc:
+        raise DataCorruption(f"NAR index entry {nar_sha256.hex()} is corrupt: {exc}") from exc
 
 
 class NarIndex(abc.ABC):
@@ -87,12 +102,7 @@ class SqliteNarIndex(NarIndex):
         row = await asyncio.to_thread(self._get, nar_sha256)
         if row is None:
             return None
-        msg = castore_pb2.Node()
-        try:
-            msg.ParseFromString(row[0])
-            return node_from_proto(msg), row[1]
-        except (ValidationError, Exception) as exc:
-            raise DataCorruption(f"NAR index entry {nar_sha256.hex()} is corrupt: {exc}") from exc
+        return decode_entry(nar_sha256, row[0]), row[1]
 
     def _put(self, nar_sha256: bytes, node: bytes, nar_size: int) -> None:
         with self._lock:
@@ -105,8 +115,7 @@ class SqliteNarIndex(NarIndex):
             )
 
     async def put(self, nar_sha256: bytes, node: Node, nar_size: int) -> None:
-        data = node_to_proto(node.with_name(b"")).SerializeToString(deterministic=True)
-        await asyncio.to_thread(self._put, nar_sha256, data, nar_size)
+        await asyncio.to_thread(self._put, nar_sha256, encode_entry(node), nar_size)
 
     async def aclose(self) -> None:
         with self._lock:

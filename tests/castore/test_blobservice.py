@@ -31,6 +31,7 @@ from tvix_castore.errors import ChecksumMismatch, DataCorruption, NotFound
 from tvix_castore.objectstore import LocalObjectStore, MemoryObjectStore
 from tvix_castore.packstore import PackBlobService
 from tvix_castore.protos import rpc_blobstore_pb2_grpc as pb_grpc
+from tvix_castore.registry import blob_service_from_url
 from tvix_castore.rpc.blob_server import BlobServiceServicer
 from tvix_castore.rpc.server import start_server
 
@@ -82,10 +83,15 @@ async def served(backend: BlobService, listen: str) -> AsyncIterator[GrpcBlobSer
         await server.stop(None)
 
 
-@pytest.fixture(params=[*sorted(BACKENDS), "grpc->memory", "grpc->objectstore", "grpc-unix"])
+@pytest.fixture(
+    params=[*sorted(BACKENDS), "objectstore+s3", "grpc->memory", "grpc->objectstore", "grpc-unix"]
+)
 async def svc(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[BlobService]:
     name: str = request.param
-    if name == "grpc->memory":
+    if name == "objectstore+s3":  # (moto's S3 server, a prefix of its own)
+        async with blob_service_from_url(request.getfixturevalue("s3").fresh_url()) as service:
+            yield service
+    elif name == "grpc->memory":
         async with served(MemoryBlobService(), "127.0.0.1:0") as client:
             yield client
     elif name == "grpc->objectstore":

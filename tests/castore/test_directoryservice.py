@@ -26,6 +26,7 @@ from tvix_castore.directoryservice import (
 from tvix_castore.packstore import PackBlobService
 from tvix_castore.packstore.directories import PackDirectoryService
 from tvix_castore.protos import rpc_directory_pb2_grpc as pb_grpc
+from tvix_castore.registry import directory_service_from_url
 from tvix_castore.rpc.directory_server import DirectoryServiceServicer
 from tvix_castore.rpc.server import Registration, start_server
 from tvix_castore.testing.fixtures import directories
@@ -75,11 +76,22 @@ BACKENDS: dict[str, Factory] = {
 
 
 @pytest.fixture(
-    params=[*sorted(BACKENDS), "grpc->memory", "grpc->sqlite", "grpc->packstore", "grpc-unix"]
+    params=[
+        *sorted(BACKENDS),
+        "postgres",
+        "grpc->memory",
+        "grpc->sqlite",
+        "grpc->packstore",
+        "grpc-unix",
+    ]
 )
 async def svc(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[DirectoryService]:
     name: str = request.param
-    if name == "grpc->memory":
+    if name == "postgres":  # (a real PostgreSQL, a schema of its own)
+        url = request.getfixturevalue("postgres").fresh_url()
+        async with directory_service_from_url(url) as service:
+            yield service
+    elif name == "grpc->memory":
         async with served(MemoryDirectoryService(), "127.0.0.1:0") as client:
             yield client
     elif name == "grpc->sqlite":

@@ -60,22 +60,30 @@ def test_builtin_schemes() -> None:
         "grpc+https",
         "grpc+unix",
         "memory",
+        "objectstore+azure",
         "objectstore+file",
+        "objectstore+gs",
         "objectstore+memory",
+        "objectstore+s3",
     ]
     assert directory_service_schemes() == [
         "grpc+http",
         "grpc+https",
         "grpc+unix",
         "memory",
+        "objectstore+azure",
         "objectstore+file",
+        "objectstore+gs",
         "objectstore+memory",
+        "objectstore+s3",
+        "postgres",
+        "postgresql",
         "sqlite",
     ]
 
 
 # -- unknown schemes and malformed URLs ---------------------------------------------------------
-@pytest.mark.parametrize("url", ["foo://", "s3://bucket/x", "objectstore+s3://b/p", "grpc://h:1"])
+@pytest.mark.parametrize("url", ["foo://", "s3://bucket/x", "objectstore+ftp://b/p", "grpc://h:1"])
 def test_unknown_scheme_lists_the_known_ones(url: str) -> None:
     with pytest.raises(UnknownScheme) as blob_err:
         blob_service_from_url(url)

@@ -43,12 +43,20 @@ def info_for(i: int, digest: B3Digest) -> PathInfo:
     return PathInfo(sp, FileNode(sp.basename.encode(), digest, 5), *HELLO_NAR)
 
 
-@pytest.fixture(params=["memory", "sqlite", "grpc"])
+@pytest.fixture(params=["memory", "sqlite", "postgres", "grpc"])
 async def svc(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> AsyncIterator[tuple[PathInfoService, B3Digest]]:
     if request.param == "memory":
         yield MemoryPathInfoService(), B3Digest(bytes(32))
+    elif request.param == "postgres":  # (a real PostgreSQL, a schema of its own)
+        p = path_info_service_from_url(
+            request.getfixturevalue("postgres").fresh_url(),
+            MemoryBlobService(),
+            MemoryDirectoryService(),
+        )
+        yield p, B3Digest(bytes(32))
+        await p.aclose()
     elif request.param == "sqlite":
         s = SqlitePathInfoService(tmp_path / "p.sqlite")
         yield s, B3Digest(bytes(32))

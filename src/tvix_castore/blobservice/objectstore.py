@@ -70,6 +70,7 @@ DEFAULT_AVG_CHUNK_SIZE = 256 * 1024
 _MAX_CHUNK_OUTPUT = 64 << 20  # refuse chunk objects claiming to inflate beyond this
 DEFAULT_ZSTD_LEVEL = 3  # B §7.1; ``None``: raw frames (see :func:`raw_frame`)
 _KNOWN_LIMIT = 1 << 20
+_BLIND_PUT = 64 << 10  # chunks smaller than this are put without asking first (cloud)
 
 ChunkLoader = Callable[[B3Digest, int], Awaitable[bytes | None]]
 """``await load(digest, size)`` returns the verified chunk bytes or ``None``."""
@@ -369,7 +370,11 @@ class ObjectStoreBlobService(BlobService):
             digest = B3Digest(blake3.blake3(data).digest())
         if digest not in self._known:
             key = chunk_key(digest)
-            if not self.store.exists_sync(key):
+            # (where a lookup costs a request, a small chunk is put without one:
+            # its key is its content, so overwriting it changes nothing)
+            if (not self.store.cheap_exists and len(data) < _BLIND_PUT) or not (
+                self.store.exists_sync(key)
+            ):
                 self.store.put_sync(key, self._encode(data))
             if len(self._known) >= _KNOWN_LIMIT:
                 self._known.clear()
@@ -399,7 +404,7 @@ class ObjectStoreBlobService(BlobService):
         if len(chunks) == 1:
             return  # the chunk object is the blob
         key = blob_key(digest)
-        if not self.store.exists_sync(key):
+        if not self.store.cheap_exists or not self.store.exists_sync(key):
             self.store.put_sync(key, self._index_bytes(chunks))
 
     def ingest_file_sync(self, path: str | bytes, size: int) -> B3Digest:

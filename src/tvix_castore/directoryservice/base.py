@@ -15,11 +15,23 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from tvix_castore.digests import B3Digest
 from tvix_castore.directoryservice.graph import DirectoryGraph
-from tvix_castore.errors import DataCorruption, DirectoryGraphError
+from tvix_castore.errors import (
+    ChecksumMismatch,
+    DataCorruption,
+    DirectoryGraphError,
+    ValidationError,
+)
 from tvix_castore.lifecycle import AbortOnError, AsyncClosing
 from tvix_castore.nodes import DEFAULT_SIZE_MODE, Directory, SizeMode, check_directory_size
 
-__all__ = ["DirectoryPutter", "DirectoryService", "GraphPutter", "closure_by_levels"]
+__all__ = [
+    "DirectoryPutter",
+    "DirectoryService",
+    "GraphPutter",
+    "ThreadedDirectoryService",
+    "closure_by_levels",
+    "stored_directory",
+]
 
 
 class DirectoryPutter(AbortOnError, abc.ABC):
@@ -86,6 +98,47 @@ class DirectoryService(AsyncClosing, abc.ABC):
                 if found is None:
                     raise DataCorruption(f"directory {child.digest} missing from closure of {root}")
                 queue.append(found)
+
+
+def stored_directory(digest: B3Digest, data: bytes) -> Directory:
+    """A Directory read back from storage, checked against the digest it was stored under."""
+    if B3Digest.of(data) != digest:
+        raise ChecksumMismatch(f"stored directory {digest} does not match its digest")
+    try:
+        return Directory.from_bytes(data)
+    except ValidationError as exc:
+        raise DataCorruption(f"stored directory {digest} is invalid: {exc}") from exc
+
+
+class ThreadedDirectoryService(DirectoryService):
+    """A backend with blocking batch reads and writes (a database), run in worker threads."""
+
+    @abc.abstractmethod
+    def _get_many(self, digests: Sequence[B3Digest]) -> dict[B3Digest, Directory]:
+        """The stored ones of ``digests`` (blocking)."""
+
+    @abc.abstractmethod
+    def _commit_sync(self, directories: Sequence[Directory]) -> None:
+        """:meth:`_commit`, blocking."""
+
+    async def get(self, digest: B3Digest) -> Directory | None:
+        import asyncio
+
+        found = await asyncio.to_thread(self._get_many, [digest])
+        return found.get(digest)
+
+    async def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
+        import asyncio
+
+        async for directory in closure_by_levels(
+            root, lambda level: asyncio.to_thread(self._get_many, level)
+        ):
+            yield directory
+
+    async def _commit(self, directories: Sequence[Directory]) -> None:
+        import asyncio
+
+        await asyncio.to_thread(self._commit_sync, directories)
 
 
 async def closure_by_levels(

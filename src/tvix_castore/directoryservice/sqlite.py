@@ -25,19 +25,17 @@ import os
 import sqlite3
 import threading
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from tvix_castore.digests import B3Digest
-from tvix_castore.directoryservice.base import DirectoryService, closure_by_levels
+from tvix_castore.directoryservice.base import ThreadedDirectoryService, stored_directory
 from tvix_castore.errors import (
-    ChecksumMismatch,
     DataCorruption,
     StorageError,
     StorageFull,
     StorageUnavailable,
-    ValidationError,
 )
 from tvix_castore.lazy import lazy_module
 from tvix_castore.nodes import Directory
@@ -345,7 +343,7 @@ Journal = Callable[[Sequence[tuple[bytes, bytes]]], None]
 """Gets (digest, encoding) of each Directory about to be stored anew, before it is."""
 
 
-class SqliteDirectoryService(DirectoryService):
+class SqliteDirectoryService(ThreadedDirectoryService):
     """Directories in a SQLite database file.
 
     With ``journal``, new Directories are handed to it before their rows commit
@@ -364,14 +362,6 @@ class SqliteDirectoryService(DirectoryService):
                 self._conn.close()
                 raise storage_error(f"cannot set up SQLite database {path}", exc, path) from exc
 
-    def _decode(self, digest: B3Digest, data: bytes) -> Directory:
-        if B3Digest.of(data) != digest:
-            raise ChecksumMismatch(f"stored directory {digest} does not match its digest")
-        try:
-            return Directory.from_bytes(data)
-        except ValidationError as exc:
-            raise DataCorruption(f"stored directory {digest} is invalid: {exc}") from exc
-
     def _get_many(self, digests: Sequence[B3Digest]) -> dict[B3Digest, Directory]:
         out: dict[B3Digest, Directory] = {}
         with self._lock:
@@ -385,20 +375,10 @@ class SqliteDirectoryService(DirectoryService):
                     ).fetchall()
                     for raw, data in rows:
                         digest = B3Digest(raw)
-                        out[digest] = self._decode(digest, data)
+                        out[digest] = stored_directory(digest, data)
             except sqlite3.Error as exc:
                 raise storage_error("reading directories", exc) from exc
         return out
-
-    async def get(self, digest: B3Digest) -> Directory | None:
-        found = await asyncio.to_thread(self._get_many, [digest])
-        return found.get(digest)
-
-    async def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
-        async for directory in closure_by_levels(
-            root, lambda level: asyncio.to_thread(self._get_many, level)
-        ):
-            yield directory
 
     def _commit_sync(self, directories: Sequence[Directory]) -> None:
         rows = [(d.digest.raw, d.encode()) for d in directories]
@@ -443,9 +423,6 @@ class SqliteDirectoryService(DirectoryService):
                 (digest, data),
                 "restoring a directory",
             )
-
-    async def _commit(self, directories: Sequence[Directory]) -> None:
-        await asyncio.to_thread(self._commit_sync, directories)
 
     def close(self) -> None:
         """Close the connection (blocking)."""

@@ -10,10 +10,11 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator
 
+from tvix_castore.errors import DataCorruption, ValidationError
 from tvix_castore.lifecycle import AsyncClosing
 from tvix_store.pathinfo import PathInfo
 
-__all__ = ["PathInfoService"]
+__all__ = ["PathInfoService", "stored_pathinfo"]
 
 
 class PathInfoService(AsyncClosing, abc.ABC):
@@ -30,3 +31,14 @@ class PathInfoService(AsyncClosing, abc.ABC):
     @abc.abstractmethod
     def list(self) -> AsyncIterator[PathInfo]:
         """Every PathInfo."""
+
+
+def stored_pathinfo(digest: bytes, data: bytes) -> PathInfo:
+    """A PathInfo read back from storage, checked against the digest it was stored under."""
+    try:
+        info = PathInfo.from_bytes(data)
+    except ValidationError as exc:
+        raise DataCorruption(f"stored PathInfo {digest.hex()} is invalid: {exc}") from exc
+    if info.digest != digest:
+        raise DataCorruption(f"stored PathInfo {digest.hex()} is for another path")
+    return info

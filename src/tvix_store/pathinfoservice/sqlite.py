@@ -26,7 +26,7 @@ from tvix_castore.directoryservice.sqlite import connect, in_transaction, storag
 from tvix_castore.errors import DataCorruption, StorageUnavailable, ValidationError
 from tvix_castore.lazy import lazy_module
 from tvix_store.pathinfo import PathInfo
-from tvix_store.pathinfoservice.base import PathInfoService
+from tvix_store.pathinfoservice.base import PathInfoService, stored_pathinfo
 
 if TYPE_CHECKING:
     import asyncio
@@ -105,15 +105,6 @@ class SqlitePathInfoService(PathInfoService):
             self._conn.close()
             raise storage_error("creating the pathinfos table", exc, self.path) from exc
 
-    def _decode(self, digest: bytes, data: bytes) -> PathInfo:
-        try:
-            info = PathInfo.from_bytes(data)
-        except ValidationError as exc:
-            raise DataCorruption(f"stored PathInfo {digest.hex()} is invalid: {exc}") from exc
-        if info.digest != digest:
-            raise DataCorruption(f"stored PathInfo {digest.hex()} is for another path")
-        return info
-
     def _get(self, digest: bytes) -> bytes | None:
         with self._lock:
             return self._get_locked(digest)
@@ -190,7 +181,7 @@ class SqlitePathInfoService(PathInfoService):
     def get_sync(self, digest: bytes) -> PathInfo | None:
         """:meth:`get`, blocking (not recorded as an access)."""
         data = self._get(digest)
-        return None if data is None else self._decode(digest, data)
+        return None if data is None else stored_pathinfo(digest, data)
 
     def _get_served(self, digest: bytes) -> PathInfo | None:
         info = self.get_sync(digest)
@@ -409,7 +400,7 @@ class SqlitePathInfoService(PathInfoService):
         out: list[PathInfo] = []
         after = b""
         while rows := self._page(after):
-            out += [self._decode(d, v) for d, v in rows]
+            out += [stored_pathinfo(d, v) for d, v in rows]
             after = rows[-1][0]
         return out
 
@@ -417,7 +408,7 @@ class SqlitePathInfoService(PathInfoService):
         after = b""
         while rows := await asyncio.to_thread(self._page, after):
             for digest, data in rows:
-                yield self._decode(digest, data)
+                yield stored_pathinfo(digest, data)
             after = rows[-1][0]
 
     def close(self) -> None:

@@ -1,0 +1,251 @@
+"""S3 and PostgreSQL backends: bad URLs, missing credentials, migrations, outages.
+
+Real servers throughout: moto's S3 and a PostgreSQL 15 (the session ones,
+or a private one for the tests that stop it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import aiohttp
+import psycopg
+import pytest
+
+from nix_compat.nar import NarWriter
+from nix_compat.store_path import StorePath
+from tests.servers import S3, S3_KEYS, Postgres, free_port, start_postgres
+from tvix_castore.blobservice import MemoryBlobService
+from tvix_castore.directoryservice import MemoryDirectoryService
+from tvix_castore.errors import ConfigError, StorageError, StorageUnavailable
+from tvix_castore.nodes import FileNode
+from tvix_castore.postgres import Database
+from tvix_castore.registry import blob_service_from_url, directory_service_from_url
+from tvix_store.config import path_info_service_from_url
+from tvix_store.pathinfo import PathInfo
+from tvix_store.pathinfoservice.grpc import GrpcPathInfoService
+from tvix_store.pathinfoservice.postgres import STORE_MIGRATIONS, PostgresPathInfoService
+
+TVIX = str(Path(sys.executable).parent / "tvix-store")
+
+
+def _info(i: int) -> PathInfo:
+    import hashlib
+
+    sp = StorePath(i.to_bytes(20, "little"), f"p{i}")
+    out = io.BytesIO()
+    w = NarWriter(out)
+    w.file(b"hello")
+    w.close()
+    nar = out.getvalue()
+    from tvix_castore.digests import B3Digest
+
+    node = FileNode(sp.basename.encode(), B3Digest.of(b"hello"), 5)
+    return PathInfo(sp, node, len(nar), hashlib.sha256(nar).digest())
+
+
+# -- S3 ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("objectstore+s3://bucket/p?region=us-east-1", "no credentials"),
+        ("objectstore+gs://bucket/p", "no credentials"),
+        ("objectstore+azure://container/p?account_name=a", "no credentials"),
+        ("objectstore+s3:///p?skip_signature=1", "needs a bucket name"),
+        ("objectstore+s3://user@bucket/p?skip_signature=1", "the bucket name only"),
+        ("objectstore+s3://bucket/p?bogus=1", "unknown parameter(s) bogus"),
+        ("objectstore+s3://bucket/p?access_key_id=x", "both access_key_id and secret_access_key"),
+        ("objectstore+s3://bucket/p?skip_signature=1&avg_chunk_size=1", "out of range"),
+        ("objectstore+s3://bucket/p?skip_signature=1&allow_http=yes", "must be 0 or 1"),
+        ("objectstore+s3://bucket/a//b?skip_signature=1", "empty segments"),
+    ],
+)
+def test_bad_cloud_urls_are_clear_errors(
+    url: str, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in (
+        "AWS_ACCESS_KEY_ID",
+        "GOOGLE_APPLICATION_CREDENTIALS",
+        "AZURE_STORAGE_ACCOUNT_KEY",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigError, match="'objectstore") as info:
+        blob_service_from_url(url)
+    assert message in str(info.value)
+
+
+def test_cloud_credentials_from_the_environment(s3: S3, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The standard AWS variables are used (and then no credentials are needed in the URL)."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    url = f"objectstore+s3://{s3.bucket}/env?endpoint={s3.endpoint}&allow_http=1"
+    svc = blob_service_from_url(url)
+    digest = asyncio.run(svc.put(b"from env credentials"))
+    assert asyncio.run(svc.has(digest))
+
+
+def test_cloud_directories_are_refused_with_a_hint(s3: S3) -> None:
+    with pytest.raises(ConfigError, match="not supported for directories"):
+        directory_service_from_url(s3.fresh_url())
+
+
+async def test_s3_unreachable_is_unavailable() -> None:
+    """No server at the endpoint: the retries end in StorageUnavailable, not a hang."""
+    url = (
+        f"objectstore+s3://b/p?endpoint=http://127.0.0.1:{free_port()}&{S3_KEYS}"
+        "&max_retries=1&retry_timeout=2"
+    )
+    svc = blob_service_from_url(url)
+    with pytest.raises(StorageUnavailable, match="objectstore\\+s3://b/p"):
+        await svc.put(b"x" * 100)
+
+
+async def test_s3_small_files_cost_one_request_each(s3: S3, tmp_path: Path) -> None:
+    """A new small file is one PUT (no HEAD first); a multi-chunk one, a PUT per chunk + index."""
+    from tvix_castore.blobservice.objectstore import ObjectStoreBlobService
+    from tvix_castore.cloudstore import CloudObjectStore
+
+    svc = blob_service_from_url(s3.fresh_url() + "&avg_chunk_size=65536")
+    assert isinstance(svc, ObjectStoreBlobService)
+    assert isinstance(svc.store, CloudObjectStore)
+    files = []
+    for i in range(20):
+        (tmp_path / f"f{i}").write_bytes(f"small file {i}\n".encode())
+        files.append((str(tmp_path / f"f{i}"), len(f"small file {i}\n")))
+    before = svc.store.request_counts()
+    digests = await svc.ingest_files(files)
+    after = svc.store.request_counts()
+    assert all(not isinstance(d, Exception) for d in digests)
+    assert {k: after.get(k, 0) - before.get(k, 0) for k in after} == {"put": 20}
+    for (path, _), digest in zip(files, digests, strict=True):
+        assert not isinstance(digest, Exception)
+        assert await svc.read_all(digest) == Path(path).read_bytes()
+
+
+# -- PostgreSQL -------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("postgresql://test@127.0.0.1:{port}/tvix?schema=a-b", "schema must be letters"),
+        ("postgresql://test@127.0.0.1:{port}/tvix?pool_max=0", "pool_max must be an integer"),
+        ("postgresql://test@127.0.0.1:{port}/nosuchdb", "nosuchdb"),
+        ("postgresql://test@127.0.0.1:{free}/tvix", "cannot use PostgreSQL"),
+        ("postgresql://test@127.0.0.1:{port}/tvix?sslmode=bogus", "sslmode"),
+    ],
+)
+def test_bad_postgres_urls_are_clear_errors(url: str, message: str, postgres: Postgres) -> None:
+    url = url.format(port=postgres.port, free=free_port())
+    with pytest.raises(ConfigError, match=message):
+        directory_service_from_url(url)
+
+
+def test_postgres_without_privileges_says_so(postgres: Postgres) -> None:
+    with psycopg.connect(postgres.url, autocommit=True) as conn:
+        conn.execute("DROP ROLE IF EXISTS nobody_here")
+        conn.execute("CREATE ROLE nobody_here LOGIN")
+    url = postgres.fresh_url().replace("//test@", "//nobody_here@")
+    with pytest.raises(StorageError, match="permission denied"):
+        path_info_service_from_url(url, MemoryBlobService(), MemoryDirectoryService())
+
+
+def test_migrations_run_once_when_frontends_start_together(postgres: Postgres) -> None:
+    url = postgres.fresh_url()
+    errors: list[BaseException] = []
+    start = threading.Barrier(6)
+
+    def frontend() -> None:
+        db = Database(url)  # (each its own pool, as separate processes have)
+        try:
+            start.wait()
+            db.migrate("store", STORE_MIGRATIONS)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            db.close()
+
+    threads = [threading.Thread(target=frontend) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    db = Database(url)
+    try:
+        assert db.versions() == {"store": len(STORE_MIGRATIONS)}
+        rows = db.run(
+            "counting",
+            lambda c: c.execute("SELECT count(*) FROM tvix_schema").fetchone(),
+        )
+        assert rows == (len(STORE_MIGRATIONS),)
+    finally:
+        db.close()
+
+
+def test_a_newer_schema_is_refused(postgres: Postgres) -> None:
+    url = postgres.fresh_url()
+    db = Database(url)
+    try:
+        db.migrate("store", STORE_MIGRATIONS)
+        db.run(
+            "faking a newer release",
+            lambda c: c.execute(
+                "INSERT INTO tvix_schema (component, version) VALUES ('store', 99)"
+            ),
+        )
+    finally:
+        db.close()
+    with pytest.raises(StorageError, match="version 99, newer than this program knows"):
+        PostgresPathInfoService(url)
+
+
+def test_migrate_command(postgres: Postgres, tmp_path: Path) -> None:
+    url = postgres.fresh_url()
+    cmd = [TVIX, "migrate", "--directory-service-addr", url, "--path-info-service-addr", url]
+    env = {"TVIX_STORE_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    assert out.returncode == 0, out.stderr
+    assert ": castore: version 0 -> 1" in out.stdout, out.stdout
+    assert ": store: version 0 -> 1" in out.stdout, out.stdout
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+    assert ": castore: version 1 (current)" in again.stdout
+
+
+async def test_a_frontend_answers_503_while_postgres_is_away_and_recovers(
+    tmp_path: Path,
+) -> None:
+    """Stop the database under a running daemon: 503 / UNAVAILABLE, then service again."""
+    from tests.nar_bridge.conftest import Bridges
+
+    pg = start_postgres()
+    bridges = Bridges(tmp_path / "b")
+    (tmp_path / "b").mkdir()
+    try:
+        url = pg.fresh_url()
+        flags = ("--directory-service-addr", url, "--path-info-service-addr", url)
+        daemon = bridges.start_daemon(None, "--blob-service-addr", "memory://", *flags)
+        info = _info(7)
+        client = GrpcPathInfoService.from_url(f"grpc+http://{daemon.grpc_addr}")
+        narinfo = f"{daemon.url}/{info.store_path.basename[:32]}.narinfo"
+        async with aiohttp.ClientSession() as session:
+            async with session.get(narinfo) as resp:
+                assert resp.status == 404
+            await asyncio.to_thread(pg.stop)
+            async with session.get(narinfo) as resp:
+                assert resp.status == 503, await resp.text()
+                assert "unavailable" in (await resp.text()).lower()
+            with pytest.raises(StorageUnavailable, match="the database is unavailable"):
+                await client.get(info.digest)  # (the server's own UNAVAILABLE, not a lost link)
+            await asyncio.to_thread(pg.start)
+            async with session.get(narinfo) as resp:
+                assert resp.status == 404, await resp.text()
+        assert await client.get(info.digest) is None
+        await client.aclose()
+        assert daemon.alive()
+    finally:
+        bridges.stop_all()
+        pg.close()
