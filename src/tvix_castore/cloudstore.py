@@ -97,6 +97,7 @@ class CloudObjectStore(ObjectStore):
         self._store = store
         self.description = description
         self._slots = threading.BoundedSemaphore(max_concurrency)
+        self.upload_concurrency = max_concurrency
         self._counts: Counter[str] = Counter()
         self._count_lock = threading.Lock()
 

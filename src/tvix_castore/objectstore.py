@@ -38,6 +38,8 @@ class ObjectStore(abc.ABC):
     cheap_exists = True
     """Whether asking if a key exists costs much less than writing a small object
     (false for cloud storage: there, content-addressed small objects are just put)."""
+    upload_concurrency = 1
+    """How many objects a batch upload writes at once (more where each is a round trip)."""
 
     @abc.abstractmethod
     def get_sync(self, key: str) -> bytes | None:

@@ -7,11 +7,21 @@ database schema; ``nix copy --to`` one, ``nix copy --from`` another, and
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import io
+import random
+import signal
+import socket
 import subprocess
+import time
+import urllib.parse
 from pathlib import Path
 
 import aiohttp
 
+from nix_compat import nixbase32
+from nix_compat.nar import NarWriter
 from nix_compat.narinfo import NarInfo
 from nix_compat.store_path import StorePath
 from tests.servers import S3, Postgres
@@ -96,3 +106,86 @@ async def test_frontends_share_s3_and_postgres(
         finally:
             await client.aclose()
         assert listed == {p.path for p in closure.paths} | {imported.absolute}
+
+
+def _chunk_objects(s3: S3, blob_url: str) -> int:
+    """How many chunk objects the store at ``blob_url`` holds (listed straight from S3)."""
+    import obstore
+    from obstore.store import S3Store
+
+    prefix = urllib.parse.urlsplit(blob_url).path.strip("/")
+    store = S3Store(
+        s3.bucket,
+        prefix=prefix,
+        endpoint=s3.endpoint,
+        region="us-east-1",
+        access_key_id="test",
+        secret_access_key="test",
+        client_options={"allow_http": True},
+    )
+    return sum(len(batch) for batch in obstore.list(store, "chunks/"))
+
+
+async def test_concurrent_writers_and_a_frontend_killed_mid_upload(
+    bridges: Bridges, closure: Closure, keys: Keys, tmp_path: Path, s3: S3, postgres: Postgres
+) -> None:
+    flags = _flags(s3, postgres)
+    blob_url = flags[1]
+    sign = ("--signing-key", str(keys.one.secret_file))
+    a = bridges.start(None, *flags, *sign)
+    b = bridges.start(None, *flags, *sign)
+    victim = bridges.start(None, *flags, *sign)
+
+    # A NAR big enough to be cut into chunks: the victim gets 3/4 of it, then kill -9.
+    nar_buf = io.BytesIO()
+    w = NarWriter(nar_buf)
+    w.file(random.Random(16).randbytes(4 << 20))
+    w.close()
+    nar = nar_buf.getvalue()
+    name = f"nar/{nixbase32.encode(hashlib.sha256(nar).digest())}.nar"
+    host, port = urllib.parse.urlsplit(victim.url).netloc.split(":")
+    sock = socket.create_connection((host, int(port)))
+    head = f"PUT /{name} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(nar)}\r\n\r\n"
+    sock.sendall(head.encode() + nar[: len(nar) * 3 // 4])
+    deadline = time.monotonic() + 60
+    while _chunk_objects(s3, blob_url) == 0:  # (its ingest has begun writing to S3)
+        assert time.monotonic() < deadline, victim.log()
+        await asyncio.sleep(0.05)
+
+    # Meanwhile: nix copy --to both other frontends at once, and four CLI imports of one tree.
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "f").write_bytes(b"shared by every writer\n" * 1000)
+    (tree / "g").write_bytes(bytes(range(256)) * 5000)
+    imports = [
+        subprocess.Popen(
+            [TVIX, "import", *flags, str(tree)],
+            stdout=subprocess.PIPE,
+            env=tvix_env(tmp_path / f"cli-{i}"),
+        )
+        for i in range(4)
+    ]
+    nix_a, nix_b = nix_in(tmp_path, "nix-a"), nix_in(tmp_path, "nix-b")
+    victim.proc.send_signal(signal.SIGKILL)
+    await asyncio.gather(
+        asyncio.to_thread(copy_to, nix_a, closure, a.url),
+        asyncio.to_thread(copy_to, nix_b, closure, b.url),
+    )
+    outs = [p.communicate(timeout=120)[0].decode().split()[-1] for p in imports]
+    assert all(p.returncode == 0 for p in imports)
+    assert len(set(outs)) == 1
+    victim.proc.wait(timeout=30)
+    sock.close()
+
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{a.url}/{name}") as resp:  # nothing of the killed upload
+            assert resp.status == 404, await resp.text()
+        hash_part = StorePath.from_absolute_path(outs[0]).basename[:32]
+        async with session.get(f"{b.url}/{hash_part}.narinfo") as resp:
+            assert resp.status == 200
+    nix = nix_in(tmp_path)
+    dst = tmp_path / "dst"
+    trust = ("--option", "trusted-public-keys", keys.one.public)
+    nix.run("nix", "copy", "--from", a.url, "--to", dst, *NIX_HTTP_OPTS, *trust, *closure.roots)
+    nix.run("nix", "store", "verify", "--store", dst, "--all", *trust)
+    assert_same_trees(closure, nix, dst)

@@ -42,6 +42,7 @@ from tvix_castore.protos import rpc_blobstore_pb2 as pb
 
 if TYPE_CHECKING:
     import asyncio
+    from concurrent.futures import ThreadPoolExecutor
 
     import pyfastcdc
     import zstandard
@@ -343,6 +344,8 @@ class ObjectStoreBlobService(BlobService):
         self._local = threading.local()
         # Chunks known to exist (written or seen here): skips a stat per chunk.
         self._known: set[B3Digest] = set()
+        self._uploads: ThreadPoolExecutor | None = None  # (cloud: see ingest_files_sync)
+        self._uploads_lock = threading.Lock()
 
     @property
     def compresses(self) -> bool:
@@ -416,14 +419,35 @@ class ObjectStoreBlobService(BlobService):
     def ingest_files_sync(
         self, files: Sequence[tuple[str | bytes, int]]
     ) -> list[B3Digest | Exception]:
-        """:meth:`ingest_files`, blocking (in a worker thread or process)."""
-        out: list[B3Digest | Exception] = []
-        for path, size in files:
-            try:
-                out.append(self.ingest_file_sync(path, size))
-            except (OSError, ValueError) as exc:
-                out.append(exc)
-        return out
+        """:meth:`ingest_files`, blocking (in a worker thread or process).
+
+        Where each object is a network request (cloud storage), the files of
+        a batch are uploaded ``store.upload_concurrency`` at a time, so the
+        round trips overlap instead of adding up.
+        """
+        width = self.store.upload_concurrency
+        if width <= 1 or len(files) < 2:
+            return [self._ingest_or_error(path, size) for path, size in files]
+        with self._uploads_lock:
+            if self._uploads is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._uploads = ThreadPoolExecutor(width, thread_name_prefix="upload")
+            pool = self._uploads
+        return list(pool.map(lambda f: self._ingest_or_error(*f), files))
+
+    def _ingest_or_error(self, path: str | bytes, size: int) -> B3Digest | Exception:
+        try:
+            return self.ingest_file_sync(path, size)
+        except (OSError, ValueError) as exc:
+            return exc
+
+    async def aclose(self) -> None:
+        with self._uploads_lock:
+            pool, self._uploads = self._uploads, None
+        if pool is not None:
+            pool.shutdown(wait=False)
+        await super().aclose()
 
     def forked_ingest(self) -> ForkedIngest | None:
         # Only a local directory is shared with forked workers (memory is not).

@@ -115,14 +115,23 @@ class PackReader:
     # -- where --------------------------------------------------------------
     def locate(self, digests: Sequence[bytes]) -> dict[bytes, Location]:
         """Where each stored blob among ``digests`` is; absent ones are left out."""
+        out = self._indexed(digests)
+        if self.legacy is not None and len(out) < len(digests):
+            missing = [d for d in dict.fromkeys(digests) if d not in out]
+            out.update(self.legacy.locate(missing))
+            if len(out) < len(digests):
+                # Compaction may have converted some (and dropped their v1 rows)
+                # between the two lookups: ask the index once more for those.
+                out.update(self._indexed([d for d in missing if d not in out]))
+        return out
+
+    def _indexed(self, digests: Sequence[bytes]) -> dict[bytes, Location]:
         out: dict[bytes, Location] = {}
         for raw, row in self.index.lookup(digests).items():
             if isinstance(row, BlobRow):
                 out[raw] = Member(row.frame, row.offset, row.size)
             else:
                 out[raw] = Chunked(row.size, row.chunks)
-        if self.legacy is not None and len(out) < len(digests):
-            out.update(self.legacy.locate([d for d in dict.fromkeys(digests) if d not in out]))
         return out
 
     def frame_by_id(self, ids: Sequence[int]) -> dict[int, FrameRef]:
