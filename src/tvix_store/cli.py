@@ -707,6 +707,9 @@ def _add_lifecycle_commands() -> None:
     from tvix_store import migrate
 
     main.add_command(migrate.command())
+    from tvix_store import config_cli
+
+    main.add_command(config_cli.command())
 
 
 _add_lifecycle_commands()

@@ -122,6 +122,12 @@ class Composition:
         self._closers: list[Callable[[], Awaitable[None]]] = []
         self._embedded: dict[Path, Embedded] = {}
 
+    def config(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """The validated entries (kind → name → entry), as written."""
+        return {
+            kind: {n: dict(e) for n, e in entries.items()} for kind, entries in self._config.items()
+        }
+
     def service_urls(self) -> list[str]:
         """Every service URL its entries name (``type = "url"`` and the like), in order."""
         return [
