@@ -249,3 +249,88 @@ async def test_a_frontend_answers_503_while_postgres_is_away_and_recovers(
     finally:
         bridges.stop_all()
         pg.close()
+
+
+class _Flaky:
+    """An HTTP proxy in front of moto that answers 503 to every ``fail_every``-th request."""
+
+    def __init__(self, upstream: str, fail_every: int) -> None:
+        import http.client
+        import http.server
+        import urllib.parse
+
+        target = urllib.parse.urlsplit(upstream)
+        outer = self
+        self.requests = 0
+        self.failed = 0
+        self.multipart = 0
+        lock = threading.Lock()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _any(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with lock:
+                    outer.requests += 1
+                    fail = outer.requests % fail_every == 0
+                    outer.failed += fail
+                    outer.multipart += "uploadId=" in self.path and self.command == "PUT"
+                if fail:
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                conn = http.client.HTTPConnection(target.netloc, timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("content-length", "transfer-encoding", "connection"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _any
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+async def test_s3_transient_errors_are_retried_and_big_objects_go_in_parts(s3: S3) -> None:
+    """Every third request fails with 503: uploads and reads still succeed, exactly."""
+    import random
+
+    flaky = _Flaky(s3.endpoint, fail_every=3)
+    try:
+        url = f"objectstore+s3://{s3.bucket}/flaky?endpoint={flaky.url}&{S3_KEYS}&max_retries=5"
+        svc = blob_service_from_url(url + "&avg_chunk_size=2097152")
+        from tvix_castore.blobservice.objectstore import ObjectStoreBlobService
+
+        assert isinstance(svc, ObjectStoreBlobService)
+        small = [random.Random(i).randbytes(3000) for i in range(10)]
+        digests = [await svc.put(data) for data in small]
+        for digest, data in zip(digests, small, strict=True):
+            assert await svc.read_all(digest) == data
+        # A 9 MiB object (over the 8 MiB part size) is put in parts, and appears whole.
+        big = random.Random(99).randbytes(9 << 20)
+        await asyncio.to_thread(svc.store.put_sync, "big/object", big)
+        assert flaky.multipart >= 2
+        assert await asyncio.to_thread(svc.store.get_sync, "big/object") == big
+        assert flaky.failed > 5
+    finally:
+        flaky.close()
