@@ -68,7 +68,11 @@ _FIELDS: dict[str, dict[str, dict[str, tuple[type, bool]]]] = {
         "memory": {},
         "embedded": {"path": (str, True)},
         "url": {"url": (str, True)},
-        "objectstore": {"object_store_url": (str, True), "avg_chunk_size": (int, False)},
+        "objectstore": {
+            "object_store_url": (str, True),
+            "object_store_options": (dict, False),
+            "avg_chunk_size": (int, False),
+        },
         "grpc": {"url": (str, True)},
         "combined": {"local": (str, True), "remote": (str, True)},
     },
@@ -269,10 +273,7 @@ class Composition:
             if typ == "objectstore":
                 from tvix_castore.registry import blob_service_from_url
 
-                url = "objectstore+" + e["object_store_url"]
-                if "avg_chunk_size" in e:
-                    url += f"?avg_chunk_size={e['avg_chunk_size']}"
-                svc = blob_service_from_url(url)
+                svc = blob_service_from_url(_objectstore_url(e))
                 assert isinstance(svc, ObjectStoreBlobService)
                 return svc
             from tvix_castore.blobservice.combined import CombinedBlobService
@@ -316,6 +317,34 @@ class Composition:
             return combinators.LruPathInfoService(e["capacity"])
         inner: PathInfoService = self._ref(kind, e["inner"])
         return combinators.SigningPathInfoService(inner, SigningKey.from_file(e["keyfile"]))
+
+
+def _objectstore_url(e: dict[str, Any]) -> str:
+    """The ``objectstore+…`` URL of a ``type = "objectstore"`` entry.
+
+    ``object_store_url`` is ``file:///…``, ``memory:///``, ``s3://bucket/prefix``,
+    ``gs://…`` or ``az://container/prefix`` (as in tvix); ``object_store_options``
+    (credentials, endpoint, region …) become the URL's query, so a secret can
+    stay out of the URL itself.
+    """
+    from urllib.parse import quote
+
+    base = str(e["object_store_url"])
+    for alias, scheme in (("az://", "azure://"), ("azure://", "azure://")):
+        if base.startswith(alias):
+            base = scheme + base[len(alias) :]
+    params: list[tuple[str, str]] = []
+    for key, value in e.get("object_store_options", {}).items():
+        if isinstance(value, bool):
+            value = int(value)
+        if not isinstance(value, str | int):
+            raise CompositionError(f"object_store_options.{key} must be a string, integer or bool")
+        params.append((key, str(value)))
+    if "avg_chunk_size" in e:
+        params.append(("avg_chunk_size", str(e["avg_chunk_size"])))
+    query = "&".join(f"{k}={quote(v, safe='/:')}" for k, v in params)
+    sep = "&" if "?" in base else "?"
+    return "objectstore+" + base + (sep + query if query else "")
 
 
 def load_composition(path: str | Path) -> Composition:

@@ -44,6 +44,15 @@ def _value(v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, int | float):
         return repr(v)
+    if isinstance(v, dict):  # (an inline table: object_store_options and the like)
+        return (
+            "{ "
+            + ", ".join(
+                f"{_key(k)} = {_value('REDACTED' if _SECRET.search(k) else x)}"
+                for k, x in v.items()
+            )
+            + " }"
+        )
     if isinstance(v, list | tuple):
         return "[" + ", ".join(_value(x) for x in v) + "]"
     return json.dumps(str(v), ensure_ascii=False)  # (a TOML basic string)

@@ -11,6 +11,7 @@ import io
 import subprocess
 import sys
 import threading
+import uuid
 from pathlib import Path
 
 import aiohttp
@@ -334,3 +335,49 @@ async def test_s3_transient_errors_are_retried_and_big_objects_go_in_parts(s3: S
         assert flaky.failed > 5
     finally:
         flaky.close()
+
+
+def test_a_composition_file_names_s3_and_postgres(
+    s3: S3, postgres: Postgres, tmp_path: Path
+) -> None:
+    """tvix's ``type = "objectstore"`` form with ``object_store_options``, and URL entries."""
+    prefix = uuid.uuid4().hex[:12]
+    meta = postgres.fresh_url()
+    (tmp_path / "store.toml").write_text(
+        f"""
+[blobservices.default]
+type = "objectstore"
+object_store_url = "s3://{s3.bucket}/{prefix}"
+object_store_options = {{ endpoint = "{s3.endpoint}", region = "us-east-1", allow_http = true, access_key_id = "test", secret_access_key = "test" }}
+
+[directoryservices.default]
+type = "url"
+url = "{meta}"
+
+[pathinfoservices.default]
+type = "url"
+url = "{meta}"
+"""
+    )
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree" / "f").write_bytes(b"through a composition file\n")
+    env = {"TVIX_STORE_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}
+    comp = ["--store-composition", str(tmp_path / "store.toml")]
+    out = subprocess.run(
+        [TVIX, "import", *comp, str(tmp_path / "tree")],
+        capture_output=True, text=True, env=env, check=True,
+    )  # fmt: skip
+    path = out.stdout.split()[-1]
+    # The same store through plain URLs (another process): the file is there.
+    blob_url = f"objectstore+s3://{s3.bucket}/{prefix}?endpoint={s3.endpoint}&{S3_KEYS}"
+    urls = ["--blob-service-addr", blob_url]
+    urls += ["--directory-service-addr", meta, "--path-info-service-addr", meta]
+    cat = subprocess.run(
+        [TVIX, "cat", *urls, f"{path}/f"], capture_output=True, env=env, check=True
+    )
+    assert cat.stdout == b"through a composition file\n"
+    assert not (tmp_path / "home").exists()
+    shown = subprocess.run(
+        [TVIX, "config", "show", *comp], capture_output=True, text=True, env=env, check=True
+    ).stdout
+    assert 'secret_access_key = "REDACTED"' in shown and '"test"' not in shown.split("secret")[1]
