@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -166,6 +167,30 @@ class CloudObjectStore(ObjectStore):
                 )
             except Exception as exc:
                 raise self._fail("writing", key, exc) from exc
+
+    def list_sync(self, prefix: str) -> Iterator[tuple[str, int, float]]:
+        """(key, size, last modified as a Unix time) of every object under ``prefix``."""
+        import obstore
+
+        self._count("list")
+        try:
+            for batch in obstore.list(self._store, prefix, chunk_size=1000):
+                for meta in batch:
+                    yield meta["path"], int(meta["size"]), meta["last_modified"].timestamp()
+        except Exception as exc:
+            raise self._fail("listing", prefix, exc) from exc
+
+    def delete_sync(self, keys: Sequence[str]) -> None:
+        """Delete these objects (in bulk requests; an absent one is no error)."""
+        import obstore
+
+        for i in range(0, len(keys), 1000):
+            self._count("delete")
+            with self._slots:
+                try:
+                    obstore.delete(self._store, list(keys[i : i + 1000]))
+                except Exception as exc:
+                    raise self._fail("deleting", keys[i], exc) from exc
 
 
 def _flag(url: ServiceUrl, name: str) -> bool:

@@ -86,6 +86,11 @@ class Database:
         self._closed = False
         self._check_reachable()
 
+    @property
+    def conninfo(self) -> str:
+        """The libpq URI the pool connects with (our own parameters applied)."""
+        return self._conninfo
+
     @classmethod
     def shared(cls, url: str) -> Database:
         """The process's pool for ``url`` (opened on first use; :meth:`release` each)."""

@@ -204,6 +204,39 @@ def _nar_index_for(pathinfos: PathInfoService) -> NarIndex:
     return MemoryNarIndex()
 
 
+def _lease_writers(
+    pathinfos: PathInfoService,
+    blobs: BlobService,
+    directories: DirectoryService,
+    closers: list[Callable[[], Awaitable[None]]],
+) -> None:
+    """On a shared (PostgreSQL) store, writers of blobs and Directories hold a lease.
+
+    (So that a collector never sweeps what a writer found present and relies on:
+    :mod:`tvix_store.sharedgc`.)
+    """
+    if type(pathinfos).__name__ != "PostgresPathInfoService":
+        return
+    import asyncio
+
+    from tvix_castore.blobservice.objectstore import ObjectStoreBlobService
+    from tvix_castore.directoryservice.postgres import PostgresDirectoryService
+    from tvix_store.pathinfoservice.postgres import PostgresPathInfoService
+    from tvix_store.sharedgc import PgLease
+
+    assert isinstance(pathinfos, PostgresPathInfoService)
+    lease = PgLease(pathinfos.database)
+    if isinstance(blobs, ObjectStoreBlobService) and blobs.on_write is None:
+        blobs.on_write = lease.touch
+    if isinstance(directories, PostgresDirectoryService) and directories.on_write is None:
+        directories.on_write = lease.touch
+
+    async def release() -> None:
+        await asyncio.to_thread(lease.release)
+
+    closers.insert(0, release)  # (closed last: after the services it serves)
+
+
 def config_from_urls(
     blob_url: str | None, directory_url: str | None, path_info_url: str | None, home: Path
 ) -> dict[str, dict[str, dict[str, str]]]:
@@ -252,6 +285,7 @@ async def _build(comp: Composition, description: str) -> Store:
         pathinfos = comp.build("pathinfoservices", "default")
         nar_index = _nar_index_for(pathinfos)
         closers.append(nar_index.aclose)
+        _lease_writers(pathinfos, blobs, directories, closers)
         embedded = comp.embedded_of(blobs)
         nar = NarService(blobs, directories)
         if embedded is not None:  # (its plans are closed with the embedded store)

@@ -217,6 +217,18 @@ def delete(store_paths: tuple[str, ...], with_referrers: bool) -> None:
     help="After the sweep, rewrite a pack when at least this fraction of it is garbage.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option(
+    "--blob-service-addr",
+    envvar="BLOB_SERVICE_ADDR",
+    metavar="URL",
+    help="With --path-info-service-addr postgresql://…: the shared store's object storage.",
+)
+@click.option(
+    "--path-info-service-addr",
+    envvar="PATH_INFO_SERVICE_ADDR",
+    metavar="URL",
+    help="postgresql://…: collect the shared store (S3 + PostgreSQL) instead of the embedded one.",
+)
 def gc(
     dry_run: bool,
     keep_since: float | None,
@@ -224,6 +236,8 @@ def gc(
     wait: float,
     min_garbage: float,
     as_json: bool,
+    blob_service_addr: str | None,
+    path_info_service_addr: str | None,
 ) -> None:
     """Collect garbage: mark from pins and kept paths, sweep the rest, compact the packs.
 
@@ -232,6 +246,10 @@ def gc(
     sweep was deferred.
     """
     from tvix_store.gc import collect
+
+    if path_info_service_addr or blob_service_addr:
+        _gc_shared(blob_service_addr, path_info_service_addr, keep_since, grace, dry_run, as_json)
+        return
 
     report = _with_store(
         lambda store: collect(
@@ -243,12 +261,45 @@ def gc(
             min_garbage=min_garbage,
         )
     )
+    _print_gc_report(report, as_json)
+
+
+def _print_gc_report(report: Any, as_json: bool) -> None:
+    """The report on stdout; exit 75 if the sweep was deferred."""
     if as_json:
         print(json.dumps(report.as_json(), indent=1))
     else:
         print(report.summary())
     if report.deferred:
         raise SystemExit(75)
+
+
+def _gc_shared(
+    blob_url: str | None,
+    pathinfo_url: str | None,
+    keep_since: float | None,
+    grace: float,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    from tvix_castore.postgres import POSTGRES_SCHEMES
+
+    if not blob_url or not pathinfo_url or pathinfo_url.partition("://")[0] not in POSTGRES_SCHEMES:
+        raise click.UsageError(
+            "gc of a shared store needs --blob-service-addr objectstore+s3://… and"
+            " --path-info-service-addr postgresql://… (without them: the embedded store)"
+        )
+    if keep_since is not None:
+        raise click.UsageError("--keep-since is not supported on a shared store yet")
+    from tvix_castore.registry import blob_service_from_url
+    from tvix_store.sharedgc import collect_shared
+
+    try:
+        blobs = blob_service_from_url(blob_url)
+        report = collect_shared(blobs, pathinfo_url, grace=grace, dry_run=dry_run)
+    except CastoreError as exc:
+        raise click.ClickException(str(exc)) from exc
+    _print_gc_report(report, as_json)
 
 
 COMMANDS: list[click.Command] = [pin, delete, gc]

@@ -210,10 +210,10 @@ def test_migrate_command(postgres: Postgres, tmp_path: Path) -> None:
     env = {"TVIX_STORE_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     assert out.returncode == 0, out.stderr
-    assert ": castore: version 0 -> 1" in out.stdout, out.stdout
-    assert ": store: version 0 -> 1" in out.stdout, out.stdout
+    assert ": castore: version 0 -> 2" in out.stdout, out.stdout
+    assert ": store: version 0 -> 2" in out.stdout, out.stdout
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
-    assert ": castore: version 1 (current)" in again.stdout
+    assert ": castore: version 2 (current)" in again.stdout
 
 
 async def test_a_frontend_answers_503_while_postgres_is_away_and_recovers(
@@ -381,3 +381,50 @@ url = "{meta}"
         [TVIX, "config", "show", *comp], capture_output=True, text=True, env=env, check=True
     ).stdout
     assert 'secret_access_key = "REDACTED"' in shown and '"test"' not in shown.split("secret")[1]
+
+
+# -- garbage collection: leases and the sweep ---------------------------------------------------
+def test_gc_defers_to_a_live_lease_and_writers_wait_for_a_sweep(s3: S3, postgres: Postgres) -> None:
+    from tvix_store.pathinfoservice.postgres import open_database
+    from tvix_store.sharedgc import _GC_LOCK, PgLease, collect_shared
+
+    url = postgres.fresh_url()
+    blobs = blob_service_from_url(s3.fresh_url())
+    digest = asyncio.run(blobs.put(b"garbage nobody refers to"))
+    db = open_database(url)
+    try:
+        lease = PgLease(db, ttl=600)
+        lease.touch()  # a writer at work
+        report = collect_shared(blobs, url, grace=0)
+        assert report.deferred and report.objects == 1
+        assert asyncio.run(blobs.has(digest))  # deferred: nothing swept
+        lease.release()
+        # Another collector holds the lock: this one says so instead of racing it.
+        with psycopg.connect(db.conninfo, autocommit=True) as other:
+            other.execute("SELECT pg_advisory_lock(%s)", (_GC_LOCK,))
+            with pytest.raises(StorageUnavailable, match="another garbage collection"):
+                collect_shared(blobs, url, grace=0)
+        report = collect_shared(blobs, url, grace=0)
+        assert not report.deferred and report.objects == 1
+        assert not asyncio.run(blobs.has(digest))
+
+        # A writer that wants a lease while a sweep is recorded waits for it to end.
+        db.run(
+            "recording a sweep",
+            lambda c: c.execute(
+                "INSERT INTO gc_sweeps (id, holder, expires) VALUES ('s', 'test', now() + '1h')"
+            ),
+        )
+        ended = threading.Event()
+
+        def end_sweep() -> None:
+            db.run("ending it", lambda c: c.execute("DELETE FROM gc_sweeps WHERE id = 's'"))
+            ended.set()
+
+        timer = threading.Timer(0.5, end_sweep)
+        timer.start()
+        PgLease(db, ttl=600).touch()
+        assert ended.is_set()  # (touch returned only once the sweep had ended)
+        timer.join()
+    finally:
+        db.release()

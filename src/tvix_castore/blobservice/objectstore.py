@@ -344,6 +344,7 @@ class ObjectStoreBlobService(BlobService):
         self._local = threading.local()
         # Chunks known to exist (written or seen here): skips a stat per chunk.
         self._known: set[B3Digest] = set()
+        self.on_write: Callable[[], None] | None = None  # (a lease: see begin_write)
         self._uploads: ThreadPoolExecutor | None = None  # (cloud: see ingest_files_sync)
         self._uploads_lock = threading.Lock()
 
@@ -366,9 +367,16 @@ class ObjectStoreBlobService(BlobService):
         return cdc
 
     # -- writing ----------------------------------------------------------
+    def begin_write(self) -> None:
+        """Tell ``on_write`` (a shared store's lease, see :mod:`tvix_store.sharedgc`)."""
+        if self.on_write is not None:
+            self.on_write()
+
     def _store_chunk_sync(
         self, data: memoryview, out: list[ChunkMeta], digest: B3Digest | None = None
     ) -> None:
+        if self.on_write is not None:
+            self.on_write()
         if digest is None:
             digest = B3Digest(blake3.blake3(data).digest())
         if digest not in self._known:

@@ -10,7 +10,7 @@ garbage collector's mark phase; nothing cascades (children are shared).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from tvix_castore.digests import B3Digest
@@ -30,6 +30,11 @@ CASTORE_MIGRATIONS: tuple[Migration, ...] = (
         PRIMARY KEY (parent, child));
     CREATE INDEX directory_edges_child ON directory_edges (child)
     """,
+    # 2: when each Directory was first stored (a collector keeps young ones)
+    """
+    ALTER TABLE directories ADD COLUMN added timestamptz NOT NULL DEFAULT now();
+    CREATE INDEX directories_added ON directories (added)
+    """,
 )
 _BATCH = 1000
 
@@ -40,6 +45,7 @@ class PostgresDirectoryService(ThreadedDirectoryService):
     def __init__(self, url: str) -> None:
         self._db = Database.shared(url)
         self._closed = False
+        self.on_write: Callable[[], None] | None = None  # (a shared store's writer lease)
         try:
             self._db.migrate("castore", CASTORE_MIGRATIONS)
         except BaseException:
@@ -83,6 +89,8 @@ class PostgresDirectoryService(ThreadedDirectoryService):
                     )
 
         if rows:
+            if self.on_write is not None:
+                self.on_write()
             self._db.run("writing directories", body)
 
     async def aclose(self) -> None:

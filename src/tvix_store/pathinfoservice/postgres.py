@@ -46,6 +46,13 @@ STORE_MIGRATIONS: tuple[Migration, ...] = (
     CREATE INDEX nar_index_root_digest ON nar_index (root_digest);
     CREATE INDEX nar_index_added ON nar_index (added)
     """,
+    # 2: writers' leases and a collector's sweep (tvix_store.sharedgc)
+    """
+    CREATE TABLE leases (id text PRIMARY KEY, holder text NOT NULL,
+        expires timestamptz NOT NULL);
+    CREATE TABLE gc_sweeps (id text PRIMARY KEY, holder text NOT NULL,
+        expires timestamptz NOT NULL)
+    """,
 )
 _PAGE = 256
 
@@ -131,6 +138,11 @@ class PostgresPathInfoService(PathInfoService):
             for digest, data in rows:
                 yield stored_pathinfo(digest, data)
             after = rows[-1][0]
+
+    @property
+    def database(self) -> Database:
+        """The pool it uses (shared with the NAR index and directories on the same URL)."""
+        return self._db
 
     def nar_index(self) -> PostgresNarIndex:
         """The NarHash index kept in the same database."""
