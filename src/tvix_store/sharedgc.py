@@ -235,13 +235,25 @@ class _Mark:
         return doomed, young
 
 
+def _digest_of(key: str) -> bytes | None:
+    """The digest a B §7.1 key names; ``None`` for any other object (never deleted)."""
+    name = key.rsplit("/", 1)[-1]
+    if len(name) != 64:
+        return None
+    try:
+        return bytes.fromhex(name)
+    except ValueError:
+        return None
+
+
 def _objects(store: CloudObjectStore, mark: _Mark, report: SharedGcReport) -> list[str]:
     """Keys of unmarked objects older than the grace period (chunks of marked blobs kept)."""
     cutoff = mark.started - mark.grace
     indexes: dict[bytes, tuple[str, int, float]] = {}
     for key, size, modified in store.list_sync("blobs/"):
-        raw = bytes.fromhex(key.rsplit("/", 1)[-1])
-        indexes[raw] = (key, size, modified)
+        raw = _digest_of(key)
+        if raw is not None:
+            indexes[raw] = (key, size, modified)
     live_chunks: set[bytes] = set()
     for raw in mark.blobs:
         if raw in indexes:  # a chunked blob: its chunks are live too
@@ -265,8 +277,8 @@ def _objects(store: CloudObjectStore, mark: _Mark, report: SharedGcReport) -> li
             else:
                 report.kept_young += 1
     for key, size, modified in store.list_sync("chunks/"):
-        raw = bytes.fromhex(key.rsplit("/", 1)[-1])
-        if raw not in live_chunks:
+        raw = _digest_of(key)
+        if raw is not None and raw not in live_chunks:
             if modified < cutoff:
                 doomed.append(key)
                 report.object_bytes += size

@@ -391,6 +391,10 @@ def test_gc_defers_to_a_live_lease_and_writers_wait_for_a_sweep(s3: S3, postgres
     url = postgres.fresh_url()
     blobs = blob_service_from_url(s3.fresh_url())
     digest = asyncio.run(blobs.put(b"garbage nobody refers to"))
+    from tvix_castore.blobservice.objectstore import ObjectStoreBlobService
+
+    assert isinstance(blobs, ObjectStoreBlobService)
+    blobs.store.put_sync("chunks/notes.txt", b"not ours: never deleted")
     db = open_database(url)
     try:
         lease = PgLease(db, ttl=600)
@@ -407,6 +411,7 @@ def test_gc_defers_to_a_live_lease_and_writers_wait_for_a_sweep(s3: S3, postgres
         report = collect_shared(blobs, url, grace=0)
         assert not report.deferred and report.objects == 1
         assert not asyncio.run(blobs.has(digest))
+        assert blobs.store.get_sync("chunks/notes.txt") == b"not ours: never deleted"
 
         # A writer that wants a lease while a sweep is recorded waits for it to end.
         db.run(
