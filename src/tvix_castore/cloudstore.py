@@ -193,10 +193,6 @@ class CloudObjectStore(ObjectStore):
                     raise self._fail("deleting", keys[i], exc) from exc
 
 
-def _flag(url: ServiceUrl, name: str) -> bool:
-    return url.get_flag(name)
-
-
 def _seconds(url: ServiceUrl, name: str, default: int, high: int) -> timedelta:
     value = url.get_int(name, 1, high)
     return timedelta(seconds=default if value is None else value)
@@ -226,7 +222,7 @@ def _config(url: ServiceUrl, keys: tuple[str, ...]) -> dict[str, Any]:
 
 def _refuse_metadata(url: ServiceUrl, config: dict[str, Any], named: tuple[str, ...]) -> None:
     """Refuse a store that would fetch credentials from a metadata endpoint, unless asked."""
-    if _flag(url, "allow_metadata") or _flag(url, "skip_signature"):
+    if url.get_flag("allow_metadata") or url.get_flag("skip_signature"):
         return
     if any(k in config for k in named) or any(os.environ.get(v) for v in _ENV[url.scheme]):
         return
@@ -259,7 +255,7 @@ def cloud_store_from_url(url: ServiceUrl) -> tuple[CloudObjectStore, int | None]
     client: ClientConfig = {
         "connect_timeout": timedelta(seconds=5),
         "timeout": _seconds(url, "timeout", 120, 86400),
-        "allow_http": _flag(url, "allow_http"),
+        "allow_http": url.get_flag("allow_http"),
     }
     retry: RetryConfig = {
         "max_retries": 3 if retries is None else retries,
@@ -271,7 +267,7 @@ def cloud_store_from_url(url: ServiceUrl) -> tuple[CloudObjectStore, int | None]
         },
     }
     config = _config(url, provider)
-    if _flag(url, "skip_signature"):
+    if url.get_flag("skip_signature"):
         config["skip_signature"] = True
     from obstore import store as obs
 

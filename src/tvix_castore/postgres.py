@@ -111,20 +111,19 @@ class Database:
                 del self._shared[self.url]
         self.close()
 
-    def _connect(self) -> Connection:
-        import psycopg
-
-        return psycopg.connect(self._conninfo)
-
     def _check_reachable(self) -> None:
-        """Connect once now, so a wrong URL is an error at start-up, not at the first request."""
+        """Connect once now, so a wrong URL is an error at start-up, not at the first request.
+
+        (The connection then starts the pool: migrations and the first request use it.)
+        """
         import psycopg
 
         try:
-            with self._connect() as conn:
-                conn.execute("SELECT 1")
+            conn, _ = self._take()
+            conn.execute("SELECT 1")
         except psycopg.Error as exc:
             raise ConfigError(f"cannot use PostgreSQL at {self.where}: {exc}".strip()) from exc
+        self._give(conn)
 
     def _take(self) -> tuple[Connection, bool]:
         """An idle connection (and True), else a new one (and False)."""
@@ -205,7 +204,6 @@ class Database:
             return before
 
     def _migrate(self, component: str, migrations: Sequence[Migration]) -> int:
-        import psycopg
         from psycopg import sql
 
         def body(conn: Connection) -> int:
@@ -239,11 +237,7 @@ class Database:
                 )
             return current
 
-        try:
-            with self._connect() as conn, conn.transaction():
-                return body(conn)
-        except psycopg.Error as exc:
-            raise _error(f"migrating the {component} tables", exc, self.where) from exc
+        return self.run(f"migrating the {component} tables", body)
 
     def versions(self) -> dict[str, int]:
         """Each component's schema version in this database."""

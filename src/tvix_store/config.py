@@ -196,10 +196,9 @@ def _nar_index_for(pathinfos: PathInfoService) -> NarIndex:
         pathinfos = pathinfos.near
     if isinstance(pathinfos, SqlitePathInfoService):
         return SqliteNarIndex(pathinfos.path)
-    if type(pathinfos).__name__ == "PostgresPathInfoService":  # (psycopg loaded only if used)
-        from tvix_store.pathinfoservice.postgres import PostgresPathInfoService
+    from tvix_store.pathinfoservice.postgres import PostgresPathInfoService  # (no psycopg yet)
 
-        assert isinstance(pathinfos, PostgresPathInfoService)
+    if isinstance(pathinfos, PostgresPathInfoService):
         return pathinfos.nar_index()
     return MemoryNarIndex()
 
@@ -215,16 +214,16 @@ def _lease_writers(
     (So that a collector never sweeps what a writer found present and relies on:
     :mod:`tvix_store.sharedgc`.)
     """
-    if type(pathinfos).__name__ != "PostgresPathInfoService":
+    from tvix_store.pathinfoservice.postgres import PostgresPathInfoService
+
+    if not isinstance(pathinfos, PostgresPathInfoService):
         return
     import asyncio
 
     from tvix_castore.blobservice.objectstore import ObjectStoreBlobService
     from tvix_castore.directoryservice.postgres import PostgresDirectoryService
-    from tvix_store.pathinfoservice.postgres import PostgresPathInfoService
     from tvix_store.sharedgc import PgLease
 
-    assert isinstance(pathinfos, PostgresPathInfoService)
     lease = PgLease(pathinfos.database)
     if isinstance(blobs, ObjectStoreBlobService) and blobs.on_write is None:
         blobs.on_write = lease.touch

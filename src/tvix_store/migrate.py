@@ -16,9 +16,8 @@ __all__ = ["command", "migrate_urls"]
 
 def migrate_urls(urls: list[str]) -> list[str]:
     """Migrate every PostgreSQL database among ``urls``; one report line per component."""
-    from tvix_castore.directoryservice.postgres import CASTORE_MIGRATIONS
     from tvix_castore.postgres import POSTGRES_SCHEMES, Database
-    from tvix_store.pathinfoservice.postgres import STORE_MIGRATIONS
+    from tvix_store.pathinfoservice.postgres import components
 
     lines: list[str] = []
     for url in dict.fromkeys(urls):
@@ -26,10 +25,7 @@ def migrate_urls(urls: list[str]) -> list[str]:
             continue
         db = Database(url)
         try:
-            for component, migrations in (
-                ("castore", CASTORE_MIGRATIONS),
-                ("store", STORE_MIGRATIONS),
-            ):
+            for component, migrations in components():
                 before = db.migrate(component, migrations)
                 after = len(migrations)
                 state = f"{before} -> {after}" if before != after else f"{after} (current)"

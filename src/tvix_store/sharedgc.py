@@ -161,8 +161,7 @@ def _files(node: Node) -> Iterable[bytes]:
 
 
 class _Mark:
-    def __init__(self, db: Database, grace: float) -> None:
-        self.db = db
+    def __init__(self, grace: float) -> None:
         self.grace = grace
         self.started = 0.0
         self.paths = 0
@@ -316,7 +315,7 @@ def collect_shared(
             row = lock_conn.execute("SELECT pg_try_advisory_lock(%s)", (_GC_LOCK,)).fetchone()
             if not row or not row[0]:
                 raise StorageUnavailable("another garbage collection of this store is running")
-            mark = _Mark(db, grace)
+            mark = _Mark(grace)
             db.run("marking", mark.roots)
             db.run("marking directories", mark.directories)
             doomed_dirs, young = db.run("finding garbage directories", mark.old_directories)

@@ -31,6 +31,7 @@ from tvix_store.pathinfoservice.grpc import GrpcPathInfoService
 from .conftest import (
     NIX_HTTP_OPTS,
     TVIX,
+    Bridge,
     Bridges,
     Closure,
     Keys,
@@ -127,6 +128,29 @@ def _chunk_objects(s3: S3, blob_url: str) -> int:
     return sum(len(batch) for batch in obstore.list(store, "chunks/"))
 
 
+async def _upload_partly(
+    victim: Bridge, s3: S3, blob_url: str, seed: int
+) -> tuple[str, socket.socket]:
+    """PUT 3/4 of a 4 MiB NAR (cut into chunks) to ``victim``; return once chunks of it
+    are in S3: the NAR's URL path and the open connection."""
+    before = _chunk_objects(s3, blob_url)
+    nar_buf = io.BytesIO()
+    w = NarWriter(nar_buf)
+    w.file(random.Random(seed).randbytes(4 << 20))
+    w.close()
+    nar = nar_buf.getvalue()
+    name = f"nar/{nixbase32.encode(hashlib.sha256(nar).digest())}.nar"
+    host, port = urllib.parse.urlsplit(victim.url).netloc.split(":")
+    sock = socket.create_connection((host, int(port)))
+    head = f"PUT /{name} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(nar)}\r\n\r\n"
+    sock.sendall(head.encode() + nar[: len(nar) * 3 // 4])
+    deadline = time.monotonic() + 60
+    while _chunk_objects(s3, blob_url) == before:  # (its ingest has begun writing to S3)
+        assert time.monotonic() < deadline, victim.log()
+        await asyncio.sleep(0.05)
+    return name, sock
+
+
 async def test_concurrent_writers_and_a_frontend_killed_mid_upload(
     bridges: Bridges, closure: Closure, keys: Keys, tmp_path: Path, s3: S3, postgres: Postgres
 ) -> None:
@@ -137,23 +161,10 @@ async def test_concurrent_writers_and_a_frontend_killed_mid_upload(
     b = bridges.start(None, *flags, *sign)
     victim = bridges.start(None, *flags, *sign)
 
-    # A NAR big enough to be cut into chunks: the victim gets 3/4 of it, then kill -9.
-    nar_buf = io.BytesIO()
-    w = NarWriter(nar_buf)
-    w.file(random.Random(16).randbytes(4 << 20))
-    w.close()
-    nar = nar_buf.getvalue()
-    name = f"nar/{nixbase32.encode(hashlib.sha256(nar).digest())}.nar"
-    host, port = urllib.parse.urlsplit(victim.url).netloc.split(":")
-    sock = socket.create_connection((host, int(port)))
-    head = f"PUT /{name} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(nar)}\r\n\r\n"
-    sock.sendall(head.encode() + nar[: len(nar) * 3 // 4])
-    deadline = time.monotonic() + 60
-    while _chunk_objects(s3, blob_url) == 0:  # (its ingest has begun writing to S3)
-        assert time.monotonic() < deadline, victim.log()
-        await asyncio.sleep(0.05)
+    # The victim gets 3/4 of a NAR, then (once the writers below start) kill -9.
+    name, sock = await _upload_partly(victim, s3, blob_url, seed=16)
 
-    # Meanwhile: nix copy --to both other frontends at once, and four CLI imports of one tree.
+    # Meanwhile: uploads to both other frontends at once, and four CLI imports of one tree.
     tree = tmp_path / "tree"
     (tree / "sub").mkdir(parents=True)
     (tree / "sub" / "f").write_bytes(b"shared by every writer\n" * 1000)
@@ -234,22 +245,8 @@ async def test_gc_of_a_shared_store_sweeps_only_what_nothing_refers_to(
     live = _chunk_objects(s3, flags[1])
 
     # Garbage: the chunks of an upload killed half way.
-    nar_buf = io.BytesIO()
-    w = NarWriter(nar_buf)
-    w.file(random.Random(17).randbytes(4 << 20))
-    w.close()
-    nar = nar_buf.getvalue()
-    host, port = urllib.parse.urlsplit(victim.url).netloc.split(":")
-    sock = socket.create_connection((host, int(port)))
-    name = f"nar/{nixbase32.encode(hashlib.sha256(nar).digest())}.nar"
-    sock.sendall(
-        f"PUT /{name} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(nar)}\r\n\r\n".encode()
-        + nar[: len(nar) * 3 // 4]
-    )
+    _, sock = await _upload_partly(victim, s3, flags[1], seed=17)
     deadline = time.monotonic() + 60
-    while _chunk_objects(s3, flags[1]) == live:
-        assert time.monotonic() < deadline, victim.log()
-        await asyncio.sleep(0.05)
     victim.proc.send_signal(signal.SIGKILL)
     victim.proc.wait(timeout=30)
     sock.close()
@@ -257,7 +254,7 @@ async def test_gc_of_a_shared_store_sweeps_only_what_nothing_refers_to(
     garbage = _chunk_objects(s3, flags[1]) - live
     assert garbage > 0
 
-    # Within the grace period nothing is garbage; a dry run changes nothing.
+    # Within the grace period nothing is garbage.
     code, report = _gc(flags, "--grace", "1h")
     assert (code, report["objects"]) == (0, 0)
     assert report["kept_young"] == garbage

@@ -375,8 +375,7 @@ class ObjectStoreBlobService(BlobService):
     def _store_chunk_sync(
         self, data: memoryview, out: list[ChunkMeta], digest: B3Digest | None = None
     ) -> None:
-        if self.on_write is not None:
-            self.on_write()
+        self.begin_write()
         if digest is None:
             digest = B3Digest(blake3.blake3(data).digest())
         if digest not in self._known:

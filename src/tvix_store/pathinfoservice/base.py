@@ -8,13 +8,17 @@ digest and returns what was stored (a signing wrapper may add signatures);
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from tvix_castore.errors import DataCorruption, ValidationError
 from tvix_castore.lifecycle import AsyncClosing
 from tvix_store.pathinfo import PathInfo
 
-__all__ = ["PathInfoService", "stored_pathinfo"]
+__all__ = ["PathInfoService", "Page", "paged", "stored_pathinfo"]
+
+Page = Callable[[bytes], list[tuple[bytes, bytes]]]
+"""``page(after)``: the next (digest, encoded PathInfo) rows after ``after``, in digest
+order (empty at the end); blocking."""
 
 
 class PathInfoService(AsyncClosing, abc.ABC):
@@ -42,3 +46,14 @@ def stored_pathinfo(digest: bytes, data: bytes) -> PathInfo:
     if info.digest != digest:
         raise DataCorruption(f"stored PathInfo {digest.hex()} is for another path")
     return info
+
+
+async def paged(page: Page) -> AsyncIterator[PathInfo]:
+    """Every PathInfo of a backend read a page at a time (each in a worker thread)."""
+    import asyncio  # (here: the base is imported where no event loop runs)
+
+    after = b""
+    while rows := await asyncio.to_thread(page, after):
+        for digest, data in rows:
+            yield stored_pathinfo(digest, data)
+        after = rows[-1][0]

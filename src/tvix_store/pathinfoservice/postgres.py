@@ -25,12 +25,18 @@ from tvix_castore.nodes import Node
 from tvix_castore.postgres import Database, Migration
 from tvix_store.narindex import NarIndex, decode_entry, encode_entry
 from tvix_store.pathinfo import PathInfo
-from tvix_store.pathinfoservice.base import PathInfoService, stored_pathinfo
+from tvix_store.pathinfoservice.base import PathInfoService, paged, stored_pathinfo
 
 if TYPE_CHECKING:
     import psycopg
 
-__all__ = ["STORE_MIGRATIONS", "PostgresNarIndex", "PostgresPathInfoService"]
+__all__ = [
+    "STORE_MIGRATIONS",
+    "PostgresNarIndex",
+    "PostgresPathInfoService",
+    "components",
+    "open_database",
+]
 
 STORE_MIGRATIONS: tuple[Migration, ...] = (
     """
@@ -62,14 +68,19 @@ def _root_digest(node: Node) -> bytes | None:
     return None if digest is None else bytes(digest.raw)
 
 
-def open_database(url: str) -> Database:
-    """The shared pool for ``url`` with the store's tables migrated (release it when done)."""
+def components() -> tuple[tuple[str, tuple[Migration, ...]], ...]:
+    """Each component whose tables a store's database holds, with its migrations, in order."""
     from tvix_castore.directoryservice.postgres import CASTORE_MIGRATIONS
 
+    return (("castore", CASTORE_MIGRATIONS), ("store", STORE_MIGRATIONS))
+
+
+def open_database(url: str) -> Database:
+    """The shared pool for ``url`` with the store's tables migrated (release it when done)."""
     db = Database.shared(url)
     try:
-        db.migrate("castore", CASTORE_MIGRATIONS)
-        db.migrate("store", STORE_MIGRATIONS)
+        for component, migrations in components():
+            db.migrate(component, migrations)
     except BaseException:
         db.release()
         raise
@@ -133,11 +144,8 @@ class PostgresPathInfoService(PathInfoService):
         return self._db.run("listing PathInfos", body)
 
     async def list(self) -> AsyncIterator[PathInfo]:
-        after = b""
-        while rows := await asyncio.to_thread(self._page, after):
-            for digest, data in rows:
-                yield stored_pathinfo(digest, data)
-            after = rows[-1][0]
+        async for info in paged(self._page):
+            yield info
 
     @property
     def database(self) -> Database:

@@ -26,7 +26,7 @@ from tvix_castore.directoryservice.sqlite import connect, in_transaction, storag
 from tvix_castore.errors import DataCorruption, StorageUnavailable, ValidationError
 from tvix_castore.lazy import lazy_module
 from tvix_store.pathinfo import PathInfo
-from tvix_store.pathinfoservice.base import PathInfoService, stored_pathinfo
+from tvix_store.pathinfoservice.base import PathInfoService, paged, stored_pathinfo
 
 if TYPE_CHECKING:
     import asyncio
@@ -405,11 +405,8 @@ class SqlitePathInfoService(PathInfoService):
         return out
 
     async def list(self) -> AsyncIterator[PathInfo]:
-        after = b""
-        while rows := await asyncio.to_thread(self._page, after):
-            for digest, data in rows:
-                yield stored_pathinfo(digest, data)
-            after = rows[-1][0]
+        async for info in paged(self._page):
+            yield info
 
     def close(self) -> None:
         self.flush_access()
