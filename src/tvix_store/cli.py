@@ -80,7 +80,19 @@ def service_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def nar_bridge_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """Binary-cache options: priority, keys, upload bound, connection limits."""
+    """Binary-cache options: priority, keys, upload bound, connection limits, access."""
+    f = click.option(
+        "--insecure-no-auth",
+        is_flag=True,
+        help="Allow listening on a non-loopback address while no token exists (anyone"
+        " reaching it can push).",
+    )(f)
+    f = click.option(
+        "--private",
+        is_flag=True,
+        envvar="TVIX_STORE_PRIVATE",
+        help="Reads (HTTP and gRPC) need a token with scope pull too, once any token exists.",
+    )(f)
     f = click.option(
         "--trusted-public-keys",
         "trusted_public_keys",
@@ -140,7 +152,9 @@ def nar_bridge_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def _nar_bridge_config(kw: dict[str, Any]) -> Any:
     from nix_compat.signing import SigningKey, VerifyingKey
+    from tvix_store.embedded import data_dir
     from tvix_store.nar_bridge.app import AppConfig
+    from tvix_store.tokens import TokenAuthority
 
     keys = [SigningKey.from_file(p) for p in kw.pop("signing_keys", ())]
     trusted = [
@@ -154,6 +168,9 @@ def _nar_bridge_config(kw: dict[str, Any]) -> Any:
         header_timeout=kw.pop("header_timeout"),
         body_timeout=kw.pop("body_timeout"),
         max_connections=kw.pop("max_connections"),
+        tokens=TokenAuthority(data_dir()),
+        private=kw.pop("private"),
+        insecure_no_auth=kw.pop("insecure_no_auth"),
     )
 
 
@@ -710,6 +727,9 @@ def _add_lifecycle_commands() -> None:
     from tvix_store import config_cli
 
     main.add_command(config_cli.command())
+    from tvix_store import token_cli
+
+    main.add_command(token_cli.command())
 
 
 _add_lifecycle_commands()

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 
+from tvix_castore.errors import ConfigError
 from tvix_castore.protos import rpc_blobstore_pb2_grpc, rpc_directory_pb2_grpc
 from tvix_castore.rpc import DEFAULT_MAX_UPLOAD_STREAMS
 from tvix_castore.rpc.blob_server import BlobServiceServicer
@@ -20,7 +21,7 @@ from tvix_store.protos import rpc_pathinfo_pb2_grpc
 from tvix_store.rpc.pathinfo_server import PathInfoServiceServicer
 from tvix_store.verify import UploadPolicy
 
-__all__ = ["registrations", "serve"]
+__all__ = ["check_exposure", "registrations", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,34 @@ def registrations(store: Store, policy: UploadPolicy | None = None) -> list[Regi
     ]
 
 
+def _loopback(listen: str) -> bool:
+    """Whether ``listen`` (host:port, [v6]:port, a socket path, unix:…) stays on this machine."""
+    import ipaddress
+
+    if listen.startswith(("/", "unix:")):
+        return True
+    host = listen.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name, or "" (every address)
+
+
+def check_exposure(config: NarBridgeConfig, *listens: str | None) -> None:
+    """Refuse a non-loopback listener while nothing controls access (no token exists)."""
+    if config.insecure_no_auth:
+        return
+    enforced = config.tokens is not None and config.tokens.enforced()
+    for listen in listens:
+        if listen is not None and not enforced and not _loopback(listen):
+            raise ConfigError(
+                f"refusing to listen on {listen} without access control: create a token first"
+                " (tvix-store token create --scope admin) or pass --insecure-no-auth"
+            )
+
+
 async def serve(
     store: Store,
     listen: str | None,
@@ -62,6 +91,13 @@ async def serve(
 
     Runs until SIGINT/SIGTERM (or cancellation), then stops gracefully.
     """
+    config = nar_bridge_config or NarBridgeConfig()
+    check_exposure(config, listen, nar_bridge_listen)
+    interceptors = []
+    if config.tokens is not None:
+        from tvix_store.rpc.auth import TokenCheck
+
+        interceptors.append(TokenCheck(config.tokens, private_reads=config.private))
     server = None
     addr = ""
     runner = None
@@ -77,13 +113,16 @@ async def serve(
         # whole command (the finally below stops what had started).
         if listen is not None:
             server, addr = await start_server(
-                listen, registrations(store, upload_policy), max_upload_streams=max_upload_streams
+                listen,
+                registrations(store, upload_policy),
+                max_upload_streams=max_upload_streams,
+                interceptors=interceptors,
             )
         if nar_bridge_listen is not None:
             from tvix_store.nar_bridge.server import start_nar_bridge
 
             runner, bridge_url = await start_nar_bridge(
-                store, nar_bridge_listen, nar_bridge_config, announce=False
+                store, nar_bridge_listen, config, announce=False
             )
         if listen is not None:
             url = f"grpc+unix://{addr[5:]}" if addr.startswith("unix:") else f"grpc+http://{addr}"

@@ -11,7 +11,8 @@ silently sharing it (grpc.aio turns it on by default).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -53,19 +54,21 @@ async def start_server(
     registrations: Iterable[Registration],
     *,
     max_upload_streams: int = DEFAULT_MAX_UPLOAD_STREAMS,
+    interceptors: Sequence[Any] = (),
 ) -> tuple[grpc.aio.Server, str]:
     """Start a server on ``listen``; return it and the address it actually bound.
 
     Port 0 picks a free port; the returned address names it. At most
     ``max_upload_streams`` client-streaming calls run at once; others wait.
+    ``interceptors`` run first (access checks refuse before anything else).
     """
     options: list[tuple[str, int]] = [
         *channel_options(),
         ("grpc.so_reuseport", 0),
         *_READ_AHEAD,
     ]
-    interceptors = [UploadLimit(max_upload_streams), DecodeErrors()]
-    server = grpc.aio.server(options=options, interceptors=interceptors)
+    chain = [*interceptors, UploadLimit(max_upload_streams), DecodeErrors()]
+    server = grpc.aio.server(options=options, interceptors=chain)
     names = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
     for add, name in registrations:
         add(server)

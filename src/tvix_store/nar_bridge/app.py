@@ -50,6 +50,8 @@ from tvix_store.nar.ingest import ingest_nar
 from tvix_store.nar.layout import NarLayout, nar_layout
 from tvix_store.nar.render import NarRenderError, fetch_closure, render_nar
 from tvix_store.pathinfo import PathInfo
+from tvix_store.rpc.auth import bearer
+from tvix_store.tokens import Forbidden, TokenAuthority, Unauthenticated
 from tvix_store.verify import check_ca, check_ca_content, check_signatures, known_keys
 
 __all__ = ["STORE_KEY", "AppConfig", "make_app"]
@@ -89,6 +91,12 @@ class AppConfig:
     """Answer 408 and close when a request body sends nothing for this long."""
     max_connections: int = 1024
     """Refuse (503, closed) connections beyond this many open ones."""
+    tokens: TokenAuthority | None = None
+    """Checks tokens (:mod:`tvix_store.tokens`); ``None``: no access control at all."""
+    private: bool = False
+    """Reads need a token with scope ``pull`` too (once tokens are enforced)."""
+    insecure_no_auth: bool = False
+    """Listening beyond loopback while no token exists is allowed (else refused)."""
 
     def known_keys(self) -> tuple[VerifyingKey, ...]:
         """Keys an uploaded signature is checked against: trusted ones and our own."""
@@ -115,6 +123,10 @@ def _status_for(exc: BaseException) -> int:
         cause = cause.__cause__
     if isinstance(exc, HttpError):
         return exc.status
+    if isinstance(exc, Unauthenticated):
+        return 401
+    if isinstance(exc, Forbidden):
+        return 403
     if isinstance(exc, TooLarge):
         return 413
     if isinstance(exc, MissingContent):
@@ -145,9 +157,46 @@ async def _errors(
         else:
             log.info("%s %s: %d %s", request.method, request.path, status, exc)
         resp = web.Response(status=status, text=f"{exc}\n")
+        if status == 401:  # (curl, hence Nix, then sends its netrc credentials)
+            resp.headers["WWW-Authenticate"] = 'Basic realm="tvix-store", charset="UTF-8"'
         if status == 408:
             resp.force_close()
         return resp
+
+
+_SCOPE_OF = {"GET": "pull", "HEAD": "pull", "PUT": "push", "POST": "push", "DELETE": "delete"}
+
+
+def _token(request: web.Request) -> str | None:
+    """The token of ``Authorization: Bearer …`` or ``Basic`` (the password; Nix's netrc form)."""
+    value = request.headers.get("Authorization")
+    if value is None or not value.strip().lower().startswith("basic "):
+        return bearer(value)
+    try:
+        decoded = base64.b64decode(value.strip()[6:].strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        raise Unauthenticated("malformed basic credentials") from None
+    _login, sep, password = decoded.partition(":")
+    if not sep or not password:
+        raise Unauthenticated("basic credentials need the token as the password")
+    return password
+
+
+@web.middleware
+async def _access(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Token checks for every route (DESIGN §10): writes need a token once any exists."""
+    config = request.app[CONFIG_KEY]
+    tokens = config.tokens
+    if tokens is not None:
+        scope = _SCOPE_OF.get(request.method, "admin")
+        enforced = tokens.enforced()  # (point queries: cheaper than a thread hop)
+        needed = enforced and (scope != "pull" or config.private)
+        text = _token(request)
+        if text is not None or needed:
+            tokens.authorize(text, scope, "", needed)
+    return await handler(request)
 
 
 def _store(request: web.Request) -> Store:
@@ -487,7 +536,7 @@ async def put_ignored(request: web.Request) -> web.Response:
 
 def make_app(store: Store, config: AppConfig | None = None) -> web.Application:
     """The aiohttp application serving ``store`` as a binary cache."""
-    app = web.Application(middlewares=[_errors], client_max_size=MAX_NARINFO + 1)
+    app = web.Application(middlewares=[_errors, _access], client_max_size=MAX_NARINFO + 1)
     app[STORE_KEY] = store
     app[CONFIG_KEY] = config or AppConfig()
     app.router.add_get("/", root)

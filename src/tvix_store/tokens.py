@@ -1,0 +1,306 @@
+"""Access tokens: scoped, signed, expiring, revocable.
+
+A token is a JWT (HS256, PyJWT) signed with the store's token key, a random
+32-byte file (``token.key`` in the data directory, mode 0600, or the file
+``TVIX_STORE_TOKEN_KEY_FILE`` names). Its claims: ``jti`` (the id),
+``scp`` (scopes), ``caches`` (cache-name globs), ``iat`` and, optionally,
+``exp``. Every token made is recorded in ``service.sqlite`` next to it, so
+``token list`` shows them and ``token revoke`` ends one at once: a token
+whose id is not recorded, or is revoked, is refused.
+
+Enforcement starts with the first token made and never stops by itself
+(revoking every token does not open the store again).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import secrets
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tvix_castore.directoryservice.sqlite import connect, in_transaction, storage_error
+from tvix_castore.errors import CastoreError, NotFound, ValidationError
+
+__all__ = [
+    "SCOPES",
+    "AccessDenied",
+    "Claims",
+    "Forbidden",
+    "TokenAuthority",
+    "Unauthenticated",
+]
+
+SCOPES = ("pull", "push", "delete", "admin")
+# What a scope also allows: a pusher reads what it pushes (Nix checks first), admin is all.
+_IMPLIES = {
+    "pull": {"pull"},
+    "push": {"pull", "push"},
+    "delete": {"pull", "delete"},
+    "admin": set(SCOPES),
+}
+_ALGORITHM = "HS256"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tokens (id TEXT PRIMARY KEY, created REAL NOT NULL,
+    expires REAL, scopes TEXT NOT NULL, caches TEXT NOT NULL, description TEXT NOT NULL,
+    revoked REAL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS service_meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+"""
+
+
+class AccessDenied(CastoreError):
+    """A request without the right to do what it asks."""
+
+
+class Unauthenticated(AccessDenied):
+    """No credential where one is needed, or one that is malformed, expired or revoked (401)."""
+
+
+class Forbidden(AccessDenied):
+    """A valid token whose scopes or caches do not cover the request (403)."""
+
+
+@dataclass(frozen=True)
+class Claims:
+    """What a verified token allows."""
+
+    id: str
+    scopes: frozenset[str]
+    caches: tuple[str, ...]
+    expires: float | None
+
+    def allows(self, scope: str, cache: str) -> bool:
+        """Whether this token may ``scope`` on ``cache`` (``""``: the default cache)."""
+        if not any(scope in _IMPLIES[s] for s in self.scopes):
+            return False
+        name = cache or "default"
+        return any(fnmatch.fnmatchcase(name, glob) for glob in self.caches)
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    """A token as ``token list`` shows it (never the token itself)."""
+
+    id: str
+    created: float
+    expires: float | None
+    scopes: tuple[str, ...]
+    caches: tuple[str, ...]
+    description: str
+    revoked: float | None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "created": self.created,
+            "expires": self.expires,
+            "scopes": list(self.scopes),
+            "caches": list(self.caches),
+            "description": self.description,
+            "revoked": self.revoked,
+        }
+
+
+def check_scopes(scopes: Sequence[str]) -> tuple[str, ...]:
+    """``scopes`` if each is known and there is at least one."""
+    if not scopes:
+        raise ValidationError("a token needs at least one scope")
+    for s in scopes:
+        if s not in SCOPES:
+            raise ValidationError(f"unknown scope {s!r} (known: {', '.join(SCOPES)})")
+    return tuple(dict.fromkeys(scopes))
+
+
+class TokenAuthority:
+    """Makes, verifies, lists and revokes the tokens of one service directory."""
+
+    def __init__(self, home: Path, key_file: Path | None = None) -> None:
+        self.home = home
+        env = os.environ.get("TVIX_STORE_TOKEN_KEY_FILE")
+        self.key_file = key_file or (Path(env) if env else home / "token.key")
+        self.db = home / "service.sqlite"
+        self._conn: sqlite3.Connection | None = None
+        self._key: bytes | None = None
+
+    # -- storage ------------------------------------------------------------------------
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self.home.mkdir(parents=True, exist_ok=True)
+            conn = connect(self.db)
+            try:
+                conn.executescript(_SCHEMA)
+            except sqlite3.Error as exc:
+                conn.close()
+                raise storage_error("creating the token tables", exc, self.db) from exc
+            self._conn = conn
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _signing_key(self, create: bool) -> bytes:
+        if self._key is not None:
+            return self._key
+        try:
+            data = self.key_file.read_bytes()
+        except FileNotFoundError:
+            if not create:
+                raise Unauthenticated(
+                    "this store has no token key: no token can be valid"
+                ) from None
+            self.key_file.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(32).hex().encode() + b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+            data = self.key_file.read_bytes()
+        key = data.strip()
+        if len(key) < 32:
+            raise ValidationError(f"token key {self.key_file} is shorter than 32 bytes")
+        self._key = key
+        return key
+
+    def enforced(self) -> bool:
+        """Whether tokens are required (any token was ever made for this store)."""
+        if not self.db.exists():
+            return False
+        row = self._db().execute("SELECT value FROM service_meta WHERE key = 'auth'").fetchone()
+        return row is not None
+
+    # -- tokens -------------------------------------------------------------------------
+    def create(
+        self,
+        scopes: Sequence[str],
+        caches: Sequence[str] = ("*",),
+        expires_in: float | None = None,
+        description: str = "",
+        now: float | None = None,
+    ) -> tuple[TokenRecord, str]:
+        """A new token: its record and the token text."""
+        import jwt
+
+        scopes = check_scopes(scopes)
+        caches = tuple(caches) or ("*",)
+        now = time.time() if now is None else now
+        record = TokenRecord(
+            id=secrets.token_hex(8),
+            created=now,
+            expires=None if expires_in is None else now + expires_in,
+            scopes=scopes,
+            caches=caches,
+            description=description,
+            revoked=None,
+        )
+        claims: dict[str, Any] = {
+            "jti": record.id,
+            "iat": int(now),
+            "scp": list(scopes),
+            "caches": list(caches),
+        }
+        if record.expires is not None:
+            claims["exp"] = int(record.expires)
+        text = jwt.encode(claims, self._signing_key(create=True), algorithm=_ALGORITHM)
+
+        def insert(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO tokens (id, created, expires, scopes, caches, description)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    record.id,
+                    record.created,
+                    record.expires,
+                    ",".join(scopes),
+                    "\n".join(caches),
+                    description,
+                ),
+            )
+            conn.execute("INSERT OR IGNORE INTO service_meta (key, value) VALUES ('auth', 1)")
+
+        in_transaction(self._db(), "recording a token", insert)
+        return record, text
+
+    def list(self) -> list[TokenRecord]:
+        if not self.db.exists():
+            return []
+        rows = self._db().execute(
+            "SELECT id, created, expires, scopes, caches, description, revoked FROM tokens"
+            " ORDER BY created, id"
+        )
+        return [
+            TokenRecord(r[0], r[1], r[2], tuple(r[3].split(",")), tuple(r[4].split("\n")), *r[5:])
+            for r in rows
+        ]
+
+    def revoke(self, token_id: str, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+
+        def mark(conn: sqlite3.Connection) -> None:
+            cur = conn.execute(
+                "UPDATE tokens SET revoked = COALESCE(revoked, ?) WHERE id = ?", (now, token_id)
+            )
+            if cur.rowcount == 0:
+                raise NotFound(f"no token with id {token_id!r}")
+
+        in_transaction(self._db(), "revoking a token", mark)
+
+    def verify(self, text: str, now: float | None = None) -> Claims:
+        """The claims of a valid token, else :class:`Unauthenticated` saying why."""
+        import jwt
+
+        try:
+            claims = jwt.decode(
+                text,
+                self._signing_key(create=False),
+                algorithms=[_ALGORITHM],
+                options={"require": ["jti", "iat"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise Unauthenticated("token expired") from None
+        except jwt.InvalidTokenError as exc:
+            raise Unauthenticated(f"invalid token: {exc}") from None
+        token_id = claims["jti"]
+        row = (
+            self._db()
+            .execute("SELECT revoked, expires FROM tokens WHERE id = ?", (str(token_id),))
+            .fetchone()
+        )
+        if row is None:
+            raise Unauthenticated(f"token {token_id} is not known to this store")
+        if row[0] is not None:
+            raise Unauthenticated(f"token {token_id} was revoked")
+        expires = row[1]
+        if expires is not None and (time.time() if now is None else now) >= expires:
+            raise Unauthenticated("token expired")
+        scopes = claims.get("scp")
+        caches = claims.get("caches", ["*"])
+        if not isinstance(scopes, list) or not all(s in SCOPES for s in scopes):
+            raise Unauthenticated("invalid token: bad scopes")
+        if not isinstance(caches, list) or not all(isinstance(c, str) for c in caches):
+            raise Unauthenticated("invalid token: bad caches")
+        return Claims(str(token_id), frozenset(scopes), tuple(caches), expires)
+
+    def authorize(self, text: str | None, scope: str, cache: str, needed: bool) -> Claims | None:
+        """Check a request's token for ``scope`` on ``cache``.
+
+        ``needed``: whether the request needs a token at all (a write once
+        tokens are enforced, a read of a private cache). A token given is
+        always checked, needed or not.
+        """
+        if text is None:
+            if needed:
+                raise Unauthenticated(f"this request needs a token with scope {scope!r}")
+            return None
+        claims = self.verify(text)
+        if needed and not claims.allows(scope, cache):
+            raise Forbidden(
+                f"token {claims.id} does not allow {scope!r} on cache {cache or 'default'!r}"
+            )
+        return claims
