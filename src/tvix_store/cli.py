@@ -152,6 +152,7 @@ def nar_bridge_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def _nar_bridge_config(kw: dict[str, Any]) -> Any:
     from nix_compat.signing import SigningKey, VerifyingKey
+    from tvix_store.caches import CacheRegistry
     from tvix_store.embedded import data_dir
     from tvix_store.nar_bridge.app import AppConfig
     from tvix_store.tokens import TokenAuthority
@@ -169,6 +170,7 @@ def _nar_bridge_config(kw: dict[str, Any]) -> Any:
         body_timeout=kw.pop("body_timeout"),
         max_connections=kw.pop("max_connections"),
         tokens=TokenAuthority(data_dir()),
+        caches=CacheRegistry(data_dir()),
         private=kw.pop("private"),
         insecure_no_auth=kw.pop("insecure_no_auth"),
     )
@@ -234,7 +236,8 @@ def dump(path: str) -> None:
     "--listen-address",
     default=DEFAULT_DAEMON_LISTEN,
     show_default=True,
-    help="host:port, or an absolute unix socket path. Loopback by default: no auth yet.",
+    help="host:port, or an absolute unix socket path. Beyond loopback only once a token"
+    " exists (or with --insecure-no-auth).",
 )
 @click.option(
     "--nar-bridge",
@@ -303,7 +306,8 @@ def daemon(
     "--listen-address",
     default="[::1]:9000",
     show_default=True,
-    help="host:port, or an absolute unix socket path. Loopback by default: no auth yet.",
+    help="host:port, or an absolute unix socket path. Beyond loopback only once a token"
+    " exists (or with --insecure-no-auth).",
 )
 @nar_bridge_options
 @service_options
@@ -730,6 +734,9 @@ def _add_lifecycle_commands() -> None:
     from tvix_store import token_cli
 
     main.add_command(token_cli.command())
+    from tvix_store import cache_cli
+
+    main.add_command(cache_cli.command())
 
 
 _add_lifecycle_commands()

@@ -36,6 +36,7 @@ import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import blake3
@@ -173,6 +174,16 @@ def _open_lock(home: os.PathLike[str] | str, name: str) -> int:
             "another garbage collection of this store is running; try again later"
         ) from exc
     return fd
+
+
+def _cache_members(home: os.PathLike[str] | str) -> set[bytes]:
+    from tvix_store.caches import CacheRegistry
+
+    registry = CacheRegistry(Path(home))
+    try:
+        return registry.all_members()
+    finally:
+        registry.close()
 
 
 def _closure(roots: Iterable[bytes], infos: dict[bytes, PathInfo]) -> set[bytes]:
@@ -351,7 +362,9 @@ class _Collector:
         pathinfos = self.store.pathinfos()
         gen = pathinfos.generation()
         infos = {pi.digest: pi for pi in pathinfos.list_sync()}
-        pinned = self.pins.pinned_digests()
+        pinned = set(self.pins.pinned_digests())
+        # Every member of a named cache is a root too (tvix_store.caches).
+        pinned |= _cache_members(self.store.home)
         roots = set(pinned)
         if r.keep_since is None:
             roots |= set(infos)

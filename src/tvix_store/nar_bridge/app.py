@@ -43,6 +43,7 @@ from tvix_castore.nodes import (
     node_to_proto,
 )
 from tvix_castore.protos import castore_pb2
+from tvix_store.caches import Cache, CacheRegistry
 from tvix_store.compression import SUFFIXES, DecompressingReader, TooLarge, decompressor
 from tvix_store.config import Store
 from tvix_store.content import MissingContent, check_content
@@ -97,6 +98,8 @@ class AppConfig:
     """Reads need a token with scope ``pull`` too (once tokens are enforced)."""
     insecure_no_auth: bool = False
     """Listening beyond loopback while no token exists is allowed (else refused)."""
+    caches: CacheRegistry | None = None
+    """Named caches served at ``/<name>/…`` (:mod:`tvix_store.caches`)."""
 
     def known_keys(self) -> tuple[VerifyingKey, ...]:
         """Keys an uploaded signature is checked against: trusted ones and our own."""
@@ -190,13 +193,33 @@ async def _access(
     config = request.app[CONFIG_KEY]
     tokens = config.tokens
     if tokens is not None:
+        cache = _cache_of(request)
+        private = config.private if cache is None else not cache.public
         scope = _SCOPE_OF.get(request.method, "admin")
         enforced = tokens.enforced()  # (point queries: cheaper than a thread hop)
-        needed = enforced and (scope != "pull" or config.private)
+        needed = enforced and (scope != "pull" or private)
         text = _token(request)
         if text is not None or needed:
-            tokens.authorize(text, scope, "", needed)
+            tokens.authorize(text, scope, "" if cache is None else cache.name, needed)
     return await handler(request)
+
+
+def _cache_of(request: web.Request) -> Cache | None:
+    """The named cache a request is for (``None``: the default cache at ``/``)."""
+    name = request.match_info.get("cache")
+    if name is None:
+        return None
+    registry = request.app[CONFIG_KEY].caches
+    cache = None if registry is None else registry.get(name)
+    if cache is None:
+        raise HttpError(404, f"no cache named {name!r}")
+    return cache
+
+
+def _registry(request: web.Request) -> CacheRegistry:
+    registry = request.app[CONFIG_KEY].caches
+    assert registry is not None  # (a named cache was found in it)
+    return registry
 
 
 def _store(request: web.Request) -> Store:
@@ -242,7 +265,8 @@ def _digest20(text: str) -> bytes:
 
 
 async def cache_info(request: web.Request) -> web.Response:
-    prio = request.app[CONFIG_KEY].priority
+    cache = _cache_of(request)
+    prio = request.app[CONFIG_KEY].priority if cache is None else cache.priority
     return web.Response(
         text=f"StoreDir: /nix/store\nWantMassQuery: 1\nPriority: {prio}\n",
         content_type="text/x-nix-cache-info",
@@ -263,6 +287,9 @@ def node_url(node: Node, nar_size: int) -> str:
 async def get_narinfo(request: web.Request) -> web.Response:
     digest = _digest20(request.match_info["hash"])
     store = _store(request)
+    cache = _cache_of(request)
+    if cache is not None and not _registry(request).has(cache.name, digest):
+        raise HttpError(404, f"{request.match_info['hash']}: not in cache {cache.name!r}")
     info = await store.pathinfos.get(digest)
     if info is None:
         raise HttpError(404, f"{request.match_info['hash']}: no such path")
@@ -271,7 +298,7 @@ async def get_narinfo(request: web.Request) -> web.Response:
         raise HttpError(404, f"{request.match_info['hash']}: damaged in this store ({reason})")
     if request.method == "HEAD":
         return web.Response(content_type=_NARINFO_TYPE)
-    keys = request.app[CONFIG_KEY].signing_keys
+    keys = request.app[CONFIG_KEY].signing_keys if cache is None else cache.signing_keys
     have = {s.name for s in info.signatures}
     for key in keys:
         if key.name not in have:
@@ -303,9 +330,12 @@ async def put_narinfo(request: web.Request) -> web.Response:
             f"narinfo is for {info.store_path}, but was uploaded as {request.match_info['hash']}",
         )
     store = _store(request)
+    cache = _cache_of(request)
     # (a lease first: the content checked below stays until the PathInfo refers to it)
     await asyncio.to_thread(store.blobs.begin_write)
     entry = await store.nar_index.get(info.nar_hash)
+    if cache is not None and not _registry(request).has_nar(cache.name, info.nar_hash):
+        entry = None  # the uploader must send the bytes to this cache too
     if entry is None:
         raise HttpError(
             400, f"NAR sha256:{nixbase32.encode(info.nar_hash)} was not uploaded to this cache"
@@ -317,10 +347,17 @@ async def put_narinfo(request: web.Request) -> web.Response:
         )
     pathinfo = PathInfo.from_narinfo(info, node)
     check_ca(pathinfo)  # NarHash/NarSize: from the NAR index, i.e. hashed here
-    check_signatures(pathinfo, request.app[CONFIG_KEY].known_keys())
+    config = request.app[CONFIG_KEY]
+    if cache is None:
+        known = config.known_keys()
+    else:
+        known = known_keys(config.trusted_keys, (k.verifying_key() for k in cache.signing_keys))
+    check_signatures(pathinfo, known)
     await check_content(pathinfo.node, store.blobs, store.directories)
     await check_ca_content(pathinfo, store.blobs, store.directories)
     await store.pathinfos.put(pathinfo)
+    if cache is not None:
+        _registry(request).add(cache.name, pathinfo.digest, pathinfo.store_path.absolute)
     return web.Response(status=200)
 
 
@@ -334,6 +371,7 @@ async def put_nar(request: web.Request) -> web.Response:
         raise HttpError(400, f"{m.group(1)}: invalid hash") from exc
     kind = SUFFIXES[m.group(2)]
     store = _store(request)
+    cache = _cache_of(request)
     await asyncio.to_thread(store.blobs.begin_write)
     limit = request.app[CONFIG_KEY].max_nar_size
     read = _body(request)
@@ -361,6 +399,8 @@ async def put_nar(request: web.Request) -> web.Response:
             f" not {m.group(1)}",
         )
     await store.nar_index.put(result.nar_sha256, result.node, result.nar_size)
+    if cache is not None:
+        _registry(request).received(cache.name, result.nar_sha256)
     # The NarHash was computed from the very bytes ingested: the plan vouches for it.
     await store.nar.record(result.node, closure, result.nar_size, result.nar_sha256)
     if await store.nar.damage(result.node) is not None:
@@ -494,6 +534,7 @@ async def _serve_nar(request: web.Request, node: Node) -> web.StreamResponse:
 
 async def get_nar_by_node(request: web.Request) -> web.StreamResponse:
     text = request.match_info["node"]
+    _cache_of(request)  # (content-addressed: any cache serves a node its URL names)
     if len(text) > MAX_NODE_URL:
         raise HttpError(400, "node URL too long")
     try:
@@ -520,7 +561,10 @@ async def get_nar_classic(request: web.Request) -> web.StreamResponse:
         nar_hash = nixbase32.decode(m.group(1), 32)
     except NixCompatError as exc:
         raise HttpError(404, "invalid NAR hash") from exc
+    cache = _cache_of(request)
     entry = await _store(request).nar_index.get(nar_hash)
+    if cache is not None and not _registry(request).has_nar(cache.name, nar_hash):
+        entry = None
     if entry is None:
         raise HttpError(404, f"{request.match_info['name']}: no such NAR")
     return await _serve_nar(request, entry[0])
@@ -528,6 +572,7 @@ async def get_nar_classic(request: web.Request) -> web.StreamResponse:
 
 async def put_ignored(request: web.Request) -> web.Response:
     """Listings (``.ls``), logs and cache-info uploads are accepted and dropped."""
+    _cache_of(request)  # (of a cache that exists)
     read = _body(request)
     while await read(1 << 16):
         pass
@@ -540,16 +585,19 @@ def make_app(store: Store, config: AppConfig | None = None) -> web.Application:
     app[STORE_KEY] = store
     app[CONFIG_KEY] = config or AppConfig()
     app.router.add_get("/", root)
-    app.router.add_get("/nix-cache-info", cache_info)
-    app.router.add_put("/nix-cache-info", put_ignored)
-    app.router.add_route("GET", r"/{hash:[^/.]+}.narinfo", get_narinfo)
-    app.router.add_route("HEAD", r"/{hash:[^/.]+}.narinfo", get_narinfo)
-    app.router.add_put(r"/{hash:[^/.]+}.narinfo", put_narinfo)
-    app.router.add_put(r"/{hash:[^/.]+}.ls", put_ignored)
-    app.router.add_put(r"/log/{name}", put_ignored)
-    app.router.add_route("GET", "/nar/tvix-castore/{node}", get_nar_by_node)
-    app.router.add_route("HEAD", "/nar/tvix-castore/{node}", get_nar_by_node)
-    app.router.add_put("/nar/{name}", put_nar)
-    app.router.add_route("GET", "/nar/{name}", get_nar_classic)
-    app.router.add_route("HEAD", "/nar/{name}", get_nar_classic)
+    # The default cache at /, then each named one at /<name>/ (same handlers).
+    for prefix in ("", "/{cache:[a-z0-9][a-z0-9_-]{0,62}}"):
+        add = app.router.add_route
+        add("GET", f"{prefix}/nix-cache-info", cache_info)
+        add("PUT", f"{prefix}/nix-cache-info", put_ignored)
+        add("GET", prefix + r"/{hash:[^/.]+}.narinfo", get_narinfo)
+        add("HEAD", prefix + r"/{hash:[^/.]+}.narinfo", get_narinfo)
+        add("PUT", prefix + r"/{hash:[^/.]+}.narinfo", put_narinfo)
+        add("PUT", prefix + r"/{hash:[^/.]+}.ls", put_ignored)
+        add("PUT", prefix + "/log/{name}", put_ignored)
+        add("GET", prefix + "/nar/tvix-castore/{node}", get_nar_by_node)
+        add("HEAD", prefix + "/nar/tvix-castore/{node}", get_nar_by_node)
+        add("PUT", prefix + "/nar/{name}", put_nar)
+        add("GET", prefix + "/nar/{name}", get_nar_classic)
+        add("HEAD", prefix + "/nar/{name}", get_nar_classic)
     return app
