@@ -49,6 +49,7 @@ from tvix_store.content import MissingContent, check_content
 from tvix_store.nar.ingest import ingest_nar
 from tvix_store.nar.layout import NarLayout, nar_layout
 from tvix_store.nar.render import NarRenderError, fetch_closure, render_nar
+from tvix_store.nar_bridge.ranges import UnsatisfiableRange, parse_range
 from tvix_store.pathinfo import PathInfo
 from tvix_store.verify import check_ca, check_ca_content, check_signatures, known_keys
 
@@ -62,7 +63,6 @@ _NAR_TYPE = "application/x-nix-nar"
 _NARINFO_TYPE = "text/x-nix-narinfo"
 _IMMUTABLE = "public, max-age=31536000, immutable"
 _NAR_NAME = re.compile(r"([0-9a-df-np-sv-z]{52})(\.nar(?:\.xz|\.bz2|\.gz|\.zst)?)")
-_RANGE = re.compile(r"bytes=([0-9]{0,20})-([0-9]{0,20})")  # ASCII digits, ≤ 2^64
 _DECIMAL = re.compile(r"[0-9]{1,20}")
 _GZIP_MAGIC = b"\x1f\x8b"
 # A NAR whose stored content was found damaged is "gone": Nix takes 404 and 410
@@ -198,10 +198,6 @@ async def cache_info(request: web.Request) -> web.Response:
         text=f"StoreDir: /nix/store\nWantMassQuery: 1\nPriority: {prio}\n",
         content_type="text/x-nix-cache-info",
     )
-
-
-async def root(request: web.Request) -> web.Response:
-    return web.Response(text="Hello from nar-bridge (tvix-store-py)\n")
 
 
 def node_url(node: Node, nar_size: int) -> str:
@@ -344,29 +340,6 @@ async def _layout_for(store: Store, node: Node) -> tuple[NarLayout, Mapping[B3Di
     return layout, closure
 
 
-def _parse_range(header: str, size: int) -> tuple[int, int] | None:
-    """``(start, end)`` (end exclusive) of a single byte range; ``None`` to ignore it."""
-    spec = header.strip()
-    if not spec.startswith("bytes=") or "," in spec:
-        return None  # another unit, or several ranges: serve the whole NAR
-    m = _RANGE.fullmatch(spec)
-    if m is None:
-        raise HttpError(416, f"malformed byte range {spec[:40]!r}")
-    first, last = m.group(1), m.group(2)
-    if first == "" and last == "":
-        raise HttpError(416, "empty byte range")
-    if first == "":
-        length = int(last)
-        if length == 0:
-            raise HttpError(416, "empty suffix range")
-        return max(0, size - length), size
-    start = int(first)
-    end = size if last == "" else min(int(last) + 1, size)
-    if start >= size or end <= start:
-        raise HttpError(416, f"range not satisfiable for {size} bytes")
-    return start, end
-
-
 async def _stream(
     request: web.Request, resp: web.StreamResponse, pieces: AsyncIterator[bytes], node: Node
 ) -> web.StreamResponse:
@@ -414,8 +387,8 @@ async def _serve_nar(request: web.Request, node: Node) -> web.StreamResponse:
     rng = request.headers.get("Range")
     if rng is not None:
         try:
-            parsed = _parse_range(rng, layout.size)
-        except HttpError:
+            parsed = parse_range(rng, layout.size)
+        except UnsatisfiableRange:
             return web.Response(
                 status=416, headers={"Content-Range": f"bytes */{layout.size}"}, text="416\n"
             )
@@ -490,7 +463,6 @@ def make_app(store: Store, config: AppConfig | None = None) -> web.Application:
     app = web.Application(middlewares=[_errors], client_max_size=MAX_NARINFO + 1)
     app[STORE_KEY] = store
     app[CONFIG_KEY] = config or AppConfig()
-    app.router.add_get("/", root)
     app.router.add_get("/nix-cache-info", cache_info)
     app.router.add_put("/nix-cache-info", put_ignored)
     app.router.add_route("GET", r"/{hash:[^/.]+}.narinfo", get_narinfo)
@@ -503,4 +475,7 @@ def make_app(store: Store, config: AppConfig | None = None) -> web.Application:
     app.router.add_put("/nar/{name}", put_nar)
     app.router.add_route("GET", "/nar/{name}", get_nar_classic)
     app.router.add_route("HEAD", "/nar/{name}", get_nar_classic)
+    from tvix_store.nar_bridge.web import add_web_routes  # (web imports this module)
+
+    add_web_routes(app)
     return app
