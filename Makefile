@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed-stamp
 SRC := src tests benchmarks
 
 # Debian packages the test suite drives as real components (and what pyfuse3 builds with).
-APT_PACKAGES := nix-bin b3sum fuse3 libfuse3-dev pkg-config gcc python3-dev attr postgresql
+APT_PACKAGES := nix-bin b3sum fuse3 libfuse3-dev pkg-config gcc python3-dev attr postgresql \
+	chromium chromium-driver
 
 .PHONY: run test lint fmt bench bytecode system-deps protos protos-check venv clean
 

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.servers import S3, Postgres, start_postgres, start_s3
+
+if TYPE_CHECKING:
+    from selenium.webdriver import Chrome
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +27,14 @@ def s3() -> Iterator[S3]:
     server = start_s3()
     yield server
     server.close()
+
+
+@pytest.fixture(scope="session")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chrome]:
+    """A headless Chromium (selenium), shared by the session and quit at its end."""
+    from tests.browser import start_chromium
+
+    work = tmp_path_factory.mktemp("chromium")
+    driver = start_chromium(work / "profile", work / "chromedriver.log")
+    yield driver
+    driver.quit()

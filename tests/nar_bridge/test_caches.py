@@ -77,6 +77,16 @@ async def test_two_caches_over_one_store(
             assert r.status == 404
         async with s.get(f"{bridge.url}/team-a/nar/{_classic(p.nar_hash)}.nar") as r:
             assert r.status == 200 and await r.read() == p.nar
+        # The web pages are per cache too.
+        async with s.get(f"{bridge.url}/team-a/") as r:
+            page = await r.text()
+            assert r.status == 200 and key_a in page and f"{bridge.url}/team-a" in page
+        async with s.get(f"{bridge.url}/team-a/paths") as r:
+            assert f'href="/team-a/path/{p.hash_part}"' in await r.text()
+        async with s.get(f"{bridge.url}/team-b/paths") as r:
+            assert r.status == 200 and p.hash_part not in await r.text()
+        async with s.get(f"{bridge.url}/team-b/path/{p.hash_part}") as r:
+            assert r.status == 404
 
     # Pushing the same closure to team-b: the NARs are hashed, nothing new is stored.
     nix.fresh_cache()

@@ -50,6 +50,7 @@ from tvix_store.content import MissingContent, check_content
 from tvix_store.nar.ingest import ingest_nar
 from tvix_store.nar.layout import NarLayout, nar_layout
 from tvix_store.nar.render import NarRenderError, fetch_closure, render_nar
+from tvix_store.nar_bridge.ranges import UnsatisfiableRange, parse_range
 from tvix_store.pathinfo import PathInfo
 from tvix_store.rpc.auth import bearer
 from tvix_store.tokens import Forbidden, TokenAuthority, Unauthenticated
@@ -65,7 +66,6 @@ _NAR_TYPE = "application/x-nix-nar"
 _NARINFO_TYPE = "text/x-nix-narinfo"
 _IMMUTABLE = "public, max-age=31536000, immutable"
 _NAR_NAME = re.compile(r"([0-9a-df-np-sv-z]{52})(\.nar(?:\.xz|\.bz2|\.gz|\.zst)?)")
-_RANGE = re.compile(r"bytes=([0-9]{0,20})-([0-9]{0,20})")  # ASCII digits, ≤ 2^64
 _DECIMAL = re.compile(r"[0-9]{1,20}")
 _GZIP_MAGIC = b"\x1f\x8b"
 # A NAR whose stored content was found damaged is "gone": Nix takes 404 and 410
@@ -167,6 +167,7 @@ async def _errors(
         return resp
 
 
+_CACHE_PREFIX = "/{cache:[a-z0-9][a-z0-9_-]{0,62}}"
 _SCOPE_OF = {"GET": "pull", "HEAD": "pull", "PUT": "push", "POST": "push", "DELETE": "delete"}
 
 
@@ -193,7 +194,7 @@ async def _access(
     config = request.app[CONFIG_KEY]
     tokens = config.tokens
     if tokens is not None:
-        cache = _cache_of(request)
+        cache = cache_of(request)
         private = config.private if cache is None else not cache.public
         scope = _SCOPE_OF.get(request.method, "admin")
         enforced = tokens.enforced()  # (point queries: cheaper than a thread hop)
@@ -204,7 +205,7 @@ async def _access(
     return await handler(request)
 
 
-def _cache_of(request: web.Request) -> Cache | None:
+def cache_of(request: web.Request) -> Cache | None:
     """The named cache a request is for (``None``: the default cache at ``/``)."""
     name = request.match_info.get("cache")
     if name is None:
@@ -265,16 +266,12 @@ def _digest20(text: str) -> bytes:
 
 
 async def cache_info(request: web.Request) -> web.Response:
-    cache = _cache_of(request)
+    cache = cache_of(request)
     prio = request.app[CONFIG_KEY].priority if cache is None else cache.priority
     return web.Response(
         text=f"StoreDir: /nix/store\nWantMassQuery: 1\nPriority: {prio}\n",
         content_type="text/x-nix-cache-info",
     )
-
-
-async def root(request: web.Request) -> web.Response:
-    return web.Response(text="Hello from nar-bridge (tvix-store-py)\n")
 
 
 def node_url(node: Node, nar_size: int) -> str:
@@ -287,7 +284,7 @@ def node_url(node: Node, nar_size: int) -> str:
 async def get_narinfo(request: web.Request) -> web.Response:
     digest = _digest20(request.match_info["hash"])
     store = _store(request)
-    cache = _cache_of(request)
+    cache = cache_of(request)
     if cache is not None and not _registry(request).has(cache.name, digest):
         raise HttpError(404, f"{request.match_info['hash']}: not in cache {cache.name!r}")
     info = await store.pathinfos.get(digest)
@@ -330,7 +327,7 @@ async def put_narinfo(request: web.Request) -> web.Response:
             f"narinfo is for {info.store_path}, but was uploaded as {request.match_info['hash']}",
         )
     store = _store(request)
-    cache = _cache_of(request)
+    cache = cache_of(request)
     # (a lease first: the content checked below stays until the PathInfo refers to it)
     await asyncio.to_thread(store.blobs.begin_write)
     entry = await store.nar_index.get(info.nar_hash)
@@ -371,7 +368,7 @@ async def put_nar(request: web.Request) -> web.Response:
         raise HttpError(400, f"{m.group(1)}: invalid hash") from exc
     kind = SUFFIXES[m.group(2)]
     store = _store(request)
-    cache = _cache_of(request)
+    cache = cache_of(request)
     await asyncio.to_thread(store.blobs.begin_write)
     limit = request.app[CONFIG_KEY].max_nar_size
     read = _body(request)
@@ -433,29 +430,6 @@ async def _layout_for(store: Store, node: Node) -> tuple[NarLayout, Mapping[B3Di
     return layout, closure
 
 
-def _parse_range(header: str, size: int) -> tuple[int, int] | None:
-    """``(start, end)`` (end exclusive) of a single byte range; ``None`` to ignore it."""
-    spec = header.strip()
-    if not spec.startswith("bytes=") or "," in spec:
-        return None  # another unit, or several ranges: serve the whole NAR
-    m = _RANGE.fullmatch(spec)
-    if m is None:
-        raise HttpError(416, f"malformed byte range {spec[:40]!r}")
-    first, last = m.group(1), m.group(2)
-    if first == "" and last == "":
-        raise HttpError(416, "empty byte range")
-    if first == "":
-        length = int(last)
-        if length == 0:
-            raise HttpError(416, "empty suffix range")
-        return max(0, size - length), size
-    start = int(first)
-    end = size if last == "" else min(int(last) + 1, size)
-    if start >= size or end <= start:
-        raise HttpError(416, f"range not satisfiable for {size} bytes")
-    return start, end
-
-
 async def _stream(
     request: web.Request, resp: web.StreamResponse, pieces: AsyncIterator[bytes], node: Node
 ) -> web.StreamResponse:
@@ -503,8 +477,8 @@ async def _serve_nar(request: web.Request, node: Node) -> web.StreamResponse:
     rng = request.headers.get("Range")
     if rng is not None:
         try:
-            parsed = _parse_range(rng, layout.size)
-        except HttpError:
+            parsed = parse_range(rng, layout.size)
+        except UnsatisfiableRange:
             return web.Response(
                 status=416, headers={"Content-Range": f"bytes */{layout.size}"}, text="416\n"
             )
@@ -534,7 +508,7 @@ async def _serve_nar(request: web.Request, node: Node) -> web.StreamResponse:
 
 async def get_nar_by_node(request: web.Request) -> web.StreamResponse:
     text = request.match_info["node"]
-    _cache_of(request)  # (content-addressed: any cache serves a node its URL names)
+    cache_of(request)  # (content-addressed: any cache serves a node its URL names)
     if len(text) > MAX_NODE_URL:
         raise HttpError(400, "node URL too long")
     try:
@@ -561,7 +535,7 @@ async def get_nar_classic(request: web.Request) -> web.StreamResponse:
         nar_hash = nixbase32.decode(m.group(1), 32)
     except NixCompatError as exc:
         raise HttpError(404, "invalid NAR hash") from exc
-    cache = _cache_of(request)
+    cache = cache_of(request)
     entry = await _store(request).nar_index.get(nar_hash)
     if cache is not None and not _registry(request).has_nar(cache.name, nar_hash):
         entry = None
@@ -572,7 +546,7 @@ async def get_nar_classic(request: web.Request) -> web.StreamResponse:
 
 async def put_ignored(request: web.Request) -> web.Response:
     """Listings (``.ls``), logs and cache-info uploads are accepted and dropped."""
-    _cache_of(request)  # (of a cache that exists)
+    cache_of(request)  # (of a cache that exists)
     read = _body(request)
     while await read(1 << 16):
         pass
@@ -584,9 +558,8 @@ def make_app(store: Store, config: AppConfig | None = None) -> web.Application:
     app = web.Application(middlewares=[_errors, _access], client_max_size=MAX_NARINFO + 1)
     app[STORE_KEY] = store
     app[CONFIG_KEY] = config or AppConfig()
-    app.router.add_get("/", root)
     # The default cache at /, then each named one at /<name>/ (same handlers).
-    for prefix in ("", "/{cache:[a-z0-9][a-z0-9_-]{0,62}}"):
+    for prefix in ("", _CACHE_PREFIX):
         add = app.router.add_route
         add("GET", f"{prefix}/nix-cache-info", cache_info)
         add("PUT", f"{prefix}/nix-cache-info", put_ignored)
@@ -600,4 +573,8 @@ def make_app(store: Store, config: AppConfig | None = None) -> web.Application:
         add("PUT", prefix + "/nar/{name}", put_nar)
         add("GET", prefix + "/nar/{name}", get_nar_classic)
         add("HEAD", prefix + "/nar/{name}", get_nar_classic)
+    from tvix_store.nar_bridge.web import add_web_routes  # (web imports this module)
+
+    for prefix in ("", _CACHE_PREFIX):
+        add_web_routes(app, prefix)
     return app
