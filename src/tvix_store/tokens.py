@@ -126,6 +126,10 @@ class TokenAuthority:
         self.db = home / "service.sqlite"
         self._conn: sqlite3.Connection | None = None
         self._key: bytes | None = None
+        self._enforced = False  # (once on, never off: remembered)
+        # Token text → its verified claims: the signature is checked once per token;
+        # expiry and revocation are still checked on every request.
+        self._verified: dict[str, dict[str, Any]] = {}
 
     # -- storage ------------------------------------------------------------------------
     def _db(self) -> sqlite3.Connection:
@@ -170,10 +174,13 @@ class TokenAuthority:
 
     def enforced(self) -> bool:
         """Whether tokens are required (any token was ever made for this store)."""
-        if not self.db.exists():
+        if self._enforced:
+            return True
+        if self._conn is None and not self.db.exists():
             return False
         row = self._db().execute("SELECT value FROM service_meta WHERE key = 'auth'").fetchone()
-        return row is not None
+        self._enforced = row is not None
+        return self._enforced
 
     # -- tokens -------------------------------------------------------------------------
     def create(
@@ -253,19 +260,12 @@ class TokenAuthority:
 
     def verify(self, text: str, now: float | None = None) -> Claims:
         """The claims of a valid token, else :class:`Unauthenticated` saying why."""
-        import jwt
-
-        try:
-            claims = jwt.decode(
-                text,
-                self._signing_key(create=False),
-                algorithms=[_ALGORITHM],
-                options={"require": ["jti", "iat"]},
-            )
-        except jwt.ExpiredSignatureError:
-            raise Unauthenticated("token expired") from None
-        except jwt.InvalidTokenError as exc:
-            raise Unauthenticated(f"invalid token: {exc}") from None
+        claims = self._verified.get(text)
+        if claims is None:
+            claims = self._decode(text)
+            if len(self._verified) >= 1024:
+                self._verified.clear()
+            self._verified[text] = claims
         token_id = claims["jti"]
         row = (
             self._db()
@@ -276,8 +276,9 @@ class TokenAuthority:
             raise Unauthenticated(f"token {token_id} is not known to this store")
         if row[0] is not None:
             raise Unauthenticated(f"token {token_id} was revoked")
-        expires = row[1]
-        if expires is not None and (time.time() if now is None else now) >= expires:
+        expires, at = row[1], time.time() if now is None else now
+        exp = claims.get("exp")
+        if (expires is not None and at >= expires) or (isinstance(exp, int) and at >= exp):
             raise Unauthenticated("token expired")
         scopes = claims.get("scp")
         caches = claims.get("caches", ["*"])
@@ -286,6 +287,21 @@ class TokenAuthority:
         if not isinstance(caches, list) or not all(isinstance(c, str) for c in caches):
             raise Unauthenticated("invalid token: bad caches")
         return Claims(str(token_id), frozenset(scopes), tuple(caches), expires)
+
+    def _decode(self, text: str) -> dict[str, Any]:
+        import jwt
+
+        try:
+            return dict(
+                jwt.decode(
+                    text,
+                    self._signing_key(create=False),
+                    algorithms=[_ALGORITHM],
+                    options={"require": ["jti", "iat"], "verify_exp": False},
+                )
+            )
+        except jwt.InvalidTokenError as exc:
+            raise Unauthenticated(f"invalid token: {exc}") from None
 
     def authorize(self, text: str | None, scope: str, cache: str, needed: bool) -> Claims | None:
         """Check a request's token for ``scope`` on ``cache``.
