@@ -12,7 +12,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 
-from benchmarks import castore, disk, gc, mount, nar_bridge, nar_dump, service, shared, store
+from benchmarks import (
+    castore,
+    disk,
+    gc,
+    mount,
+    nar_bridge,
+    nar_dump,
+    progress,
+    service,
+    shared,
+    store,
+)
 from benchmarks.common import RESULTS, update_results
 
 
@@ -34,7 +45,7 @@ def _register(module: ModuleType) -> Benchmark:
 # after castore deletes its stores, `nix-store --add` spends 7-8 s in the kernel
 # (2.5-3.6 s otherwise), even after an fstrim. The disk benchmark (issue 13)
 # runs last: it deletes a 4 GiB file and two 4 GiB stores.
-_MODULES = [nar_dump, store, castore, nar_bridge, gc, mount, shared, service, disk]
+_MODULES = [nar_dump, store, castore, nar_bridge, gc, mount, shared, service, progress, disk]
 BENCHMARKS = {b.name: b for b in map(_register, _MODULES)}
 
 

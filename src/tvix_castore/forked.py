@@ -260,11 +260,13 @@ def run_forked(
     batches: Sequence[Files],
     workers: int,
     cancel: threading.Event | None = None,
+    on_done: Callable[[int], None] | None = None,
 ) -> list[Results]:
     """Ingest ``batches`` in ``workers`` forked processes (blocking); per batch its results.
 
     Setting ``cancel`` stops it within a fraction of a second (``Cancelled``):
-    workers get no more batches and exit after the current one.
+    workers get no more batches and exit after the current one. ``on_done``
+    is called (on this thread) with each batch's number as its results arrive.
     """
     out: list[Results | None] = [None] * len(batches)
     pool: list[_Worker] = []
@@ -307,6 +309,8 @@ def run_forked(
                     out[msg[1]] = msg[2]
                     w.queued -= 1
                     w.give(take())
+                    if on_done is not None:
+                        on_done(msg[1])
                 elif len(msg) > 2 and msg[2] is not None:  # out of space: say so, typed
                     raise StorageFull("", msg[2], message=f"ingestion worker failed: {msg[1]}")
                 else:

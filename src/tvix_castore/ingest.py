@@ -30,6 +30,7 @@ from tvix_castore.nodes import (
     SymlinkNode,
     check_directory_size,
 )
+from tvix_castore.progress import Progress
 
 __all__ = [
     "DEFAULT_CONCURRENCY",
@@ -257,9 +258,13 @@ async def ingest_tree(
     concurrency: int = DEFAULT_CONCURRENCY,
     fork: bool | None = None,
     collect: MutableMapping[B3Digest, Directory] | None = None,
+    progress: Progress | None = None,
 ) -> Node:
-    """Ingest a scanned tree (see :func:`ingest_path`); ``collect`` receives its Directories."""
-    await upload_files(tree, blobs, concurrency=concurrency, fork=fork)
+    """Ingest a scanned tree (see :func:`ingest_path`); ``collect`` receives its Directories.
+
+    ``progress`` is as :func:`upload_files`'s.
+    """
+    await upload_files(tree, blobs, concurrency=concurrency, fork=fork, progress=progress)
     return await put_directories(tree, directories, collect=collect)
 
 
@@ -269,8 +274,13 @@ async def upload_files(
     *,
     concurrency: int = DEFAULT_CONCURRENCY,
     fork: bool | None = None,
+    progress: Progress | None = None,
 ) -> None:
-    """The first half of :func:`ingest_tree`: every file's blob, its node kept in ``tree``."""
+    """The first half of :func:`ingest_tree`: every file's blob, its node kept in ``tree``.
+
+    ``progress`` is told the tree's files and bytes, then after each batch
+    (up to ``_BATCH_FILES`` small files, or one large one) what it held.
+    """
     files = tree.files
 
     def fail(f: ScannedFile, exc: Exception) -> IngestionError:
@@ -286,6 +296,8 @@ async def upload_files(
 
     async def upload(batch: list[ScannedFile]) -> None:
         record(batch, await blobs.ingest_files([(f.path, f.size) for f in batch]))
+        if progress is not None:
+            progress.advance(len(batch), sum(f.size for f in batch))
 
     # Large files first, largest first (keeps both cores busy to the end), one
     # batch each; then small files in batches (one thread hand-off each), in
@@ -305,13 +317,17 @@ async def upload_files(
             current, current_bytes = [], 0
     if current:
         batches.append(current)
-    large = concurrency > 1 and len(batches) > 1 and sum(f.size for f in files) >= _FORK_MIN
+    size = sum(f.size for f in files)
+    if progress is not None:
+        progress.total(items=len(files), bytes=size)
+    large = concurrency > 1 and len(batches) > 1 and size >= _FORK_MIN
     forker = blobs.forked_ingest() if batches and want_fork(fork, large=large) else None
     if forker is not None:
         jobs = [[(f.path, f.size) for f in batch] for batch in batches]
         cancel = threading.Event()
         try:
-            done = await asyncio.to_thread(run_forked, forker, jobs, concurrency, cancel)
+            told = None if progress is None else _per_batch(progress, batches)
+            done = await asyncio.to_thread(run_forked, forker, jobs, concurrency, cancel, told)
         except asyncio.CancelledError:
             cancel.set()  # the thread stops its workers and returns soon
             raise
@@ -319,6 +335,11 @@ async def upload_files(
             record(batch, results)
     else:
         await _in_threads(batches, upload, concurrency)
+
+
+def _per_batch(progress: Progress, batches: list[list[ScannedFile]]) -> Callable[[int], None]:
+    """Tell ``progress`` of a batch's files and bytes, given its number."""
+    return lambda n: progress.advance(len(batches[n]), sum(f.size for f in batches[n]))
 
 
 async def put_directories(

@@ -20,6 +20,7 @@ import click
 from nix_compat.errors import NixCompatError
 from tvix_castore.errors import CastoreError
 from tvix_castore.rpc import DEFAULT_MAX_UPLOAD_STREAMS
+from tvix_store.progress import no_progress_option
 
 __all__ = ["main"]
 
@@ -326,21 +327,23 @@ def nar_bridge(listen_address: str, **kw: Any) -> None:
 
 @main.command("import")
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
+@no_progress_option
 @service_options
-def import_(paths: tuple[str, ...], **kw: Any) -> None:
+def import_(paths: tuple[str, ...], no_progress: bool, **kw: Any) -> None:
     """Import filesystem PATHS; print each store path (as ``nix-store --add`` would)."""
-    from tvix_store.importer import import_path
+    from tvix_store.importer import base_name_of, import_path
+    from tvix_store.progress import Progress, shown
 
-    async def run() -> None:
+    async def run(progress: Progress) -> None:
         store = await _open(kw)
         async with store:
             for path in paths:
-                if sys.stderr.isatty():
-                    print(f"importing {path} ...", file=sys.stderr, flush=True)
-                info = await import_path(path, store)
-                print(info.store_path.absolute, flush=True)
+                progress.stage(f"import {base_name_of(path) or path}")
+                info = await import_path(path, store, progress)
+                progress.result(info.store_path.absolute)
 
-    _run(run())
+    with shown(no_progress) as progress:
+        _run(run(progress))
 
 
 @main.command()
@@ -351,8 +354,9 @@ def import_(paths: tuple[str, ...], **kw: Any) -> None:
     show_default=True,
     help="Read /nix/store paths below this directory (e.g. a chroot store).",
 )
+@no_progress_option
 @service_options
-def copy(closure_file: str, root: str, **kw: Any) -> None:
+def copy(closure_file: str, root: str, no_progress: bool, **kw: Any) -> None:
     """Import the closure listed in CLOSURE_FILE, dependencies first.
 
     CLOSURE_FILE is exportReferencesGraph JSON ({"closure": [...]}) or the output
@@ -361,16 +365,23 @@ def copy(closure_file: str, root: str, **kw: Any) -> None:
     Prints each imported store path.
     """
     from tvix_store.copy import copy_closure, read_closure_file
+    from tvix_store.progress import Progress, shown
 
-    async def run() -> None:
+    async def run(progress: Progress) -> None:
         entries = read_closure_file(closure_file)
         store = await _open(kw)
         async with store:
+            progress.stage("copy", unit="paths")
             await copy_closure(
-                entries, store, root=root, on_imported=lambda p: print(p.absolute, flush=True)
+                entries,
+                store,
+                root=root,
+                on_imported=lambda p: progress.result(p.absolute),
+                progress=progress,
             )
 
-    _run(run())
+    with shown(no_progress) as progress:
+        _run(run(progress))
 
 
 def _store_path_arg(text: str) -> tuple[Any, str]:
@@ -668,7 +679,10 @@ def compact(min_garbage: float, recompress: bool, as_json: bool) -> None:
     " this store recorded.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def fsck(deep: bool, repair: bool, upstreams: tuple[str, ...], as_json: bool) -> None:
+@no_progress_option
+def fsck(
+    deep: bool, repair: bool, upstreams: tuple[str, ...], as_json: bool, no_progress: bool
+) -> None:
     """Check the embedded store for damaged content and say which paths it breaks.
 
     Verifies every pack frame and index row, every path's closure (Directories
@@ -679,6 +693,7 @@ def fsck(deep: bool, repair: bool, upstreams: tuple[str, ...], as_json: bool) ->
     """
     from tvix_store.embedded import Embedded, data_dir
     from tvix_store.fsck import fsck as run_fsck
+    from tvix_store.progress import shown
     from tvix_store.repair import Source, open_source
     from tvix_store.repair import repair as run_repair
 
@@ -695,7 +710,8 @@ def fsck(deep: bool, repair: bool, upstreams: tuple[str, ...], as_json: bool) ->
         try:
             for url in upstreams:  # (a bad URL is an error before anything is checked)
                 sources.append(await open_source(url, store))
-            report = await run_fsck(store, deep=deep)
+            with shown(no_progress) as progress:
+                report = await run_fsck(store, deep=deep, progress=progress)
             if repair:
                 await run_repair(store, report, sources)
             return report

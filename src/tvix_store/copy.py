@@ -24,6 +24,7 @@ from tvix_castore.errors import DataCorruption, ValidationError
 from tvix_store.config import Store
 from tvix_store.importer import ingest_and_hash, record
 from tvix_store.pathinfo import PathInfo
+from tvix_store.progress import NULL, Progress
 from tvix_store.verify import check_ca, check_ca_content
 
 __all__ = ["ClosureEntry", "copy_closure", "parse_closure"]
@@ -116,11 +117,13 @@ async def copy_closure(
     *,
     root: str = "/",
     on_imported: Callable[[StorePath], None] | None = None,
+    progress: Progress = NULL,
 ) -> list[StorePath]:
     """Import every entry not yet in ``store``, dependencies first; return what was imported.
 
     Files are read from ``<root>/nix/store/...`` (``root`` lets a chroot store
-    be the source).
+    be the source). ``progress`` is told the paths to import and their NAR
+    bytes (as the closure claims them), then each path imported.
     """
     known = {e.path for e in entries}
     for e in entries:
@@ -128,9 +131,11 @@ async def copy_closure(
             if ref not in known and await store.pathinfos.get(ref.digest) is None:
                 raise ValidationError(f"{e.path} refers to {ref}, neither listed nor stored")
     imported: list[StorePath] = []
-    for e in _dependency_order(entries):
-        if await store.pathinfos.get(e.path.digest) is not None:
-            continue
+    todo = [
+        e for e in _dependency_order(entries) if await store.pathinfos.get(e.path.digest) is None
+    ]
+    progress.total(items=len(todo), bytes=sum(e.nar_size for e in todo))
+    for e in todo:
         fs_path = os.path.join(root, e.path.absolute.lstrip("/"))
         tree = await ingest_and_hash(fs_path, store)
         if tree.nar_size != e.nar_size or tree.nar_sha256 != e.nar_sha256:
@@ -152,6 +157,7 @@ async def copy_closure(
         await check_ca_content(info, store.blobs, store.directories)
         await record(store, tree, info)
         imported.append(e.path)
+        progress.advance(1, e.nar_size)
         if on_imported is not None:
             on_imported(e.path)
     return imported

@@ -33,6 +33,7 @@ from tvix_castore.packstore.verify import PackCheck, check_packs
 from tvix_store.embedded import Embedded
 from tvix_store.nar.render import calculate_nar
 from tvix_store.pathinfo import PathInfo
+from tvix_store.progress import NULL, Progress
 
 __all__ = ["DamagedPath", "FsckReport", "closure_problem", "fsck"]
 
@@ -220,18 +221,27 @@ class _Closures:
         return None
 
 
-async def fsck(store: Embedded, *, deep: bool = False) -> FsckReport:
-    """Check the embedded store ``store`` (see the module) and mark damaged paths."""
+async def fsck(store: Embedded, *, deep: bool = False, progress: Progress = NULL) -> FsckReport:
+    """Check the embedded store ``store`` (see the module) and mark damaged paths.
+
+    ``progress`` shows two steps: the pack frames, then the paths (with
+    ``deep``, weighed by their NarSize).
+    """
     import asyncio
 
     start = time.monotonic()
     blobs = store.blobs()
-    packs = await asyncio.to_thread(check_packs, blobs.reader)
+    progress.stage("fsck: packs", unit="frames")
+    packs = await asyncio.to_thread(
+        check_packs, blobs.reader, None if progress is NULL else progress
+    )
     report = FsckReport(packs, deep=deep)
     closures = _Closures(store, packs.bad)
     directories = store.directories()
     nar = store.nar(blobs, directories)
+    progress.stage("fsck: paths", unit="paths")
     infos: list[PathInfo] = [pi async for pi in store.pathinfos().list()]
+    progress.total(items=len(infos), bytes=sum(pi.nar_size for pi in infos) if deep else None)
     for pi in infos:
         report.paths += 1
         why = await asyncio.to_thread(closures.why, pi.node)
@@ -251,6 +261,7 @@ async def fsck(store: Embedded, *, deep: bool = False) -> FsckReport:
             # mark), but every frame and its whole closure verified just now.
             await nar.clear_damage(pi.node)
             report.cleared.append(pi.store_path.absolute)
+        progress.advance(1, pi.nar_size if deep else 0)
     report.directories, report.files = closures.directories, closures.files
     report.seconds = time.monotonic() - start
     return report

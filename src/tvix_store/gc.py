@@ -62,6 +62,7 @@ from tvix_store.leases import live_leases
 from tvix_store.pathinfo import PathInfo
 from tvix_store.pathinfoservice.sqlite import GenerationChanged
 from tvix_store.pins import Pins
+from tvix_store.progress import NULL, Progress
 
 __all__ = ["GC_GRACE", "GcBusy", "GcReport", "Referenced", "collect", "delete_paths"]
 
@@ -202,7 +203,10 @@ def _closure(roots: Iterable[bytes], infos: dict[bytes, PathInfo]) -> set[bytes]
 class _Content:
     """The indexed content of the store, and marking through it."""
 
-    def __init__(self, store: Embedded, now: float, grace: float) -> None:
+    def __init__(
+        self, store: Embedded, now: float, grace: float, progress: Progress = NULL
+    ) -> None:
+        self.progress = progress  # told each batch of Directories marked
         blobs = store.blobs()
         self.reader = blobs.reader
         index = blobs.index
@@ -231,7 +235,7 @@ class _Content:
     def unmarked(self) -> _Content:
         """The same tables without marks (to ask what some nodes reach)."""
         probe = copy.copy(self)
-        probe.marked, probe.missing = set(), set()
+        probe.marked, probe.missing, probe.progress = set(), set(), NULL
         return probe
 
     def is_directory(self, digest: bytes) -> bool:
@@ -280,6 +284,7 @@ class _Content:
                     for f in msg.files:
                         self._file(bytes(f.digest))
                     below += [bytes(d.digest) for d in msg.directories]
+                self.progress.advance(len(batch))
             level = [d for d in dict.fromkeys(below) if d not in self.marked]
 
     def protect_fresh(self) -> int:
@@ -335,7 +340,10 @@ def _node_content(node: Node) -> bytes | None:
 
 
 class _Collector:
-    def __init__(self, store: Embedded, report: GcReport, now: float) -> None:
+    def __init__(
+        self, store: Embedded, report: GcReport, now: float, progress: Progress = NULL
+    ) -> None:
+        self.progress = progress
         self.store = store
         self.report = report
         self.now = now
@@ -384,7 +392,7 @@ class _Collector:
         r.pinned_paths = len(_closure(pinned, infos))
         doomed_paths = sorted(set(infos) - kept)
         r.deleted_paths = sorted(infos[d].store_path.absolute for d in doomed_paths)
-        content = _Content(self.store, self.now, r.grace)
+        content = _Content(self.store, self.now, r.grace, self.progress)
         content.mark(infos[d].node for d in kept)
         drop_uploads: list[bytes] = []
         late: list[Node] = []
@@ -486,13 +494,18 @@ def collect(
     dry_run: bool = False,
     wait: float = 0.0,
     min_garbage: float = 0.2,
+    progress: Progress = NULL,
 ) -> GcReport:
-    """Collect the garbage of ``store`` (blocking; see the module)."""
+    """Collect the garbage of ``store`` (blocking; see the module).
+
+    ``progress`` shows the steps: the Directories marked (how many is not
+    known before), the content swept (one transaction), the packs compacted.
+    """
     start = time.monotonic()
     now = time.time()
     report = GcReport(dry_run=dry_run, keep_since=keep_since, grace=grace)
     fd = _open_lock(store.home, LOCK_NAME)
-    c = _Collector(store, report, now)
+    c = _Collector(store, report, now, progress)
     try:
         c.check_legacy()
         report.bytes_before = report.bytes_after = store_bytes(store.home)
@@ -500,6 +513,9 @@ def collect(
         removed: list[str] = []
         while True:
             report.marks += 1
+            progress.stage(
+                "gc: mark" if report.marks == 1 else "gc: mark again", unit="directories"
+            )
             t = time.monotonic()
             gen, doomed_paths, content, drop_uploads, purges = c.mark()
             doomed = content.doomed()
@@ -512,12 +528,16 @@ def collect(
             if dry_run:
                 break
             t = time.monotonic()
+            progress.stage(
+                "gc: sweep", unit="items", items=len(doomed), bytes=report.content_bytes or None
+            )
             try:
                 if doomed_paths:
                     store.pathinfos().delete_sync(doomed_paths, expect_generation=gen)
                     removed += report.deleted_paths
                     gen += 1
                 c.sweep(gen, content, doomed, drop_uploads)
+                progress.advance(len(doomed), report.content_bytes)
             except (GenerationChanged, _Changed) as exc:
                 leased = exc.leased if isinstance(exc, _Changed) else []
                 report.sweep_seconds += time.monotonic() - t
@@ -534,8 +554,13 @@ def collect(
             report.sweep_seconds += time.monotonic() - t
             t = time.monotonic()
             must = c.purge_packs(content, purges)
+            progress.stage("gc: compact", unit="packs")
             stats = compact(
-                store.blobs(), min_garbage=min_garbage, live_records=store.live_records, must=must
+                store.blobs(),
+                min_garbage=min_garbage,
+                live_records=store.live_records,
+                must=must,
+                progress=None if progress is NULL else progress,
             )
             report.purge_pending = sorted(must - set(stats.rewritten))
             if not report.purge_pending and purges:

@@ -29,6 +29,7 @@ from tvix_store.config import Store
 from tvix_store.nar.dirplan import Hint
 from tvix_store.nar.render import calculate_nar
 from tvix_store.pathinfo import PathInfo
+from tvix_store.progress import NULL, Progress
 
 __all__ = ["IngestedTree", "base_name_of", "import_path", "ingest_and_hash", "record"]
 
@@ -57,7 +58,9 @@ class IngestedTree:
     hints: Mapping[bytes, Hint] | None = None  # where its blobs were read back from
 
 
-async def ingest_and_hash(path: str | os.PathLike[str], store: Store) -> IngestedTree:
+async def ingest_and_hash(
+    path: str | os.PathLike[str], store: Store, progress: Progress = NULL
+) -> IngestedTree:
     """Ingest the tree at ``path`` and hash its NAR, consistently.
 
     With the embedded store, the tree is read once: ingested into the packs in
@@ -73,14 +76,18 @@ async def ingest_and_hash(path: str | os.PathLike[str], store: Store) -> Ingeste
     NarHash that does not describe the stored content. If an entry changed
     within a second of the scan (too close for timestamps to tell), the
     NarHash is computed from castore instead.
+
+    Once the tree is scanned, ``progress`` is told its files and bytes, then
+    each batch of them uploaded.
     """
     closure: dict[B3Digest, Directory] = {}
+    told = None if progress is NULL else progress
     if store.nar.reader is not None and isinstance(store.blobs, PackBlobService):
         tree = await asyncio.to_thread(scan_tree, path, fingerprints=False)
-        return await _ingest_then_hash(tree, store, store.blobs, closure)
+        return await _ingest_then_hash(tree, store, store.blobs, closure, told)
     tree = await asyncio.to_thread(scan_tree, path)
     node, (nar_size, nar_sha256) = await asyncio.gather(
-        ingest_tree(tree, store.blobs, store.directories, collect=closure),
+        ingest_tree(tree, store.blobs, store.directories, collect=closure, progress=told),
         asyncio.to_thread(nar_hash_path, path),
     )
     changed = await asyncio.to_thread(tree.changed)
@@ -128,11 +135,15 @@ class _InTxn(BlobService):
 
 
 async def _ingest_then_hash(
-    tree: ScannedTree, store: Store, blobs: PackBlobService, closure: dict[B3Digest, Directory]
+    tree: ScannedTree,
+    store: Store,
+    blobs: PackBlobService,
+    closure: dict[B3Digest, Directory],
+    progress: Progress | None,
 ) -> IngestedTree:
     txn = blobs.transaction()
     try:
-        await upload_files(tree, _InTxn(blobs, txn))
+        await upload_files(tree, _InTxn(blobs, txn), progress=progress)
         await asyncio.to_thread(txn.commit)  # (one fsync; then the blobs are indexed)
     finally:
         if not txn.done:
@@ -170,14 +181,17 @@ async def record(store: Store, tree: IngestedTree, info: PathInfo) -> PathInfo:
     return stored
 
 
-async def import_path(path: str | os.PathLike[str], store: Store) -> PathInfo:
+async def import_path(
+    path: str | os.PathLike[str], store: Store, progress: Progress = NULL
+) -> PathInfo:
     """Ingest ``path`` and record it under the store path ``nix-store --add`` gives.
 
-    See :func:`ingest_and_hash`; the PathInfo is written only after all content
-    is committed, so an interrupted import leaves no dangling path.
+    See :func:`ingest_and_hash` (also for ``progress``); the PathInfo is
+    written only after all content is committed, so an interrupted import
+    leaves no dangling path.
     """
     name = validate_name(base_name_of(os.fspath(path)))
-    tree = await ingest_and_hash(path, store)
+    tree = await ingest_and_hash(path, store, progress)
     ca = CAHash(CAKind.NAR, NixHash(HashAlgo.SHA256, tree.nar_sha256))
     store_path = build_ca_path(name, ca)
     info = PathInfo(

@@ -13,6 +13,7 @@ import click
 from nix_compat.errors import NixCompatError
 from nix_compat.store_path import StorePath
 from tvix_castore.errors import CastoreError
+from tvix_store.progress import no_progress_option
 
 __all__ = ["COMMANDS", "parse_duration"]
 
@@ -229,6 +230,7 @@ def delete(store_paths: tuple[str, ...], with_referrers: bool) -> None:
     metavar="URL",
     help="postgresql://…: collect the shared store (S3 + PostgreSQL) instead of the embedded one.",
 )
+@no_progress_option
 def gc(
     dry_run: bool,
     keep_since: float | None,
@@ -238,6 +240,7 @@ def gc(
     as_json: bool,
     blob_service_addr: str | None,
     path_info_service_addr: str | None,
+    no_progress: bool,
 ) -> None:
     """Collect garbage: mark from pins and kept paths, sweep the rest, compact the packs.
 
@@ -246,21 +249,32 @@ def gc(
     sweep was deferred.
     """
     from tvix_store.gc import collect
+    from tvix_store.progress import shown
 
     if path_info_service_addr or blob_service_addr:
-        _gc_shared(blob_service_addr, path_info_service_addr, keep_since, grace, dry_run, as_json)
+        _gc_shared(
+            blob_service_addr,
+            path_info_service_addr,
+            keep_since,
+            grace,
+            dry_run,
+            as_json,
+            no_progress,
+        )
         return
 
-    report = _with_store(
-        lambda store: collect(
-            store,
-            keep_since=keep_since,
-            grace=grace,
-            dry_run=dry_run,
-            wait=wait,
-            min_garbage=min_garbage,
+    with shown(no_progress) as progress:
+        report = _with_store(
+            lambda store: collect(
+                store,
+                keep_since=keep_since,
+                grace=grace,
+                dry_run=dry_run,
+                wait=wait,
+                min_garbage=min_garbage,
+                progress=progress,
+            )
         )
-    )
     _print_gc_report(report, as_json)
 
 
@@ -281,6 +295,7 @@ def _gc_shared(
     grace: float,
     dry_run: bool,
     as_json: bool,
+    no_progress: bool,
 ) -> None:
     from tvix_castore.postgres import POSTGRES_SCHEMES
 
@@ -292,11 +307,15 @@ def _gc_shared(
     if keep_since is not None:
         raise click.UsageError("--keep-since is not supported on a shared store yet")
     from tvix_castore.registry import blob_service_from_url
+    from tvix_store.progress import shown
     from tvix_store.sharedgc import collect_shared
 
     try:
         blobs = blob_service_from_url(blob_url)
-        report = collect_shared(blobs, pathinfo_url, grace=grace, dry_run=dry_run)
+        with shown(no_progress) as progress:
+            report = collect_shared(
+                blobs, pathinfo_url, grace=grace, dry_run=dry_run, progress=progress
+            )
     except CastoreError as exc:
         raise click.ClickException(str(exc)) from exc
     _print_gc_report(report, as_json)

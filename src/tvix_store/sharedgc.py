@@ -48,6 +48,7 @@ from tvix_castore.protos import rpc_blobstore_pb2
 from tvix_store.leases import LEASE_TTL
 from tvix_store.narindex import decode_entry
 from tvix_store.pathinfoservice.base import stored_pathinfo
+from tvix_store.progress import NULL, Progress
 
 if TYPE_CHECKING:
     import psycopg
@@ -161,7 +162,8 @@ def _files(node: Node) -> Iterable[bytes]:
 
 
 class _Mark:
-    def __init__(self, grace: float) -> None:
+    def __init__(self, grace: float, progress: Progress = NULL) -> None:
+        self.progress = progress
         self.grace = grace
         self.started = 0.0
         self.paths = 0
@@ -190,6 +192,7 @@ class _Mark:
             for digest, data in rows:
                 self._root(stored_pathinfo(bytes(digest), bytes(data)).node)
                 self.paths += 1
+            self.progress.advance(len(rows))
             after = bytes(rows[-1][0])
         for sha, node in conn.execute(
             "SELECT nar_sha256, node FROM nar_index WHERE added > %s",
@@ -206,16 +209,18 @@ class _Mark:
         ).fetchall()
         self.dirs = {bytes(r[0]) for r in rows}
         live = list(self.dirs)
+        self.progress.total(items=len(live))
         for i in range(0, len(live), _BATCH):
+            batch = live[i : i + _BATCH]
             for digest, data in conn.execute(
-                "SELECT digest, data FROM directories WHERE digest = ANY(%s)",
-                (live[i : i + _BATCH],),
+                "SELECT digest, data FROM directories WHERE digest = ANY(%s)", (batch,)
             ):
                 d = B3Digest(bytes(digest))
                 if B3Digest.of(bytes(data)) != d:
                     raise DataCorruption(f"stored directory {d} does not match its digest")
                 directory = Directory.from_bytes(bytes(data))
                 self.blobs.update(f.digest.raw for f in directory.files)
+            self.progress.advance(len(batch))
 
     def old_directories(self, conn: psycopg.Connection[tuple[Any, ...]]) -> tuple[list[bytes], int]:
         """Unmarked Directories written before the grace period, and how many younger."""
@@ -249,7 +254,9 @@ def _objects(store: CloudObjectStore, mark: _Mark, report: SharedGcReport) -> li
     """Keys of unmarked objects older than the grace period (chunks of marked blobs kept)."""
     cutoff = mark.started - mark.grace
     indexes: dict[bytes, tuple[str, int, float]] = {}
+    progress = mark.progress
     for key, size, modified in store.list_sync("blobs/"):
+        progress.advance(1, size)
         raw = _digest_of(key)
         if raw is not None:
             indexes[raw] = (key, size, modified)
@@ -276,6 +283,7 @@ def _objects(store: CloudObjectStore, mark: _Mark, report: SharedGcReport) -> li
             else:
                 report.kept_young += 1
     for key, size, modified in store.list_sync("chunks/"):
+        progress.advance(1, size)
         raw = _digest_of(key)
         if raw is not None and raw not in live_chunks:
             if modified < cutoff:
@@ -287,9 +295,17 @@ def _objects(store: CloudObjectStore, mark: _Mark, report: SharedGcReport) -> li
 
 
 def collect_shared(
-    blobs: Any, pathinfo_url: str, *, grace: float, dry_run: bool = False
+    blobs: Any,
+    pathinfo_url: str,
+    *,
+    grace: float,
+    dry_run: bool = False,
+    progress: Progress = NULL,
 ) -> SharedGcReport:
     """Collect what nothing refers to in an S3 (or GCS, Azure) + PostgreSQL store (blocking).
+
+    ``progress`` shows the steps: paths marked, live Directories read,
+    objects listed, then what the sweep deletes.
 
     Raises:
         ConfigError: the blob service is not on object storage.
@@ -315,11 +331,14 @@ def collect_shared(
             row = lock_conn.execute("SELECT pg_try_advisory_lock(%s)", (_GC_LOCK,)).fetchone()
             if not row or not row[0]:
                 raise StorageUnavailable("another garbage collection of this store is running")
-            mark = _Mark(grace)
+            mark = _Mark(grace, progress)
+            progress.stage("gc: mark", unit="paths")
             db.run("marking", mark.roots)
+            progress.stage("gc: mark directories", unit="directories")
             db.run("marking directories", mark.directories)
             doomed_dirs, young = db.run("finding garbage directories", mark.old_directories)
             report.kept_young += young
+            progress.stage("gc: list objects", unit="objects")
             doomed_objects = _objects(store, mark, report)
             report.paths = mark.paths
             report.live_directories, report.live_blobs = len(mark.dirs), len(mark.blobs)
@@ -347,7 +366,10 @@ def collect_shared(
             if report.deferred:
                 return report
             try:
-                _sweep(db, store, sweep, doomed_dirs, doomed_objects)
+                progress.stage(
+                    "gc: sweep", unit="items", items=len(doomed_objects) + len(doomed_dirs)
+                )
+                _sweep(db, store, sweep, doomed_dirs, doomed_objects, progress)
             finally:
 
                 def end(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
@@ -360,7 +382,12 @@ def collect_shared(
 
 
 def _sweep(
-    db: Database, store: CloudObjectStore, sweep: str, dirs: list[bytes], keys: list[str]
+    db: Database,
+    store: CloudObjectStore,
+    sweep: str,
+    dirs: list[bytes],
+    keys: list[str],
+    progress: Progress,
 ) -> None:
     def renew(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
         conn.execute(
@@ -370,7 +397,9 @@ def _sweep(
 
     for i in range(0, len(keys), _BATCH):
         db.run("renewing the sweep", renew)
-        store.delete_sync(keys[i : i + _BATCH])
+        doomed = keys[i : i + _BATCH]
+        store.delete_sync(doomed)
+        progress.advance(len(doomed))
     for i in range(0, len(dirs), _BATCH):
         batch = dirs[i : i + _BATCH]
 
@@ -379,3 +408,4 @@ def _sweep(
             conn.execute("DELETE FROM directories WHERE digest = ANY(%s)", (batch,))
 
         db.run("deleting directories", drop)
+        progress.advance(len(batch))

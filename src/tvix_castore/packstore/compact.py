@@ -64,6 +64,7 @@ from tvix_castore.packstore.format import (
 from tvix_castore.packstore.index import ChunkedRow, FrameRow, parse_chunk_list
 from tvix_castore.packstore.reader import Legacy, Member
 from tvix_castore.packstore.writer import PACK_SUFFIX, chunk_list
+from tvix_castore.progress import Progress
 
 if TYPE_CHECKING:
     import sqlite3
@@ -250,6 +251,15 @@ class _Out:
         self.txn.abort()
 
 
+def _sizes(pack_dir: Path, names: Sequence[str]) -> dict[str, int]:
+    """Each pack's size on disk (for progress; a pack gone meanwhile counts 0)."""
+    out = {}
+    for name in names:
+        with contextlib.suppress(OSError):
+            out[name] = os.stat(pack_dir / name).st_size
+    return out
+
+
 class _Compactor:
     def __init__(
         self,
@@ -260,8 +270,10 @@ class _Compactor:
         grace: float,
         stats: CompactStats,
         must: Collection[str] = (),
+        progress: Progress | None = None,
     ) -> None:
         self.must = frozenset(must)
+        self.progress = progress
         self.svc = svc
         self.index = svc.index
         self.reader = svc.reader
@@ -280,18 +292,26 @@ class _Compactor:
             names = sorted(n for n in os.listdir(self.pack_dir) if n.endswith(PACK_SUFFIX))
         except FileNotFoundError:
             return
+        sizes = _sizes(self.pack_dir, names) if self.progress is not None else {}
+        if self.progress is not None:
+            self.progress.total(items=len(names), bytes=sum(sizes.values()))
         for name in names:
-            if name == self.svc.writer.current or name in self.created:
-                continue
-            self.stats.packs_examined += 1
-            fd = _lock(self.pack_dir / name)
-            if fd is None:
-                self.stats.packs_skipped_locked += 1
-                continue
-            try:
-                self._v2_pack(name, fd)
-            finally:
-                os.close(fd)
+            self._examine(name)
+            if self.progress is not None:
+                self.progress.advance(1, sizes.get(name, 0))
+
+    def _examine(self, name: str) -> None:
+        if name == self.svc.writer.current or name in self.created:
+            return
+        self.stats.packs_examined += 1
+        fd = _lock(self.pack_dir / name)
+        if fd is None:
+            self.stats.packs_skipped_locked += 1
+            return
+        try:
+            self._v2_pack(name, fd)
+        finally:
+            os.close(fd)
 
     def _live_chunk_lists(self, keys: list[bytes]) -> set[bytes]:
         found = self.index.lookup(keys)
@@ -680,6 +700,7 @@ def compact(
     live_records: LiveRecords | None = None,
     grace: float = _UNINDEXED_GRACE,
     must: Collection[str] = (),
+    progress: Progress | None = None,
 ) -> CompactStats:
     """Rewrite packs that are at least ``min_garbage`` garbage; convert all legacy data.
 
@@ -691,7 +712,9 @@ def compact(
     seconds) a pack that no index row names must be before it is touched.
     Packs named in ``must`` are rewritten whatever their garbage (the garbage
     collector purging a deleted path's bytes); :attr:`CompactStats.rewritten`
-    says which were.
+    says which were. ``progress`` is told the packs (and their bytes) to
+    examine, then each one as it is examined (the legacy layouts' conversion
+    is not counted).
     Raises ``StorageFull``/``StorageError`` (nothing is lost: what was not
     committed stays where it was); damaged data is left as it was and listed
     in :attr:`CompactStats.damaged`.
@@ -705,7 +728,7 @@ def compact(
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as exc:
         raise os_storage_error("opening the compaction lock", exc, lock_path) from exc
-    c = _Compactor(svc, min_garbage, recompress, live_records, grace, stats, must)
+    c = _Compactor(svc, min_garbage, recompress, live_records, grace, stats, must, progress)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # (one compaction of a store at a time)
         c.legacy()

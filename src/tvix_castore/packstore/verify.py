@@ -22,6 +22,7 @@ from tvix_castore.packstore.forkdecode import ForkedDecoder
 from tvix_castore.packstore.format import CONTENT_ADDRESSED
 from tvix_castore.packstore.index import FrameRef, parse_chunk_list
 from tvix_castore.packstore.reader import DecodedFrame, PackReader
+from tvix_castore.progress import Progress
 
 __all__ = ["DamagedFrame", "PackCheck", "check_packs"]
 
@@ -83,8 +84,11 @@ def _decoded(
             forked.close()
 
 
-def check_packs(reader: PackReader) -> PackCheck:
-    """Verify every frame the index names and every index row (blocking, read-only)."""
+def check_packs(reader: PackReader, progress: Progress | None = None) -> PackCheck:
+    """Verify every frame the index names and every index row (blocking, read-only).
+
+    ``progress`` is told the frames and their bytes in the packs, then each frame checked.
+    """
     start = time.monotonic()
     out = PackCheck()
     index = reader.index
@@ -105,8 +109,12 @@ def check_packs(reader: PackReader) -> PackCheck:
     for fid in orphans:  # (rows naming a frame the index does not have)
         for digest, _, _ in members.pop(fid):
             out.bad[digest] = f"its index row names frame {fid}, which is not indexed"
+    if progress is not None:
+        progress.total(items=len(refs), bytes=sum(r.length for r in refs))
     for ref, got in _decoded(reader, refs):
         out.frames += 1
+        if progress is not None:
+            progress.advance(1, ref.length)
         rows = members.get(ref.id, [])
         out.blobs += len(rows)
         if isinstance(got, str):
