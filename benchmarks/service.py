@@ -30,14 +30,14 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.common import WORK, machine
 from benchmarks.nar_bridge import STATIC_SERVER
+from benchmarks.nar_bridge import Server as BridgeServer
 
 NAME = "service"
 TITLE = "The exposed service: tokens on vs off, 64 clients (issue 17)"
@@ -56,20 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 @dataclass
-class Server:
-    url: str
-    proc: subprocess.Popen[bytes]
-    headers: dict[str, str]
-
-    @property
-    def host_port(self) -> tuple[str, int]:
-        parts = urllib.parse.urlsplit(self.url)
-        assert parts.hostname is not None and parts.port is not None
-        return parts.hostname, parts.port
-
-    def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+class Server(BridgeServer):
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 def _env(home: Path) -> dict[str, str]:

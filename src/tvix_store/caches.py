@@ -14,7 +14,6 @@ the whole store, as before.
 
 from __future__ import annotations
 
-import os
 import re
 import sqlite3
 import time
@@ -23,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from nix_compat.signing import SigningKey
-from tvix_castore.directoryservice.sqlite import connect, in_transaction, storage_error
+from tvix_castore.directoryservice.sqlite import in_transaction
 from tvix_castore.errors import NotFound, ValidationError
+from tvix_store.servicedb import open_service_db, service_db_path
 
 __all__ = ["RESERVED", "Cache", "CacheRegistry", "check_name"]
 
@@ -82,21 +82,13 @@ class CacheRegistry:
     """The named caches of one data directory."""
 
     def __init__(self, home: Path) -> None:
-        self.db = home / "service.sqlite"
+        self.db = service_db_path(home)
         self.home = home
         self._conn: sqlite3.Connection | None = None
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
-            self.home.mkdir(parents=True, exist_ok=True)
-            conn = connect(self.db)
-            try:
-                conn.executescript(_SCHEMA)
-            except sqlite3.Error as exc:
-                conn.close()
-                raise storage_error("creating the cache tables", exc, self.db) from exc
-            os.chmod(self.db, 0o600)  # (it holds the caches' secret keys)
-            self._conn = conn
+            self._conn = open_service_db(self.home, _SCHEMA, "cache")
         return self._conn
 
     def close(self) -> None:

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tvix_castore.directoryservice.sqlite import connect, in_transaction, storage_error
+from tvix_castore.directoryservice.sqlite import in_transaction
 from tvix_castore.errors import CastoreError, NotFound, ValidationError
+from tvix_store.servicedb import open_service_db, service_db_path
 
 __all__ = [
     "SCOPES",
@@ -123,7 +124,7 @@ class TokenAuthority:
         self.home = home
         env = os.environ.get("TVIX_STORE_TOKEN_KEY_FILE")
         self.key_file = key_file or (Path(env) if env else home / "token.key")
-        self.db = home / "service.sqlite"
+        self.db = service_db_path(home)
         self._conn: sqlite3.Connection | None = None
         self._key: bytes | None = None
         self._enforced = False  # (once on, never off: remembered)
@@ -134,14 +135,7 @@ class TokenAuthority:
     # -- storage ------------------------------------------------------------------------
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
-            self.home.mkdir(parents=True, exist_ok=True)
-            conn = connect(self.db)
-            try:
-                conn.executescript(_SCHEMA)
-            except sqlite3.Error as exc:
-                conn.close()
-                raise storage_error("creating the token tables", exc, self.db) from exc
-            self._conn = conn
+            self._conn = open_service_db(self.home, _SCHEMA, "token")
         return self._conn
 
     def close(self) -> None:
