@@ -9,9 +9,10 @@ from typing import TypeVar
 import click
 
 from nix_compat.errors import NixCompatError
-from nix_compat.signing import SigningKey
+from nix_compat.signing import SigningKey, VerifyingKey
 from tvix_castore.errors import CastoreError
 from tvix_store.caches import CacheRegistry, check_name
+from tvix_store.lifecycle_cli import parse_duration
 
 __all__ = ["command"]
 _T = TypeVar("_T")
@@ -48,17 +49,73 @@ def cache() -> None:
 _KEY_HELP = "Nix secret key file to sign this cache's narinfos with (repeatable)."
 
 
+def _verifying(keys: tuple[str, ...]) -> tuple[VerifyingKey, ...]:
+    try:
+        return tuple(VerifyingKey.parse(k) for k in keys)
+    except NixCompatError as exc:
+        raise click.BadParameter(f"upstream key: {exc}") from exc
+
+
+def _retention(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        seconds = parse_duration(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: not a duration (e.g. 30d, 12h)") from None
+    if seconds <= 0:
+        raise click.BadParameter("must be longer than 0")
+    return seconds
+
+
+_UPSTREAM_HELP = (
+    "A Nix binary cache (http(s)://…) to pull paths through from: a path not in this"
+    " cache is fetched from there once, stored with the rest and served signed by this"
+    " cache's keys."
+)
+_UPSTREAM_KEY_HELP = "A public key the upstream's narinfos must be signed by (repeatable)."
+_RETENTION_HELP = (
+    "A path leaves this cache (at the next gc) once it was not pushed or fetched"
+    " through it for this long (e.g. 30d). Default: paths stay."
+)
+
+
 @cache.command("create")
 @click.argument("name")
 @click.option("--priority", type=int, default=40, show_default=True)
 @click.option("--private", is_flag=True, help="Reads need a token with scope pull.")
 @click.option("--signing-key", "key_files", multiple=True, type=click.Path(dir_okay=False),
               help=_KEY_HELP + " Default: a new key named NAME-1.")  # fmt: skip
-def create(name: str, priority: int, private: bool, key_files: tuple[str, ...]) -> None:
+@click.option("--upstream", metavar="URL", default=None, help=_UPSTREAM_HELP)
+@click.option("--upstream-key", "upstream_keys", multiple=True, metavar="KEY",
+              help=_UPSTREAM_KEY_HELP)  # fmt: skip
+@click.option("--retention", metavar="DURATION", callback=_retention, help=_RETENTION_HELP)
+def create(
+    name: str,
+    priority: int,
+    private: bool,
+    key_files: tuple[str, ...],
+    upstream: str | None,
+    upstream_keys: tuple[str, ...],
+    retention: float | None,
+) -> None:
     """Create cache NAME; print its public key(s)."""
     _with_registry(lambda _: check_name(name))
+    if upstream_keys and upstream is None:
+        raise click.UsageError("--upstream-key is for --upstream")
+    trusted = _verifying(upstream_keys)
     keys = _keys(key_files) or (SigningKey.generate(f"{name}-1"),)
-    made = _with_registry(lambda r: r.create(name, priority, not private, keys))
+    made = _with_registry(
+        lambda r: r.create(
+            name,
+            priority,
+            not private,
+            keys,
+            upstream=upstream,
+            upstream_keys=trusted,
+            retention=retention,
+        )
+    )
     for key in made.signing_keys:
         click.echo(str(key.verifying_key()))
 
@@ -73,9 +130,12 @@ def list_(as_json: bool) -> None:
         return
     for c, n in rows:
         keys = " ".join(str(k.verifying_key()) for k in c.signing_keys)
+        extra = f"  upstream {c.upstream}" if c.upstream else ""
+        if c.retention is not None:
+            extra += f"  retention {c.retention:g}s"
         click.echo(
             f"{c.name}  priority {c.priority}  {'public' if c.public else 'private'}"
-            f"  {n} paths  {keys}"
+            f"  {n} paths  {keys}{extra}"
         )
 
 
@@ -85,12 +145,46 @@ def list_(as_json: bool) -> None:
 @click.option("--public/--private", "public", default=None)
 @click.option("--signing-key", "key_files", multiple=True, type=click.Path(dir_okay=False),
               help=_KEY_HELP + " Replaces the cache's keys.")  # fmt: skip
+@click.option("--upstream", metavar="URL", default=None, help=_UPSTREAM_HELP)
+@click.option("--upstream-key", "upstream_keys", multiple=True, metavar="KEY",
+              help=_UPSTREAM_KEY_HELP + " Replaces the upstream's keys.")  # fmt: skip
+@click.option("--no-upstream", is_flag=True, help="Stop pulling through (members stay).")
+@click.option("--retention", metavar="DURATION", callback=_retention, help=_RETENTION_HELP)
+@click.option("--keep-forever", is_flag=True, help="No retention: members stay until removed.")
 def configure(
-    name: str, priority: int | None, public: bool | None, key_files: tuple[str, ...]
+    name: str,
+    priority: int | None,
+    public: bool | None,
+    key_files: tuple[str, ...],
+    upstream: str | None,
+    upstream_keys: tuple[str, ...],
+    no_upstream: bool,
+    retention: float | None,
+    keep_forever: bool,
 ) -> None:
-    """Change cache NAME's priority, visibility or keys."""
-    keys = _keys(key_files) or None
-    _with_registry(lambda r: r.configure(name, priority, public, keys))
+    """Change cache NAME's priority, visibility, keys, upstream or retention."""
+    if no_upstream and (upstream is not None or upstream_keys):
+        raise click.UsageError("--no-upstream and --upstream/--upstream-key contradict")
+    if keep_forever and retention is not None:
+        raise click.UsageError("--keep-forever and --retention contradict")
+    changes: dict[str, object] = {}
+    if priority is not None:
+        changes["priority"] = priority
+    if public is not None:
+        changes["public"] = public
+    if key_files:
+        changes["signing_keys"] = _keys(key_files)
+    if upstream is not None:
+        changes["upstream"] = upstream
+    if upstream_keys:
+        changes["upstream_keys"] = _verifying(upstream_keys)
+    if no_upstream:
+        changes["upstream"], changes["upstream_keys"] = None, ()
+    if retention is not None:
+        changes["retention"] = retention
+    if keep_forever:
+        changes["retention"] = None
+    _with_registry(lambda r: r.configure(name, **changes))
 
 
 @cache.command("destroy")

@@ -5,7 +5,14 @@ and public/private flag. Its paths are its *members*: a path pushed to one
 cache is visible only there, while the NARs' content is stored once for all.
 A NAR counts for a cache only once it was uploaded to that cache (the bytes
 are hashed again: an uploader proves it has them), so a narinfo can name
-only a NAR its own cache received. Members are GC roots.
+only a NAR its own cache received. Members are GC roots, for as long as
+the cache's *retention* says: a member not pushed or fetched through its
+cache for that long stops being one at the next ``gc``.
+
+A cache may have an *upstream* Nix binary cache (pull-through): a path that
+is not a member yet is looked up there, checked against the upstream's
+trusted keys, ingested once into the shared store and becomes a member
+(:mod:`tvix_store.nar_bridge.pullthrough`).
 
 Configuration, members and NAR receipts live in ``service.sqlite`` in the
 data directory, beside the tokens. The unnamed default cache at ``/`` is
@@ -14,6 +21,7 @@ the whole store, as before.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import sqlite3
 import time
@@ -21,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nix_compat.signing import SigningKey
+from nix_compat.signing import SigningKey, VerifyingKey
 from tvix_castore.directoryservice.sqlite import in_transaction
 from tvix_castore.errors import NotFound, ValidationError
 from tvix_store.servicedb import open_service_db, service_db_path
@@ -37,6 +45,14 @@ CREATE INDEX IF NOT EXISTS cache_paths_digest ON cache_paths (digest);
 CREATE TABLE IF NOT EXISTS cache_nars (cache TEXT NOT NULL, nar_hash BLOB NOT NULL,
     added REAL NOT NULL, PRIMARY KEY (cache, nar_hash)) WITHOUT ROWID;
 """
+# Columns added after the first release of the tables: (table, column, definition).
+_ADDED_COLUMNS = (
+    ("caches", "upstream", "TEXT"),
+    ("caches", "upstream_keys", "TEXT NOT NULL DEFAULT ''"),
+    ("caches", "retention", "REAL"),
+    ("cache_paths", "accessed", "REAL"),
+)
+_COLUMNS = "name, created, priority, public, keys, upstream, upstream_keys, retention"
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 # First path segments of the binary cache and its pages: no cache may be called so.
 RESERVED = frozenset(
@@ -64,6 +80,12 @@ class Cache:
     priority: int
     public: bool
     signing_keys: tuple[SigningKey, ...]
+    upstream: str | None = None
+    """A Nix binary cache (``http(s)://…``) paths are pulled through from."""
+    upstream_keys: tuple[VerifyingKey, ...] = ()
+    """Keys one of which must have signed an upstream narinfo."""
+    retention: float | None = None
+    """Seconds a member stays one after it was last pushed or fetched (``None``: always)."""
 
     def as_json(self, paths: int | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -72,6 +94,9 @@ class Cache:
             "priority": self.priority,
             "public": self.public,
             "public_keys": [str(k.verifying_key()) for k in self.signing_keys],
+            "upstream": self.upstream,
+            "upstream_keys": [str(k) for k in self.upstream_keys],
+            "retention": self.retention,
         }
         if paths is not None:
             out["paths"] = paths
@@ -88,7 +113,13 @@ class CacheRegistry:
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
-            self._conn = open_service_db(self.home, _SCHEMA, "cache")
+            conn = open_service_db(self.home, _SCHEMA, "cache")
+            try:
+                in_transaction(conn, "upgrading the cache tables", _add_columns)
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
         return self._conn
 
     def close(self) -> None:
@@ -101,11 +132,7 @@ class CacheRegistry:
         if self._conn is None and not self.db.exists():
             return None
         row = (
-            self._db()
-            .execute(
-                "SELECT name, created, priority, public, keys FROM caches WHERE name = ?", (name,)
-            )
-            .fetchone()
+            self._db().execute(f"SELECT {_COLUMNS} FROM caches WHERE name = ?", (name,)).fetchone()
         )
         return None if row is None else _cache(row)
 
@@ -118,46 +145,49 @@ class CacheRegistry:
     def all(self) -> list[Cache]:
         if self._conn is None and not self.db.exists():
             return []
-        rows = self._db().execute(
-            "SELECT name, created, priority, public, keys FROM caches ORDER BY name"
-        )
+        rows = self._db().execute(f"SELECT {_COLUMNS} FROM caches ORDER BY name")
         return [_cache(r) for r in rows]
 
-    def create(self, name: str, priority: int, public: bool, keys: tuple[SigningKey, ...]) -> Cache:
+    def create(
+        self,
+        name: str,
+        priority: int,
+        public: bool,
+        keys: tuple[SigningKey, ...],
+        *,
+        upstream: str | None = None,
+        upstream_keys: tuple[VerifyingKey, ...] = (),
+        retention: float | None = None,
+    ) -> Cache:
         check_name(name)
-        cache = Cache(name, time.time(), priority, public, keys)
+        cache = Cache(name, time.time(), priority, public, keys, upstream, upstream_keys, retention)
+        _check(cache)
 
         def insert(conn: sqlite3.Connection) -> None:
             if conn.execute("SELECT 1 FROM caches WHERE name = ?", (name,)).fetchone():
                 raise ValidationError(f"cache {name!r} exists already")
             conn.execute(
-                "INSERT INTO caches (name, created, priority, public, keys) VALUES (?,?,?,?,?)",
-                (name, cache.created, priority, int(public), _keys_text(keys)),
+                f"INSERT INTO caches ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?)",
+                (name, cache.created, *_row(cache)),
             )
 
         in_transaction(self._db(), "creating a cache", insert)
         return cache
 
-    def configure(
-        self,
-        name: str,
-        priority: int | None = None,
-        public: bool | None = None,
-        keys: tuple[SigningKey, ...] | None = None,
-    ) -> Cache:
+    def configure(self, name: str, **changes: Any) -> Cache:
+        """Change the given settings of cache ``name`` (the fields of :class:`Cache`)."""
         old = self.require(name)
-        new = Cache(
-            name,
-            old.created,
-            old.priority if priority is None else priority,
-            old.public if public is None else public,
-            old.signing_keys if keys is None else keys,
-        )
+        unknown = set(changes) - set(_SETTINGS)
+        if unknown:
+            raise ValidationError(f"not a cache setting: {', '.join(sorted(unknown))}")
+        new = dataclasses.replace(old, **changes)
+        _check(new)
 
         def update(conn: sqlite3.Connection) -> None:
             conn.execute(
-                "UPDATE caches SET priority = ?, public = ?, keys = ? WHERE name = ?",
-                (new.priority, int(new.public), _keys_text(new.signing_keys), name),
+                "UPDATE caches SET priority = ?, public = ?, keys = ?, upstream = ?,"
+                " upstream_keys = ?, retention = ? WHERE name = ?",
+                (*_row(new), name),
             )
 
         in_transaction(self._db(), "configuring a cache", update)
@@ -177,21 +207,87 @@ class CacheRegistry:
 
     # -- members and receipts -----------------------------------------------------------
     def has(self, name: str, digest: bytes) -> bool:
+        return self.seen(name, digest) is not None
+
+    def seen(self, name: str, digest: bytes) -> float | None:
+        """When a member of ``name`` was last pushed or fetched (``None``: not a member)."""
         row = (
             self._db()
-            .execute("SELECT 1 FROM cache_paths WHERE cache = ? AND digest = ?", (name, digest))
+            .execute(
+                "SELECT max(added, coalesce(accessed, 0)) FROM cache_paths"
+                " WHERE cache = ? AND digest = ?",
+                (name, digest),
+            )
             .fetchone()
         )
-        return row is not None
+        return None if row is None else float(row[0])
 
     def add(self, name: str, digest: bytes, path: str) -> None:
+        """Make ``path`` a member of ``name`` (again: its retention starts anew)."""
+
         def insert(conn: sqlite3.Connection) -> None:
             conn.execute(
-                "INSERT OR IGNORE INTO cache_paths (cache, digest, path, added) VALUES (?,?,?,?)",
+                "INSERT INTO cache_paths (cache, digest, path, added) VALUES (?,?,?,?)"
+                " ON CONFLICT (cache, digest) DO UPDATE SET added = excluded.added",
                 (name, digest, path, time.time()),
             )
 
         in_transaction(self._db(), "adding a path to a cache", insert)
+
+    def remove(self, name: str, digest: bytes) -> bool:
+        """Take ``digest`` out of cache ``name``; whether it was a member."""
+
+        def delete(conn: sqlite3.Connection) -> bool:
+            sql = "DELETE FROM cache_paths WHERE cache = ? AND digest = ?"
+            return bool(conn.execute(sql, (name, digest)).rowcount)
+
+        return in_transaction(self._db(), "removing a path from a cache", delete)
+
+    def touch(self, cache: Cache, digest: bytes, seen: float) -> None:
+        """Record a fetch of member ``digest`` last seen at ``seen``.
+
+        Written at most every ``min(1 h, retention / 4)`` per member, so that
+        reads cost no write each and retention stays accurate to a quarter.
+        """
+        if cache.retention is None:
+            return
+        now = time.time()
+        if now - seen < min(3600.0, cache.retention / 4):
+            return
+
+        def update(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE cache_paths SET accessed = ? WHERE cache = ? AND digest = ?",
+                (now, cache.name, digest),
+            )
+
+        in_transaction(self._db(), "recording a fetch", update)
+
+    def expired(self, now: float) -> list[tuple[str, bytes, str]]:
+        """(cache, digest, path) of every member whose cache's retention has run out."""
+        if self._conn is None and not self.db.exists():
+            return []
+        rows = self._db().execute(
+            "SELECT p.cache, p.digest, p.path FROM cache_paths p JOIN caches c"
+            " ON c.name = p.cache WHERE c.retention IS NOT NULL"
+            " AND max(p.added, coalesce(p.accessed, 0)) < ? - c.retention ORDER BY p.path",
+            (now,),
+        )
+        return [(str(r[0]), bytes(r[1]), str(r[2])) for r in rows]
+
+    def expire(self, members: list[tuple[str, bytes, str]], now: float) -> None:
+        """Drop ``members`` (from :meth:`expired`) unless pushed or fetched meanwhile."""
+
+        def drop(conn: sqlite3.Connection) -> None:
+            for name, digest, _ in members:
+                conn.execute(
+                    "DELETE FROM cache_paths WHERE cache = ? AND digest = ? AND"
+                    " max(added, coalesce(accessed, 0)) < ? - (SELECT retention FROM caches"
+                    " WHERE name = ?)",
+                    (name, digest, now, name),
+                )
+
+        in_transaction(self._db(), "expiring cache members", drop)
 
     def members(self, name: str) -> list[bytes]:
         rows = self._db().execute(
@@ -203,11 +299,20 @@ class CacheRegistry:
         row = self._db().execute("SELECT count(*) FROM cache_paths WHERE cache = ?", (name,))
         return int(row.fetchone()[0])
 
-    def all_members(self) -> set[bytes]:
-        """Every path some cache holds (GC roots)."""
+    def all_members(self, now: float | None = None) -> set[bytes]:
+        """Every path some cache holds (GC roots); at ``now``, those within retention."""
         if self._conn is None and not self.db.exists():
             return set()
-        return {bytes(r[0]) for r in self._db().execute("SELECT DISTINCT digest FROM cache_paths")}
+        if now is None:
+            rows = self._db().execute("SELECT DISTINCT digest FROM cache_paths")
+        else:
+            rows = self._db().execute(
+                "SELECT DISTINCT p.digest FROM cache_paths p LEFT JOIN caches c"
+                " ON c.name = p.cache WHERE c.retention IS NULL"
+                " OR max(p.added, coalesce(p.accessed, 0)) >= ? - c.retention",
+                (now,),
+            )
+        return {bytes(r[0]) for r in rows}
 
     def received(self, name: str, nar_hash: bytes) -> None:
         def insert(conn: sqlite3.Connection) -> None:
@@ -227,10 +332,49 @@ class CacheRegistry:
         return row is not None
 
 
+_SETTINGS = ("priority", "public", "signing_keys", "upstream", "upstream_keys", "retention")
+
+
+def _check(cache: Cache) -> None:
+    if cache.upstream is not None:
+        if not cache.upstream.startswith(("http://", "https://")):
+            raise ValidationError(f"upstream {cache.upstream!r}: not an http(s):// URL")
+        if not cache.upstream_keys:
+            raise ValidationError(
+                "an upstream needs at least one trusted key (--upstream-key): this cache"
+                " signs what it pulls through with its own keys"
+            )
+    if cache.retention is not None and cache.retention <= 0:
+        raise ValidationError("retention must be a positive duration")
+
+
+def _row(c: Cache) -> tuple[Any, ...]:
+    return (
+        c.priority,
+        int(c.public),
+        _keys_text(c.signing_keys),
+        c.upstream,
+        "\n".join(str(k) for k in c.upstream_keys),
+        c.retention,
+    )
+
+
+def _add_columns(conn: sqlite3.Connection) -> None:
+    for table, column, definition in _ADDED_COLUMNS:
+        have = {str(r[1]) for r in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in have:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+
+
 def _keys_text(keys: tuple[SigningKey, ...]) -> str:
     return "\n".join(k.render() for k in keys)
 
 
 def _cache(row: Any) -> Cache:
     keys = tuple(SigningKey.parse(t) for t in str(row[4]).split("\n") if t.strip())
-    return Cache(str(row[0]), float(row[1]), int(row[2]), bool(row[3]), keys)
+    upstream_keys = tuple(VerifyingKey.parse(t) for t in str(row[6]).split("\n") if t.strip())
+    retention = None if row[7] is None else float(row[7])
+    return Cache(
+        str(row[0]), float(row[1]), int(row[2]), bool(row[3]), keys,
+        None if row[5] is None else str(row[5]), upstream_keys, retention,
+    )  # fmt: skip

@@ -174,7 +174,14 @@ def _nar_bridge_config(kw: dict[str, Any]) -> Any:
         caches=CacheRegistry(data_dir()),
         private=kw.pop("private"),
         insecure_no_auth=kw.pop("insecure_no_auth"),
+        embedded_home=None if _store_named(kw) else data_dir(),
     )
+
+
+def _store_named(kw: dict[str, Any]) -> bool:
+    """Whether service URLs or a composition name the store (else: the embedded default)."""
+    keys = ("blob_service_addr", "directory_service_addr", "path_info_service_addr")
+    return any(kw.get(k) for k in (*keys, "store_composition"))
 
 
 async def _open(kw: dict[str, Any]) -> Any:

@@ -105,6 +105,7 @@ class GcReport:
     kept_paths: int = 0
     pinned_paths: int = 0
     deleted_paths: list[str] = field(default_factory=list)
+    expired_members: list[str] = field(default_factory=list)  # "cache: path" past retention
     directories: int = 0
     blobs: int = 0
     chunked_blobs: int = 0
@@ -138,6 +139,8 @@ class GcReport:
             f" {verb} {len(self.deleted_paths)}",
         ]
         lines += [f"  {verb}: {p}" for p in self.deleted_paths]
+        ends = "would leave" if self.dry_run else "left"
+        lines += [f"  past its cache's retention, {ends} cache {m}" for m in self.expired_members]
         lines.append(
             f"content: {verb} {self.directories} directories, {self.blobs} blobs,"
             f" {self.chunked_blobs} chunk lists ({self.content_bytes} bytes uncompressed);"
@@ -177,12 +180,22 @@ def _open_lock(home: os.PathLike[str] | str, name: str) -> int:
     return fd
 
 
-def _cache_members(home: os.PathLike[str] | str) -> set[bytes]:
+def _cache_members(
+    home: os.PathLike[str] | str, now: float, dry_run: bool
+) -> tuple[set[bytes], list[str]]:
+    """Members of named caches within retention, and "cache: path" of those past it.
+
+    Past retention, a membership ends (unless ``dry_run``): the path is no
+    longer a root because of that cache, and no longer served by it.
+    """
     from tvix_store.caches import CacheRegistry
 
     registry = CacheRegistry(Path(home))
     try:
-        return registry.all_members()
+        expired = registry.expired(now)
+        if expired and not dry_run:
+            registry.expire(expired, now)
+        return registry.all_members(now), [f"{c}: {p}" for c, _, p in expired]
     finally:
         registry.close()
 
@@ -372,7 +385,8 @@ class _Collector:
         infos = {pi.digest: pi for pi in pathinfos.list_sync()}
         pinned = set(self.pins.pinned_digests())
         # Every member of a named cache is a root too (tvix_store.caches).
-        pinned |= _cache_members(self.store.home)
+        members, r.expired_members = _cache_members(self.store.home, self.now, r.dry_run)
+        pinned |= members
         roots = set(pinned)
         if r.keep_since is None:
             roots |= set(infos)

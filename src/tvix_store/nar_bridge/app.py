@@ -18,6 +18,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -50,6 +51,8 @@ from tvix_store.content import MissingContent, check_content
 from tvix_store.nar.ingest import ingest_nar
 from tvix_store.nar.layout import NarLayout, nar_layout
 from tvix_store.nar.render import NarRenderError, fetch_closure, render_nar
+from tvix_store.nar_bridge.admin import ADMIN_PREFIX, add_admin_routes
+from tvix_store.nar_bridge.pullthrough import BadUpstream, PullThrough
 from tvix_store.nar_bridge.ranges import UnsatisfiableRange, parse_range
 from tvix_store.pathinfo import PathInfo
 from tvix_store.rpc.auth import bearer
@@ -100,6 +103,9 @@ class AppConfig:
     """Listening beyond loopback while no token exists is allowed (else refused)."""
     caches: CacheRegistry | None = None
     """Named caches served at ``/<name>/…`` (:mod:`tvix_store.caches`)."""
+    embedded_home: Path | None = None
+    """The data directory of the embedded store served, if it is: store-wide deletes,
+    pins and gc over HTTP (:mod:`tvix_store.nar_bridge.admin`) work on it."""
 
     def known_keys(self) -> tuple[VerifyingKey, ...]:
         """Keys an uploaded signature is checked against: trusted ones and our own."""
@@ -108,6 +114,7 @@ class AppConfig:
 
 STORE_KEY = web.AppKey("store", Store)
 CONFIG_KEY = web.AppKey("config", AppConfig)
+PULL_KEY = web.AppKey("pullthrough", PullThrough)
 
 
 class HttpError(Exception):
@@ -126,6 +133,8 @@ def _status_for(exc: BaseException) -> int:
         cause = cause.__cause__
     if isinstance(exc, HttpError):
         return exc.status
+    if isinstance(exc, BadUpstream):
+        return 502
     if isinstance(exc, Unauthenticated):
         return 401
     if isinstance(exc, Forbidden):
@@ -196,10 +205,21 @@ async def _access(
     if tokens is not None:
         cache = cache_of(request)
         private = config.private if cache is None else not cache.public
-        scope = _SCOPE_OF.get(request.method, "admin")
+        if request.path.startswith(ADMIN_PREFIX + "/"):
+            scope = "admin"
+        else:
+            scope = _SCOPE_OF.get(request.method, "admin")
+        text = _token(request)
+        if scope in ("delete", "admin"):  # (always: what they remove is gone)
+            if text is None:
+                raise Unauthenticated(
+                    f"this request needs a token with scope {scope!r}"
+                    f" (tvix-store token create --scope {scope})"
+                )
+            tokens.authorize(text, scope, "" if cache is None else cache.name, True)
+            return await handler(request)
         enforced = tokens.enforced()  # (point queries: cheaper than a thread hop)
         needed = enforced and (scope != "pull" or private)
-        text = _token(request)
         if text is not None or needed:
             tokens.authorize(text, scope, "" if cache is None else cache.name, needed)
     return await handler(request)
@@ -285,8 +305,15 @@ async def get_narinfo(request: web.Request) -> web.Response:
     digest = _digest20(request.match_info["hash"])
     store = _store(request)
     cache = cache_of(request)
-    if cache is not None and not _registry(request).has(cache.name, digest):
-        raise HttpError(404, f"{request.match_info['hash']}: not in cache {cache.name!r}")
+    if cache is not None:
+        registry = _registry(request)
+        seen = registry.seen(cache.name, digest)
+        if seen is not None:
+            registry.touch(cache, digest, seen)  # (its retention starts anew)
+        elif cache.upstream is None or not await request.app[PULL_KEY].pull(
+            cache, registry, digest
+        ):
+            raise HttpError(404, f"{request.match_info['hash']}: not in cache {cache.name!r}")
     info = await store.pathinfos.get(digest)
     if info is None:
         raise HttpError(404, f"{request.match_info['hash']}: no such path")
@@ -558,6 +585,12 @@ def make_app(store: Store, config: AppConfig | None = None) -> web.Application:
     app = web.Application(middlewares=[_errors, _access], client_max_size=MAX_NARINFO + 1)
     app[STORE_KEY] = store
     app[CONFIG_KEY] = config or AppConfig()
+    app[PULL_KEY] = PullThrough(store)
+
+    async def close_upstreams(app: web.Application) -> None:
+        await app[PULL_KEY].aclose()
+
+    app.on_cleanup.append(close_upstreams)
     # The default cache at /, then each named one at /<name>/ (same handlers).
     for prefix in ("", _CACHE_PREFIX):
         add = app.router.add_route
@@ -577,4 +610,5 @@ def make_app(store: Store, config: AppConfig | None = None) -> web.Application:
 
     for prefix in ("", _CACHE_PREFIX):
         add_web_routes(app, prefix)
+    add_admin_routes(app, _CACHE_PREFIX)
     return app

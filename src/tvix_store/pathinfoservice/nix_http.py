@@ -122,6 +122,11 @@ class NixHttpPathInfoService(PathInfoService):
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def get(self, digest: bytes) -> PathInfo | None:
+        info = await self.narinfo(digest)
+        return None if info is None else await self.fetch(info)
+
+    async def narinfo(self, digest: bytes) -> NarInfo | None:
+        """The upstream's narinfo of ``digest``, checked (signature, CA), or ``None``."""
         hash_part = nixbase32.encode(digest)
         url = urljoin(self.base_url, f"{hash_part}.narinfo")
         resp = await self._open(url)
@@ -147,6 +152,10 @@ class NixHttpPathInfoService(PathInfoService):
             check_ca_of(info.store_path, info.ca, info.references, info.nar_hash)
         except MetadataMismatch as exc:
             raise DataCorruption(f"{url}: {exc}") from exc
+        return info
+
+    async def fetch(self, info: NarInfo) -> PathInfo:
+        """Ingest the NAR ``info`` names (checked against its NarSize/NarHash)."""
         compression = info.effective_compression
         if compression not in COMPRESSIONS:
             raise DataCorruption(f"{info.store_path}: unsupported compression {compression!r}")
