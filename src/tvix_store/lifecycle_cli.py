@@ -79,6 +79,41 @@ def _with_store(body: Callable[[Any], Any]) -> Any:
         store.close()
 
 
+def _shared_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--path-info-service-addr",
+        "shared",
+        envvar="PATH_INFO_SERVICE_ADDR",
+        metavar="URL",
+        help="postgresql://…: the shared store's (S3 + PostgreSQL) instead of the embedded one.",
+    )(f)
+
+
+def _with_shared(url: str | None, body: Callable[[Any], Any]) -> Any:
+    """``body(database)`` of the shared store at ``url``; ``None`` if ``url`` names none."""
+    from tvix_castore.postgres import POSTGRES_SCHEMES
+
+    if not url:
+        return None
+    if url.partition("://")[0] not in POSTGRES_SCHEMES:
+        raise click.UsageError(
+            f"--path-info-service-addr {url}: pins and deletes are kept in the embedded store"
+            " or in PostgreSQL (postgresql://…)"
+        )
+    from tvix_store.pathinfoservice.postgres import open_database
+
+    try:
+        db = open_database(url)
+    except CastoreError as exc:
+        raise click.ClickException(str(exc)) from exc
+    try:
+        return body(db)
+    except CastoreError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        db.release()
+
+
 @click.group()
 def pin() -> None:
     """Named GC roots: a pin keeps the whole closure of its paths."""
@@ -87,11 +122,17 @@ def pin() -> None:
 @pin.command("add")
 @click.argument("name")
 @click.argument("store_paths", nargs=-1, required=True)
-def pin_add(name: str, store_paths: tuple[str, ...]) -> None:
+@_shared_option
+def pin_add(name: str, store_paths: tuple[str, ...], shared: str | None) -> None:
     """Point pin NAME at STORE_PATHS (in the store), keeping what it pointed at in its history."""
     from tvix_store.pins import Pins
+    from tvix_store.sharedlife import SharedPins
 
     paths = _paths(store_paths)
+    if shared:
+        _with_shared(shared, lambda db: SharedPins(db).set(name, paths))
+        print(f"pin {name}: {len(paths)} path(s)")
+        return
 
     def run(store: Any) -> None:
         Pins.check_name(name)
@@ -112,52 +153,64 @@ def pin_add(name: str, store_paths: tuple[str, ...]) -> None:
 
 @pin.command("rm")
 @click.argument("name")
-def pin_rm(name: str) -> None:
+@_shared_option
+def pin_rm(name: str, shared: str | None) -> None:
     """Remove pin NAME (its history stays)."""
     from tvix_store.pins import Pins
+    from tvix_store.sharedlife import SharedPins
 
-    def run(store: Any) -> None:
+    def run(store: Any) -> tuple[str, ...]:
         pins = Pins(store.db)
         try:
-            gone = pins.remove(name)
+            return pins.remove(name)
         finally:
             pins.close()
-        print(f"removed pin {name} ({len(gone)} path(s))")
 
-    _with_store(run)
+    if shared:
+        gone = _with_shared(shared, lambda db: SharedPins(db).remove(name))
+    else:
+        gone = _with_store(run)
+    print(f"removed pin {name} ({len(gone)} path(s))")
 
 
 @pin.command("list")
 @click.option("--history", is_flag=True, help="Every change of every pin, oldest first.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def pin_list(history: bool, as_json: bool) -> None:
+@_shared_option
+def pin_list(history: bool, as_json: bool, shared: str | None) -> None:
     """The pins and their paths."""
     import time
 
     from tvix_store.pins import Pins
+    from tvix_store.sharedlife import SharedPins
 
-    def run(store: Any) -> None:
+    def run(store: Any) -> Any:
         pins = Pins(store.db)
         try:
-            if history:
-                changes = pins.history()
-                if as_json:
-                    print(json.dumps([c.__dict__ for c in changes], indent=1))
-                for c in [] if as_json else changes:
-                    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(c.at))
-                    print(f"{when} {c.name} {c.action} {' '.join(c.paths)}")
-                return
-            current = pins.current()
+            return [c.__dict__ for c in pins.history()] if history else pins.current()
         finally:
             pins.close()
-        if as_json:
-            print(json.dumps({k: list(v) for k, v in current.items()}, indent=1))
-            return
-        for name, paths in current.items():
-            for p in paths:
-                print(f"{name}\t{p}")
 
-    _with_store(run)
+    if shared:
+        result = _with_shared(
+            shared, lambda db: SharedPins(db).history() if history else SharedPins(db).current()
+        )
+    else:
+        result = _with_store(run)
+    if history:
+        if as_json:
+            print(json.dumps(result, indent=1))
+            return
+        for c in result:
+            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(c["at"]))
+            print(f"{when} {c['name']} {c['action']} {' '.join(c['paths'])}")
+        return
+    if as_json:
+        print(json.dumps({k: list(v) for k, v in result.items()}, indent=1))
+        return
+    for name, paths in result.items():
+        for p in paths:
+            print(f"{name}\t{p}")
 
 
 @click.command()
@@ -167,18 +220,27 @@ def pin_list(history: bool, as_json: bool) -> None:
     is_flag=True,
     help="Also delete every path that refers to these (transitively).",
 )
-def delete(store_paths: tuple[str, ...], with_referrers: bool) -> None:
+@_shared_option
+def delete(store_paths: tuple[str, ...], with_referrers: bool, shared: str | None) -> None:
     """Delete paths from the store (e.g. a secret pushed by mistake).
 
     Refuses if a path that stays refers to one of them (unless
     --with-referrers), or a pin holds one. Their content is reclaimed by the
-    next `tvix-store gc`, which also rewrites the packs holding it, so the
-    bytes leave the disk.
+    next `tvix-store gc`, which also rewrites the packs holding it (embedded)
+    or deletes its objects (shared), so the bytes leave the disk.
     """
     from tvix_store.gc import delete_paths
+    from tvix_store.sharedlife import delete_shared
 
     paths = _paths(store_paths)
-    deleted = _with_store(lambda store: delete_paths(store, paths, with_referrers=with_referrers))
+    if shared:
+        deleted = _with_shared(
+            shared, lambda db: delete_shared(db, paths, with_referrers=with_referrers)
+        )
+    else:
+        deleted = _with_store(
+            lambda store: delete_paths(store, paths, with_referrers=with_referrers)
+        )
     for p in deleted:
         print(f"deleted {p}")
 
@@ -304,8 +366,6 @@ def _gc_shared(
             "gc of a shared store needs --blob-service-addr objectstore+s3://… and"
             " --path-info-service-addr postgresql://… (without them: the embedded store)"
         )
-    if keep_since is not None:
-        raise click.UsageError("--keep-since is not supported on a shared store yet")
     from tvix_castore.registry import blob_service_from_url
     from tvix_store.progress import shown
     from tvix_store.sharedgc import collect_shared
@@ -314,7 +374,12 @@ def _gc_shared(
         blobs = blob_service_from_url(blob_url)
         with shown(no_progress) as progress:
             report = collect_shared(
-                blobs, pathinfo_url, grace=grace, dry_run=dry_run, progress=progress
+                blobs,
+                pathinfo_url,
+                grace=grace,
+                keep_since=keep_since,
+                dry_run=dry_run,
+                progress=progress,
             )
     except CastoreError as exc:
         raise click.ClickException(str(exc)) from exc

@@ -5,8 +5,10 @@ Directories that no path info names (directly or through Directories) and
 no NAR upload younger than the grace period names (its narinfo may still
 come), and that were written before the grace period. That is what a
 killed upload, a failed import or an interrupted ``nix copy`` leaves
-behind. Every path is a root here: pins, ``--keep-since`` and ``delete``
-are the embedded store's for now.
+behind. Every path is a root, unless ``keep_since`` is given: then the roots
+are the pins and the paths put or served within it (with their closures),
+and the other path infos are deleted in the sweep
+(:mod:`tvix_store.sharedlife`).
 
 Writers and the collector (one at a time, by a PostgreSQL advisory lock):
 
@@ -127,8 +129,12 @@ class SharedGcReport:
     """What a collection found and did."""
 
     dry_run: bool
+    keep_since: float | None = None
     deferred: list[str] = field(default_factory=list)
     paths: int = 0
+    kept_paths: int = 0
+    pinned_paths: int = 0
+    deleted_paths: list[str] = field(default_factory=list)
     live_directories: int = 0
     live_blobs: int = 0
     directories: int = 0
@@ -143,8 +149,15 @@ class SharedGcReport:
     def summary(self) -> str:
         """One paragraph for a terminal."""
         verb = "would remove" if self.dry_run else "removed"
-        text = (
-            f"marked {self.paths} paths: {self.live_directories} directories,"
+        text = ""
+        if self.keep_since is not None:
+            text = (
+                f"paths: {self.paths} ({self.kept_paths} kept, {self.pinned_paths} pinned);"
+                f" {verb} {len(self.deleted_paths)}\n"
+            )
+            text += "".join(f"  {verb}: {p}\n" for p in self.deleted_paths)
+        text += (
+            f"marked {self.kept_paths} paths: {self.live_directories} directories,"
             f" {self.live_blobs} blobs live; {verb} {self.directories} directories and"
             f" {self.objects} objects ({self.object_bytes} bytes);"
             f" kept {self.kept_young} unreferenced ones younger than the grace period"
@@ -162,9 +175,13 @@ def _files(node: Node) -> Iterable[bytes]:
 
 
 class _Mark:
-    def __init__(self, grace: float, progress: Progress = NULL) -> None:
+    def __init__(self, grace: float, keep_since: float | None, progress: Progress = NULL) -> None:
         self.progress = progress
         self.grace = grace
+        self.keep_since = keep_since
+        self.kept: set[bytes] | None = None  # (None: every path)
+        self.pinned = 0
+        self.doomed: dict[bytes, str] = {}  # path infos to delete: digest -> store path
         self.started = 0.0
         self.paths = 0
         self.dir_roots: set[bytes] = set()
@@ -181,6 +198,10 @@ class _Mark:
         (self.started,) = conn.execute("SELECT extract(epoch FROM now())::float8").fetchone() or (
             0.0,
         )
+        if self.keep_since is not None:
+            from tvix_store.sharedlife import kept_paths
+
+            self.kept, self.pinned = kept_paths(conn, self.keep_since, time.time())
         after = b""
         while True:
             rows = conn.execute(
@@ -190,8 +211,12 @@ class _Mark:
             if not rows:
                 break
             for digest, data in rows:
-                self._root(stored_pathinfo(bytes(digest), bytes(data)).node)
+                info = stored_pathinfo(bytes(digest), bytes(data))
                 self.paths += 1
+                if self.kept is not None and info.digest not in self.kept:
+                    self.doomed[info.digest] = info.store_path.absolute
+                    continue
+                self._root(info.node)
             self.progress.advance(len(rows))
             after = bytes(rows[-1][0])
         for sha, node in conn.execute(
@@ -299,6 +324,7 @@ def collect_shared(
     pathinfo_url: str,
     *,
     grace: float,
+    keep_since: float | None = None,
     dry_run: bool = False,
     progress: Progress = NULL,
 ) -> SharedGcReport:
@@ -322,7 +348,7 @@ def collect_shared(
             "gc over PostgreSQL path infos needs the blobs on object storage (objectstore+s3://…)"
         )
     store = blobs.store
-    report = SharedGcReport(dry_run)
+    report = SharedGcReport(dry_run, keep_since)
     db = open_database(pathinfo_url)
     try:
         import psycopg
@@ -331,7 +357,7 @@ def collect_shared(
             row = lock_conn.execute("SELECT pg_try_advisory_lock(%s)", (_GC_LOCK,)).fetchone()
             if not row or not row[0]:
                 raise StorageUnavailable("another garbage collection of this store is running")
-            mark = _Mark(grace, progress)
+            mark = _Mark(grace, keep_since, progress)
             progress.stage("gc: mark", unit="paths")
             db.run("marking", mark.roots)
             progress.stage("gc: mark directories", unit="directories")
@@ -341,9 +367,11 @@ def collect_shared(
             progress.stage("gc: list objects", unit="objects")
             doomed_objects = _objects(store, mark, report)
             report.paths = mark.paths
+            report.kept_paths, report.pinned_paths = mark.paths - len(mark.doomed), mark.pinned
+            report.deleted_paths = sorted(mark.doomed.values())
             report.live_directories, report.live_blobs = len(mark.dirs), len(mark.blobs)
             report.directories, report.objects = len(doomed_dirs), len(doomed_objects)
-            if dry_run or not (doomed_dirs or doomed_objects):
+            if dry_run or not (doomed_dirs or doomed_objects or mark.doomed):
                 return report
             sweep = uuid.uuid4().hex
 
@@ -360,10 +388,17 @@ def collect_shared(
                     (sweep, f"{socket.gethostname()}:{os.getpid()}", SWEEP_TTL),
                 )
                 conn.execute("DELETE FROM leases WHERE expires < now() - interval '1 day'")
+                # Path infos first (no writer since the mark began: none was put again).
+                doomed_paths = list(mark.doomed)
+                conn.execute(
+                    "DELETE FROM pathinfo_references WHERE digest = ANY(%s)", (doomed_paths,)
+                )
+                conn.execute("DELETE FROM pathinfos WHERE digest = ANY(%s)", (doomed_paths,))
                 return []
 
             report.deferred = db.run("starting the sweep", begin)
             if report.deferred:
+                report.deleted_paths = []
                 return report
             try:
                 progress.stage(

@@ -211,9 +211,41 @@ def test_migrate_command(postgres: Postgres, tmp_path: Path) -> None:
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     assert out.returncode == 0, out.stderr
     assert ": castore: version 0 -> 2" in out.stdout, out.stdout
-    assert ": store: version 0 -> 2" in out.stdout, out.stdout
+    assert ": store: version 0 -> 3" in out.stdout, out.stdout
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
     assert ": castore: version 2 (current)" in again.stdout
+
+
+async def test_a_store_of_an_older_release_is_migrated_with_its_rows(
+    postgres: Postgres, tmp_path: Path
+) -> None:
+    from tvix_castore.postgres import Database
+    from tvix_store.pathinfoservice.postgres import STORE_MIGRATIONS, PostgresPathInfoService
+
+    url = postgres.fresh_url()
+    old = Database(url)
+    try:  # (the tables as release 2 of the schema left them, with a path in them)
+        old.migrate("store", STORE_MIGRATIONS[:2])
+        info = _info(7)
+        old.run(
+            "writing a path as an older release",
+            lambda c: c.execute(
+                "INSERT INTO pathinfos (digest, data, root_digest, nar_sha256, updated)"
+                " VALUES (%s, %s, NULL, %s, 0)",
+                (info.digest, info.encode(), info.nar_sha256),
+            ),
+        )
+    finally:
+        old.close()
+    cmd = [TVIX, "migrate", "--path-info-service-addr", url]
+    env = {"TVIX_STORE_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    assert out.returncode == 0 and ": store: version 2 -> 3" in out.stdout, out
+    service = PostgresPathInfoService(url)
+    try:
+        assert await service.get(info.digest) == info
+    finally:
+        await service.aclose()
 
 
 async def test_a_frontend_answers_503_while_postgres_is_away_and_recovers(

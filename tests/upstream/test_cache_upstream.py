@@ -49,6 +49,16 @@ def _bridge(processes: Processes, home: Path) -> str:
     return processes.start(home, ["nar-bridge", "-l", "127.0.0.1:0"], BRIDGE_READY).address
 
 
+def _two_mirrors(
+    server: CacheServer, processes: Processes, tmp_path: Path, *caches: tuple[str, str]
+) -> tuple[CacheServer, Path, str]:
+    """Caches (name, upstream key) pulling from ``server``, and a bridge serving them."""
+    home = tmp_path / "home"
+    for name, key in caches:
+        _mirror(home, name, server, key)
+    return server, home, _bridge(processes, home)
+
+
 async def _get(url: str) -> tuple[int, bytes]:
     async with aiohttp.ClientSession() as s, s.get(url) as r:
         return r.status, await r.read()
@@ -109,11 +119,10 @@ def test_nix_substitutes_through_a_named_cache(
 def test_concurrent_misses_share_one_fetch_and_stored_paths_are_not_fetched_again(
     upstream: Upstream, servers: CacheServers, processes: Processes, tmp_path: Path
 ) -> None:
-    server = servers.serve("zstd")
-    home = tmp_path / "home"
-    _mirror(home, "one", server, upstream.public_key)
-    _mirror(home, "two", server, upstream.public_key)
-    url = _bridge(processes, home)
+    server, home, url = _two_mirrors(
+        servers.serve("zstd"), processes, tmp_path, ("one", upstream.public_key),
+        ("two", upstream.public_key),
+    )  # fmt: skip
     top = upstream.by_name("top")
 
     async def many(cache: str) -> list[int]:
@@ -145,11 +154,10 @@ def test_concurrent_misses_share_one_fetch_and_stored_paths_are_not_fetched_agai
 def test_untrusted_or_unreachable_upstream(
     upstream: Upstream, servers: CacheServers, processes: Processes, tmp_path: Path
 ) -> None:
-    server = servers.serve("xz")
-    home = tmp_path / "home"
-    _mirror(home, "wrongkey", server, upstream.other_public_key)
-    _mirror(home, "mirror", server, upstream.public_key)
-    url = _bridge(processes, home)
+    server, home, url = _two_mirrors(
+        servers.serve("xz"), processes, tmp_path, ("wrongkey", upstream.other_public_key),
+        ("mirror", upstream.public_key),
+    )  # fmt: skip
     top = upstream.by_name("top")
 
     status, body = asyncio.run(_get(f"{url}/wrongkey/{top.hash_part}.narinfo"))

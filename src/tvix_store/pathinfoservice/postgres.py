@@ -9,7 +9,9 @@ Tables (component ``store`` of :mod:`tvix_castore.postgres`'s migrations):
   reference (a collector's "who refers to this?"); rewritten with the path
   in one transaction;
 * ``nar_index``: NarHash → root node and NAR size, with the root digest
-  (indexed) and when it was added (a collector's upload window).
+  (indexed) and when it was added (a collector's upload window);
+* ``pins``, ``pin_history`` and ``pathinfos.accessed`` (when a path was last
+  served, recorded at most hourly): :mod:`tvix_store.sharedlife`.
 
 Nothing cascades: references and root digests name shared children.
 """
@@ -59,7 +61,18 @@ STORE_MIGRATIONS: tuple[Migration, ...] = (
     CREATE TABLE gc_sweeps (id text PRIMARY KEY, holder text NOT NULL,
         expires timestamptz NOT NULL)
     """,
+    # 3: pins, and when a path was last served (tvix_store.sharedlife)
+    """
+    CREATE TABLE pins (name text NOT NULL, digest bytea NOT NULL, path text NOT NULL,
+        PRIMARY KEY (name, digest));
+    CREATE INDEX pins_digest ON pins (digest);
+    CREATE TABLE pin_history (id bigserial PRIMARY KEY, at double precision NOT NULL,
+        name text NOT NULL, action text NOT NULL, paths text NOT NULL);
+    ALTER TABLE pathinfos ADD COLUMN accessed double precision;
+    CREATE INDEX pathinfos_seen ON pathinfos (greatest(updated, coalesce(accessed, 0)))
+    """,
 )
+_SEEN_EVERY = 3600.0  # seconds between two records of a path being served
 _PAGE = 256
 
 
@@ -97,8 +110,17 @@ class PostgresPathInfoService(PathInfoService):
 
     def _get(self, digest: bytes) -> bytes | None:
         def body(conn: psycopg.Connection[tuple[Any, ...]]) -> bytes | None:
-            row = conn.execute("SELECT data FROM pathinfos WHERE digest = %s", (digest,)).fetchone()
-            return None if row is None else bytes(row[0])
+            row = conn.execute(
+                "SELECT data, greatest(updated, coalesce(accessed, 0)) FROM pathinfos"
+                " WHERE digest = %s",
+                (digest,),
+            ).fetchone()
+            if row is None:
+                return None
+            now = time.time()
+            if now - float(row[1]) > _SEEN_EVERY:  # (for gc --keep-since; at most hourly)
+                conn.execute("UPDATE pathinfos SET accessed = %s WHERE digest = %s", (now, digest))
+            return bytes(row[0])
 
         return self._db.run("reading a PathInfo", body)
 
