@@ -12,16 +12,21 @@ from nix_compat.errors import NixCompatError
 from nix_compat.signing import SigningKey, VerifyingKey
 from tvix_castore.errors import CastoreError
 from tvix_store.caches import CacheRegistry, check_name
-from tvix_store.lifecycle_cli import parse_duration
+from tvix_store.lifecycle_cli import parse_duration, shared_option
 
 __all__ = ["command"]
 _T = TypeVar("_T")
 
 
-def _with_registry(body: Callable[[CacheRegistry], _T]) -> _T:
+def _with_registry(body: Callable[[CacheRegistry], _T], shared: str | None = None) -> _T:
+    """``body`` on the data directory's caches, or the shared store's at ``shared``."""
     from tvix_store.embedded import data_dir
+    from tvix_store.servicedb import shared_url
 
-    registry = CacheRegistry(data_dir())
+    try:
+        registry = CacheRegistry(data_dir(), shared_url(shared))
+    except CastoreError as exc:
+        raise click.ClickException(str(exc)) from exc
     try:
         return body(registry)
     except (CastoreError, NixCompatError) as exc:
@@ -90,6 +95,7 @@ _RETENTION_HELP = (
 @click.option("--upstream-key", "upstream_keys", multiple=True, metavar="KEY",
               help=_UPSTREAM_KEY_HELP)  # fmt: skip
 @click.option("--retention", metavar="DURATION", callback=_retention, help=_RETENTION_HELP)
+@shared_option
 def create(
     name: str,
     priority: int,
@@ -98,9 +104,13 @@ def create(
     upstream: str | None,
     upstream_keys: tuple[str, ...],
     retention: float | None,
+    shared: str | None,
 ) -> None:
     """Create cache NAME; print its public key(s)."""
-    _with_registry(lambda _: check_name(name))
+    try:
+        check_name(name)
+    except CastoreError as exc:
+        raise click.ClickException(str(exc)) from exc
     if upstream_keys and upstream is None:
         raise click.UsageError("--upstream-key is for --upstream")
     trusted = _verifying(upstream_keys)
@@ -114,7 +124,8 @@ def create(
             upstream=upstream,
             upstream_keys=trusted,
             retention=retention,
-        )
+        ),
+        shared,
     )
     for key in made.signing_keys:
         click.echo(str(key.verifying_key()))
@@ -122,9 +133,10 @@ def create(
 
 @cache.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def list_(as_json: bool) -> None:
+@shared_option
+def list_(as_json: bool, shared: str | None) -> None:
     """Every named cache, its settings and number of paths."""
-    rows = _with_registry(lambda r: [(c, r.count(c.name)) for c in r.all()])
+    rows = _with_registry(lambda r: [(c, r.count(c.name)) for c in r.all()], shared)
     if as_json:
         click.echo(json.dumps([c.as_json(n) for c, n in rows], indent=1))
         return
@@ -151,6 +163,7 @@ def list_(as_json: bool) -> None:
 @click.option("--no-upstream", is_flag=True, help="Stop pulling through (members stay).")
 @click.option("--retention", metavar="DURATION", callback=_retention, help=_RETENTION_HELP)
 @click.option("--keep-forever", is_flag=True, help="No retention: members stay until removed.")
+@shared_option
 def configure(
     name: str,
     priority: int | None,
@@ -161,6 +174,7 @@ def configure(
     no_upstream: bool,
     retention: float | None,
     keep_forever: bool,
+    shared: str | None,
 ) -> None:
     """Change cache NAME's priority, visibility, keys, upstream or retention."""
     if no_upstream and (upstream is not None or upstream_keys):
@@ -184,14 +198,15 @@ def configure(
         changes["retention"] = retention
     if keep_forever:
         changes["retention"] = None
-    _with_registry(lambda r: r.configure(name, **changes))
+    _with_registry(lambda r: r.configure(name, **changes), shared)
 
 
 @cache.command("destroy")
 @click.argument("name")
-def destroy(name: str) -> None:
+@shared_option
+def destroy(name: str, shared: str | None) -> None:
     """Remove cache NAME; its paths' content stays until gc finds nothing else needs it."""
-    n = _with_registry(lambda r: r.destroy(name))
+    n = _with_registry(lambda r: r.destroy(name), shared)
     click.echo(f"cache {name} destroyed ({n} paths no longer in it)", err=True)
 
 

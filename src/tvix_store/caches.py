@@ -15,24 +15,23 @@ trusted keys, ingested once into the shared store and becomes a member
 (:mod:`tvix_store.nar_bridge.pullthrough`).
 
 Configuration, members and NAR receipts live in ``service.sqlite`` in the
-data directory, beside the tokens. The unnamed default cache at ``/`` is
-the whole store, as before.
+data directory, beside the tokens, or, for frontends over a shared store, in
+its PostgreSQL database (:mod:`tvix_store.servicedb`). The unnamed default
+cache at ``/`` is the whole store, as before.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from nix_compat.signing import SigningKey, VerifyingKey
-from tvix_castore.directoryservice.sqlite import in_transaction
 from tvix_castore.errors import NotFound, ValidationError
-from tvix_store.servicedb import open_service_db, service_db_path
+from tvix_store.servicedb import Executor, service_db
 
 __all__ = ["RESERVED", "Cache", "CacheRegistry", "check_name"]
 
@@ -45,13 +44,28 @@ CREATE INDEX IF NOT EXISTS cache_paths_digest ON cache_paths (digest);
 CREATE TABLE IF NOT EXISTS cache_nars (cache TEXT NOT NULL, nar_hash BLOB NOT NULL,
     added REAL NOT NULL, PRIMARY KEY (cache, nar_hash)) WITHOUT ROWID;
 """
-# Columns added after the first release of the tables: (table, column, definition).
+# Columns added after the first release of the SQLite tables: (table, column, definition).
 _ADDED_COLUMNS = (
     ("caches", "upstream", "TEXT"),
     ("caches", "upstream_keys", "TEXT NOT NULL DEFAULT ''"),
     ("caches", "retention", "REAL"),
-    ("cache_paths", "accessed", "REAL"),
+    ("cache_paths", "seen", "REAL"),
 )
+# The same tables in a shared PostgreSQL (component "caches"; tvix_castore.postgres).
+MIGRATIONS = (
+    """
+    CREATE TABLE caches (name text PRIMARY KEY, created double precision NOT NULL,
+        priority integer NOT NULL, public integer NOT NULL, keys text NOT NULL,
+        upstream text, upstream_keys text NOT NULL DEFAULT '', retention double precision);
+    CREATE TABLE cache_paths (cache text NOT NULL, digest bytea NOT NULL, path text NOT NULL,
+        added double precision NOT NULL, seen double precision, PRIMARY KEY (cache, digest));
+    CREATE INDEX cache_paths_digest ON cache_paths (digest);
+    CREATE TABLE cache_nars (cache text NOT NULL, nar_hash bytea NOT NULL,
+        added double precision NOT NULL, PRIMARY KEY (cache, nar_hash))
+    """,
+)
+# When a member was last pushed or fetched.
+_SEEN = "coalesce(seen, added)"
 _COLUMNS = "name, created, priority, public, keys, upstream, upstream_keys, retention"
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 # First path segments of the binary cache and its pages: no cache may be called so.
@@ -104,36 +118,25 @@ class Cache:
 
 
 class CacheRegistry:
-    """The named caches of one data directory."""
+    """The named caches of one data directory, or of a shared store's database."""
 
-    def __init__(self, home: Path) -> None:
-        self.db = service_db_path(home)
+    def __init__(self, home: Path, url: str | None = None) -> None:
+        """``url``: a PostgreSQL database (a shared store's) holding the tables."""
         self.home = home
-        self._conn: sqlite3.Connection | None = None
+        self._sdb = service_db(home, url, "caches", _SCHEMA, MIGRATIONS, _add_columns)
 
-    def _db(self) -> sqlite3.Connection:
-        if self._conn is None:
-            conn = open_service_db(self.home, _SCHEMA, "cache")
-            try:
-                in_transaction(conn, "upgrading the cache tables", _add_columns)
-            except BaseException:
-                conn.close()
-                raise
-            self._conn = conn
-        return self._conn
+    @property
+    def where(self) -> str:
+        return self._sdb.where
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        self._sdb.close()
 
     # -- caches -------------------------------------------------------------------------
     def get(self, name: str) -> Cache | None:
-        if self._conn is None and not self.db.exists():
+        if not self._sdb.exists():
             return None
-        row = (
-            self._db().execute(f"SELECT {_COLUMNS} FROM caches WHERE name = ?", (name,)).fetchone()
-        )
+        row = self._sdb.one(f"SELECT {_COLUMNS} FROM caches WHERE name = ?", (name,))
         return None if row is None else _cache(row)
 
     def require(self, name: str) -> Cache:
@@ -143,10 +146,9 @@ class CacheRegistry:
         return cache
 
     def all(self) -> list[Cache]:
-        if self._conn is None and not self.db.exists():
+        if not self._sdb.exists():
             return []
-        rows = self._db().execute(f"SELECT {_COLUMNS} FROM caches ORDER BY name")
-        return [_cache(r) for r in rows]
+        return [_cache(r) for r in self._sdb.rows(f"SELECT {_COLUMNS} FROM caches ORDER BY name")]
 
     def create(
         self,
@@ -163,7 +165,7 @@ class CacheRegistry:
         cache = Cache(name, time.time(), priority, public, keys, upstream, upstream_keys, retention)
         _check(cache)
 
-        def insert(conn: sqlite3.Connection) -> None:
+        def insert(conn: Executor) -> None:
             if conn.execute("SELECT 1 FROM caches WHERE name = ?", (name,)).fetchone():
                 raise ValidationError(f"cache {name!r} exists already")
             conn.execute(
@@ -171,7 +173,7 @@ class CacheRegistry:
                 (name, cache.created, *_row(cache)),
             )
 
-        in_transaction(self._db(), "creating a cache", insert)
+        self._sdb.write("creating a cache", insert)
         return cache
 
     def configure(self, name: str, **changes: Any) -> Cache:
@@ -183,27 +185,27 @@ class CacheRegistry:
         new = dataclasses.replace(old, **changes)
         _check(new)
 
-        def update(conn: sqlite3.Connection) -> None:
+        def update(conn: Executor) -> None:
             conn.execute(
                 "UPDATE caches SET priority = ?, public = ?, keys = ?, upstream = ?,"
                 " upstream_keys = ?, retention = ? WHERE name = ?",
                 (*_row(new), name),
             )
 
-        in_transaction(self._db(), "configuring a cache", update)
+        self._sdb.write("configuring a cache", update)
         return new
 
     def destroy(self, name: str) -> int:
         """Forget a cache and its members (their content is left to the collector)."""
         self.require(name)
 
-        def drop(conn: sqlite3.Connection) -> int:
+        def drop(conn: Executor) -> int:
             n = conn.execute("DELETE FROM cache_paths WHERE cache = ?", (name,)).rowcount
             conn.execute("DELETE FROM cache_nars WHERE cache = ?", (name,))
             conn.execute("DELETE FROM caches WHERE name = ?", (name,))
             return int(n)
 
-        return in_transaction(self._db(), "destroying a cache", drop)
+        return self._sdb.write("destroying a cache", drop)
 
     # -- members and receipts -----------------------------------------------------------
     def has(self, name: str, digest: bytes) -> bool:
@@ -211,37 +213,33 @@ class CacheRegistry:
 
     def seen(self, name: str, digest: bytes) -> float | None:
         """When a member of ``name`` was last pushed or fetched (``None``: not a member)."""
-        row = (
-            self._db()
-            .execute(
-                "SELECT max(added, coalesce(accessed, 0)) FROM cache_paths"
-                " WHERE cache = ? AND digest = ?",
-                (name, digest),
-            )
-            .fetchone()
+        row = self._sdb.one(
+            f"SELECT {_SEEN} FROM cache_paths WHERE cache = ? AND digest = ?", (name, digest)
         )
         return None if row is None else float(row[0])
 
     def add(self, name: str, digest: bytes, path: str) -> None:
         """Make ``path`` a member of ``name`` (again: its retention starts anew)."""
 
-        def insert(conn: sqlite3.Connection) -> None:
+        def insert(conn: Executor) -> None:
+            now = time.time()
             conn.execute(
-                "INSERT INTO cache_paths (cache, digest, path, added) VALUES (?,?,?,?)"
-                " ON CONFLICT (cache, digest) DO UPDATE SET added = excluded.added",
-                (name, digest, path, time.time()),
+                "INSERT INTO cache_paths (cache, digest, path, added, seen) VALUES (?,?,?,?,?)"
+                " ON CONFLICT (cache, digest) DO UPDATE SET added = excluded.added,"
+                " seen = excluded.seen",
+                (name, digest, path, now, now),
             )
 
-        in_transaction(self._db(), "adding a path to a cache", insert)
+        self._sdb.write("adding a path to a cache", insert)
 
     def remove(self, name: str, digest: bytes) -> bool:
         """Take ``digest`` out of cache ``name``; whether it was a member."""
 
-        def delete(conn: sqlite3.Connection) -> bool:
+        def delete(conn: Executor) -> bool:
             sql = "DELETE FROM cache_paths WHERE cache = ? AND digest = ?"
             return bool(conn.execute(sql, (name, digest)).rowcount)
 
-        return in_transaction(self._db(), "removing a path from a cache", delete)
+        return self._sdb.write("removing a path from a cache", delete)
 
     def touch(self, cache: Cache, digest: bytes, seen: float) -> None:
         """Record a fetch of member ``digest`` last seen at ``seen``.
@@ -255,22 +253,22 @@ class CacheRegistry:
         if now - seen < min(3600.0, cache.retention / 4):
             return
 
-        def update(conn: sqlite3.Connection) -> None:
+        def update(conn: Executor) -> None:
             conn.execute(
-                "UPDATE cache_paths SET accessed = ? WHERE cache = ? AND digest = ?",
+                "UPDATE cache_paths SET seen = ? WHERE cache = ? AND digest = ?",
                 (now, cache.name, digest),
             )
 
-        in_transaction(self._db(), "recording a fetch", update)
+        self._sdb.write("recording a fetch", update)
 
     def expired(self, now: float) -> list[tuple[str, bytes, str]]:
         """(cache, digest, path) of every member whose cache's retention has run out."""
-        if self._conn is None and not self.db.exists():
+        if not self._sdb.exists():
             return []
-        rows = self._db().execute(
+        rows = self._sdb.rows(
             "SELECT p.cache, p.digest, p.path FROM cache_paths p JOIN caches c"
-            " ON c.name = p.cache WHERE c.retention IS NOT NULL"
-            " AND max(p.added, coalesce(p.accessed, 0)) < ? - c.retention ORDER BY p.path",
+            f" ON c.name = p.cache WHERE c.retention IS NOT NULL AND {_SEEN} < ? - c.retention"
+            " ORDER BY p.path",
             (now,),
         )
         return [(str(r[0]), bytes(r[1]), str(r[2])) for r in rows]
@@ -278,56 +276,53 @@ class CacheRegistry:
     def expire(self, members: list[tuple[str, bytes, str]], now: float) -> None:
         """Drop ``members`` (from :meth:`expired`) unless pushed or fetched meanwhile."""
 
-        def drop(conn: sqlite3.Connection) -> None:
+        def drop(conn: Executor) -> None:
             for name, digest, _ in members:
                 conn.execute(
-                    "DELETE FROM cache_paths WHERE cache = ? AND digest = ? AND"
-                    " max(added, coalesce(accessed, 0)) < ? - (SELECT retention FROM caches"
-                    " WHERE name = ?)",
+                    f"DELETE FROM cache_paths WHERE cache = ? AND digest = ? AND {_SEEN} <"
+                    " ? - (SELECT retention FROM caches WHERE name = ?)",
                     (name, digest, now, name),
                 )
 
-        in_transaction(self._db(), "expiring cache members", drop)
+        self._sdb.write("expiring cache members", drop)
 
     def members(self, name: str) -> list[bytes]:
-        rows = self._db().execute(
+        rows = self._sdb.rows(
             "SELECT digest FROM cache_paths WHERE cache = ? ORDER BY path", (name,)
         )
         return [bytes(r[0]) for r in rows]
 
     def count(self, name: str) -> int:
-        row = self._db().execute("SELECT count(*) FROM cache_paths WHERE cache = ?", (name,))
-        return int(row.fetchone()[0])
+        row = self._sdb.one("SELECT count(*) FROM cache_paths WHERE cache = ?", (name,))
+        return int(row[0])
 
     def all_members(self, now: float | None = None) -> set[bytes]:
         """Every path some cache holds (GC roots); at ``now``, those within retention."""
-        if self._conn is None and not self.db.exists():
+        if not self._sdb.exists():
             return set()
         if now is None:
-            rows = self._db().execute("SELECT DISTINCT digest FROM cache_paths")
+            rows = self._sdb.rows("SELECT DISTINCT digest FROM cache_paths")
         else:
-            rows = self._db().execute(
+            rows = self._sdb.rows(
                 "SELECT DISTINCT p.digest FROM cache_paths p LEFT JOIN caches c"
-                " ON c.name = p.cache WHERE c.retention IS NULL"
-                " OR max(p.added, coalesce(p.accessed, 0)) >= ? - c.retention",
+                f" ON c.name = p.cache WHERE c.retention IS NULL OR {_SEEN} >= ? - c.retention",
                 (now,),
             )
         return {bytes(r[0]) for r in rows}
 
     def received(self, name: str, nar_hash: bytes) -> None:
-        def insert(conn: sqlite3.Connection) -> None:
+        def insert(conn: Executor) -> None:
             conn.execute(
-                "INSERT OR REPLACE INTO cache_nars (cache, nar_hash, added) VALUES (?,?,?)",
+                "INSERT INTO cache_nars (cache, nar_hash, added) VALUES (?,?,?)"
+                " ON CONFLICT (cache, nar_hash) DO UPDATE SET added = excluded.added",
                 (name, nar_hash, time.time()),
             )
 
-        in_transaction(self._db(), "recording a NAR upload", insert)
+        self._sdb.write("recording a NAR upload", insert)
 
     def has_nar(self, name: str, nar_hash: bytes) -> bool:
-        row = (
-            self._db()
-            .execute("SELECT 1 FROM cache_nars WHERE cache = ? AND nar_hash = ?", (name, nar_hash))
-            .fetchone()
+        row = self._sdb.one(
+            "SELECT 1 FROM cache_nars WHERE cache = ? AND nar_hash = ?", (name, nar_hash)
         )
         return row is not None
 
@@ -359,9 +354,9 @@ def _row(c: Cache) -> tuple[Any, ...]:
     )
 
 
-def _add_columns(conn: sqlite3.Connection) -> None:
+def _add_columns(conn: Executor) -> None:
     for table, column, definition in _ADDED_COLUMNS:
-        have = {str(r[1]) for r in conn.execute(f"PRAGMA table_info({table})")}
+        have = {str(r[1]) for r in conn.execute(f"PRAGMA table_info({table})").fetchall()}
         if column not in have:
             conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 

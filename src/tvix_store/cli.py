@@ -156,7 +156,11 @@ def _nar_bridge_config(kw: dict[str, Any]) -> Any:
     from tvix_store.caches import CacheRegistry
     from tvix_store.embedded import data_dir
     from tvix_store.nar_bridge.app import AppConfig
+    from tvix_store.servicedb import shared_url
     from tvix_store.tokens import TokenAuthority
+
+    # (over a shared store, its database holds the caches and tokens: every frontend's)
+    shared = shared_url(kw.get("path_info_service_addr"))
 
     keys = [SigningKey.from_file(p) for p in kw.pop("signing_keys", ())]
     trusted = [
@@ -170,8 +174,8 @@ def _nar_bridge_config(kw: dict[str, Any]) -> Any:
         header_timeout=kw.pop("header_timeout"),
         body_timeout=kw.pop("body_timeout"),
         max_connections=kw.pop("max_connections"),
-        tokens=TokenAuthority(data_dir()),
-        caches=CacheRegistry(data_dir()),
+        tokens=TokenAuthority(data_dir(), url=shared),
+        caches=CacheRegistry(data_dir(), shared),
         private=kw.pop("private"),
         insecure_no_auth=kw.pop("insecure_no_auth"),
         embedded_home=None if _store_named(kw) else data_dir(),

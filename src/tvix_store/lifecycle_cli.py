@@ -15,7 +15,7 @@ from nix_compat.store_path import StorePath
 from tvix_castore.errors import CastoreError
 from tvix_store.progress import no_progress_option
 
-__all__ = ["COMMANDS", "parse_duration"]
+__all__ = ["COMMANDS", "parse_duration", "shared_option"]
 
 _DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smhdw]?)")
 _UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
@@ -79,7 +79,8 @@ def _with_store(body: Callable[[Any], Any]) -> Any:
         store.close()
 
 
-def _shared_option(f: Callable[..., Any]) -> Callable[..., Any]:
+def shared_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--path-info-service-addr URL`` as ``shared``: a shared store's PostgreSQL."""
     return click.option(
         "--path-info-service-addr",
         "shared",
@@ -122,7 +123,7 @@ def pin() -> None:
 @pin.command("add")
 @click.argument("name")
 @click.argument("store_paths", nargs=-1, required=True)
-@_shared_option
+@shared_option
 def pin_add(name: str, store_paths: tuple[str, ...], shared: str | None) -> None:
     """Point pin NAME at STORE_PATHS (in the store), keeping what it pointed at in its history."""
     from tvix_store.pins import Pins
@@ -153,7 +154,7 @@ def pin_add(name: str, store_paths: tuple[str, ...], shared: str | None) -> None
 
 @pin.command("rm")
 @click.argument("name")
-@_shared_option
+@shared_option
 def pin_rm(name: str, shared: str | None) -> None:
     """Remove pin NAME (its history stays)."""
     from tvix_store.pins import Pins
@@ -176,7 +177,7 @@ def pin_rm(name: str, shared: str | None) -> None:
 @pin.command("list")
 @click.option("--history", is_flag=True, help="Every change of every pin, oldest first.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@_shared_option
+@shared_option
 def pin_list(history: bool, as_json: bool, shared: str | None) -> None:
     """The pins and their paths."""
     import time
@@ -220,7 +221,7 @@ def pin_list(history: bool, as_json: bool, shared: str | None) -> None:
     is_flag=True,
     help="Also delete every path that refers to these (transitively).",
 )
-@_shared_option
+@shared_option
 def delete(store_paths: tuple[str, ...], with_referrers: bool, shared: str | None) -> None:
     """Delete paths from the store (e.g. a secret pushed by mistake).
 

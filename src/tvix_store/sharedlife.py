@@ -130,9 +130,10 @@ def _history(conn: Connection, name: str, action: str, paths: list[str]) -> None
 
 
 def kept_paths(conn: Connection, keep_since: float, now: float) -> tuple[set[bytes], int]:
-    """The closure of the pins and of the paths seen since ``now - keep_since``.
+    """What a collection keeps, and how many paths the pins' closures hold.
 
-    Also how many paths the pins' closures hold.
+    The closure of the pins, of named caches' members within their retention
+    and of the paths seen since ``now - keep_since``.
     """
     pinned = [bytes(r[0]) for r in conn.execute("SELECT DISTINCT digest FROM pins")]
     seen = [
@@ -142,8 +143,20 @@ def kept_paths(conn: Connection, keep_since: float, now: float) -> tuple[set[byt
             (now - keep_since,),
         )
     ]
+    members: list[bytes] = []
+    row = conn.execute("SELECT to_regclass('cache_paths') IS NOT NULL").fetchone()
+    if row is not None and row[0]:  # (named caches: their members within retention)
+        members = [
+            bytes(r[0])
+            for r in conn.execute(
+                "SELECT DISTINCT p.digest FROM cache_paths p LEFT JOIN caches c"
+                " ON c.name = p.cache WHERE c.retention IS NULL"
+                " OR coalesce(p.seen, p.added) >= %s - c.retention",
+                (now,),
+            )
+        ]
     pinned_closure = {bytes(r[0]) for r in conn.execute(_CLOSURE, (pinned,))}
-    kept = {bytes(r[0]) for r in conn.execute(_CLOSURE, (list({*pinned, *seen}),))}
+    kept = {bytes(r[0]) for r in conn.execute(_CLOSURE, (list({*pinned, *seen, *members}),))}
     return kept, len(pinned_closure)
 
 

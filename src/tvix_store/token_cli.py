@@ -8,16 +8,21 @@ import json
 import click
 
 from tvix_castore.errors import CastoreError
-from tvix_store.lifecycle_cli import _duration
+from tvix_store.lifecycle_cli import _duration, shared_option
 from tvix_store.tokens import SCOPES, TokenAuthority
 
 __all__ = ["command"]
 
 
-def _authority() -> TokenAuthority:
+def _authority(shared: str | None) -> TokenAuthority:
+    """The tokens of the data directory, or of the shared store at ``shared`` (PostgreSQL)."""
     from tvix_store.embedded import data_dir
+    from tvix_store.servicedb import shared_url
 
-    return TokenAuthority(data_dir())
+    try:
+        return TokenAuthority(data_dir(), url=shared_url(shared))
+    except CastoreError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 def _when(t: float | None) -> str:
@@ -53,9 +58,16 @@ def token() -> None:
 )
 @click.option("--expires", metavar="DURATION", callback=_duration, help="e.g. 30d, 12h.")
 @click.option("--description", default="", help="What the token is for (shown by list).")
-def create(scopes: str, caches: tuple[str, ...], expires: float | None, description: str) -> None:
+@shared_option
+def create(
+    scopes: str,
+    caches: tuple[str, ...],
+    expires: float | None,
+    description: str,
+    shared: str | None,
+) -> None:
     """Make a token; its text is the last line of stdout."""
-    authority = _authority()
+    authority = _authority(shared)
     try:
         record, text = authority.create(
             [s.strip() for s in scopes.split(",") if s.strip()],
@@ -77,11 +89,14 @@ def create(scopes: str, caches: tuple[str, ...], expires: float | None, descript
 
 @token.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def list_(as_json: bool) -> None:
+@shared_option
+def list_(as_json: bool, shared: str | None) -> None:
     """Every token made for this store (never the token texts)."""
-    authority = _authority()
+    authority = _authority(shared)
     try:
         records = authority.list()
+    except CastoreError as exc:
+        raise click.ClickException(str(exc)) from exc
     finally:
         authority.close()
     if as_json:
@@ -97,9 +112,10 @@ def list_(as_json: bool) -> None:
 
 @token.command("revoke")
 @click.argument("token_id", metavar="ID")
-def revoke(token_id: str) -> None:
+@shared_option
+def revoke(token_id: str, shared: str | None) -> None:
     """Revoke a token by id: refused from now on by every server of this store."""
-    authority = _authority()
+    authority = _authority(shared)
     try:
         authority.revoke(token_id)
     except CastoreError as exc:

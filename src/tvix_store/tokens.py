@@ -8,6 +8,11 @@ A token is a JWT (HS256, PyJWT) signed with the store's token key, a random
 ``token list`` shows them and ``token revoke`` ends one at once: a token
 whose id is not recorded, or is revoked, is refused.
 
+Frontends over a shared store keep the records in its PostgreSQL database
+instead (:mod:`tvix_store.servicedb`), and the key too unless
+``TVIX_STORE_TOKEN_KEY_FILE`` names one: every frontend then honours the
+same tokens and revocations.
+
 Enforcement starts with the first token made and never stops by itself
 (revoking every token does not open the store again).
 """
@@ -17,16 +22,14 @@ from __future__ import annotations
 import fnmatch
 import os
 import secrets
-import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tvix_castore.directoryservice.sqlite import in_transaction
 from tvix_castore.errors import CastoreError, NotFound, ValidationError
-from tvix_store.servicedb import open_service_db, service_db_path
+from tvix_store.servicedb import Executor, service_db
 
 __all__ = [
     "SCOPES",
@@ -52,6 +55,14 @@ CREATE TABLE IF NOT EXISTS tokens (id TEXT PRIMARY KEY, created REAL NOT NULL,
     revoked REAL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS service_meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
 """
+MIGRATIONS = (  # (the same tables in a shared PostgreSQL: component "tokens")
+    """
+    CREATE TABLE tokens (id text PRIMARY KEY, created double precision NOT NULL,
+        expires double precision, scopes text NOT NULL, caches text NOT NULL,
+        description text NOT NULL, revoked double precision);
+    CREATE TABLE service_meta (key text PRIMARY KEY, value text NOT NULL)
+    """,
+)
 
 
 class AccessDenied(CastoreError):
@@ -120,12 +131,13 @@ def check_scopes(scopes: Sequence[str]) -> tuple[str, ...]:
 class TokenAuthority:
     """Makes, verifies, lists and revokes the tokens of one service directory."""
 
-    def __init__(self, home: Path, key_file: Path | None = None) -> None:
+    def __init__(self, home: Path, key_file: Path | None = None, url: str | None = None) -> None:
+        """``url``: a PostgreSQL database (a shared store's) holding the records and key."""
         self.home = home
         env = os.environ.get("TVIX_STORE_TOKEN_KEY_FILE")
-        self.key_file = key_file or (Path(env) if env else home / "token.key")
-        self.db = service_db_path(home)
-        self._conn: sqlite3.Connection | None = None
+        named = key_file or (Path(env) if env else None)
+        self.key_file = named or (None if url else home / "token.key")
+        self._sdb = service_db(home, url, "tokens", _SCHEMA, MIGRATIONS)
         self._key: bytes | None = None
         self._enforced = False  # (once on, never off: remembered)
         # Token text → its verified claims: the signature is checked once per token;
@@ -133,19 +145,20 @@ class TokenAuthority:
         self._verified: dict[str, dict[str, Any]] = {}
 
     # -- storage ------------------------------------------------------------------------
-    def _db(self) -> sqlite3.Connection:
-        if self._conn is None:
-            self._conn = open_service_db(self.home, _SCHEMA, "token")
-        return self._conn
-
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        self._sdb.close()
 
     def _signing_key(self, create: bool) -> bytes:
         if self._key is not None:
             return self._key
+        key = self._file_key(create) if self.key_file is not None else self._db_key(create)
+        if len(key) < 32:
+            raise ValidationError(f"token key {self.key_file} is shorter than 32 bytes")
+        self._key = key
+        return key
+
+    def _file_key(self, create: bool) -> bytes:
+        assert self.key_file is not None
         try:
             data = self.key_file.read_bytes()
         except FileNotFoundError:
@@ -160,19 +173,33 @@ class TokenAuthority:
                 f.flush()
                 os.fsync(f.fileno())
             data = self.key_file.read_bytes()
-        key = data.strip()
-        if len(key) < 32:
-            raise ValidationError(f"token key {self.key_file} is shorter than 32 bytes")
-        self._key = key
+        return data.strip()
+
+    def _db_key(self, create: bool) -> bytes:
+        """The key kept in the shared database (made once, by whoever comes first)."""
+
+        def body(conn: Executor) -> bytes | None:
+            if create:
+                conn.execute(
+                    "INSERT INTO service_meta (key, value) VALUES ('token_key', ?)"
+                    " ON CONFLICT (key) DO NOTHING",
+                    (secrets.token_bytes(32).hex(),),
+                )
+            row = conn.execute("SELECT value FROM service_meta WHERE key = 'token_key'").fetchone()
+            return None if row is None else str(row[0]).encode()
+
+        key = self._sdb.write("reading the token key", body)
+        if key is None:
+            raise Unauthenticated("this store has no token key: no token can be valid")
         return key
 
     def enforced(self) -> bool:
         """Whether tokens are required (any token was ever made for this store)."""
         if self._enforced:
             return True
-        if self._conn is None and not self.db.exists():
+        if not self._sdb.exists():
             return False
-        row = self._db().execute("SELECT value FROM service_meta WHERE key = 'auth'").fetchone()
+        row = self._sdb.one("SELECT value FROM service_meta WHERE key = 'auth'")
         self._enforced = row is not None
         return self._enforced
 
@@ -210,7 +237,7 @@ class TokenAuthority:
             claims["exp"] = int(record.expires)
         text = jwt.encode(claims, self._signing_key(create=True), algorithm=_ALGORITHM)
 
-        def insert(conn: sqlite3.Connection) -> None:
+        def insert(conn: Executor) -> None:
             conn.execute(
                 "INSERT INTO tokens (id, created, expires, scopes, caches, description)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
@@ -223,15 +250,18 @@ class TokenAuthority:
                     description,
                 ),
             )
-            conn.execute("INSERT OR IGNORE INTO service_meta (key, value) VALUES ('auth', 1)")
+            conn.execute(
+                "INSERT INTO service_meta (key, value) VALUES ('auth', '1')"
+                " ON CONFLICT (key) DO NOTHING"
+            )
 
-        in_transaction(self._db(), "recording a token", insert)
+        self._sdb.write("recording a token", insert)
         return record, text
 
     def list(self) -> list[TokenRecord]:
-        if not self.db.exists():
+        if not self._sdb.exists():
             return []
-        rows = self._db().execute(
+        rows = self._sdb.rows(
             "SELECT id, created, expires, scopes, caches, description, revoked FROM tokens"
             " ORDER BY created, id"
         )
@@ -243,14 +273,14 @@ class TokenAuthority:
     def revoke(self, token_id: str, now: float | None = None) -> None:
         now = time.time() if now is None else now
 
-        def mark(conn: sqlite3.Connection) -> None:
+        def mark(conn: Executor) -> None:
             cur = conn.execute(
                 "UPDATE tokens SET revoked = COALESCE(revoked, ?) WHERE id = ?", (now, token_id)
             )
             if cur.rowcount == 0:
                 raise NotFound(f"no token with id {token_id!r}")
 
-        in_transaction(self._db(), "revoking a token", mark)
+        self._sdb.write("revoking a token", mark)
 
     def verify(self, text: str, now: float | None = None) -> Claims:
         """The claims of a valid token, else :class:`Unauthenticated` saying why."""
@@ -261,11 +291,7 @@ class TokenAuthority:
                 self._verified.clear()
             self._verified[text] = claims
         token_id = claims["jti"]
-        row = (
-            self._db()
-            .execute("SELECT revoked, expires FROM tokens WHERE id = ?", (str(token_id),))
-            .fetchone()
-        )
+        row = self._sdb.one("SELECT revoked, expires FROM tokens WHERE id = ?", (str(token_id),))
         if row is None:
             raise Unauthenticated(f"token {token_id} is not known to this store")
         if row[0] is not None:

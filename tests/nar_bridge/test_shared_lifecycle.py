@@ -117,3 +117,59 @@ def test_pins_deletes_and_keep_since_on_s3_and_postgres(
     ]
     bad = _tvix(home, "pin", "list", *("--path-info-service-addr", "grpc+http://[::1]:1"))
     assert bad.returncode != 0 and "PostgreSQL" in bad.stderr
+
+
+async def test_named_caches_and_tokens_are_shared_by_frontends(
+    bridges: Bridges, closure: Closure, tmp_path: Path, s3: S3, postgres: Postgres
+) -> None:
+    import aiohttp
+
+    from nix_compat.narinfo import NarInfo
+
+    flags = _flags(s3, postgres)
+    blobs, meta = flags[1], flags[5]
+    on = ("--path-info-service-addr", meta)
+    cli_home = tmp_path / "operator"  # (its own data directory: nothing of it is used)
+    key = _ok(_tvix(cli_home, "cache", "create", "team", *on)).strip()
+    assert key.startswith("team-1:")
+    token = _ok(_tvix(cli_home, "token", "create", "--scope", "push", *on)).splitlines()[-1]
+    assert json.loads(_ok(_tvix(cli_home, "cache", "list", "--json"))) == []
+    # Two frontends, each with a data directory of its own, over the same S3 + PostgreSQL.
+    a = bridges.start(None, *flags)
+    b = bridges.start(None, *flags)
+    nix = nix_in(tmp_path)
+    netrc = tmp_path / "netrc"
+    netrc.write_text(f"machine 127.0.0.1 login nix password {token}\n")
+    conf = {"NIX_CONFIG": f"experimental-features = nix-command\nnetrc-file = {netrc}"}
+    copy_to(nix, closure, f"{a.url}/team", env=conf)
+
+    top = closure.by_name("top")
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{b.url}/team/{top.hash_part}.narinfo") as r:
+            assert r.status == 200
+            info = NarInfo.parse(await r.read())
+        assert "team-1" in {sig.name for sig in info.signatures}
+        # Without the token, or once it is revoked (by the operator's CLI), pushes are refused
+        # by every frontend.
+        async with s.put(f"{b.url}/team/nix-cache-info", data=b"") as r:
+            assert r.status == 401
+        bearer = {"Authorization": f"Bearer {token}"}
+        async with s.put(f"{b.url}/team/nix-cache-info", data=b"", headers=bearer) as r:
+            assert r.status == 200
+        (record,) = json.loads(_ok(_tvix(cli_home, "token", "list", "--json", *on)))
+        _ok(_tvix(cli_home, "token", "revoke", record["id"], *on))
+        for bridge in (a, b):
+            async with s.put(f"{bridge.url}/team/nix-cache-info", data=b"", headers=bearer) as r:
+                assert r.status == 401 and "revoked" in await r.text()
+    counts = json.loads(_ok(_tvix(cli_home, "cache", "list", "--json", *on)))
+    assert [(c["name"], c["paths"]) for c in counts] == [("team", len(closure.paths))]
+    a.stop()
+    b.stop()
+
+    # The cache's members are roots of the shared collection, whatever --keep-since says.
+    gc = ("gc", "--json", "--blob-service-addr", blobs, *on, "--keep-since", "0", "--grace", "0")
+    report = json.loads(_ok(_tvix(cli_home, *gc)))
+    assert report["deleted_paths"] == [] and report["kept_paths"] == len(closure.paths)
+    _ok(_tvix(cli_home, "cache", "destroy", "team", *on))
+    report = json.loads(_ok(_tvix(cli_home, *gc)))
+    assert report["deleted_paths"] == sorted(p.path for p in closure.paths)
