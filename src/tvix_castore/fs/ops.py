@@ -349,7 +349,9 @@ class CastoreFs(pyfuse3.Operations):
         self.inodes.opened(entry)
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True)
 
-    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
+    async def read(  # type: ignore[override]  # (pyfuse3 replies with any contiguous buffer)
+        self, fh: pyfuse3.FileHandleT, off: int, size: int
+    ) -> bytes | memoryview:
         handle = self._handles.get(fh)
         if not isinstance(handle, _File):
             raise pyfuse3.FUSEError(errno.EBADF)
@@ -379,14 +381,16 @@ class CastoreFs(pyfuse3.Operations):
             raise CastoreError("its bytes do not match its digest")
         return data
 
-    async def _large(self, handle: _File, node: FileNode, off: int, size: int) -> bytes:
+    async def _large(
+        self, handle: _File, node: FileNode, off: int, size: int
+    ) -> bytes | memoryview:
         if handle.reader is None:
             handle.reader = await self._blobs.open_read(node.digest)
             if handle.reader is None:
                 raise CastoreError("is missing")
         if handle.reader.tell() != off:
             await handle.reader.seek(off)
-        data = await handle.reader.readexactly(min(size, node.size - off))
+        data = await handle.reader.read_view(min(size, node.size - off))
         if len(data) != min(size, node.size - off):
             raise CastoreError(f"ends at {off + len(data)}, the file at {node.size}")
         return data
