@@ -48,6 +48,7 @@ _FOREVER = 365 * 86400.0  # (content never changes: the kernel may cache it as l
 _SMALL = 1 << 20  # files up to this size are read whole and verified before serving
 _DIRECTORIES_CACHED = 4096
 _ROWS_CACHED = 65536  # readdir rows kept (about 300 bytes each)
+_READ_AHEAD_DIRS = 512  # subdirectories of a listed directory fetched ahead, at most
 _MTIME_NS = 1_000_000_000  # 1 s after the epoch, as in a Nix store
 
 
@@ -116,6 +117,9 @@ class CastoreFs(pyfuse3.Operations):
         self._handles: dict[int, _File | _Dir] = {}
         self._next_fh = itertools.count(1)
         self._inflight: set[asyncio.Task[object]] = set()
+        # Subdirectories being read ahead (their Directories, once fetched).
+        self._ahead: dict[B3Digest, asyncio.Future[Directory | None]] = {}
+        self._ahead_tasks: set[asyncio.Future[None]] = set()
         self._stopping = False
 
     # -- helpers ---------------------------------------------------------------
@@ -152,20 +156,26 @@ class CastoreFs(pyfuse3.Operations):
             task.cancel()
 
     async def _children(self, node: DirectoryNode) -> Directory:
-        """``node``'s Directory (fetched once, cached)."""
+        """``node``'s Directory (fetched once, cached; or waited for, if being read ahead)."""
         cached = self._cache.get(node.digest)
         if cached is not None:
             self._cache.move_to_end(node.digest)
             return cached
+        ahead = self._ahead.get(node.digest)
+        if ahead is not None and (found := await asyncio.shield(ahead)) is not None:
+            return found
         what = f"directory {node.digest}"
         directory: Directory | None = await self._backend(what, self._dirs.get(node.digest))
         if directory is None:
             _log.warning("mount: %s is missing", what)
             raise pyfuse3.FUSEError(errno.EIO)
-        self._cache[node.digest] = directory
+        self._keep(node.digest, directory)
+        return directory
+
+    def _keep(self, digest: B3Digest, directory: Directory) -> None:
+        self._cache[digest] = directory
         while len(self._cache) > _DIRECTORIES_CACHED:
             self._cache.popitem(last=False)
-        return directory
 
     async def _listing_rows(self, entry: Inode, node: DirectoryNode) -> tuple[_Row, ...]:
         """The readdir rows of the directory ``entry`` (built once, cached).
@@ -177,19 +187,75 @@ class CastoreFs(pyfuse3.Operations):
         if rows is not None:
             self._rows.move_to_end(entry.key)
             return rows
-        directory = await self._children(node)
-        parent, number, attr = entry.ino, self.inodes.number, self._attr
+        return self._build_rows(entry.key, entry.ino, await self._children(node))
+
+    def _build_rows(self, key: Key, parent: int, directory: Directory) -> tuple[_Row, ...]:
+        """Build and cache the rows of ``directory``, whose inode is ``parent`` (with ``key``)."""
+        number, attr = self.inodes.number, self._attr
         built: list[_Row] = []
         for child in directory.nodes():  # (name order: readdir offsets index the rows)
-            key = key_of(child, parent, child.name)
-            ino = number(key)
-            built.append((child.name, key, child, ino, attr(child, ino)))
+            child_key = key_of(child, parent, child.name)
+            ino = number(child_key)
+            built.append((child.name, child_key, child, ino, attr(child, ino)))
         rows = tuple(built)
-        self._rows[entry.key] = rows
+        self._rows[key] = rows
         self._rows_cached += len(rows)
         while self._rows_cached > _ROWS_CACHED and len(self._rows) > 1:
             self._rows_cached -= len(self._rows.popitem(last=False)[1])
         return rows
+
+    def _read_ahead(self, rows: tuple[_Row, ...]) -> None:
+        """A directory is being listed: fetch its subdirectories (one batch) and their rows.
+
+        A tree walk opens them next; what is fetched here is what the walk
+        would wait for, one Directory at a time, while the kernel is busy
+        with the listing. Only the listed directory's own subdirectories
+        (not deeper), at most ``_READ_AHEAD_DIRS`` of them.
+        """
+        todo: list[tuple[Key, int, DirectoryNode]] = []
+        for _name, key, node, ino, _attr in rows:
+            if (
+                isinstance(node, DirectoryNode)
+                and key not in self._rows
+                and node.digest not in self._cache
+                and node.digest not in self._ahead
+            ):
+                todo.append((key, ino, node))
+                if len(todo) == _READ_AHEAD_DIRS:
+                    break
+        if not todo or self._stopping:
+            return
+        loop = asyncio.get_running_loop()
+        waiting = {node.digest: loop.create_future() for _k, _i, node in todo}
+        self._ahead.update(waiting)
+        task = asyncio.ensure_future(self._fetch_ahead(todo, waiting))
+        self._ahead_tasks.add(task)
+        task.add_done_callback(self._ahead_tasks.discard)
+
+    async def _fetch_ahead(
+        self,
+        todo: list[tuple[Key, int, DirectoryNode]],
+        waiting: dict[B3Digest, asyncio.Future[Directory | None]],
+    ) -> None:
+        found: dict[B3Digest, Directory] = {}
+        try:
+            what = f"reading ahead {len(waiting)} directories"
+            found = await self._backend(what, self._dirs.get_many(list(waiting)))
+        except pyfuse3.FUSEError:
+            pass  # (logged; each is fetched, and its failure reported, when it is opened)
+        finally:
+            for digest, fut in waiting.items():  # (None: the opener fetches it itself)
+                self._ahead.pop(digest, None)
+                directory = found.get(digest)
+                if directory is not None:
+                    self._keep(digest, directory)
+                if not fut.done():
+                    fut.set_result(directory)
+        for key, ino, node in todo:  # (one at a time: requests are served in between)
+            directory = found.get(node.digest)
+            if directory is not None and key not in self._rows and self.inodes.number(key) == ino:
+                self._build_rows(key, ino, directory)
+                await asyncio.sleep(0)
 
     def _attr(
         self, node: Node | None, ino: int, timeout: float = _FOREVER
@@ -269,6 +335,7 @@ class CastoreFs(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
             handle = _Dir(entry, await self._listing_rows(entry, entry.node))
             self.inodes.opened(entry)
+            self._read_ahead(handle.rows)
         fh = next(self._next_fh)
         self._handles[fh] = handle
         return pyfuse3.FileHandleT(fh)
