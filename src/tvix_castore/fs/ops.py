@@ -237,25 +237,45 @@ class CastoreFs(pyfuse3.Operations):
         todo: list[tuple[Key, int, DirectoryNode]],
         waiting: dict[B3Digest, asyncio.Future[Directory | None]],
     ) -> None:
-        found: dict[B3Digest, Directory] = {}
+        """Fetch ``todo`` in growing batches (the first ones opened wait least), then their rows."""
         try:
-            what = f"reading ahead {len(waiting)} directories"
-            found = await self._backend(what, self._dirs.get_many(list(waiting)))
-        except pyfuse3.FUSEError:
-            pass  # (logged; each is fetched, and its failure reported, when it is opened)
+            at, n = 0, 4
+            while at < len(todo):
+                batch = todo[at : at + n]
+                at, n = at + n, n * 4
+                digests = [node.digest for _k, _i, node in batch]
+                what = f"reading ahead {len(digests)} directories"
+                try:
+                    found = await self._backend(what, self._dirs.get_many(digests))
+                except pyfuse3.FUSEError:
+                    return  # (logged; each is fetched, and its failure reported, when opened)
+                for _key, _ino, node in batch:
+                    directory = found.get(node.digest)
+                    if directory is not None:
+                        self._keep(node.digest, directory)
+                    self._settle(waiting, node.digest, directory)
+                for key, ino, node in batch:  # (one at a time: requests are served in between)
+                    directory = found.get(node.digest)
+                    if directory is not None and key not in self._rows:
+                        if self.inodes.number(key) == ino:
+                            self._build_rows(key, ino, directory)
+                        await asyncio.sleep(0)
         finally:
-            for digest, fut in waiting.items():  # (None: the opener fetches it itself)
-                self._ahead.pop(digest, None)
-                directory = found.get(digest)
-                if directory is not None:
-                    self._keep(digest, directory)
-                if not fut.done():
-                    fut.set_result(directory)
-        for key, ino, node in todo:  # (one at a time: requests are served in between)
-            directory = found.get(node.digest)
-            if directory is not None and key not in self._rows and self.inodes.number(key) == ino:
-                self._build_rows(key, ino, directory)
-                await asyncio.sleep(0)
+            for digest in list(waiting):  # (None: the opener fetches it itself)
+                self._settle(waiting, digest, None)
+
+    def _settle(
+        self,
+        waiting: dict[B3Digest, asyncio.Future[Directory | None]],
+        digest: B3Digest,
+        directory: Directory | None,
+    ) -> None:
+        fut = waiting.pop(digest, None)
+        if fut is not None:
+            if self._ahead.get(digest) is fut:
+                del self._ahead[digest]
+            if not fut.done():
+                fut.set_result(directory)
 
     def _attr(
         self, node: Node | None, ino: int, timeout: float = _FOREVER
