@@ -301,6 +301,11 @@ async def test_chunked_reader_vector() -> None:
     for offset in range(17):
         await reader.seek(offset)
         assert await reader.read() == full[offset:]
+    for offset in range(17):  # (views inside a chunk, joined across chunks)
+        for n in range(18 - offset):
+            await reader.seek(offset)
+            assert bytes(await reader.read_view(n)) == full[offset : offset + n]
+            assert reader.tell() == min(16, offset + n)
 
 
 async def test_empty_digest_always_readable() -> None:

@@ -259,6 +259,13 @@ async def test_unknown_is_absent(svc: DirectoryService) -> None:
     assert await closure(svc, B.digest) == []
 
 
+async def test_get_many(svc: DirectoryService) -> None:
+    await upload(svc, [A, B, D])
+    absent = C.digest
+    assert await svc.get_many([D.digest, absent, A.digest, D.digest]) == {D.digest: D, A.digest: A}
+    assert await svc.get_many([]) == {}
+
+
 async def test_get_recursive_can_stop_early(svc: DirectoryService) -> None:
     await upload(svc, [A, B, D])
     async for directory in svc.get_recursive(D.digest):

@@ -3,7 +3,8 @@
 A counting mount (:mod:`tests.fs.counting_mount`) logs each PathInfo,
 Directory, blob and chunk fetch: a stat of a store path asks one PathInfo
 and nothing else, a lookup deep inside fetches only the Directories on the
-way, ``open`` and ``ls -l`` fetch no blob, and a small read in the middle
+way, listing a directory reads its own subdirectories ahead (not deeper),
+``open`` and ``ls -l`` fetch no blob, and a small read in the middle
 of a multi-chunk file fetches the chunk it needs and the few read ahead,
 not the file. Errors: missing blob, damaged bytes, missing Directory → EIO
 with a log line, the mount staying up; bad names → ENOENT; bad mountpoints
@@ -57,10 +58,11 @@ def test_only_what_is_touched_is_fetched(tmp_path: Path, mounts: Mounts) -> None
     assert _kinds(m.fetched()) == {"pathinfo": 1}
     (m.at / a / "sub" / "deeper" / "x").stat()
     assert _kinds(m.fetched()) == {"pathinfo": 1, "directory": 3}  # (a, sub, deeper)
-    run(["ls", "-l", m.at / a])
+    run(["ls", "-l", m.at / a])  # (listing a reads its subdirectories ahead: other, not deeper)
+    assert _kinds(m.fetched()) == {"pathinfo": 1, "directory": 4}
     with open(m.at / a / "f1", "rb"):
         pass
-    assert _kinds(m.fetched()) == {"pathinfo": 1, "directory": 3}  # (no blob: nothing read)
+    assert _kinds(m.fetched()) == {"pathinfo": 1, "directory": 4}  # (no blob: nothing read)
     assert (m.at / a / "f1").read_bytes() == b"1\n"
     assert _kinds(m.fetched())["blob"] == 1
     with open(m.at / a / "big", "rb", buffering=0) as f:

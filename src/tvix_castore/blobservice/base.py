@@ -70,6 +70,15 @@ class BlobReader(AsyncClosing, abc.ABC):
             n -= len(chunk)
         return b"".join(parts)
 
+    async def read_view(self, n: int) -> bytes | memoryview:
+        """:meth:`readexactly`, possibly as a view of bytes the reader holds.
+
+        The bytes behind a view are never changed (a reader may hand out
+        slices of the verified chunks it keeps); a reader that keeps none
+        returns :meth:`readexactly`'s bytes.
+        """
+        return await self.readexactly(n)
+
 
 class BytesBlobReader(BlobReader):
     """A reader over bytes already in memory (and already verified)."""

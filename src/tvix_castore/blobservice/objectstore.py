@@ -231,6 +231,16 @@ class ChunkedReader(BlobReader):
         self._pos += len(out)
         return out
 
+    async def read_view(self, n: int) -> bytes | memoryview:
+        """A view of the current chunk when the bytes lie inside it (no copy), else joined."""
+        i = bisect.bisect_right(self._starts, self._pos) - 1
+        if 0 <= i == self._cur_index:
+            off = self._pos - self._starts[i]
+            if off + n <= len(self._cur):
+                self._pos += n
+                return memoryview(self._cur)[off : off + n]
+        return await self.readexactly(n)
+
     async def aclose(self) -> None:
         for task in self._pending.values():
             task.cancel()

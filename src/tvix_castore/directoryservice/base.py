@@ -55,6 +55,27 @@ class DirectoryService(AsyncClosing, abc.ABC):
     async def get(self, digest: B3Digest) -> Directory | None:
         """The Directory, verified against ``digest``, or ``None``."""
 
+    async def get_many(self, digests: Sequence[B3Digest]) -> dict[B3Digest, Directory]:
+        """The stored ones of ``digests``, each verified (absent ones left out).
+
+        One call for many (a mount reading a directory's subdirectories
+        ahead). This default runs up to 16 :meth:`get` calls at a time (a
+        remote service: that many requests in flight); backends that fetch
+        a batch at once override it.
+        """
+        import asyncio
+
+        unique = list(dict.fromkeys(digests))
+        out: dict[B3Digest, Directory] = {}
+        for i in range(0, len(unique), 16):
+            batch = unique[i : i + 16]
+            for digest, found in zip(
+                batch, await asyncio.gather(*map(self.get, batch)), strict=True
+            ):
+                if found is not None:
+                    out[digest] = found
+        return out
+
     @abc.abstractmethod
     async def _commit(self, directories: Sequence[Directory]) -> None:
         """Persist already-validated directories, leaves first, atomically."""
@@ -126,6 +147,11 @@ class ThreadedDirectoryService(DirectoryService):
 
         found = await asyncio.to_thread(self._get_many, [digest])
         return found.get(digest)
+
+    async def get_many(self, digests: Sequence[B3Digest]) -> dict[B3Digest, Directory]:
+        import asyncio
+
+        return await asyncio.to_thread(self._get_many, list(dict.fromkeys(digests)))
 
     async def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
         import asyncio

@@ -48,6 +48,7 @@ _FOREVER = 365 * 86400.0  # (content never changes: the kernel may cache it as l
 _SMALL = 1 << 20  # files up to this size are read whole and verified before serving
 _DIRECTORIES_CACHED = 4096
 _ROWS_CACHED = 65536  # readdir rows kept (about 300 bytes each)
+_READ_AHEAD_DIRS = 512  # subdirectories of a listed directory fetched ahead, at most
 _MTIME_NS = 1_000_000_000  # 1 s after the epoch, as in a Nix store
 
 
@@ -116,6 +117,9 @@ class CastoreFs(pyfuse3.Operations):
         self._handles: dict[int, _File | _Dir] = {}
         self._next_fh = itertools.count(1)
         self._inflight: set[asyncio.Task[object]] = set()
+        # Subdirectories being read ahead (their Directories, once fetched).
+        self._ahead: dict[B3Digest, asyncio.Future[Directory | None]] = {}
+        self._ahead_tasks: set[asyncio.Future[None]] = set()
         self._stopping = False
 
     # -- helpers ---------------------------------------------------------------
@@ -152,20 +156,26 @@ class CastoreFs(pyfuse3.Operations):
             task.cancel()
 
     async def _children(self, node: DirectoryNode) -> Directory:
-        """``node``'s Directory (fetched once, cached)."""
+        """``node``'s Directory (fetched once, cached; or waited for, if being read ahead)."""
         cached = self._cache.get(node.digest)
         if cached is not None:
             self._cache.move_to_end(node.digest)
             return cached
+        ahead = self._ahead.get(node.digest)
+        if ahead is not None and (found := await asyncio.shield(ahead)) is not None:
+            return found
         what = f"directory {node.digest}"
         directory: Directory | None = await self._backend(what, self._dirs.get(node.digest))
         if directory is None:
             _log.warning("mount: %s is missing", what)
             raise pyfuse3.FUSEError(errno.EIO)
-        self._cache[node.digest] = directory
+        self._keep(node.digest, directory)
+        return directory
+
+    def _keep(self, digest: B3Digest, directory: Directory) -> None:
+        self._cache[digest] = directory
         while len(self._cache) > _DIRECTORIES_CACHED:
             self._cache.popitem(last=False)
-        return directory
 
     async def _listing_rows(self, entry: Inode, node: DirectoryNode) -> tuple[_Row, ...]:
         """The readdir rows of the directory ``entry`` (built once, cached).
@@ -177,19 +187,95 @@ class CastoreFs(pyfuse3.Operations):
         if rows is not None:
             self._rows.move_to_end(entry.key)
             return rows
-        directory = await self._children(node)
-        parent, number, attr = entry.ino, self.inodes.number, self._attr
+        return self._build_rows(entry.key, entry.ino, await self._children(node))
+
+    def _build_rows(self, key: Key, parent: int, directory: Directory) -> tuple[_Row, ...]:
+        """Build and cache the rows of ``directory``, whose inode is ``parent`` (with ``key``)."""
+        number, attr = self.inodes.number, self._attr
         built: list[_Row] = []
         for child in directory.nodes():  # (name order: readdir offsets index the rows)
-            key = key_of(child, parent, child.name)
-            ino = number(key)
-            built.append((child.name, key, child, ino, attr(child, ino)))
+            child_key = key_of(child, parent, child.name)
+            ino = number(child_key)
+            built.append((child.name, child_key, child, ino, attr(child, ino)))
         rows = tuple(built)
-        self._rows[entry.key] = rows
+        self._rows[key] = rows
         self._rows_cached += len(rows)
         while self._rows_cached > _ROWS_CACHED and len(self._rows) > 1:
             self._rows_cached -= len(self._rows.popitem(last=False)[1])
         return rows
+
+    def _read_ahead(self, rows: tuple[_Row, ...]) -> None:
+        """A directory is being listed: fetch its subdirectories (one batch) and their rows.
+
+        A tree walk opens them next; what is fetched here is what the walk
+        would wait for, one Directory at a time, while the kernel is busy
+        with the listing. Only the listed directory's own subdirectories
+        (not deeper), at most ``_READ_AHEAD_DIRS`` of them.
+        """
+        todo: list[tuple[Key, int, DirectoryNode]] = []
+        for _name, key, node, ino, _attr in rows:
+            if (
+                isinstance(node, DirectoryNode)
+                and key not in self._rows
+                and node.digest not in self._cache
+                and node.digest not in self._ahead
+            ):
+                todo.append((key, ino, node))
+                if len(todo) == _READ_AHEAD_DIRS:
+                    break
+        if not todo or self._stopping:
+            return
+        loop = asyncio.get_running_loop()
+        waiting = {node.digest: loop.create_future() for _k, _i, node in todo}
+        self._ahead.update(waiting)
+        task = asyncio.ensure_future(self._fetch_ahead(todo, waiting))
+        self._ahead_tasks.add(task)
+        task.add_done_callback(self._ahead_tasks.discard)
+
+    async def _fetch_ahead(
+        self,
+        todo: list[tuple[Key, int, DirectoryNode]],
+        waiting: dict[B3Digest, asyncio.Future[Directory | None]],
+    ) -> None:
+        """Fetch ``todo`` in growing batches (the first ones opened wait least), then their rows."""
+        try:
+            at, n = 0, 4
+            while at < len(todo):
+                batch = todo[at : at + n]
+                at, n = at + n, n * 4
+                digests = [node.digest for _k, _i, node in batch]
+                what = f"reading ahead {len(digests)} directories"
+                try:
+                    found = await self._backend(what, self._dirs.get_many(digests))
+                except pyfuse3.FUSEError:
+                    return  # (logged; each is fetched, and its failure reported, when opened)
+                for _key, _ino, node in batch:
+                    directory = found.get(node.digest)
+                    if directory is not None:
+                        self._keep(node.digest, directory)
+                    self._settle(waiting, node.digest, directory)
+                for key, ino, node in batch:  # (one at a time: requests are served in between)
+                    directory = found.get(node.digest)
+                    if directory is not None and key not in self._rows:
+                        if self.inodes.number(key) == ino:
+                            self._build_rows(key, ino, directory)
+                        await asyncio.sleep(0)
+        finally:
+            for digest in list(waiting):  # (None: the opener fetches it itself)
+                self._settle(waiting, digest, None)
+
+    def _settle(
+        self,
+        waiting: dict[B3Digest, asyncio.Future[Directory | None]],
+        digest: B3Digest,
+        directory: Directory | None,
+    ) -> None:
+        fut = waiting.pop(digest, None)
+        if fut is not None:
+            if self._ahead.get(digest) is fut:
+                del self._ahead[digest]
+            if not fut.done():
+                fut.set_result(directory)
 
     def _attr(
         self, node: Node | None, ino: int, timeout: float = _FOREVER
@@ -269,6 +355,7 @@ class CastoreFs(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
             handle = _Dir(entry, await self._listing_rows(entry, entry.node))
             self.inodes.opened(entry)
+            self._read_ahead(handle.rows)
         fh = next(self._next_fh)
         self._handles[fh] = handle
         return pyfuse3.FileHandleT(fh)
@@ -349,7 +436,9 @@ class CastoreFs(pyfuse3.Operations):
         self.inodes.opened(entry)
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(fh), keep_cache=True)
 
-    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
+    async def read(  # type: ignore[override]  # (pyfuse3 replies with any contiguous buffer)
+        self, fh: pyfuse3.FileHandleT, off: int, size: int
+    ) -> bytes | memoryview:
         handle = self._handles.get(fh)
         if not isinstance(handle, _File):
             raise pyfuse3.FUSEError(errno.EBADF)
@@ -379,14 +468,16 @@ class CastoreFs(pyfuse3.Operations):
             raise CastoreError("its bytes do not match its digest")
         return data
 
-    async def _large(self, handle: _File, node: FileNode, off: int, size: int) -> bytes:
+    async def _large(
+        self, handle: _File, node: FileNode, off: int, size: int
+    ) -> bytes | memoryview:
         if handle.reader is None:
             handle.reader = await self._blobs.open_read(node.digest)
             if handle.reader is None:
                 raise CastoreError("is missing")
         if handle.reader.tell() != off:
             await handle.reader.seek(off)
-        data = await handle.reader.readexactly(min(size, node.size - off))
+        data = await handle.reader.read_view(min(size, node.size - off))
         if len(data) != min(size, node.size - off):
             raise CastoreError(f"ends at {off + len(data)}, the file at {node.size}")
         return data

@@ -84,6 +84,9 @@ class PackDirectoryService(DirectoryService):
     async def get(self, digest: B3Digest) -> Directory | None:
         return (await self._get_many([digest])).get(digest)
 
+    async def get_many(self, digests: Sequence[B3Digest]) -> dict[B3Digest, Directory]:
+        return await self._get_many(list(dict.fromkeys(digests)))
+
     async def get_recursive(self, root: B3Digest) -> AsyncIterator[Directory]:
         async for directory in closure_by_levels(root, self._get_many):
             yield directory

@@ -242,6 +242,19 @@ class PackReader:
                 self._busy.pop(frame, None)
             busy.set()
 
+    def decoded(self, frame: FrameRef) -> DecodedFrame | None:
+        """``frame`` decoded and verified, through the shared cache (``None``: damaged or gone).
+
+        Unlike :meth:`decode`, a frame decoded here is kept for the next
+        reader; a damaged one is unindexed, as by any read. A caller that
+        gets ``None`` reads through :meth:`member` or :meth:`read_located`,
+        which say why (or find a blob that compaction moved).
+        """
+        try:
+            return self._decoded(frame)
+        except (_FrameGone, DataCorruption):
+            return None
+
     def decode(self, frame: FrameRef) -> DecodedFrame | None:
         """``frame`` decoded and verified, bypassing the shared cache.
 

@@ -29,15 +29,14 @@ from tvix_castore.blobservice.base import (
     ForkedIngest,
 )
 from tvix_castore.blobservice.objectstore import (
-    ChunkedReader,
     ChunkingWriter,
-    ChunkLoader,
     ObjectStoreBlobService,
 )
 from tvix_castore.digests import EMPTY_DIGEST, B3Digest
-from tvix_castore.errors import ConfigError, DataCorruption, StorageError
+from tvix_castore.errors import ConfigError, StorageError
 from tvix_castore.lazy import lazy_module
 from tvix_castore.objectstore import MemoryObjectStore
+from tvix_castore.packstore.blobreader import PackedChunkReader
 from tvix_castore.packstore.format import DEFAULT_LEVEL, FrameMember, Kind, build_frame
 from tvix_castore.packstore.index import IndexTxn, NewFrame, PackIndex
 from tvix_castore.packstore.legacy import open_legacy
@@ -495,20 +494,6 @@ class PackBlobService(BlobService):
     async def read_many(self, digests: Sequence[B3Digest]) -> dict[B3Digest, bytes]:
         return await asyncio.to_thread(self.read_many_sync, digests)
 
-    def _chunk_loader(self, blob: B3Digest) -> ChunkLoader:
-        """Loads chunks of ``blob``; a damaged one names both."""
-
-        def read(digest: B3Digest) -> bytes | None:
-            try:
-                return self.reader.read(digest)
-            except DataCorruption as exc:
-                raise DataCorruption(f"blob {blob}: chunk {exc}") from exc
-
-        async def load(digest: B3Digest, size: int) -> bytes | None:
-            return await asyncio.to_thread(read, digest)
-
-        return load
-
     async def open_read(self, digest: B3Digest) -> BlobReader | None:
         if digest == EMPTY_DIGEST:
             return BytesBlobReader(b"")
@@ -516,7 +501,7 @@ class PackBlobService(BlobService):
         if loc is None:
             return None
         if isinstance(loc, Chunked):
-            return ChunkedReader(list(loc.chunks), self._chunk_loader(digest))
+            return PackedChunkReader(self.reader, digest, loc.chunks)
         if isinstance(loc, Member):
             data = await asyncio.to_thread(self.reader.member, digest.raw, loc)
             return BytesBlobReader(bytes(data))
