@@ -17,15 +17,18 @@ them and raises :class:`~tvix_castore.errors.DataCorruption` naming why.
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 import io
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from tvix_castore.blobservice.base import BlobReader, ChunkMeta
 from tvix_castore.digests import B3Digest
 from tvix_castore.errors import DataCorruption, NotFound
 from tvix_castore.packstore.reader import Chunked, DecodedFrame, FrameRef, Member, PackReader
+
+if TYPE_CHECKING:
+    import asyncio  # (at run time only where awaited: plain exports load no event loop)
 
 __all__ = ["PackedChunkReader"]
 
@@ -133,6 +136,8 @@ class PackedChunkReader(BlobReader):
 
     async def _enter(self, w: int) -> None:
         """Make window ``w`` current; start loading the ones after it."""
+        import asyncio
+
         for j in list(self._pending):  # (a seek elsewhere: drop what is not needed)
             if not w <= j <= w + self._read_ahead:
                 _drop(self._pending.pop(j))

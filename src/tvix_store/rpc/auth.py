@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import grpc
 import grpc.aio
 
+from tvix_castore.errors import CastoreError
+from tvix_castore.rpc.status import code_for
 from tvix_store.tokens import AccessDenied, TokenAuthority, Unauthenticated
 
 __all__ = ["TokenCheck", "bearer"]
@@ -66,12 +68,12 @@ class TokenCheck(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if handler is None or method.startswith(_OPEN):
             return handler
         write = method.rpartition("/")[2] == "Put"
-        needed = self.authority.enforced() and (write or self.private_reads)
         value = None
         for key, val in handler_call_details.invocation_metadata or ():
             if key == "authorization":
                 value = val if isinstance(val, str) else val.decode(errors="replace")
         try:
+            needed = self.authority.enforced() and (write or self.private_reads)
             self.authority.authorize(bearer(value), "push" if write else "pull", "", needed)
         except AccessDenied as exc:
             code = (
@@ -80,4 +82,6 @@ class TokenCheck(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 else grpc.StatusCode.PERMISSION_DENIED
             )
             return _denied(handler, code, str(exc))
+        except CastoreError as exc:  # (the token tables unreachable: a shared store's database)
+            return _denied(handler, code_for(exc), str(exc))
         return handler
