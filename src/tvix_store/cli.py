@@ -691,10 +691,20 @@ def compact(min_garbage: float, recompress: bool, as_json: bool) -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @no_progress_option
+@service_options
 def fsck(
-    deep: bool, repair: bool, upstreams: tuple[str, ...], as_json: bool, no_progress: bool
+    deep: bool,
+    repair: bool,
+    upstreams: tuple[str, ...],
+    as_json: bool,
+    no_progress: bool,
+    **kw: Any,
 ) -> None:
-    """Check the embedded store for damaged content and say which paths it breaks.
+    """Check the store for damaged content and say which paths it breaks.
+
+    With service URLs or a composition (S3 + PostgreSQL, a daemon …), every
+    path's Directories, blobs and (--deep) NAR are checked through the
+    services, and damage is reported. Without, the embedded store:
 
     Verifies every pack frame and index row, every path's closure (Directories
     and blobs), and with --deep every NAR. Damaged paths are marked: nar-bridge
@@ -710,6 +720,14 @@ def fsck(
 
     if upstreams and not repair:
         raise click.UsageError("--upstream is for --repair")
+    if _store_named(kw):
+        if repair:
+            raise click.UsageError(
+                "--repair is for the embedded store; repair a shared one by uploading the"
+                " damaged paths again"
+            )
+        _fsck_services(kw, deep, as_json, no_progress)
+        return
 
     home = data_dir()
     if not (home / "store.sqlite").exists():
@@ -740,6 +758,25 @@ def fsck(
         print(json.dumps(report.as_json(), indent=1))
     else:
         print(report.summary())
+    if not report.ok:
+        raise SystemExit(1)
+
+
+def _fsck_services(kw: dict[str, Any], deep: bool, as_json: bool, no_progress: bool) -> None:
+    from tvix_store.progress import shown
+    from tvix_store.servicefsck import fsck_services
+
+    async def run() -> Any:
+        store = await _open(kw)
+        async with store:
+            with shown(no_progress) as progress:
+                return await fsck_services(store, deep=deep, progress=progress)
+
+    try:
+        report = _run(run())
+    except CastoreError as exc:
+        raise click.ClickException(str(exc)) from exc
+    print(json.dumps(report.as_json(), indent=1) if as_json else report.summary())
     if not report.ok:
         raise SystemExit(1)
 

@@ -173,3 +173,50 @@ async def test_named_caches_and_tokens_are_shared_by_frontends(
     _ok(_tvix(cli_home, "cache", "destroy", "team", *on))
     report = json.loads(_ok(_tvix(cli_home, *gc)))
     assert report["deleted_paths"] == sorted(p.path for p in closure.paths)
+
+
+def test_fsck_of_s3_and_postgres(
+    bridges: Bridges, closure: Closure, tmp_path: Path, s3: S3, postgres: Postgres
+) -> None:
+    import urllib.parse
+
+    import obstore
+    from obstore.store import S3Store
+
+    flags = _flags(s3, postgres)
+    bridge = bridges.start(None, *flags)
+    copy_to(nix_in(tmp_path), closure, bridge.url)
+    bridge.stop()
+    home = tmp_path / "operator"
+    fsck = ("fsck", "--json", *flags)
+    report = json.loads(_ok(_tvix(home, *fsck, "--deep")))
+    assert report["ok"] and report["paths"] == len(closure.paths) and report["deep"]
+    assert report["files"] > 0 and report["directories"] > 0
+
+    objects = S3Store(
+        s3.bucket, prefix=urllib.parse.urlsplit(flags[1]).path.strip("/"),
+        endpoint=s3.endpoint, region="us-east-1", access_key_id="test",
+        secret_access_key="test", client_options={"allow_http": True},
+    )  # fmt: skip
+    keys = sorted(m["path"] for batch in obstore.list(objects, "chunks/") for m in batch)
+    # Which path holds which blob: the file "small" of dep (and of the paths that copy it).
+    dep = closure.by_name("dep")
+    small = b"hello from nar-bridge\n"
+    from tvix_castore.digests import B3Digest
+
+    key = next(k for k in keys if k.endswith(B3Digest.of(small).raw.hex()))
+    import zstandard
+
+    obstore.put(objects, key, zstandard.compress(b"hello from somewhere else\n"))
+    proc = _tvix(home, *fsck)
+    report = json.loads(proc.stdout)
+    assert proc.returncode == 1 and not report["ok"], proc.stderr
+    damaged = {d["path"]: d["why"] for d in report["damaged"]}
+    assert dep.path in damaged and str(B3Digest.of(small)) in damaged[dep.path], damaged
+
+    obstore.delete(objects, key)
+    report = json.loads(_tvix(home, *fsck).stdout)
+    assert f"blob {B3Digest.of(small)} is missing" in {d["path"]: d["why"] for d in
+                                                      report["damaged"]}[dep.path]  # fmt: skip
+    bad = _tvix(home, "fsck", "--repair", *flags)
+    assert bad.returncode != 0 and "--repair is for the embedded store" in bad.stderr

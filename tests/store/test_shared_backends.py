@@ -284,6 +284,66 @@ async def test_a_frontend_answers_503_while_postgres_is_away_and_recovers(
         pg.close()
 
 
+async def test_a_frontend_answers_503_while_s3_is_away_and_recovers(
+    tmp_path: Path, postgres: Postgres
+) -> None:
+    """Stop the object store under a running bridge: 503 for reads and uploads, then service."""
+    from moto.server import ThreadedMotoServer
+
+    from tests.nar_bridge.conftest import Bridges
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    moto.start()
+    bridges = Bridges(tmp_path / "b")
+    (tmp_path / "b").mkdir()
+    try:
+        import urllib.request
+
+        urllib.request.urlopen(urllib.request.Request(f"{endpoint}/away", method="PUT")).close()
+        blobs = (
+            f"objectstore+s3://away/p?endpoint={endpoint}&{S3_KEYS}&max_retries=1&retry_timeout=2"
+        )
+        meta = postgres.fresh_url()
+        flags = ("--blob-service-addr", blobs, "--directory-service-addr", meta,
+                 "--path-info-service-addr", meta)  # fmt: skip
+        tree = tmp_path / "tree"
+        tree.write_bytes(b"in S3 " * 50_000)  # (several chunks)
+        env = {"TVIX_STORE_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}
+        imported = subprocess.run(
+            [TVIX, "import", *flags, str(tree)], capture_output=True, text=True, env=env,
+            check=False,
+        )  # fmt: skip
+        assert imported.returncode == 0, imported.stderr
+        hash_part = StorePath.from_absolute_path(imported.stdout.strip()).basename[:32]
+        bridge = bridges.start(None, *flags)
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{bridge.url}/{hash_part}.narinfo") as resp:
+                assert resp.status == 200
+                nar_url = next(
+                    line.split(": ", 1)[1]
+                    for line in (await resp.text()).splitlines()
+                    if line.startswith("URL: ")
+                )
+            async with session.get(f"{bridge.url}/{nar_url}") as resp:
+                assert resp.status == 200
+                nar = await resp.read()
+            moto.stop()
+            async with session.get(f"{bridge.url}/{nar_url}") as resp:
+                assert resp.status == 503, await resp.text()
+            async with session.put(f"{bridge.url}/nar/{'1' * 52}.nar", data=nar) as resp:
+                assert resp.status == 503, await resp.text()
+            moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+            moto.start()  # (moto's buckets live in this process: the objects are back)
+            async with session.get(f"{bridge.url}/{nar_url}") as resp:
+                assert resp.status == 200 and await resp.read() == nar
+        assert bridge.alive()
+    finally:
+        bridges.stop_all()
+        moto.stop()
+
+
 class _Flaky:
     """An HTTP proxy in front of moto that answers 503 to every ``fail_every``-th request."""
 
