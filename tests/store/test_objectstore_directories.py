@@ -17,7 +17,7 @@ import zstandard
 
 from tests.compat.oracle import DigestSink, Nix, assert_same_nar
 from tests.compat.trees import TREES_BY_NAME
-from tests.servers import S3
+from tests.servers import S3, Postgres
 from tvix_castore.errors import ConfigError
 
 from .conftest import TreeFarm, export_to, ok, service_flags, start_daemon, tvix
@@ -160,3 +160,24 @@ async def test_composition_entry_on_a_local_directory(tmp_path: Path) -> None:
         Composition({"directoryservices": {"default": bad}}).build("directoryservices", "default")
     for close in comp.closers:
         await close()
+
+
+def test_shared_gc_refuses_directories_outside_postgresql(
+    tmp_path: Path, farm: TreeFarm, nix: Nix, s3: S3, postgres: Postgres
+) -> None:
+    """A shared store's gc marks Directories in PostgreSQL: with them in S3 it must not sweep."""
+    bucket = s3.fresh_url()
+    meta = postgres.fresh_url()
+    flags = ["--blob-service-addr", bucket, "--directory-service-addr", bucket]
+    flags += ["--path-info-service-addr", meta]
+    home = tmp_path / "unused-home"
+    tree = farm.path(TREES_BY_NAME["mixed"])
+    (store_path,) = ok(tvix(home, "import", *flags, tree)).decode().split()
+    gc = ["gc", "--blob-service-addr", bucket, "--path-info-service-addr", meta, "--grace", "0"]
+    proc = tvix(home, *gc)
+    assert proc.returncode != 0
+    assert b"not in PostgreSQL" in proc.stderr and b"nothing was deleted" in proc.stderr
+    ours = DigestSink()
+    export_to(home, store_path, ours, *flags)  # every blob is still there
+    (theirs,) = _oracle(nix, [tree])
+    assert_same_nar(ours, theirs, store_path)
