@@ -32,6 +32,7 @@ from __future__ import annotations
 import io
 import mmap
 import struct
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import IO, TYPE_CHECKING, Final, TypeVar, cast
 
@@ -103,6 +104,8 @@ class _FrameReader:
         # (a map of the object's file is read like a file: it has read())
         source = io.BytesIO(data) if isinstance(data, bytes) else cast("IO[bytes]", data)
         self._reader = zstandard.ZstdDecompressor().stream_reader(source, read_across_frames=True)
+        # (held while decoding in a worker thread: a cancelled reader is closed after it)
+        self._lock = threading.Lock()
 
     def _damaged(self, why: str) -> DataCorruption:
         return DataCorruption(f"directory closure {self._key} is damaged: {why}")
@@ -138,6 +141,10 @@ class _FrameReader:
 
     def directories(self, budget: int | None = _BATCH_BYTES) -> tuple[list[Directory], bool]:
         """The next frames (about ``budget`` bytes of them, or all) decoded; whether it ended."""
+        with self._lock:
+            return self._directories(budget)
+
+    def _directories(self, budget: int | None) -> tuple[list[Directory], bool]:
         out: list[Directory] = []
         used = 0
         while budget is None or used < budget:
@@ -160,9 +167,10 @@ class _FrameReader:
 
     def close(self) -> None:
         """Release the decompressor (and the map of the object's file)."""
-        self._reader.close()  # type: ignore[no-untyped-call]
-        if isinstance(self._data, mmap.mmap):
-            self._data.close()
+        with self._lock:
+            self._reader.close()  # type: ignore[no-untyped-call]
+            if isinstance(self._data, mmap.mmap):
+                self._data.close()
 
 
 def decode_frames(key: str, data: bytes) -> list[Directory]:
@@ -179,7 +187,7 @@ def decode_frames(key: str, data: bytes) -> list[Directory]:
         reader.close()
 
 
-def breadth_first(directories: Sequence[Directory]) -> list[Directory]:
+def _breadth_first(directories: Sequence[Directory]) -> list[Directory]:
     """A validated closure given leaves → root (the root last), root first breadth-first.
 
     Raises:
@@ -295,7 +303,7 @@ class ObjectStoreDirectoryService(DirectoryService):
     async def _commit(self, directories: Sequence[Directory]) -> None:
         if not directories:
             return
-        order = breadth_first(directories)
+        order = _breadth_first(directories)
         key = closure_key(order[0].digest)
         await self._run(self._write_sync, key, order)
 
