@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from tvix_castore.errors import (
         CastoreError,
         ChecksumMismatch,
+        ClosureRequired,
         CompositionError,
         ConfigError,
         DataCorruption,
@@ -70,6 +71,7 @@ _LAZY = {
     "DirectoryGraph": "tvix_castore.directoryservice.graph",
     "CastoreError": "tvix_castore.errors",
     "ChecksumMismatch": "tvix_castore.errors",
+    "ClosureRequired": "tvix_castore.errors",
     "CompositionError": "tvix_castore.errors",
     "ConfigError": "tvix_castore.errors",
     "DataCorruption": "tvix_castore.errors",
@@ -119,6 +121,7 @@ __all__ = [
     "CastoreError",
     "ChecksumMismatch",
     "Closure",
+    "ClosureRequired",
     "ClosureVerifier",
     "CompositionError",
     "ConfigError",

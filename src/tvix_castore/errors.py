@@ -9,6 +9,8 @@ classes to status codes in one table each::
     │   ├── DirectoryError         a Directory breaks B §2.3 (carries kind, name)
     │   │   └── NodeError          a single (root) node is invalid
     │   └── DirectoryGraphError    an uploaded closure is not a valid graph
+    │       └── ClosureRequired    a Directory with subdirectories put alone, where
+    │                              only whole closures can be stored
     ├── NotFound                   something required is absent -> NOT_FOUND
     ├── IngestionError             a local tree cannot be ingested (names the path)
     ├── StorageError               a backend failed            -> INTERNAL
@@ -34,6 +36,7 @@ from pathlib import Path
 __all__ = [
     "CastoreError",
     "ChecksumMismatch",
+    "ClosureRequired",
     "CompositionError",
     "ConfigError",
     "DataCorruption",
@@ -114,6 +117,14 @@ class NodeError(DirectoryError):
 
 class DirectoryGraphError(ValidationError):
     """A Directory closure upload is not a connected, consistent graph (B §2.6)."""
+
+
+class ClosureRequired(DirectoryGraphError):
+    """A Directory with subdirectories was put alone where only whole closures are stored.
+
+    (The object store's B §7.3 layout keeps closures by their root.) Upload it
+    with its closure, through ``put_multiple_start()``.
+    """
 
 
 class NotFound(CastoreError):

@@ -14,6 +14,7 @@ import contextlib
 import mmap
 import os
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -52,6 +53,14 @@ class ObjectStore(abc.ABC):
     @abc.abstractmethod
     def exists_sync(self, key: str) -> bool:
         """Whether ``key`` exists."""
+
+    def put_pieces_sync(self, key: str, pieces: Iterable[bytes]) -> None:
+        """Atomically store the concatenation of ``pieces`` under ``key``.
+
+        For data produced as it is written (a compressor's output): a local
+        store writes each piece as it comes, others join them first.
+        """
+        self.put_sync(key, b"".join(pieces))
 
     def view_sync(self, key: str) -> bytes | mmap.mmap | None:
         """The object's bytes without copying where possible (a read-only map of a file)."""
@@ -148,6 +157,9 @@ class LocalObjectStore(ObjectStore):
             raise StorageError(f"reading object {key}: {exc}") from exc
 
     def put_sync(self, key: str, data: bytes) -> None:
+        self.put_pieces_sync(key, (data,))
+
+    def put_pieces_sync(self, key: str, pieces: Iterable[bytes]) -> None:
         path = self._path(key)
         parent = path.rpartition("/")[0]
         tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
@@ -157,9 +169,10 @@ class LocalObjectStore(ObjectStore):
                 self._made.add(parent)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
+                for piece in pieces:
+                    view = memoryview(piece)
+                    while view:
+                        view = view[os.write(fd, view) :]
                 if self._fsync:
                     os.fsync(fd)
             finally:
@@ -169,6 +182,10 @@ class LocalObjectStore(ObjectStore):
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise os_storage_error(f"writing object {key}", exc, self.root) from exc
+        except BaseException:  # (a failing producer of ``pieces``)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
     def exists_sync(self, key: str) -> bool:
         return os.path.exists(self._path(key))

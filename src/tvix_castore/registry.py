@@ -10,13 +10,13 @@ URL                                             blob  dir   rules
 ==============================================  ====  ====  =======================
 ``memory://``                                   ✓     ✓     no host, no path, no query
 ``sqlite:///abs/path.sqlite``                   –     ✓     no host; absolute file path
-``objectstore+file:///abs/dir``                 ✓     –     no host; absolute path;
-                                                            ``?avg_chunk_size=N``
-``objectstore+memory:///``                      ✓     –     no host; ``?avg_chunk_size=N``
-``objectstore+s3://bucket/prefix``              ✓     –     ``?endpoint=&region=&allow_http=1``
+``objectstore+file:///abs/dir``                 ✓     ✓     no host; absolute path;
+                                                            ``?avg_chunk_size=N`` (blobs)
+``objectstore+memory:///``                      ✓     ✓     no host; ``?avg_chunk_size=N`` (blobs)
+``objectstore+s3://bucket/prefix``              ✓     ✓     ``?endpoint=&region=&allow_http=1``
                                                             …: :mod:`tvix_castore.cloudstore`
-``objectstore+gs://bucket/prefix``              ✓     –     (as above)
-``objectstore+azure://container/prefix``        ✓     –     ``?account_name=…`` (as above)
+``objectstore+gs://bucket/prefix``              ✓     ✓     (as above)
+``objectstore+azure://container/prefix``        ✓     ✓     ``?account_name=…`` (as above)
 ``postgresql://user@host:port/db``              –     ✓     libpq URI; ``?schema=name``
 ``grpc+http://host[:port]``, ``grpc+https://…`` ✓     ✓     empty path; ``?wait-connect=1``
 ``grpc+unix:///abs/socket``                     ✓     ✓     no host; ``?wait-connect=1``
@@ -50,6 +50,7 @@ from tvix_castore.errors import ConfigError, UnknownScheme
 if TYPE_CHECKING:
     from tvix_castore.blobservice.base import BlobService
     from tvix_castore.directoryservice.base import DirectoryService
+    from tvix_castore.objectstore import ObjectStore
 
 __all__ = [
     "MAX_AVG_CHUNK_SIZE",
@@ -319,44 +320,51 @@ def _avg_chunk_size(url: ServiceUrl) -> int:
     return DEFAULT_AVG_CHUNK_SIZE if value is None else value
 
 
-def _objectstore_file_blobs(url: ServiceUrl) -> BlobService:
+def _object_store(url: ServiceUrl, *, blobs: bool) -> tuple[ObjectStore, int]:
+    """The store of an ``objectstore+{file,memory,s3,gs,azure}://`` URL, and its chunk size.
+
+    One definition for both kinds, so one URL can name both services' place
+    (their keys, ``chunks/``, ``blobs/`` and ``dirs/``, never collide). Only
+    blob services take ``avg_chunk_size``.
+    """
+    from tvix_castore.blobservice.objectstore import DEFAULT_AVG_CHUNK_SIZE
+    from tvix_castore.objectstore import LocalObjectStore, MemoryObjectStore
+
+    if not blobs and url.get("avg_chunk_size") is not None:
+        raise url.error("avg_chunk_size is a blob service parameter, not a directory one")
+    if url.scheme not in ("objectstore+file", "objectstore+memory"):
+        from tvix_castore.cloudstore import cloud_store_from_url
+
+        cloud, avg = cloud_store_from_url(url)
+        return cloud, avg or DEFAULT_AVG_CHUNK_SIZE
     url.no_host()
-    root = url.absolute_path("directory")
-    avg = _avg_chunk_size(url)
-    if os.path.exists(root) and not os.path.isdir(root):
-        raise url.error(f"{root} exists and is not a directory")
+    store: ObjectStore
+    if url.scheme == "objectstore+file":
+        root = url.absolute_path("directory")
+        avg = _avg_chunk_size(url)
+        if os.path.exists(root) and not os.path.isdir(root):
+            raise url.error(f"{root} exists and is not a directory")
+        store = LocalObjectStore(root)
+    else:
+        if url.path not in ("", "/"):
+            raise url.error("objectstore+memory:// takes no path (use objectstore+memory:///)")
+        avg = _avg_chunk_size(url)
+        store = MemoryObjectStore()
+    return store, avg
+
+
+def _objectstore_blobs(url: ServiceUrl) -> BlobService:
     from tvix_castore.blobservice.objectstore import ObjectStoreBlobService
-    from tvix_castore.objectstore import LocalObjectStore
 
-    return ObjectStoreBlobService(LocalObjectStore(root), avg)
-
-
-def _objectstore_memory_blobs(url: ServiceUrl) -> BlobService:
-    url.no_host()
-    if url.path not in ("", "/"):
-        raise url.error("objectstore+memory:// takes no path (use objectstore+memory:///)")
-    avg = _avg_chunk_size(url)
-    from tvix_castore.blobservice.objectstore import ObjectStoreBlobService
-    from tvix_castore.objectstore import MemoryObjectStore
-
-    return ObjectStoreBlobService(MemoryObjectStore(), avg)
-
-
-def _objectstore_cloud_blobs(url: ServiceUrl) -> BlobService:
-    from tvix_castore.blobservice.objectstore import (
-        DEFAULT_AVG_CHUNK_SIZE,
-        ObjectStoreBlobService,
-    )
-    from tvix_castore.cloudstore import cloud_store_from_url
-
-    store, avg = cloud_store_from_url(url)
-    return ObjectStoreBlobService(store, avg or DEFAULT_AVG_CHUNK_SIZE)
+    store, avg = _object_store(url, blobs=True)
+    return ObjectStoreBlobService(store, avg)
 
 
 def _objectstore_directories(url: ServiceUrl) -> DirectoryService:
-    raise url.error(
-        f"{url.scheme}:// is not supported for directories (use sqlite:///abs/path.sqlite)"
-    )
+    from tvix_castore.directoryservice.objectstore import ObjectStoreDirectoryService
+
+    store, _ = _object_store(url, blobs=False)
+    return ObjectStoreDirectoryService(store)
 
 
 def _postgres_directories(url: ServiceUrl) -> DirectoryService:
@@ -401,17 +409,19 @@ def _grpc_directories(url: ServiceUrl) -> DirectoryService:
 
 
 register_blob_service("memory", _memory_blobs)
-register_blob_service("objectstore+file", _objectstore_file_blobs)
-register_blob_service("objectstore+memory", _objectstore_memory_blobs)
-for _scheme in ("objectstore+s3", "objectstore+gs", "objectstore+azure"):
-    register_blob_service(_scheme, _objectstore_cloud_blobs)
+for _scheme in (
+    "objectstore+file",
+    "objectstore+memory",
+    "objectstore+s3",
+    "objectstore+gs",
+    "objectstore+azure",
+):
+    register_blob_service(_scheme, _objectstore_blobs)
     register_directory_service(_scheme, _objectstore_directories)
 register_directory_service("memory", _memory_directories)
 register_directory_service("postgresql", _postgres_directories)
 register_directory_service("postgres", _postgres_directories)
 register_directory_service("sqlite", _sqlite_directories)
-register_directory_service("objectstore+file", _objectstore_directories)
-register_directory_service("objectstore+memory", _objectstore_directories)
 for _scheme in ("grpc+http", "grpc+https", "grpc+unix"):
     register_blob_service(_scheme, _grpc_blobs)
     register_directory_service(_scheme, _grpc_directories)

@@ -81,6 +81,7 @@ _FIELDS: dict[str, dict[str, dict[str, tuple[type, bool]]]] = {
         "embedded": {"path": (str, True)},
         "url": {"url": (str, True)},
         "sqlite": {"path": (str, True)},
+        "objectstore": {"object_store_url": (str, True), "object_store_options": (dict, False)},
         "grpc": {"url": (str, True)},
         "cache": {"near": (str, True), "far": (str, True)},
     },
@@ -286,6 +287,10 @@ class Composition:
                 return self.embedded(e["path"]).directories()
             if typ == "sqlite":
                 return SqliteDirectoryService(Path(e["path"]))
+            if typ == "objectstore":  # (the URL factory is the one definition of it)
+                from tvix_castore.registry import directory_service_from_url
+
+                return directory_service_from_url(_objectstore_url(e))
             from tvix_castore.directoryservice.cache import CacheDirectoryService
 
             return CacheDirectoryService(self._ref(kind, e["near"]), self._ref(kind, e["far"]))
@@ -320,7 +325,7 @@ class Composition:
 
 
 def _objectstore_url(e: dict[str, Any]) -> str:
-    """The ``objectstore+…`` URL of a ``type = "objectstore"`` entry.
+    """The ``objectstore+…`` URL of a ``type = "objectstore"`` entry (blobs or directories).
 
     ``object_store_url`` is ``file:///…``, ``memory:///``, ``s3://bucket/prefix``,
     ``gs://…`` or ``az://container/prefix`` (as in tvix); ``object_store_options``

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tvix_castore.digests import B3Digest
-from tvix_castore.errors import ConfigError, DataCorruption, StorageUnavailable
+from tvix_castore.errors import ConfigError, DataCorruption, StorageError, StorageUnavailable
 from tvix_castore.nodes import Directory, DirectoryNode, FileNode, Node
 from tvix_castore.postgres import Database
 from tvix_castore.protos import rpc_blobstore_pb2
@@ -235,17 +235,26 @@ class _Mark:
         self.dirs = {bytes(r[0]) for r in rows}
         live = list(self.dirs)
         self.progress.total(items=len(live))
+        read: set[bytes] = set()
         for i in range(0, len(live), _BATCH):
             batch = live[i : i + _BATCH]
             for digest, data in conn.execute(
                 "SELECT digest, data FROM directories WHERE digest = ANY(%s)", (batch,)
             ):
+                read.add(bytes(digest))
                 d = B3Digest(bytes(digest))
                 if B3Digest.of(bytes(data)) != d:
                     raise DataCorruption(f"stored directory {d} does not match its digest")
                 directory = Directory.from_bytes(bytes(data))
                 self.blobs.update(f.digest.raw for f in directory.files)
             self.progress.advance(len(batch))
+        missing = self.dirs - read
+        if missing:  # (its files would look unreferenced: never sweep then)
+            raise StorageError(
+                f"{len(missing)} live directories (e.g. {B3Digest(min(missing))}) are not in"
+                " PostgreSQL: gc of a shared store needs its directories there"
+                " (not in objectstore+…); nothing was deleted"
+            )
 
     def old_directories(self, conn: psycopg.Connection[tuple[Any, ...]]) -> tuple[list[bytes], int]:
         """Unmarked Directories written before the grace period, and how many younger."""

@@ -16,6 +16,7 @@ MODULES = [
     "tvix_castore.nodes",
     "tvix_castore.directoryservice",
     "tvix_castore.directoryservice.graph",
+    "tvix_castore.directoryservice.objectstore",
     "tvix_castore.testing.fixtures",
 ]
 

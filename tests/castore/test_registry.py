@@ -275,11 +275,47 @@ def test_objectstore_file_over_a_regular_file(tmp_path: Path) -> None:
         blob_service_from_url(f"objectstore+file://{tmp_path}/f")
 
 
+async def test_objectstore_directories(tmp_path: Path) -> None:
+    """The blob URLs name directory services too (B §7.3 closures, under ``dirs/``)."""
+    from tvix_castore.directoryservice.objectstore import ObjectStoreDirectoryService, closure_key
+
+    root = tmp_path / "objects"
+    dirs = directory_service_from_url(f"objectstore+file://{root}")
+    assert isinstance(dirs, ObjectStoreDirectoryService)
+    assert isinstance(dirs.store, LocalObjectStore) and dirs.store.root == root
+    await dirs.put(FX.a)
+    assert (root / closure_key(FX.a.digest)).is_file()
+    # The same URL as a blob service: one directory, keys apart.
+    blobs = blob_service_from_url(f"objectstore+file://{root}")
+    await _blob_round_trip(blobs)
+    other = directory_service_from_url(f"objectstore+file://{root}")
+    assert await other.get(FX.a.digest) == FX.a
+    for url in ("objectstore+memory:///", "objectstore+memory://"):
+        mem = directory_service_from_url(url)
+        assert isinstance(mem, ObjectStoreDirectoryService)
+        assert isinstance(mem.store, MemoryObjectStore)
+        assert await mem.get(FX.a.digest) is None  # each URL is a fresh, private store
+
+
 @pytest.mark.parametrize(
-    "url", ["objectstore+file:///tmp/x", "objectstore+memory:///", "objectstore+memory://"]
+    ("url", "message"),
+    [
+        ("objectstore+file:///tmp/x?avg_chunk_size=65536", "a blob service parameter"),
+        ("objectstore+memory:///?avg_chunk_size=65536", "a blob service parameter"),
+        ("objectstore+s3://b/p?skip_signature=1&avg_chunk_size=65536", "a blob service parameter"),
+        ("objectstore+file:///tmp/x?foo=bar", r"unknown parameter\(s\) foo"),
+        ("objectstore+file://", "needs an absolute directory path"),
+        ("objectstore+file:///tmp/x/", "must name a directory"),
+        ("objectstore+file://host/tmp/x", "takes no host"),
+        ("objectstore+memory:///x", "takes no path"),
+        ("objectstore+s3://b/p?region=us-east-1", "no credentials"),
+    ],
 )
-def test_objectstore_not_for_directories(url: str) -> None:
-    with pytest.raises(ConfigError, match="not supported for directories") as err:
+def test_objectstore_directories_rejected(
+    url: str, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
+    with pytest.raises(ConfigError, match=message) as err:
         directory_service_from_url(url)
     assert not isinstance(err.value, UnknownScheme)
 

@@ -24,7 +24,7 @@ from tests.servers import S3, S3_KEYS, Postgres, free_port, start_postgres
 from tvix_castore.blobservice import MemoryBlobService
 from tvix_castore.directoryservice import MemoryDirectoryService
 from tvix_castore.errors import ConfigError, StorageError, StorageUnavailable
-from tvix_castore.nodes import FileNode
+from tvix_castore.nodes import Directory, FileNode
 from tvix_castore.postgres import Database
 from tvix_castore.registry import blob_service_from_url, directory_service_from_url
 from tvix_store.config import path_info_service_from_url
@@ -90,9 +90,14 @@ def test_cloud_credentials_from_the_environment(s3: S3, monkeypatch: pytest.Monk
     assert asyncio.run(svc.has(digest))
 
 
-def test_cloud_directories_are_refused_with_a_hint(s3: S3) -> None:
-    with pytest.raises(ConfigError, match="not supported for directories"):
-        directory_service_from_url(s3.fresh_url())
+async def test_cloud_directories_are_closures_by_root(s3: S3) -> None:
+    """``objectstore+s3://`` directories: B §7.3 (tests/castore/test_directory_objectstore.py)."""
+    from tvix_castore.directoryservice.objectstore import closure_key
+
+    async with directory_service_from_url(s3.fresh_url()) as dirs:
+        await dirs.put(Directory())
+        assert await dirs.get(Directory().digest) == Directory()
+        assert closure_key(Directory().digest).startswith("dirs/b3/af13/af1349b9")
 
 
 async def test_s3_unreachable_is_unavailable() -> None:
