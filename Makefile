@@ -17,7 +17,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml | system-deps
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,fuse]'
+	$(BIN)/python -m pip install -q -e '.[dev,fuse,otel]'
 	touch $@
 
 system-deps:

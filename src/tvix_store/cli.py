@@ -151,6 +151,40 @@ def nar_bridge_options(f: Callable[..., Any]) -> Callable[..., Any]:
     )(f)
 
 
+def telemetry_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Metrics and traces of the serving commands (README "Metrics", "Traces")."""
+    f = click.option(
+        "--otlp",
+        is_flag=True,
+        help="Export traces over OTLP/gRPC (to OTEL_EXPORTER_OTLP_ENDPOINT, default"
+        " localhost:4317); also on when that variable is set. Needs the otel extra.",
+    )(f)
+    f = click.option(
+        "--no-metrics",
+        is_flag=True,
+        envvar="TVIX_STORE_NO_METRICS",
+        help="Count nothing and serve no /metrics.",
+    )(f)
+    return click.option(
+        "--metrics-listen",
+        default=None,
+        metavar="ADDR",
+        help="Serve /metrics on its own listener (host:port or a socket path; no token"
+        " asked) instead of on the binary cache's.",
+    )(f)
+
+
+def _telemetry(kw: dict[str, Any], config: Any) -> str | None:
+    """Apply the telemetry options (traces set up now); the metrics listener, if any."""
+    from tvix_store.telemetry import traces
+
+    if traces.wanted(kw.pop("otlp")):
+        traces.setup()
+    config.metrics = not kw.pop("no_metrics")
+    listen: str | None = kw.pop("metrics_listen")
+    return listen
+
+
 def _nar_bridge_config(kw: dict[str, Any]) -> Any:
     from nix_compat.signing import SigningKey, VerifyingKey
     from tvix_store.caches import CacheRegistry
@@ -276,6 +310,7 @@ def dump(path: str) -> None:
     " Each running one holds up to about 2 MiB.",
 )
 @nar_bridge_options
+@telemetry_options
 @service_options
 def daemon(
     listen_address: str,
@@ -297,6 +332,7 @@ def daemon(
 
     async def run() -> None:
         config = _nar_bridge_config(kw)
+        metrics_listen = _telemetry(kw, config)
         policy = UploadPolicy(config.known_keys(), trust_uploaded_nar_metadata)
         store = await _open(kw)
         async with store:
@@ -307,6 +343,7 @@ def daemon(
                 nar_bridge_config=config,
                 upload_policy=policy,
                 max_upload_streams=max_upload_streams,
+                metrics_listen=metrics_listen,
             )
 
     _run(run())
@@ -322,6 +359,7 @@ def daemon(
     " exists (or with --insecure-no-auth).",
 )
 @nar_bridge_options
+@telemetry_options
 @service_options
 def nar_bridge(listen_address: str, **kw: Any) -> None:
     """Serve the store as a Nix HTTP binary cache (nix copy --to/--from, substituters)."""
@@ -329,9 +367,16 @@ def nar_bridge(listen_address: str, **kw: Any) -> None:
 
     async def run() -> None:
         config = _nar_bridge_config(kw)
+        metrics_listen = _telemetry(kw, config)
         store = await _open(kw)
         async with store:
-            await serve(store, None, nar_bridge_listen=listen_address, nar_bridge_config=config)
+            await serve(
+                store,
+                None,
+                nar_bridge_listen=listen_address,
+                nar_bridge_config=config,
+                metrics_listen=metrics_listen,
+            )
 
     _run(run())
 

@@ -86,14 +86,27 @@ async def serve(
     nar_bridge_config: NarBridgeConfig | None = None,
     upload_policy: UploadPolicy | None = None,
     max_upload_streams: int = DEFAULT_MAX_UPLOAD_STREAMS,
+    metrics_listen: str | None = None,
 ) -> None:
     """Serve gRPC on ``listen`` and/or the binary cache on ``nar_bridge_listen``.
 
-    Runs until SIGINT/SIGTERM (or cancellation), then stops gracefully.
+    With ``nar_bridge_config.metrics`` (the default), requests and calls are
+    counted, and ``/metrics`` is served on ``metrics_listen`` if given, else
+    on the binary cache's listener. Runs until SIGINT/SIGTERM (or
+    cancellation), then stops gracefully (and exports the pending spans).
     """
     config = nar_bridge_config or NarBridgeConfig()
     check_exposure(config, listen, nar_bridge_listen)
-    interceptors = []
+    interceptors: list[object] = []
+    if config.metrics:
+        from tvix_store.telemetry.grpc import Observe
+        from tvix_store.telemetry.metrics import enable_blob_observer
+        from tvix_store.telemetry.store import register_store
+
+        enable_blob_observer()
+        register_store(store)
+        interceptors.append(Observe())  # (first: refused calls are counted too)
+        config.metrics_route = metrics_listen is None
     if config.tokens is not None:
         from tvix_store.rpc.auth import TokenCheck
 
@@ -102,6 +115,7 @@ async def serve(
     addr = ""
     runner = None
     bridge_url = ""
+    metrics_runner = None
     # Signals are handled from before the first bind: a SIGTERM that arrives as
     # soon as the banner is printed still stops the daemon cleanly (exit 0).
     stop = asyncio.Event()
@@ -118,6 +132,10 @@ async def serve(
                 max_upload_streams=max_upload_streams,
                 interceptors=interceptors,
             )
+        if metrics_listen is not None and config.metrics:
+            from tvix_store.telemetry.http import start_metrics_listener
+
+            metrics_runner, _ = await start_metrics_listener(metrics_listen)
         if nar_bridge_listen is not None:
             from tvix_store.nar_bridge.server import start_nar_bridge
 
@@ -162,3 +180,12 @@ async def serve(
             if addr.startswith("unix:"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(addr[len("unix:") :])
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
+            if (metrics_listen or "").startswith("/"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(metrics_listen or "")
+        from tvix_store.telemetry import traces
+
+        if traces.enabled():
+            await asyncio.to_thread(traces.shutdown)  # (the spans still pending go out)

@@ -596,6 +596,10 @@ def collect(
         c.close()
         os.close(fd)
     report.seconds = time.monotonic() - start
+    if not dry_run:
+        from tvix_store.telemetry.store import record_gc
+
+        record_gc(store.home, "embedded", report.seconds, report.reclaimed, bool(report.deferred))
     return report
 
 

@@ -339,6 +339,30 @@ def collect_shared(
 ) -> SharedGcReport:
     """Collect what nothing refers to in an S3 (or GCS, Azure) + PostgreSQL store (blocking).
 
+    See :func:`_collect`; a collection (not a dry run) is recorded in the data
+    directory for the metrics (:func:`tvix_store.telemetry.store.record_gc`).
+    """
+    start = time.monotonic()
+    report = _collect(blobs, pathinfo_url, grace=grace, dry_run=dry_run, progress=progress)
+    if not dry_run:
+        from tvix_store.embedded import data_dir
+        from tvix_store.telemetry.store import record_gc
+
+        seconds = time.monotonic() - start
+        record_gc(data_dir(), "shared", seconds, report.object_bytes, bool(report.deferred))
+    return report
+
+
+def _collect(
+    blobs: Any,
+    pathinfo_url: str,
+    *,
+    grace: float,
+    dry_run: bool = False,
+    progress: Progress = NULL,
+) -> SharedGcReport:
+    """Collect what nothing refers to in an S3 (or GCS, Azure) + PostgreSQL store (blocking).
+
     ``progress`` shows the steps: paths marked, live Directories read,
     objects listed, then what the sweep deletes.
 

@@ -7,6 +7,7 @@ import io
 
 import blake3
 
+from tvix_castore import observe
 from tvix_castore.blobservice.base import (
     BlobReader,
     BlobService,
@@ -69,8 +70,11 @@ class _MemoryWriter(BlobWriter):
     async def close(self) -> B3Digest:
         digest = B3Digest(self._hasher.digest())
         # Kept as written: joining would copy (and fault in) the whole blob again.
+        size = sum(len(p) for p in self._parts)
+        new = digest not in self._store
         self._store.setdefault(digest, tuple(self._parts))
         self._parts = []
+        observe.blobs_written(size, size if new else 0)
         return digest
 
     async def abort(self) -> None:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import blake3
 
+from tvix_castore import observe
 from tvix_castore.blobservice.base import (
     Ask,
     BlobReader,
@@ -388,6 +389,7 @@ class ObjectStoreBlobService(BlobService):
         self.begin_write()
         if digest is None:
             digest = B3Digest(blake3.blake3(data).digest())
+        stored = 0
         if digest not in self._known:
             key = chunk_key(digest)
             # (where a lookup costs a request, a small chunk is put without one:
@@ -396,10 +398,12 @@ class ObjectStoreBlobService(BlobService):
                 self.store.exists_sync(key)
             ):
                 self.store.put_sync(key, self._encode(data))
+                stored = len(data)  # (a blind put counts as new)
             if len(self._known) >= _KNOWN_LIMIT:
                 self._known.clear()
             self._known.add(digest)
         out.append(ChunkMeta(digest, len(data)))
+        observe.blobs_written(len(data), stored)
 
     def _encode(self, data: memoryview) -> bytes:
         """A chunk object's bytes: a zstd frame, compressed at the configured level or raw."""

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import blake3
 
+from tvix_castore import observe
 from tvix_castore.blobservice.base import ChunkMeta, read_file, writev_all
 from tvix_castore.digests import B3Digest, hash_threads
 from tvix_castore.errors import StorageError, os_storage_error
@@ -312,7 +313,10 @@ class Stager:
     ) -> None:
         present = answer()
         new: list[bytes] = []
+        received = stored = 0
         for digest, data, size, payload in items:
+            if data is not None:
+                received += size
             if digest in present or digest in self.mine:
                 continue
             self.mine.add(digest)
@@ -320,9 +324,11 @@ class Stager:
             if data is None:
                 self.builder.add_chunk_list(digest, size, payload)
             else:
+                stored += size
                 self.builder.add(digest, data)
         if new and self._claim is not None:
             self._claim(new)
+        observe.blobs_written(received, stored)
 
 
 def _add_chunk(data: bytes | memoryview, chunks: list[ChunkMeta], stager: Stager) -> bytes:

@@ -56,6 +56,7 @@ from tvix_store.nar_bridge.pullthrough import BadUpstream, PullThrough
 from tvix_store.nar_bridge.ranges import UnsatisfiableRange, parse_range
 from tvix_store.pathinfo import PathInfo
 from tvix_store.rpc.auth import bearer
+from tvix_store.telemetry import nar_ingested, traces
 from tvix_store.tokens import Forbidden, TokenAuthority, Unauthenticated
 from tvix_store.verify import check_ca, check_ca_content, check_signatures, known_keys
 
@@ -106,6 +107,10 @@ class AppConfig:
     embedded_home: Path | None = None
     """The data directory of the embedded store served, if it is: store-wide deletes,
     pins and gc over HTTP (:mod:`tvix_store.nar_bridge.admin`) work on it."""
+    metrics: bool = True
+    """Count and time requests (:mod:`tvix_store.telemetry`)."""
+    metrics_route: bool = True
+    """Serve ``/metrics`` here (loopback peers, or a token with scope ``admin``)."""
 
     def known_keys(self) -> tuple[VerifyingKey, ...]:
         """Keys an uploaded signature is checked against: trusted ones and our own."""
@@ -177,6 +182,7 @@ async def _errors(
 
 
 _CACHE_PREFIX = "/{cache:[a-z0-9][a-z0-9_-]{0,62}}"
+_METRICS_ROUTE = "metrics"
 _SCOPE_OF = {"GET": "pull", "HEAD": "pull", "PUT": "push", "POST": "push", "DELETE": "delete"}
 
 
@@ -202,7 +208,11 @@ async def _access(
     """Token checks for every route (DESIGN §10): writes need a token once any exists."""
     config = request.app[CONFIG_KEY]
     tokens = config.tokens
-    if tokens is not None:
+    if tokens is not None and request.match_info.route.name == _METRICS_ROUTE:
+        # An operator's view: open to this machine, else an admin's (once tokens exist).
+        if tokens.enforced() and not _from_loopback(request):
+            tokens.authorize(_token(request), "admin", "", True)
+    elif tokens is not None:
         cache = cache_of(request)
         private = config.private if cache is None else not cache.public
         if request.path.startswith(ADMIN_PREFIX + "/"):
@@ -223,6 +233,22 @@ async def _access(
         if text is not None or needed:
             tokens.authorize(text, scope, "" if cache is None else cache.name, needed)
     return await handler(request)
+
+
+def _from_loopback(request: web.Request) -> bool:
+    """Whether the peer is on this machine (a loopback address, or the unix socket)."""
+    import ipaddress
+
+    transport = request.transport
+    if transport is None:
+        return False
+    peer = transport.get_extra_info("peername")
+    if not isinstance(peer, tuple) or not peer:
+        return True  # (a unix socket)
+    try:
+        return ipaddress.ip_address(str(peer[0]).partition("%")[0]).is_loopback
+    except ValueError:
+        return False
 
 
 def cache_of(request: web.Request) -> Cache | None:
@@ -411,9 +437,13 @@ async def put_nar(request: web.Request) -> web.Response:
     else:
         reader = DecompressingReader(read, decompressor(kind, limit), first)
         read_nar = reader.read
-    result = await ingest_nar(
-        read_nar, store.blobs, store.directories, collect=closure, max_size=limit
-    )
+    with traces.span("nar.ingest", attributes={"nar.compression": kind}) as span:
+        result = await ingest_nar(
+            read_nar, store.blobs, store.directories, collect=closure, max_size=limit
+        )
+        if span is not None:
+            span.set_attribute("nar.size", result.nar_size)
+    nar_ingested("upload", result.nar_size)
     # The URL names the file as uploaded (FileHash; for an uncompressed NAR, its NarHash).
     got = result.nar_sha256 if kind == "none" else reader.file_hash.digest()
     if got != url_hash:
@@ -551,7 +581,8 @@ async def get_nar_by_node(request: web.Request) -> web.StreamResponse:
     narsize = request.query.get("narsize")
     if narsize is not None and _DECIMAL.fullmatch(narsize) is None:
         raise HttpError(400, "narsize must be a decimal number below 2^64")
-    return await _serve_nar(request, node)
+    with traces.span("nar.render"):
+        return await _serve_nar(request, node)
 
 
 async def get_nar_classic(request: web.Request) -> web.StreamResponse:
@@ -568,7 +599,8 @@ async def get_nar_classic(request: web.Request) -> web.StreamResponse:
         entry = None
     if entry is None:
         raise HttpError(404, f"{request.match_info['name']}: no such NAR")
-    return await _serve_nar(request, entry[0])
+    with traces.span("nar.render"):
+        return await _serve_nar(request, entry[0])
 
 
 async def put_ignored(request: web.Request) -> web.Response:
@@ -582,15 +614,23 @@ async def put_ignored(request: web.Request) -> web.Response:
 
 def make_app(store: Store, config: AppConfig | None = None) -> web.Application:
     """The aiohttp application serving ``store`` as a binary cache."""
-    app = web.Application(middlewares=[_errors, _access], client_max_size=MAX_NARINFO + 1)
+    config = config or AppConfig()
+    middlewares: list[Any] = [_errors, _access]
+    if config.metrics:
+        from tvix_store.telemetry import http
+
+        middlewares.insert(0, http.observe)  # (outermost: it sees the status _errors chose)
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_NARINFO + 1)
     app[STORE_KEY] = store
-    app[CONFIG_KEY] = config or AppConfig()
+    app[CONFIG_KEY] = config
     app[PULL_KEY] = PullThrough(store)
 
     async def close_upstreams(app: web.Application) -> None:
         await app[PULL_KEY].aclose()
 
     app.on_cleanup.append(close_upstreams)
+    if config.metrics and config.metrics_route:
+        app.router.add_get(http.METRICS_PATH, http.metrics, name=_METRICS_ROUTE)
     # The default cache at /, then each named one at /<name>/ (same handlers).
     for prefix in ("", _CACHE_PREFIX):
         add = app.router.add_route

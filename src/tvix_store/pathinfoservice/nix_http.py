@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from urllib.parse import urljoin
 
@@ -36,6 +37,7 @@ from tvix_store.compression import COMPRESSIONS, DecompressingReader, decompress
 from tvix_store.nar.ingest import ingest_nar
 from tvix_store.pathinfo import PathInfo
 from tvix_store.pathinfoservice.base import PathInfoService
+from tvix_store.telemetry import nar_ingested, traces, upstream_fetch
 from tvix_store.verify import MetadataMismatch, check_ca_of
 
 __all__ = ["NarTooLarge", "NixHttpPathInfoService", "UntrustedPath"]
@@ -96,14 +98,20 @@ class NixHttpPathInfoService(PathInfoService):
             await self._session.close()
             self._session = None
 
-    async def _open(self, url: str) -> aiohttp.ClientResponse | None:
-        """GET ``url`` with retries; ``None`` for 404/403; raise for other failures."""
+    async def _open(self, url: str, kind: str) -> aiohttp.ClientResponse | None:
+        """GET ``url`` with retries; ``None`` for 404/403; raise for other failures.
+
+        The request carries the current trace context (``traceparent``).
+        """
         delay = self._backoff
+        headers: dict[str, str] = {}
+        traces.inject(headers)
         for attempt in range(self._retries + 1):
             last = attempt == self._retries
             try:
-                resp = await self._client().get(url)
+                resp = await self._client().get(url, headers=headers)
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                upstream_fetch(kind, "failure")
                 if last:
                     raise StorageUnavailable(f"upstream {url} unreachable: {exc!r}") from exc
             else:
@@ -113,6 +121,7 @@ class NixHttpPathInfoService(PathInfoService):
                 if resp.status < 300:
                     return resp
                 resp.release()
+                upstream_fetch(kind, "failure")
                 if resp.status < 500 or last:
                     cls = StorageUnavailable if resp.status >= 500 else StorageError
                     raise cls(f"upstream {url} answered HTTP {resp.status}")
@@ -127,9 +136,22 @@ class NixHttpPathInfoService(PathInfoService):
 
     async def narinfo(self, digest: bytes) -> NarInfo | None:
         """The upstream's narinfo of ``digest``, checked (signature, CA), or ``None``."""
+        start = time.perf_counter()
         hash_part = nixbase32.encode(digest)
         url = urljoin(self.base_url, f"{hash_part}.narinfo")
-        resp = await self._open(url)
+        with traces.span("upstream.narinfo", kind="client", attributes={"url.full": url}):
+            try:
+                info = await self._narinfo(url, digest, hash_part)
+            except BaseException:
+                upstream_fetch("narinfo", "error", time.perf_counter() - start)
+                raise
+            upstream_fetch(
+                "narinfo", "miss" if info is None else "hit", time.perf_counter() - start
+            )
+        return info
+
+    async def _narinfo(self, url: str, digest: bytes, hash_part: str) -> NarInfo | None:
+        resp = await self._open(url, "narinfo")
         if resp is None:
             return None
         try:
@@ -159,12 +181,20 @@ class NixHttpPathInfoService(PathInfoService):
         compression = info.effective_compression
         if compression not in COMPRESSIONS:
             raise DataCorruption(f"{info.store_path}: unsupported compression {compression!r}")
-        node = await self._fetch_nar(info, compression)
+        start = time.perf_counter()
+        with traces.span("upstream.nar", kind="client", attributes={"nar.size": info.nar_size}):
+            try:
+                node = await self._fetch_nar(info, compression)
+            except BaseException:
+                upstream_fetch("nar", "error", time.perf_counter() - start)
+                raise
+        upstream_fetch("nar", "hit", time.perf_counter() - start)
+        nar_ingested("upstream", info.nar_size)
         return PathInfo.from_narinfo(info, node)
 
     async def _fetch_nar(self, info: NarInfo, compression: str) -> Node:
         nar_url = urljoin(self.base_url, info.url)
-        resp = await self._open(nar_url)
+        resp = await self._open(nar_url, "nar")
         if resp is None:
             raise StorageError(f"unable to retrieve NAR at {nar_url}: not found")
         dec = decompressor(compression, info.nar_size)
@@ -177,9 +207,10 @@ class NixHttpPathInfoService(PathInfoService):
 
         reader = DecompressingReader(read_compressed, dec)
         try:
-            result = await ingest_nar(
-                reader.read, self._blobs, self._dirs, expect=(info.nar_size, info.nar_hash)
-            )
+            with traces.span("nar.ingest", attributes={"nar.compression": compression}):
+                result = await ingest_nar(
+                    reader.read, self._blobs, self._dirs, expect=(info.nar_size, info.nar_hash)
+                )
         except ValidationError as exc:
             if dec.out_size > dec.limit:
                 raise NarTooLarge(
