@@ -101,15 +101,19 @@ def start_process(
     argv: Sequence[str],
     grpc: bool = False,
     prefix: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
 ) -> Bridge:
-    """Start ``[*prefix, tvix-store, *argv]`` (``prefix`` must exec it, as ``prlimit`` does)."""
+    """Start ``[*prefix, tvix-store, *argv]`` (``prefix`` must exec it, as ``prlimit`` does).
+
+    ``env``: variables set beside the store's (service addresses, OTEL_*).
+    """
     log = log_path.open("wb")
     proc = subprocess.Popen(
         [*prefix, TVIX, *argv],
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=subprocess.STDOUT,
-        env=tvix_env(home),
+        env={**tvix_env(home), **(env or {})},
     )
     bridge = Bridge(proc, home, "", log_path, _log=log)
     deadline = time.monotonic() + 120  # bounds a hang; start-up is slow on a busy machine
@@ -134,22 +138,29 @@ class Bridges:
         self._tmp = tmp
         self._all: list[Bridge] = []
 
-    def start(self, home: Path | None = None, *args: str) -> Bridge:
+    def start(
+        self, home: Path | None = None, *args: str, env: Mapping[str, str] | None = None
+    ) -> Bridge:
         """``tvix-store nar-bridge -l 127.0.0.1:0 ARGS`` on ``home`` (default: a new one)."""
         n = len(self._all)
         home = home or self._tmp / f"home-{n}"
         b = start_process(
-            home, self._tmp / f"bridge-{n}.log", ["nar-bridge", "-l", "127.0.0.1:0", *args]
+            home,
+            self._tmp / f"bridge-{n}.log",
+            ["nar-bridge", "-l", "127.0.0.1:0", *args],
+            env=env,
         )
         self._all.append(b)
         return b
 
-    def start_daemon(self, home: Path | None = None, *args: str) -> Bridge:
+    def start_daemon(
+        self, home: Path | None = None, *args: str, env: Mapping[str, str] | None = None
+    ) -> Bridge:
         """``tvix-store daemon -l 127.0.0.1:0 --nar-bridge 127.0.0.1:0 ARGS``."""
         n = len(self._all)
         home = home or self._tmp / f"home-{n}"
         argv = ["daemon", "-l", "127.0.0.1:0", "--nar-bridge", "127.0.0.1:0", *args]
-        b = start_process(home, self._tmp / f"daemon-{n}.log", argv, grpc=True)
+        b = start_process(home, self._tmp / f"daemon-{n}.log", argv, grpc=True, env=env)
         self._all.append(b)
         return b
 

@@ -5,7 +5,8 @@ token check are counted too (``UNAUTHENTICATED``/``PERMISSION_DENIED``). A
 call's code is what the handler aborted with, ``OK`` when it returned,
 ``CANCELLED`` when the client went away and ``UNKNOWN`` for any other
 exception. With tracing on, each call is a server span whose parent is the
-caller's ``traceparent`` metadata.
+caller's ``traceparent`` metadata. (grpc.aio sends an aborted call's status
+before the handler returns: the client may see it a moment before it is counted.)
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ the error middleware chose. The route label is the route's template
 (``/{hash}.narinfo``, ``/{cache}/nar/{name}``), never the raw path, and
 ``(unmatched)`` for requests no route took, so the label sets stay few.
 Request bytes are those the handler read from the streamed body; response
-bytes those written (a streamed NAR is counted once it ends, or is cut).
+bytes the bodies sent (a streamed NAR is counted once it ends; one cut short
+is not counted).
 """
 
 from __future__ import annotations
@@ -76,9 +77,13 @@ def _route(request: web.Request) -> _Route:
 def _sent(resp: web.StreamResponse | None) -> int:
     if resp is None:
         return 0
-    if resp.prepared:
-        return resp.body_length
-    return resp.content_length or 0  # (a Response the server sends after the middlewares)
+    if resp.prepared and not resp.body_length:
+        return 0  # (cut short: the connection was closed before its end)
+    # (a Response is sent after the middlewares, from its body; a finished stream's
+    # body_length counts its header too, so its Content-Length is the body's size)
+    if resp.content_length is not None:
+        return resp.content_length
+    return resp.body_length
 
 
 @web.middleware
