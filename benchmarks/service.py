@@ -4,10 +4,14 @@ One embedded store holds an imported tree (``--service-files`` files of
 ``--service-file-kib`` KiB, and one ``--service-nar-mib`` MiB file as the NAR to
 stream). Three loopback servers serve it:
 
-* ``open``: ``tvix-store nar-bridge`` with no token in the store (no checks);
-* ``auth``: the same store and command, after ``tvix-store token create``, run
-  with ``--private``, so every read presents a Bearer token that is verified
-  (JWT signature, then the revocation lookup) before it is served;
+* ``open``: ``tvix-store nar-bridge --no-metrics`` with no token in the store
+  (no checks, nothing counted);
+* ``metrics``: the same with metrics on (the default: every request counted,
+  timed and its bytes added up);
+* ``auth``: the store after ``tvix-store token create``, run with ``--private
+  --no-metrics``, so every read presents a Bearer token that is verified (JWT
+  signature, then the revocation lookup) before it is served;
+* ``auth+metrics``: tokens and metrics both on (what an exposed cache runs);
 * ``static``: ``http.server.ThreadingHTTPServer`` over a binary-cache
   directory holding the bridge's own narinfos and NARs (what nginx would serve).
 
@@ -40,7 +44,7 @@ from benchmarks.nar_bridge import STATIC_SERVER
 from benchmarks.nar_bridge import Server as BridgeServer
 
 NAME = "service"
-TITLE = "The exposed service: tokens on vs off, 64 clients (issue 17)"
+TITLE = "The exposed service: tokens and metrics on vs off, 64 clients (issue 17)"
 BASE = WORK / "service"
 BIN = Path(sys.executable).parent
 TVIX = str(BIN / "tvix-store") if (BIN / "tvix-store").exists() else "tvix-store"
@@ -209,19 +213,20 @@ def run(args: argparse.Namespace) -> str:
         .splitlines()[-1]
     )
     results: dict[str, dict[str, float]] = {}
+    bridge = [TVIX, "nar-bridge", "-l", "127.0.0.1:0"]
+    bearer = {"Authorization": f"Bearer {token}"}
     kinds = {
         "static": ([sys.executable, "-c", STATIC, str(static_dir)], {}),
-        "open": ([TVIX, "nar-bridge", "-l", "127.0.0.1:0", "--insecure-no-auth"], {}),
-        "auth": (
-            [TVIX, "nar-bridge", "-l", "127.0.0.1:0", "--private"],
-            {"Authorization": f"Bearer {token}"},
-        ),
+        "open": ([*bridge, "--insecure-no-auth", "--no-metrics"], {}),
+        "metrics": ([*bridge, "--insecure-no-auth"], {}),
+        "auth": ([*bridge, "--private", "--no-metrics"], bearer),
+        "auth+metrics": ([*bridge, "--private"], bearer),
     }
     # "open" must not see the token: a copy of the store without service.sqlite.
     open_home = BASE / "home-open"
     shutil.copytree(home, open_home, ignore=shutil.ignore_patterns("service.sqlite*", "token.key"))
     for label, (argv, headers) in kinds.items():
-        server_env = _env(open_home) if label == "open" else env
+        server_env = _env(open_home) if label in ("open", "metrics") else env
         with _server(argv, server_env, headers) as server:
             big, small = hashes[0], hashes[1:]
             cpu0 = server.cpu_seconds()
@@ -235,32 +240,39 @@ def run(args: argparse.Namespace) -> str:
                 "cpu": server.cpu_seconds() - cpu0,
             }  # fmt: skip
         print(f"  {label}: {results[label]}", file=sys.stderr, flush=True)
-    o, a, s = results["open"], results["auth"], results["static"]
+    o = results["open"]
+    rows = [
+        (f"narinfo p50 (sequential, {args.service_requests})", "p50", "{:.2f} ms"),
+        ("narinfo p99", "p99", "{:.2f} ms"),
+        (f"NAR GET, {args.service_nar_mib} MiB (best of 3)", "mbs", "{:.0f} MB/s"),
+        (f"64 clients, narinfo + NAR mix, {args.service_seconds:g} s: requests/s", "rps", "{:.0f}"),
+        ("64 clients: p99", "cp99", "{:.1f} ms"),
+        ("server CPU seconds (whole run)", "cpu", "{:.2f}"),
+    ]
+    labels = list(results)
     lines = [
         f"Machine: {machine()}",
         "",
         f"Store: {args.service_files} files of {args.service_file_kib} KiB and one"
         f" {args.service_nar_mib} MiB file, each its own store path (embedded store).",
-        "`open`: nar-bridge with no token in the store; `auth`: the same with a token, --private,"
-        " every request carrying a Bearer token that is verified; `static`: ThreadingHTTPServer"
-        " over a binary-cache directory of the same narinfos and NARs.",
+        "`open`: nar-bridge with no token in the store and --no-metrics; `metrics`: the same"
+        " with metrics on (the default); `auth`: a token in the store, --private, every request"
+        " carrying a Bearer token that is verified, --no-metrics; `auth+metrics`: both on;"
+        " `static`: ThreadingHTTPServer over a binary-cache directory of the same narinfos and"
+        " NARs. Ratios are against `open` of the same run.",
         "",
-        "| | static | open | auth | auth / open |",
-        "|---|---:|---:|---:|---:|",
-        f"| narinfo p50 (sequential, {args.service_requests}) | {s['p50']:.2f} ms |"
-        f" {o['p50']:.2f} ms | {a['p50']:.2f} ms | {a['p50'] / o['p50']:.2f}× |",
-        f"| narinfo p99 | {s['p99']:.2f} ms | {o['p99']:.2f} ms | {a['p99']:.2f} ms |"
-        f" {a['p99'] / o['p99']:.2f}× |",
-        f"| NAR GET, {args.service_nar_mib} MiB (best of 3) | {s['mbs']:.0f} MB/s |"
-        f" {o['mbs']:.0f} MB/s | {a['mbs']:.0f} MB/s | {a['mbs'] / o['mbs']:.2f}× |",
-        f"| 64 clients, narinfo + NAR mix, {args.service_seconds:g} s: requests/s |"
-        f" {s['rps']:.0f} | {o['rps']:.0f} | {a['rps']:.0f} | {a['rps'] / o['rps']:.2f}× |",
-        f"| 64 clients: p99 | {s['cp99']:.1f} ms | {o['cp99']:.1f} ms | {a['cp99']:.1f} ms |"
-        f" {a['cp99'] / o['cp99']:.2f}× |",
-        f"| server CPU seconds (whole run) | {s['cpu']:.2f} | {o['cpu']:.2f} | {a['cpu']:.2f} |"
-        f" {a['cpu'] / o['cpu']:.2f}× |",
+        "| | " + " | ".join(labels) + " | metrics / open | auth+metrics / open |",
+        "|---|" + "---:|" * (len(labels) + 2),
+    ]
+    for title, key, fmt in rows:
+        cells = [fmt.format(results[label][key]) for label in labels]
+        ratios = [f"{results[k][key] / o[key]:.2f}×" for k in ("metrics", "auth+metrics")]
+        lines.append(f"| {title} | " + " | ".join(cells + ratios) + " |")
+    lines += [
         "",
-        "Command: `python -m benchmarks service`.",
+        "Command: `python -m benchmarks service --service-nar-mib"
+        f" {args.service_nar_mib} --service-seconds {args.service_seconds:g}"
+        f" --service-requests {args.service_requests}`.",
     ]
     shutil.rmtree(BASE, ignore_errors=True)
     return "\n".join(lines)

@@ -62,15 +62,18 @@ class _Route:
 _routes: dict[tuple[AbstractResource | None, str], _Route] = {}
 
 
+_METHODS = frozenset(("GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS", "PATCH"))
+
+
 def _route(request: web.Request) -> _Route:
     resource = request.match_info.route.resource
     method = request.method
+    if method not in _METHODS:
+        method = "other"  # (the method is the client's choice: keep the labels bounded)
     route = _routes.get((resource, method))
     if route is None:
         name = _UNMATCHED if resource is None else resource.canonical
-        if method not in ("GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS", "PATCH"):
-            method = "other"  # (the method is the client's choice: keep the labels bounded)
-        route = _routes[(resource, request.method)] = _Route(name, method)
+        route = _routes[(resource, method)] = _Route(name, method)
     return route
 
 
