@@ -15,10 +15,11 @@ stream). Three loopback servers serve it:
 * ``static``: ``http.server.ThreadingHTTPServer`` over a binary-cache
   directory holding the bridge's own narinfos and NARs (what nginx would serve).
 
-Measured, alternating servers: ``--service-requests`` sequential narinfo GETs
-over one keep-alive connection (p50/p99); best of 3 GETs of the big NAR
-(MB/s); and 64 client threads, each with its own keep-alive connection,
-fetching narinfos and the small NARs for ``--service-seconds`` (requests/s, p99).
+Measured, alternating servers for ``--service-rounds`` rounds (medians):
+``--service-requests`` sequential narinfo GETs over one keep-alive connection
+(p50/p99); best of 3 GETs of the big NAR (MB/s); then once each, 64 client
+threads, each with its own keep-alive connection, fetching narinfos and the
+small NARs for ``--service-seconds`` (requests/s, p99).
 The servers' CPU seconds are reported too (the clients share the 2 vCPUs).
 """
 
@@ -35,7 +36,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--service-nar-mib", type=int, default=256)
     parser.add_argument("--service-requests", type=int, default=2000)
     parser.add_argument("--service-seconds", type=float, default=10.0)
+    parser.add_argument("--service-rounds", type=int, default=3)
 
 
 @dataclass
@@ -225,21 +227,34 @@ def run(args: argparse.Namespace) -> str:
     # "open" must not see the token: a copy of the store without service.sqlite.
     open_home = BASE / "home-open"
     shutil.copytree(home, open_home, ignore=shutil.ignore_patterns("service.sqlite*", "token.key"))
-    for label, (argv, headers) in kinds.items():
-        server_env = _env(open_home) if label in ("open", "metrics") else env
-        with _server(argv, server_env, headers) as server:
-            big, small = hashes[0], hashes[1:]
-            cpu0 = server.cpu_seconds()
-            p50, p99 = sequential(server, f"/{small[0]}.narinfo", args.service_requests)
+    with ExitStack() as stack:
+        servers = {}
+        for label, (argv, headers) in kinds.items():
+            server_env = _env(open_home) if label in ("open", "metrics") else env
+            servers[label] = stack.enter_context(_server(argv, server_env, headers))
+        big, small = hashes[0], hashes[1:]
+        cpu0 = {label: server.cpu_seconds() for label, server in servers.items()}
+        rounds: dict[str, list[tuple[float, float, float]]] = {label: [] for label in kinds}
+        # Sequential narinfos and the big NAR: servers alternating, round after round
+        # (the machine is shared: each figure is the median of the rounds).
+        for _ in range(args.service_rounds):
+            for label, server in servers.items():
+                nar_urls = static_urls if label == "static" else bridge_urls
+                p50, p99 = sequential(server, f"/{small[0]}.narinfo", args.service_requests)
+                rounds[label].append((p50, p99, throughput(server, nar_urls[big])))
+        for label, server in servers.items():
             nar_urls = static_urls if label == "static" else bridge_urls
-            mbs = throughput(server, nar_urls[big])
             mixed = [p for h in small for p in (f"/{h}.narinfo", nar_urls[h])]
             rps, cp99 = concurrent(server, mixed, args.service_seconds)
+            p50s, p99s, mbss = zip(*rounds[label], strict=True)
             results[label] = {
-                "p50": p50, "p99": p99, "mbs": mbs, "rps": rps, "cp99": cp99,
-                "cpu": server.cpu_seconds() - cpu0,
+                "p50": statistics.median(p50s), "p99": statistics.median(p99s),
+                "mbs": statistics.median(mbss), "rps": rps, "cp99": cp99,
+                "cpu": server.cpu_seconds() - cpu0[label],
             }  # fmt: skip
-        print(f"  {label}: {results[label]}", file=sys.stderr, flush=True)
+            print(
+                f"  {label}: {results[label]} rounds {rounds[label]}", file=sys.stderr, flush=True
+            )
     o = results["open"]
     rows = [
         (f"narinfo p50 (sequential, {args.service_requests})", "p50", "{:.2f} ms"),
@@ -259,7 +274,10 @@ def run(args: argparse.Namespace) -> str:
         " with metrics on (the default); `auth`: a token in the store, --private, every request"
         " carrying a Bearer token that is verified, --no-metrics; `auth+metrics`: both on;"
         " `static`: ThreadingHTTPServer over a binary-cache directory of the same narinfos and"
-        " NARs. Ratios are against `open` of the same run.",
+        f" NARs. All five run at once; sequential narinfos and the big NAR are measured"
+        f" {args.service_rounds} rounds, the servers alternating, and each figure is the median"
+        " of the rounds; the 64-client mix runs once per server. Ratios are against `open` of"
+        " the same run.",
         "",
         "| | " + " | ".join(labels) + " | metrics / open | auth+metrics / open |",
         "|---|" + "---:|" * (len(labels) + 2),
@@ -272,7 +290,7 @@ def run(args: argparse.Namespace) -> str:
         "",
         "Command: `python -m benchmarks service --service-nar-mib"
         f" {args.service_nar_mib} --service-seconds {args.service_seconds:g}"
-        f" --service-requests {args.service_requests}`.",
+        f" --service-requests {args.service_requests} --service-rounds {args.service_rounds}`.",
     ]
     shutil.rmtree(BASE, ignore_errors=True)
     return "\n".join(lines)
