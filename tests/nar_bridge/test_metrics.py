@@ -17,10 +17,13 @@ from pathlib import Path
 
 import aiohttp
 import grpc
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from nix_compat import nixbase32
 from nix_compat.nar import dump_path
+from nix_compat.narinfo import NarInfo
+from nix_compat.store_path import StorePath
 from tvix_castore.protos import rpc_blobstore_pb2, rpc_blobstore_pb2_grpc
 
 from .conftest import TVIX, Bridges, tvix_env
@@ -220,3 +223,81 @@ async def test_metrics_with_tokens_and_switched_off(bridges: Bridges, tmp_path: 
                  route="/nix-cache-info", method="GET", status="401") == 1  # fmt: skip
     off = bridges.start(None, "--no-metrics")
     assert await get(off.url, "/metrics") == 404
+
+
+async def test_upstream_fetches_and_failures(bridges: Bridges, tmp_path: Path) -> None:
+    """A bridge substituting from another bridge (a real binary cache) counts what it fetched."""
+    upstream = bridges.start()
+    nar = make_nar(tmp_path, 3)
+    nar_hash = hashlib.sha256(nar).digest()
+    path = StorePath.from_absolute_path(f"/nix/store/{nixbase32.encode(os.urandom(20))}-up")
+    info = NarInfo(
+        store_path=path,
+        url=f"nar/{nixbase32.encode(nar_hash)}.nar",
+        nar_hash=nar_hash,
+        nar_size=len(nar),
+        compression="none",
+    )
+    assert await put_nar(upstream.url, nar) == 200
+    async with (
+        aiohttp.ClientSession() as s,
+        s.put(f"{upstream.url}/{path.hash_part}.narinfo", data=info.render().encode()) as r,
+    ):
+        assert r.status == 200, await r.text()
+    bridge = bridges.start(None, env={"PATH_INFO_SERVICE_ADDR": f"nix+{upstream.url}"})
+    fetches = "tvix_store_upstream_fetches_total"
+    before = await scrape(bridge.url)
+    assert await get(bridge.url, f"/{path.hash_part}.narinfo") == 200
+    assert await get(bridge.url, "/" + "0" * 32 + ".narinfo") == 404
+    after = await scrape(bridge.url)
+    for kind, outcome in (("narinfo", "hit"), ("nar", "hit"), ("narinfo", "miss")):
+        labels = {"kind": kind, "outcome": outcome}
+        assert value(after, fetches, **labels) - value(before, fetches, **labels) == 1, labels
+    ingested = "tvix_store_nar_ingested_bytes_total"
+    assert value(after, ingested, source="upstream") - value(
+        before, ingested, source="upstream"
+    ) == len(nar)
+    # The upstream gone: every attempt fails (retried), then the fetch.
+    upstream.stop()
+    assert await get(bridge.url, "/" + "1" * 32 + ".narinfo") == 503
+    failed = await scrape(bridge.url)
+    assert value(failed, "tvix_store_upstream_failures_total", kind="narinfo") >= 2
+    errors = {"kind": "narinfo", "outcome": "error"}
+    assert value(failed, fetches, **errors) - value(after, fetches, **errors) == 1
+
+
+def _outward_address() -> str:
+    """This machine's address on its default route (no packet is sent), or skip."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("198.51.100.1", 9))
+        except OSError:
+            pytest.skip("no non-loopback IPv4 address")
+        addr = str(s.getsockname()[0])
+    if addr.startswith("127."):
+        pytest.skip("no non-loopback IPv4 address")
+    return addr
+
+
+async def test_metrics_beyond_loopback_need_admin(bridges: Bridges, tmp_path: Path) -> None:
+    addr = _outward_address()
+    home = tmp_path / "home"
+
+    def token(scope: str) -> str:
+        out = subprocess.run(
+            [TVIX, "token", "create", "--scope", scope],
+            env=tvix_env(home), capture_output=True, check=True,
+        )  # fmt: skip
+        return out.stdout.decode().splitlines()[-1]
+
+    admin, pull = token("admin"), token("pull")
+    bridge = bridges.start(home, "-l", "0.0.0.0:0")
+    port = bridge.url.rsplit(":", 1)[1]
+    outside = f"http://{addr}:{port}"
+    assert await get(outside, "/nix-cache-info") == 200  # (public reads stay anonymous)
+    assert await get(outside, "/metrics") == 401
+    assert await get(outside, "/metrics", {"Authorization": f"Bearer {pull}"}) == 403
+    assert await get(outside, "/metrics", {"Authorization": f"Bearer {admin}"}) == 200
+    assert await get(f"http://127.0.0.1:{port}", "/metrics") == 200
