@@ -343,7 +343,9 @@ def collect_shared(
     directory for the metrics (:func:`tvix_store.telemetry.store.record_gc`).
     """
     start = time.monotonic()
-    report = _collect(blobs, pathinfo_url, grace=grace, dry_run=dry_run, progress=progress)
+    report = _collect(
+        blobs, pathinfo_url, grace=grace, keep_since=keep_since, dry_run=dry_run, progress=progress
+    )
     if not dry_run:
         from tvix_store.embedded import data_dir
         from tvix_store.telemetry.store import record_gc
@@ -358,6 +360,7 @@ def _collect(
     pathinfo_url: str,
     *,
     grace: float,
+    keep_since: float | None = None,
     dry_run: bool = False,
     progress: Progress = NULL,
 ) -> SharedGcReport:
